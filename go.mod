@@ -1,0 +1,3 @@
+module github.com/tcpproxy/tcpproxy
+
+go 1.26
