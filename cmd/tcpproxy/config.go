@@ -1,0 +1,175 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/proxy"
+)
+
+// fileConfig is the YAML configuration of `tcpproxy run`.
+type fileConfig struct {
+	IID  string `yaml:"iid"`
+	Role string `yaml:"role"`
+	// Listen is the transport address other proxies dial.
+	Listen string `yaml:"listen"`
+	// Network is where legacy sockets live: loopback (default), tun or memory.
+	Network    string           `yaml:"network"`
+	Addressing addressingConfig `yaml:"addressing"`
+	Members    membersConfig    `yaml:"members"`
+	TLS        tlsConfig        `yaml:"tls"`
+	Channels   map[string]proxy.ChannelConfig
+	Legacy     legacyConfig `yaml:"legacy"`
+	Log        logConfig    `yaml:"log"`
+	// DrainTimeout bounds Shutdown's wait for open connections.
+	DrainTimeout duration `yaml:"drainTimeout"`
+}
+
+type addressingConfig struct {
+	InstanceRange string `yaml:"instanceRange"`
+	RequestRange  string `yaml:"requestRange"`
+}
+
+type membersConfig struct {
+	// File is a members YAML file, watched for changes.
+	File string `yaml:"file"`
+	// Poll is how often File is checked (default 500ms).
+	Poll duration `yaml:"poll"`
+	// Static lists the members inline.
+	Static []channels.Member `yaml:"static"`
+}
+
+type tlsConfig struct {
+	Cert string `yaml:"cert"`
+	Key  string `yaml:"key"`
+	CA   string `yaml:"ca"`
+}
+
+type legacyConfig struct {
+	// OnChange says what happens to the legacy program when a duplex
+	// membership changes: ignore (default), restart, or a signal name
+	// (SIGHUP, SIGUSR1, ...).
+	OnChange string `yaml:"onChange"`
+	// StopTimeout is how long the program gets after SIGTERM before SIGKILL.
+	StopTimeout duration `yaml:"stopTimeout"`
+}
+
+type logConfig struct {
+	Format string `yaml:"format"` // text (default) or json
+	Level  string `yaml:"level"`  // debug, info (default), warn, error
+}
+
+// duration is a time.Duration written as "1.5s" in YAML.
+type duration time.Duration
+
+func (d *duration) UnmarshalYAML(n *yaml.Node) error {
+	var s string
+	if err := n.Decode(&s); err != nil {
+		return fmt.Errorf("line %d: duration: %w", n.Line, err)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("line %d: duration %q: %w", n.Line, s, err)
+	}
+	if v < 0 {
+		return fmt.Errorf("line %d: duration %q is negative", n.Line, s)
+	}
+	*d = duration(v)
+	return nil
+}
+
+// loadConfig reads and validates a configuration file.
+func loadConfig(path string) (*fileConfig, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := parseConfig(data)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// parseConfig decodes strictly (unknown fields and duplicate keys are
+// errors) and validates.
+func parseConfig(data []byte) (*fileConfig, error) {
+	var cfg fileConfig
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil {
+		return nil, err
+	}
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	return &cfg, nil
+}
+
+func (c *fileConfig) validate() error {
+	var errs []error
+	if c.Listen == "" {
+		errs = append(errs, errors.New("listen: missing transport address (e.g. 0.0.0.0:7000)"))
+	}
+	switch c.Network {
+	case "", "loopback", "tun", "memory":
+	default:
+		errs = append(errs, fmt.Errorf("network: unknown %q (want loopback, tun or memory)", c.Network))
+	}
+	if _, err := c.addressing(); err != nil {
+		errs = append(errs, err)
+	}
+	if c.Members.File != "" && len(c.Members.Static) > 0 {
+		errs = append(errs, errors.New("members: give either file or static, not both"))
+	}
+	if (c.TLS.Cert != "" || c.TLS.Key != "" || c.TLS.CA != "") && (c.TLS.Cert == "" || c.TLS.Key == "" || c.TLS.CA == "") {
+		errs = append(errs, errors.New("tls: cert, key and ca are all needed for mutual TLS"))
+	}
+	switch c.Legacy.OnChange {
+	case "", "ignore", "restart":
+	default:
+		if _, ok := signalByName(c.Legacy.OnChange); !ok {
+			errs = append(errs, fmt.Errorf("legacy.onChange: %q is not ignore, restart or a signal name like SIGHUP", c.Legacy.OnChange))
+		}
+	}
+	switch c.Log.Format {
+	case "", "text", "json":
+	default:
+		errs = append(errs, fmt.Errorf("log.format: unknown %q (want text or json)", c.Log.Format))
+	}
+	if _, err := parseLevel(c.Log.Level); err != nil {
+		errs = append(errs, err)
+	}
+	for _, f := range []struct{ what, v string }{{"iid", c.IID}, {"role", c.Role}} {
+		if err := proxy.ValidateName(f.what, f.v); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := proxy.ValidateChannels(c.Channels); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (c *fileConfig) addressing() (proxy.Addressing, error) {
+	var a proxy.Addressing
+	var err error
+	if c.Addressing.InstanceRange != "" {
+		if a.InstanceRange, err = netip.ParsePrefix(c.Addressing.InstanceRange); err != nil {
+			return a, fmt.Errorf("addressing.instanceRange: %w", err)
+		}
+	}
+	if c.Addressing.RequestRange != "" {
+		if a.RequestRange, err = netip.ParsePrefix(c.Addressing.RequestRange); err != nil {
+			return a, fmt.Errorf("addressing.requestRange: %w", err)
+		}
+	}
+	return a, a.Validate()
+}

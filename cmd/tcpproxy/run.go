@@ -1,0 +1,205 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/membership"
+	"github.com/tcpproxy/tcpproxy/proxy"
+)
+
+func cmdRun(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	configPath := fs.String("config", "", "configuration file (YAML)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *configPath == "" {
+		return usageError{errors.New("-config is required")}
+	}
+	cfg, err := loadConfig(*configPath)
+	if err != nil {
+		return err
+	}
+	level, _ := parseLevel(cfg.Log.Level) // validated
+	log := newLogger(stderr, cfg.Log.Format, level).With("iid", cfg.IID)
+	return runInstance(ctx, cfg, fs.Args(), log)
+}
+
+// instance is one running proxy with its mesh node.
+type instance struct {
+	node  *channels.Node
+	proxy *proxy.Proxy
+}
+
+// startInstance builds and starts the mesh node and the proxy of cfg,
+// with the membership cfg names.
+func startInstance(ctx context.Context, cfg *fileConfig, network proxy.Network, log *slog.Logger) (*instance, error) {
+	var src channels.Source
+	switch {
+	case cfg.Members.File != "":
+		src = membership.File(cfg.Members.File, time.Duration(cfg.Members.Poll))
+	default:
+		src = membership.Static(cfg.Members.Static...)
+	}
+	return startInstanceWith(ctx, cfg, network, src, log)
+}
+
+// startInstanceWith is startInstance with the membership given.
+func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Network, src channels.Source, log *slog.Logger) (*instance, error) {
+	var tlsCfg *tls.Config
+	if cfg.TLS.Cert != "" {
+		var err error
+		if tlsCfg, err = channels.TLSConfigFromFiles(cfg.TLS.Cert, cfg.TLS.Key, cfg.TLS.CA); err != nil {
+			return nil, err
+		}
+	}
+	node, err := channels.NewNode(channels.Config{
+		IID: cfg.IID, Role: cfg.Role, ListenAddr: cfg.Listen,
+		TLS: tlsCfg, Members: src, Logger: log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	addressing, _ := cfg.addressing() // validated
+	p, err := proxy.New(proxy.Config{
+		IID: cfg.IID, Role: cfg.Role, Channels: cfg.Channels,
+		Addressing: addressing, Network: network, Mesh: node, Logger: log,
+	})
+	if err != nil {
+		_ = node.Close()
+		return nil, err
+	}
+	if err := node.Start(ctx); err != nil {
+		_ = node.Close()
+		return nil, fmt.Errorf("start transport: %w", err)
+	}
+	if err := p.Start(ctx); err != nil {
+		_ = node.Close()
+		return nil, err
+	}
+	return &instance{node: node, proxy: p}, nil
+}
+
+// stop drains the proxy for at most drain, then closes the node.
+func (in *instance) stop(drain time.Duration) error {
+	ctx, cancel := context.WithTimeout(context.Background(), drain)
+	defer cancel()
+	err := in.proxy.Shutdown(ctx)
+	return errors.Join(err, in.node.Close())
+}
+
+func networkFor(cfg *fileConfig) (proxy.Network, error) {
+	switch cfg.Network {
+	case "", "loopback":
+		return proxy.NewLoopback(), nil
+	default:
+		return nil, fmt.Errorf("network %q is not available in this build yet; use network: loopback", cfg.Network)
+	}
+}
+
+// runInstance runs one proxy until ctx ends, with the legacy program
+// (command, may be empty) started on Ready and stopped before the drain.
+func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *slog.Logger) error {
+	network, err := networkFor(cfg)
+	if err != nil {
+		return err
+	}
+	defer network.Close()
+	in, err := startInstance(ctx, cfg, network, log)
+	if err != nil {
+		return err
+	}
+	drain := time.Duration(cfg.DrainTimeout)
+	if drain == 0 {
+		drain = 10 * time.Second
+	}
+	var child *legacyProcess
+	if len(command) > 0 {
+		child = newLegacyProcess(command, cfg, log)
+	}
+	defer func() {
+		if child != nil {
+			child.stop()
+		}
+	}()
+	// Start queued Ready and one Change per request and duplex channel;
+	// the program starts once all of them are in its environment.
+	initial := 1
+	for _, cc := range cfg.Channels {
+		if cc.Kind != proxy.KindReply {
+			initial++
+		}
+	}
+	events := in.proxy.Events()
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info("shutting down", "drain", drain)
+			if child != nil {
+				child.stop()
+			}
+			err := in.stop(drain)
+			for e := range events {
+				logEvent(log, e)
+			}
+			return err
+		case exit := <-child.exited():
+			log.Error("legacy program exited; shutting down", "err", exit)
+			err := in.stop(drain)
+			for e := range events {
+				logEvent(log, e)
+			}
+			return errors.Join(fmt.Errorf("legacy program: %w", exit), err)
+		case e := <-events:
+			logEvent(log, e)
+			if child == nil {
+				continue
+			}
+			switch e := e.(type) {
+			case proxy.Ready:
+				child.env.ready(e)
+			case proxy.Change:
+				child.env.change(e)
+				if e.Kind == proxy.KindDuplex && initial <= 0 {
+					if err := child.membershipChanged(); err != nil {
+						log.Error("legacy program", "err", err)
+					}
+				}
+			default:
+				continue
+			}
+			if initial--; initial == 0 {
+				if err := child.start(); err != nil {
+					_ = in.stop(drain)
+					return err
+				}
+			}
+		}
+	}
+}
+
+func logEvent(log *slog.Logger, e proxy.Event) {
+	switch e := e.(type) {
+	case proxy.Ready:
+		log.Info("event ready", "bindIP", e.BindIP)
+	case proxy.Change:
+		if e.Kind == proxy.KindRequest {
+			log.Info("event change", "channel", e.Channel, "listening", e.Listening, "ip", e.IP, "port", e.Port)
+		} else {
+			log.Info("event change", "channel", e.Channel, "members", formatMembers(e.Members))
+		}
+	case proxy.Error:
+		log.Error("event error", "channel", e.Channel, "err", e.Err)
+	case proxy.Closed:
+		log.Info("event close")
+	}
+}

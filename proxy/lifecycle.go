@@ -1,0 +1,190 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+)
+
+// conn is one proxied connection, tracked so that Shutdown can drain it
+// and, past its deadline, reset it.
+type conn struct {
+	p  *Proxy
+	cs *channelState
+
+	mu     sync.Mutex
+	legacy net.Conn
+	stream net.Conn
+	killed bool
+}
+
+// track runs f in a new goroutine owned by the proxy, with a conn that
+// Shutdown can abort. It refuses (f is not run) once Shutdown has begun.
+func (p *Proxy) track(cs *channelState, f func(*conn)) {
+	k := &conn{p: p, cs: cs}
+	p.mu.Lock()
+	if p.state != stateRunning {
+		p.mu.Unlock()
+		return
+	}
+	p.conns[k] = struct{}{}
+	p.connWG.Add(1)
+	p.mu.Unlock()
+	cs.stats.total.Add(1)
+	cs.stats.active.Add(1)
+	go func() {
+		defer func() {
+			cs.stats.active.Add(-1)
+			p.mu.Lock()
+			delete(p.conns, k)
+			p.mu.Unlock()
+			p.connWG.Done()
+		}()
+		f(k)
+	}()
+}
+
+// run splices legacy and stream unless the conn was killed meanwhile.
+func (k *conn) run(legacy halfConn, stream halfConn) {
+	k.mu.Lock()
+	if k.killed {
+		k.mu.Unlock()
+		abort(legacy)
+		abort(stream)
+		return
+	}
+	k.legacy, k.stream = legacy, stream
+	k.mu.Unlock()
+	err := splice(legacy, stream, spliceStats{&k.cs.stats.bytesOut, &k.cs.stats.bytesIn})
+	if err != nil {
+		k.cs.stats.reset.Add(1)
+		k.p.log.Debug("connection ended with reset", "channel", k.cs.name, "err", err)
+	}
+}
+
+// kill resets the connection in both directions.
+func (k *conn) kill() {
+	k.mu.Lock()
+	k.killed = true
+	l, s := k.legacy, k.stream
+	k.mu.Unlock()
+	if l != nil {
+		abort(l)
+		abort(s)
+	}
+}
+
+// Shutdown stops the proxy: it closes every listener (a Change with
+// Listening false for each request channel), stops taking streams from the
+// mesh, waits for open connections to finish until ctx ends, resets those
+// still open, waits for every goroutine it started and sends Closed. It
+// returns ctx's error if connections had to be reset. Network and Mesh are
+// not closed: they belong to the caller.
+func (p *Proxy) Shutdown(ctx context.Context) error {
+	p.mu.Lock()
+	switch p.state {
+	case stateNew:
+		p.state = stateClosed
+		close(p.shutdown)
+		p.mu.Unlock()
+		p.emit(Closed{})
+		return nil
+	case stateClosing, stateClosed:
+		p.mu.Unlock()
+		select {
+		case <-p.shutdown:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	p.state = stateClosing
+	p.mu.Unlock()
+
+	p.cancel()
+	for _, cs := range p.chans {
+		if cs.reqLn != nil {
+			_ = cs.reqLn.Close()
+			p.emit(Change{Channel: cs.name, Kind: KindRequest, Listening: false, IP: cs.reqAddr.Addr(), Port: cs.reqAddr.Port()})
+		}
+		p.closeImpostors(cs)
+	}
+	p.loops.Wait()
+
+	drained := make(chan struct{})
+	go func() {
+		p.connWG.Wait()
+		close(drained)
+	}()
+	var err error
+	select {
+	case <-drained:
+	case <-ctx.Done():
+		p.mu.Lock()
+		n := len(p.conns)
+		for k := range p.conns {
+			k.kill()
+		}
+		p.mu.Unlock()
+		err = fmt.Errorf("shutdown: reset %d connections still open: %w", n, ctx.Err())
+		p.log.Warn("drain deadline passed", "reset", n)
+		<-drained
+	}
+
+	p.mu.Lock()
+	p.state = stateClosed
+	p.mu.Unlock()
+	close(p.shutdown)
+	p.log.Info("proxy closed")
+	p.emit(Closed{})
+	// Give the reader until ctx ends to take the remaining events; after
+	// that they are dropped so that no goroutine outlives the proxy.
+	select {
+	case <-p.events.done:
+	case <-ctx.Done():
+		p.events.abandon()
+	}
+	return err
+}
+
+// channelCounters are live per-channel statistics.
+type channelCounters struct {
+	total    atomic.Int64 // connections or streams taken
+	active   atomic.Int64
+	failed   atomic.Int64 // could not be connected end to end
+	reset    atomic.Int64 // ended with an error (reset either side)
+	bytesOut atomic.Int64 // legacy → stream
+	bytesIn  atomic.Int64 // stream → legacy
+}
+
+// ChannelStats is a snapshot of one channel's counters.
+type ChannelStats struct {
+	Channel     string
+	Kind        Kind
+	Connections int64 // total proxied connections (both directions of setup)
+	Active      int64
+	Failed      int64 // refused: no member, legacy server down, ...
+	Reset       int64 // ended by a reset or transport failure
+	BytesOut    int64 // from the legacy program into the mesh
+	BytesIn     int64 // from the mesh to the legacy program
+}
+
+// Stats returns a snapshot of every channel's counters, sorted by name.
+func (p *Proxy) Stats() []ChannelStats {
+	out := make([]ChannelStats, 0, len(p.chans))
+	for _, cs := range p.chans {
+		out = append(out, ChannelStats{
+			Channel:     cs.name,
+			Kind:        cs.cfg.Kind,
+			Connections: cs.stats.total.Load(),
+			Active:      cs.stats.active.Load(),
+			Failed:      cs.stats.failed.Load(),
+			Reset:       cs.stats.reset.Load(),
+			BytesOut:    cs.stats.bytesOut.Load(),
+			BytesIn:     cs.stats.bytesIn.Load(),
+		})
+	}
+	return out
+}
