@@ -1,0 +1,63 @@
+package main
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+const goodConfig = `
+iid: web-1
+role: web
+listen: 127.0.0.1:7000
+members:
+  static:
+    - {iid: api-1, role: api, addr: "127.0.0.1:7001", channels: {api: 8080}}
+channels:
+  api: {kind: request, port: 8080}
+  peers: {kind: duplex, port: 2380, mode: both}
+legacy: {onChange: SIGHUP, stopTimeout: 2s}
+log: {format: json, level: debug}
+drainTimeout: 3s
+`
+
+func TestParseConfig(t *testing.T) {
+	cfg, err := parseConfig([]byte(goodConfig))
+	require.NoError(t, err)
+	assert.Equal(t, "web-1", cfg.IID)
+	assert.Equal(t, 8080, cfg.Channels["api"].Port)
+	assert.Len(t, cfg.Members.Static, 1)
+}
+
+func TestParseConfigErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name, yaml, want string
+	}{
+		{"unknown field", "iid: a\nrole: r\nlisten: x:1\nchanels: {}\n", "field chanels not found"},
+		{"duplicate channel", "iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: request, port: 1}\n  db: {kind: reply, port: 2}\n", `mapping key "db" already defined`},
+		{"bad port", "iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: request, port: 99999}\n", "port 99999 out of range"},
+		{"port not a number", "iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: request, port: http}\n", "cannot unmarshal"},
+		{"mode on reply", "iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: reply, port: 1, mode: bind}\n", `mode "bind" is only for duplex`},
+		{"network", "iid: a\nrole: r\nlisten: x:1\nnetwork: ethernet\nchannels:\n  db: {kind: reply, port: 1}\n", `network: unknown "ethernet"`},
+		{"no listen", "iid: a\nrole: r\nchannels:\n  db: {kind: reply, port: 1}\n", "listen: missing"},
+		{"no iid", "role: r\nlisten: x:1\nchannels:\n  db: {kind: reply, port: 1}\n", "iid is empty"},
+		{"no channels", "iid: a\nrole: r\nlisten: x:1\n", "no channels configured"},
+		{"half tls", "iid: a\nrole: r\nlisten: x:1\ntls: {cert: a.pem}\nchannels:\n  db: {kind: reply, port: 1}\n", "cert, key and ca are all needed"},
+		{"bad duration", "iid: a\nrole: r\nlisten: x:1\ndrainTimeout: soon\nchannels:\n  db: {kind: reply, port: 1}\n", `duration "soon"`},
+		{"bad range", "iid: a\nrole: r\nlisten: x:1\naddressing: {instanceRange: 10.0.0.0/16}\nchannels:\n  db: {kind: reply, port: 1}\n", "not an IPv4 prefix inside 127.0.0.0/8"},
+		{"bad signal", "iid: a\nrole: r\nlisten: x:1\nlegacy: {onChange: SIGFOO}\nchannels:\n  db: {kind: reply, port: 1}\n", `"SIGFOO" is not ignore, restart or a signal`},
+		{"both members", "iid: a\nrole: r\nlisten: x:1\nmembers: {file: m.yaml, static: [{iid: b}]}\nchannels:\n  db: {kind: reply, port: 1}\n", "either file or static"},
+		{"not yaml", "{{{", "did not find expected"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := parseConfig([]byte(tc.yaml))
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), tc.want)
+		})
+	}
+}
+
+func TestEnvName(t *testing.T) {
+	assert.Equal(t, "TCPPROXY_MY_DB_1", envName("my-db.1"))
+}

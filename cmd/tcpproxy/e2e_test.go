@@ -1,0 +1,245 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tcpproxy/tcpproxy/proxy"
+)
+
+// These tests run two `tcpproxy run` processes joined by a static member
+// file, each with the defaults of a real deployment (loopback network,
+// 127.0.0.0/16 and 127.1.0.0/16), and carry a real protocol through them.
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// tcpproxyBinary builds the command once per test run.
+func tcpproxyBinary(t *testing.T) string {
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "tcpproxy-bin")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "tcpproxy")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	require.NoError(t, buildErr)
+	return binPath
+}
+
+func freePort(t *testing.T) int {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// proc is a running tcpproxy process.
+type proc struct {
+	cmd  *exec.Cmd
+	out  *syncBuffer
+	done chan error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func startProc(t *testing.T, env []string, args ...string) *proc {
+	cmd := exec.Command(tcpproxyBinary(t), args...)
+	out := &syncBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.Env = append(os.Environ(), env...)
+	require.NoError(t, cmd.Start())
+	p := &proc{cmd: cmd, out: out, done: make(chan error, 1)}
+	go func() { p.done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		if p.cmd.ProcessState == nil {
+			_ = p.cmd.Process.Kill()
+			<-p.done
+		}
+	})
+	return p
+}
+
+// stop sends SIGTERM and checks for a clean exit after a drain.
+func (p *proc) stop(t *testing.T) string {
+	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+	select {
+	case err := <-p.done:
+		require.NoError(t, err, "tcpproxy exit:\n%s", p.out.String())
+	case <-time.After(30 * time.Second):
+		require.FailNow(t, "tcpproxy did not exit after SIGTERM", p.out.String())
+	}
+	return p.out.String()
+}
+
+// twoInstances writes the configs of a reply instance "srv-1" and a
+// request instance "cli-1" for channel name on port, and returns their
+// paths.
+func twoInstances(t *testing.T, name string, port int) (serverCfg, clientCfg string) {
+	dir := t.TempDir()
+	sPort, cPort := freePort(t), freePort(t)
+	members := fmt.Sprintf("members:\n  - {iid: srv-1, role: server, addr: \"127.0.0.1:%d\", channels: {%s: %d}}\n", sPort, name, port)
+	membersPath := filepath.Join(dir, "members.yaml")
+	require.NoError(t, os.WriteFile(membersPath, []byte(members), 0o600))
+	write := func(file, body string) string {
+		p := filepath.Join(dir, file)
+		require.NoError(t, os.WriteFile(p, []byte(body), 0o600))
+		return p
+	}
+	serverCfg = write("server.yaml", fmt.Sprintf(`iid: srv-1
+role: server
+listen: 127.0.0.1:%d
+members: {file: %s, poll: 100ms}
+channels:
+  %s: {kind: reply, port: %d}
+drainTimeout: 2s
+legacy: {stopTimeout: 5s}
+`, sPort, membersPath, name, port))
+	clientCfg = write("client.yaml", fmt.Sprintf(`iid: cli-1
+role: client
+listen: 127.0.0.1:%d
+members: {file: %s, poll: 100ms}
+channels:
+  %s: {kind: request, port: %d}
+drainTimeout: 2s
+`, cPort, membersPath, name, port))
+	return serverCfg, clientCfg
+}
+
+// defaultIP is the address a proxy with default ranges gives iid after
+// its own (self first, as the proxy does).
+func defaultIP(t *testing.T, self, iid string) string {
+	a := proxy.NewInstanceAllocator(proxy.DefaultInstanceRange)
+	_, err := a.Add(self)
+	require.NoError(t, err)
+	ip, err := a.Add(iid)
+	require.NoError(t, err)
+	return ip.String()
+}
+
+func TestTwoProcessesHTTP(t *testing.T) {
+	const port = 18080
+	serverCfg, clientCfg := twoInstances(t, "api", port)
+	server := startProc(t, []string{"TCPPROXY_TEST_LEGACY=http"}, "run", "-config", serverCfg, "--", os.Args[0])
+	client := startProc(t, nil, "run", "-config", clientCfg)
+
+	url := fmt.Sprintf("http://127.1.0.1:%d/through/the/proxy", port)
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	var body string
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		resp, err := hc.Get(url)
+		if !assert.NoError(c, err) {
+			return
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		assert.NoError(c, err)
+		assert.Equal(c, http.StatusOK, resp.StatusCode)
+		body = string(b)
+	}, 20*time.Second, 50*time.Millisecond, "server log:\n%s\nclient log:\n%s", server.out, client.out)
+	callerIP := defaultIP(t, "srv-1", "cli-1")
+	assert.Contains(t, body, "hello from srv-1, caller "+callerIP+":")
+	assert.Contains(t, body, "path /through/the/proxy")
+
+	clientLog := client.stop(t)
+	serverLog := server.stop(t)
+	for _, log := range []string{clientLog, serverLog} {
+		assert.Contains(t, log, "event ready")
+		assert.Contains(t, log, "event close")
+	}
+	assert.Contains(t, serverLog, "legacy program started")
+	assert.Contains(t, serverLog, "legacy program stopped")
+}
+
+func TestTwoProcessesRedis(t *testing.T) {
+	for _, tool := range []string{"redis-server", "redis-cli"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed (.ci/run installs it): %v", tool, err)
+		}
+	}
+	const port = 16379
+	serverCfg, clientCfg := twoInstances(t, "cache", port)
+	server := startProc(t, nil, "run", "-config", serverCfg, "--", "sh", "-c",
+		`exec redis-server --bind "$TCPPROXY_CACHE_IP" --port "$TCPPROXY_CACHE_PORT" --save "" --appendonly no --protected-mode no`)
+	client := startProc(t, nil, "run", "-config", clientCfg)
+
+	cli := func(stdin []byte, args ...string) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, "redis-cli", append([]string{"-h", "127.1.0.1", "-p", fmt.Sprint(port)}, args...)...)
+		cmd.Stdin = bytes.NewReader(stdin)
+		out, err := cmd.CombinedOutput()
+		return strings.TrimSpace(string(out)), err
+	}
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		out, err := cli(nil, "PING")
+		assert.NoError(c, err)
+		assert.Equal(c, "PONG", out)
+	}, 20*time.Second, 50*time.Millisecond, "server log:\n%s\nclient log:\n%s", server.out, client.out)
+
+	out, err := cli(nil, "SET", "greeting", "hello-through-tcpproxy")
+	require.NoError(t, err)
+	require.Equal(t, "OK", out)
+	out, err = cli(nil, "GET", "greeting")
+	require.NoError(t, err)
+	require.Equal(t, "hello-through-tcpproxy", out)
+
+	// A 1 MiB value (hex of 512 KiB random) crosses both proxies intact.
+	raw := make([]byte, 512<<10)
+	_, _ = rand.Read(raw)
+	big := hex.EncodeToString(raw)
+	out, err = cli([]byte(big), "-x", "SET", "big")
+	require.NoError(t, err)
+	require.Equal(t, "OK", out)
+	out, err = cli(nil, "GET", "big")
+	require.NoError(t, err)
+	require.Equal(t, big, out)
+
+	// The server sees the client instance's IP.
+	out, err = cli(nil, "CLIENT", "LIST")
+	require.NoError(t, err)
+	assert.Contains(t, out, "addr="+defaultIP(t, "srv-1", "cli-1")+":")
+
+	client.stop(t)
+	server.stop(t)
+}
