@@ -6,6 +6,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // conn is one proxied connection, tracked so that Shutdown can drain it
@@ -90,11 +91,13 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 		close(p.shutdown)
 		p.mu.Unlock()
 		p.emit(Closed{})
+		p.flushEvents(ctx)
 		return nil
 	case stateClosing, stateClosed:
 		p.mu.Unlock()
 		select {
 		case <-p.shutdown:
+			p.flushEvents(ctx)
 			return nil
 		case <-ctx.Done():
 			return ctx.Err()
@@ -139,14 +142,30 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	close(p.shutdown)
 	p.log.Info("proxy closed")
 	p.emit(Closed{})
-	// Give the reader until ctx ends to take the remaining events; after
-	// that they are dropped so that no goroutine outlives the proxy.
+	p.flushEvents(ctx)
+	return err
+}
+
+// eventGrace is how long undelivered events wait for a reader after
+// Shutdown's context has ended.
+const eventGrace = time.Second
+
+// flushEvents waits until every event, Closed included, has been taken
+// from Events, or ctx has ended and eventGrace passed; then undelivered
+// events are dropped so that no goroutine outlives the proxy.
+func (p *Proxy) flushEvents(ctx context.Context) {
 	select {
 	case <-p.events.done:
+		return
 	case <-ctx.Done():
+	}
+	t := time.NewTimer(eventGrace)
+	defer t.Stop()
+	select {
+	case <-p.events.done:
+	case <-t.C:
 		p.events.abandon()
 	}
-	return err
 }
 
 // channelCounters are live per-channel statistics.

@@ -193,7 +193,9 @@ func (p *Proxy) emit(e Event) {
 // impostors, sends Ready and a Change per request and duplex channel, and
 // starts serving. ctx bounds only the start itself; the proxy runs until
 // Shutdown. If a listener cannot be opened, Start releases everything it
-// opened and returns the error (also sent as an Error event).
+// opened, sends the error as an Error event followed by Closed, and
+// returns it; Shutdown is then only needed to release Events' goroutine
+// when nobody reads Events.
 func (p *Proxy) Start(ctx context.Context) error {
 	p.mu.Lock()
 	if p.state != stateNew {
@@ -283,6 +285,7 @@ func (p *Proxy) abortStart() {
 	p.state = stateClosed
 	p.mu.Unlock()
 	close(p.shutdown)
+	p.emit(Closed{})
 }
 
 func (p *Proxy) goLoop(f func()) {

@@ -1,0 +1,94 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/membership"
+	"github.com/tcpproxy/tcpproxy/proxy"
+	"github.com/tcpproxy/tcpproxy/proxy/proxytest"
+)
+
+func TestShutdownResetsConnectionsPastDeadline(t *testing.T) {
+	c := proxytest.NewCluster(t, proxytest.LoopbackInstance)
+	s := c.Add("server-0", "server", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindReply, Port: 7000}})
+	serverErr := make(chan error, 1)
+	s.Serve(t, 7000, func(conn net.Conn) {
+		_ = conn.SetReadDeadline(time.Now().Add(proxytest.Timeout))
+		_, err := io.Copy(io.Discard, conn)
+		if err == nil {
+			err = io.EOF
+		}
+		serverErr <- err
+	})
+	client := c.Add("client-0", "client", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindRequest, Port: 6000}})
+	conn := client.Dial(t, client.RequestAddr(t, "db"))
+	_, err := conn.Write([]byte("a connection that never finishes"))
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return client.Proxy.Stats()[0].Active == 1 }, proxytest.Timeout, time.Millisecond)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	err = client.Proxy.Shutdown(ctx)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.Contains(t, err.Error(), "reset 1 connections")
+	// Both legacy sides see the reset.
+	_, err = io.ReadAll(conn)
+	require.Error(t, err, "client should see a reset")
+	select {
+	case err := <-serverErr:
+		require.False(t, errors.Is(err, io.EOF), "server should see a reset, got %v", err)
+	case <-time.After(proxytest.Timeout):
+		require.FailNow(t, "server connection not ended")
+	}
+}
+
+func TestStartFailsWhenRequestPortTaken(t *testing.T) {
+	addr := netip.MustParseAddrPort("127.41.0.1:6000")
+	ln, err := net.Listen("tcp4", addr.String())
+	require.NoError(t, err)
+	defer ln.Close()
+
+	mesh, err := channels.NewNode(channels.Config{
+		IID: "c", Role: "r", ListenAddr: "mem-c", Transport: channels.NewMemoryTransport(),
+		Members: membership.Static(), Logger: slog.New(slog.DiscardHandler),
+	})
+	require.NoError(t, err)
+	p, err := proxy.New(proxy.Config{
+		IID: "c", Role: "r",
+		Channels:   map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindRequest, Port: 6000}},
+		Addressing: proxy.Addressing{InstanceRange: netip.MustParsePrefix("127.40.0.0/16"), RequestRange: netip.MustParsePrefix("127.41.0.0/16")},
+		Network:    proxy.NewLoopback(), Mesh: mesh, Logger: slog.New(slog.DiscardHandler),
+	})
+	require.NoError(t, err)
+	events := proxytest.Record(p.Events())
+	err = p.Start(context.Background())
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "listen on request address 127.41.0.1:6000")
+	assert.Contains(t, err.Error(), "address already in use")
+	ev := events.Next(t)
+	require.IsType(t, proxy.Error{}, ev)
+	assert.Equal(t, "db", ev.(proxy.Error).Channel)
+	require.NoError(t, p.Shutdown(context.Background()))
+	require.IsType(t, proxy.Closed{}, events.Next(t))
+	events.WaitClosed(t)
+	require.NoError(t, mesh.Close())
+}
+
+func TestLoopbackRefusesNonLoopbackAddresses(t *testing.T) {
+	lb := proxy.NewLoopback()
+	_, err := lb.Listen(context.Background(), netip.MustParseAddrPort("0.0.0.0:80"))
+	require.ErrorContains(t, err, "not in 127.0.0.0/8")
+	_, err = lb.Dial(context.Background(), netip.Addr{}, netip.MustParseAddrPort("192.0.2.1:80"))
+	require.ErrorContains(t, err, "not in 127.0.0.0/8")
+}
