@@ -243,3 +243,51 @@ func TestTwoProcessesRedis(t *testing.T) {
 	client.stop(t)
 	server.stop(t)
 }
+
+func TestRunSignalsLegacyOnMembershipChange(t *testing.T) {
+	dir := t.TempDir()
+	membersPath := filepath.Join(dir, "members.yaml")
+	marks := filepath.Join(dir, "marks")
+	envDump := filepath.Join(dir, "env")
+	port := freePort(t)
+	writeMembers := func(extra string) {
+		body := fmt.Sprintf("members:\n  - {iid: peer-a, role: peer, addr: \"127.0.0.1:%d\", channels: {ring: 19000}}\n%s", port, extra)
+		tmp := membersPath + ".tmp"
+		require.NoError(t, os.WriteFile(tmp, []byte(body), 0o600))
+		require.NoError(t, os.Rename(tmp, membersPath))
+	}
+	writeMembers("")
+	cfgPath := filepath.Join(dir, "a.yaml")
+	require.NoError(t, os.WriteFile(cfgPath, []byte(fmt.Sprintf(`iid: peer-a
+role: peer
+listen: 127.0.0.1:%d
+addressing: {instanceRange: 127.60.0.0/16, requestRange: 127.61.0.0/16}
+members: {file: %s, poll: 50ms}
+channels:
+  ring: {kind: duplex, port: 19000, mode: connect}
+legacy: {onChange: SIGHUP, stopTimeout: 5s}
+drainTimeout: 2s
+`, port, membersPath)), 0o600))
+	// The legacy program records its environment, then a line per SIGHUP.
+	script := fmt.Sprintf(`env | grep ^TCPPROXY_ | sort > %s; trap 'echo hup >> %s' HUP; while :; do sleep 0.05; done`, envDump, marks)
+	p := startProc(t, nil, "run", "-config", cfgPath, "--", "sh", "-c", script)
+
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		env, err := os.ReadFile(envDump)
+		assert.NoError(c, err)
+		assert.Contains(c, string(env), "TCPPROXY_IID=peer-a")
+		assert.Contains(c, string(env), "TCPPROXY_RING_MEMBERS=peer-a=")
+		assert.Contains(c, string(env), "TCPPROXY_RING_PORT=19000")
+	}, 20*time.Second, 20*time.Millisecond, "log:\n%s", p.out)
+	_, err := os.Stat(marks)
+	require.True(t, os.IsNotExist(err), "no SIGHUP before any membership change")
+
+	writeMembers("  - {iid: peer-b, role: peer, addr: \"127.0.0.1:1\", channels: {ring: 19000}}\n")
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		got, err := os.ReadFile(marks)
+		assert.NoError(c, err)
+		assert.Equal(c, "hup\n", string(got))
+	}, 20*time.Second, 20*time.Millisecond, "log:\n%s", p.out)
+	log := p.stop(t)
+	assert.Contains(t, log, "peer-b=127.60.")
+}

@@ -37,7 +37,7 @@ type Instance struct {
 
 // NewInstance makes the environment of the i-th proxy of a test (i counts
 // from 0 inside each test). It registers its own cleanup with t.
-type NewInstance func(t *testing.T, i int) Instance
+type NewInstance func(t testing.TB, i int) Instance
 
 // Timeout bounds every wait in the suite; nothing waits by sleeping.
 const Timeout = 15 * time.Second
@@ -45,9 +45,11 @@ const Timeout = 15 * time.Second
 // Cluster is a set of proxies sharing one in-memory channel transport and
 // one dynamic membership.
 type Cluster struct {
-	t         *testing.T
-	newInst   NewInstance
-	transport *channels.MemoryTransport
+	t       testing.TB
+	newInst NewInstance
+	// Transport carries the sessions between proxies; set it before the
+	// first Add (default: the in-memory transport).
+	Transport channels.Transport
 	members   *membership.Dynamic
 
 	mu    sync.Mutex
@@ -57,11 +59,11 @@ type Cluster struct {
 
 // NewCluster starts an empty cluster whose proxies get their environment
 // from newInst.
-func NewCluster(t *testing.T, newInst NewInstance) *Cluster {
+func NewCluster(t testing.TB, newInst NewInstance) *Cluster {
 	return &Cluster{
 		t:         t,
 		newInst:   newInst,
-		transport: channels.NewMemoryTransport(),
+		Transport: channels.NewMemoryTransport(),
 		members:   membership.NewDynamic(),
 		nodes:     make(map[string]*Node),
 	}
@@ -85,11 +87,15 @@ func (c *Cluster) Add(iid, role string, chans map[string]proxy.ChannelConfig) *N
 	inst := c.newInst(t, len(c.nodes))
 	c.mu.Unlock()
 	logger := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	listen := "mem-" + iid
+	if _, mem := c.Transport.(*channels.MemoryTransport); !mem {
+		listen = "127.0.0.1:0"
+	}
 	mesh, err := channels.NewNode(channels.Config{
 		IID:        iid,
 		Role:       role,
-		ListenAddr: "mem-" + iid,
-		Transport:  c.transport,
+		ListenAddr: listen,
+		Transport:  c.Transport,
 		Members:    c.members,
 		Logger:     logger,
 		BackoffMin: time.Millisecond,
@@ -164,7 +170,7 @@ func (c *Cluster) Node(iid string) *Node {
 }
 
 // Dial connects from n's host to addr.
-func (n *Node) Dial(t *testing.T, addr netip.AddrPort) net.Conn {
+func (n *Node) Dial(t testing.TB, addr netip.AddrPort) net.Conn {
 	ctx, cancel := context.WithTimeout(context.Background(), Timeout)
 	defer cancel()
 	conn, err := n.Inst.Host.Dial(ctx, addr)
@@ -174,14 +180,14 @@ func (n *Node) Dial(t *testing.T, addr netip.AddrPort) net.Conn {
 }
 
 // RequestAddr is where n's legacy client reaches request channel name.
-func (n *Node) RequestAddr(t *testing.T, name string) netip.AddrPort {
+func (n *Node) RequestAddr(t testing.TB, name string) netip.AddrPort {
 	a, ok := n.Proxy.RequestAddr(name)
 	require.True(t, ok, "no request channel %s", name)
 	return a
 }
 
 // IPOf is the address n's legacy programs see for iid.
-func (n *Node) IPOf(t *testing.T, iid string) netip.Addr {
+func (n *Node) IPOf(t testing.TB, iid string) netip.Addr {
 	ip, err := n.Proxy.InstanceIP(iid)
 	require.NoError(t, err)
 	return ip
@@ -189,7 +195,7 @@ func (n *Node) IPOf(t *testing.T, iid string) netip.Addr {
 
 // Serve runs handler for every connection to n's bind IP:port on n's
 // host, until the test ends.
-func (n *Node) Serve(t *testing.T, port uint16, handler func(net.Conn)) {
+func (n *Node) Serve(t testing.TB, port uint16, handler func(net.Conn)) {
 	ctx, cancel := context.WithTimeout(context.Background(), Timeout)
 	defer cancel()
 	addr := netip.AddrPortFrom(n.Proxy.BindIP(), port)
@@ -246,7 +252,7 @@ func Record(ch <-chan proxy.Event) *Recorder {
 }
 
 // Next returns the next event not yet returned, waiting for it.
-func (r *Recorder) Next(t *testing.T) proxy.Event {
+func (r *Recorder) Next(t testing.TB) proxy.Event {
 	t.Helper()
 	deadline := time.NewTimer(Timeout)
 	defer deadline.Stop()
@@ -276,7 +282,7 @@ func (r *Recorder) Next(t *testing.T) proxy.Event {
 
 // NextChange skips non-Change events (failing on Error) and returns the
 // next Change of channel.
-func (r *Recorder) NextChange(t *testing.T, channel string) proxy.Change {
+func (r *Recorder) NextChange(t testing.TB, channel string) proxy.Change {
 	t.Helper()
 	for {
 		switch e := r.Next(t).(type) {
@@ -299,7 +305,7 @@ func (r *Recorder) All() []proxy.Event {
 
 // WaitClosed waits until the event stream is closed and checks that its
 // last event was Closed.
-func (r *Recorder) WaitClosed(t *testing.T) {
+func (r *Recorder) WaitClosed(t testing.TB) {
 	t.Helper()
 	select {
 	case <-r.done:
@@ -311,7 +317,7 @@ func (r *Recorder) WaitClosed(t *testing.T) {
 	require.IsType(t, proxy.Closed{}, all[len(all)-1], "last event")
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(b []byte) (int, error) {
 	w.t.Logf("%s", b)

@@ -28,7 +28,7 @@ func (HostSockets) Dial(ctx context.Context, addr netip.AddrPort) (net.Conn, err
 // LoopbackInstance gives the i-th proxy of a test the loopback network
 // with its own pair of /16 ranges, 127.(10+2i).0.0/16 and
 // 127.(11+2i).0.0/16, so that proxies sharing this host never clash.
-func LoopbackInstance(t *testing.T, i int) Instance {
+func LoopbackInstance(t testing.TB, i int) Instance {
 	if i > 100 {
 		t.Fatalf("loopback instance %d: out of /16 ranges", i)
 	}
