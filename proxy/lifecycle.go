@@ -22,12 +22,14 @@ type conn struct {
 }
 
 // track runs f in a new goroutine owned by the proxy, with a conn that
-// Shutdown can abort. It refuses (f is not run) once Shutdown has begun.
-func (p *Proxy) track(cs *channelState, f func(*conn)) {
+// Shutdown can abort. Once Shutdown has begun it runs refuse instead, in
+// the caller's goroutine.
+func (p *Proxy) track(cs *channelState, f func(*conn), refuse func()) {
 	k := &conn{p: p, cs: cs}
 	p.mu.Lock()
 	if p.state != stateRunning {
 		p.mu.Unlock()
+		refuse()
 		return
 	}
 	p.conns[k] = struct{}{}

@@ -342,7 +342,7 @@ func (p *Proxy) serveListener(cs *channelState, ln net.Listener, open opener) {
 				_ = c.Close()
 				continue
 			}
-			p.track(cs, func(k *conn) { p.forwardOutgoing(cs, k, hc, open) })
+			p.track(cs, func(k *conn) { p.forwardOutgoing(cs, k, hc, open) }, func() { abort(hc) })
 		}
 	})
 }
@@ -386,7 +386,7 @@ func (p *Proxy) acceptStreams(cs *channelState, accept func(context.Context) (ch
 			p.emit(Error{Channel: cs.name, Err: fmt.Errorf("accept stream: %w", err)})
 			return
 		}
-		p.track(cs, func(k *conn) { p.forwardIncoming(cs, k, in, dst) })
+		p.track(cs, func(k *conn) { p.forwardIncoming(cs, k, in, dst) }, func() { _ = in.Stream.Reset() })
 	}
 }
 
