@@ -1,0 +1,197 @@
+package channels
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+)
+
+// requestChannel implements RequestChannel.
+type requestChannel struct {
+	n        *Node
+	name     string
+	target   string
+	balancer Balancer
+
+	mu     sync.Mutex
+	active map[string]int // open streams per member iid
+}
+
+func (r *requestChannel) Name() string { return r.name }
+
+// Open opens a stream to a member serving r.target. The header's Channel
+// and SourceIID are filled in by the node; the ports are the caller's.
+func (r *requestChannel) Open(ctx context.Context, h Header) (Stream, Member, error) {
+	r.n.mu.Lock()
+	if r.n.closed {
+		r.n.mu.Unlock()
+		return nil, Member{}, ErrClosed
+	}
+	cands := r.n.serving(r.target)
+	r.n.mu.Unlock()
+	if len(cands) == 0 {
+		return nil, Member{}, fmt.Errorf("request channel %q: no member serves %q: %w", r.name, r.target, ErrNoMembers)
+	}
+	h.Channel, h.SourceIID = r.target, r.n.cfg.IID
+	var errs []error
+	for len(cands) > 0 {
+		m := cands[r.pick(cands)]
+		st, err := r.n.openTo(ctx, m, h, func() { r.add(m.IID, -1) })
+		if err == nil {
+			return st, m, nil
+		}
+		r.add(m.IID, -1) // release is only called for a stream we got
+		errs = append(errs, err)
+		if errors.Is(err, ErrClosed) || ctx.Err() != nil {
+			break
+		}
+		cands = removeMember(cands, m.IID)
+	}
+	return nil, Member{}, fmt.Errorf("request channel %q: no member serving %q could be reached: %w: %w",
+		r.name, r.target, ErrNoMembers, errors.Join(errs...))
+}
+
+// pick asks the balancer and counts the stream as active at once, so that
+// concurrent Opens see each other.
+func (r *requestChannel) pick(members []Member) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	cands := make([]Candidate, len(members))
+	for i, m := range members {
+		cands[i] = Candidate{Member: m, Active: r.active[m.IID]}
+	}
+	i := r.balancer.Pick(cands)
+	if i < 0 || i >= len(cands) {
+		i = 0
+	}
+	r.active[members[i].IID]++
+	return i
+}
+
+func (r *requestChannel) add(iid string, delta int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.active[iid] += delta
+	if r.active[iid] <= 0 {
+		delete(r.active, iid)
+	}
+}
+
+func removeMember(ms []Member, iid string) []Member {
+	out := ms[:0:0]
+	for _, m := range ms {
+		if m.IID != iid {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// replyChannel implements ReplyChannel.
+type replyChannel struct {
+	n     *Node
+	name  string
+	queue chan Incoming
+}
+
+func (c *replyChannel) Name() string { return c.name }
+
+func (c *replyChannel) Accept(ctx context.Context) (Incoming, error) {
+	return c.n.accept(ctx, c.queue)
+}
+
+// accept waits for the next stream queued for a channel.
+func (n *Node) accept(ctx context.Context, q chan Incoming) (Incoming, error) {
+	select {
+	case <-n.done:
+		return Incoming{}, ErrClosed
+	default:
+	}
+	select {
+	case inc := <-q:
+		return inc, nil
+	case <-ctx.Done():
+		return Incoming{}, ctx.Err()
+	case <-n.done:
+		return Incoming{}, ErrClosed
+	}
+}
+
+// duplexChannel implements DuplexChannel.
+type duplexChannel struct {
+	n     *Node
+	name  string
+	queue chan Incoming
+
+	// Guarded by n.mu.
+	view      []Member
+	published bool
+	watchers  map[*watcher]struct{}
+}
+
+func (d *duplexChannel) Name() string { return d.name }
+
+func (d *duplexChannel) Accept(ctx context.Context) (Incoming, error) {
+	return d.n.accept(ctx, d.queue)
+}
+
+// Open opens a stream to the member iid. The header's Channel and SourceIID
+// are filled in by the node; the ports are the caller's.
+func (d *duplexChannel) Open(ctx context.Context, iid string, h Header) (Stream, error) {
+	m, ok := d.n.member(iid)
+	switch {
+	case iid == d.n.cfg.IID:
+		return nil, fmt.Errorf("duplex channel %q: %q is this node", d.name, iid)
+	case !ok || !m.Serves(d.name):
+		return nil, fmt.Errorf("duplex channel %q: %q is not a member: %w", d.name, iid, ErrNoMembers)
+	}
+	h.Channel, h.SourceIID = d.name, d.n.cfg.IID
+	st, err := d.n.openTo(ctx, m, h, nil)
+	if err != nil {
+		return nil, fmt.Errorf("duplex channel %q: %w", d.name, err)
+	}
+	return st, nil
+}
+
+// Watch publishes the channel's remote members; see DuplexChannel.
+func (d *duplexChannel) Watch(ctx context.Context) <-chan []Member {
+	w := &watcher{ch: make(chan []Member, 1)}
+	d.n.mu.Lock()
+	defer d.n.mu.Unlock()
+	if d.n.closed {
+		w.close()
+		return w.ch
+	}
+	d.watchers[w] = struct{}{}
+	if d.published {
+		w.offer(d.view)
+	}
+	w.stop = context.AfterFunc(ctx, func() {
+		d.n.mu.Lock()
+		delete(d.watchers, w)
+		d.n.mu.Unlock()
+		w.close()
+	})
+	return w.ch
+}
+
+// update publishes view if it differs from the last one. n.mu must be held.
+func (d *duplexChannel) update(view []Member) {
+	if d.published && sameMembers(d.view, view) {
+		return
+	}
+	d.view, d.published = view, true
+	for w := range d.watchers {
+		w.offer(view)
+	}
+}
+
+// closeWatchers ends every watch at Close. n.mu must be held.
+func (d *duplexChannel) closeWatchers() {
+	for w := range d.watchers {
+		w.stop()
+		w.close()
+	}
+	clear(d.watchers)
+}

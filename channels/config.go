@@ -1,0 +1,132 @@
+package channels
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/tcpproxy/tcpproxy/channels/wire"
+)
+
+// Config configures a Node. The zero value of every optional field selects
+// a default.
+type Config struct {
+	// IID and Role identify this node in the mesh and in handshakes.
+	IID, Role string
+	// ListenAddr is where other nodes reach this one, e.g. "127.0.0.1:0".
+	// Empty means the node does not listen and only dials.
+	ListenAddr string
+	// Transport carries sessions; nil means TCP.
+	Transport Transport
+	// TLS, when non-nil, runs mutual TLS on every session, as server and as
+	// client (see TLSConfigFromFiles). When ServerName is empty, the host of
+	// the member's address is verified.
+	TLS *tls.Config
+	// Members publishes the mesh; nil means nobody (a node that only
+	// accepts streams still works).
+	Members Source
+	// Logger receives the node's logs; nil means slog.Default().
+	Logger *slog.Logger
+
+	// DialTimeout bounds connecting to a peer (default 5s).
+	DialTimeout time.Duration
+	// HandshakeTimeout bounds the TLS and session handshake, and reading a
+	// stream header (default 5s).
+	HandshakeTimeout time.Duration
+	// KeepAliveInterval is the period of session pings that detect dead
+	// peers (default 15s).
+	KeepAliveInterval time.Duration
+
+	// BackoffMin and BackoffMax bound the delay between failed dials to one
+	// peer (defaults 50ms and 5s). The delay doubles on each failure, with
+	// jitter, and resets after a successful handshake.
+	BackoffMin, BackoffMax time.Duration
+
+	// MaxStreamWindow is the largest per-stream receive window (default
+	// 16 MiB, at least 256 KiB). Large windows let bulk streams fill the
+	// link; memory is only used while the reader lags behind.
+	MaxStreamWindow uint32
+	// AcceptBacklog is the per-channel queue of accepted streams waiting
+	// for Accept (default 128); when full, new streams are reset.
+	AcceptBacklog int
+}
+
+// Defaults.
+const (
+	DefaultDialTimeout       = 5 * time.Second
+	DefaultHandshakeTimeout  = 5 * time.Second
+	DefaultKeepAliveInterval = 15 * time.Second
+	DefaultBackoffMin        = 50 * time.Millisecond
+	DefaultBackoffMax        = 5 * time.Second
+	DefaultMaxStreamWindow   = 16 << 20
+	DefaultAcceptBacklog     = 128
+	// minStreamWindow is the yamux protocol's initial window; a smaller
+	// maximum is refused by yamux.
+	minStreamWindow = 256 << 10
+)
+
+// withDefaults validates c and fills in its defaults.
+func (c Config) withDefaults() (Config, error) {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	switch {
+	case c.IID == "":
+		bad("IID is empty")
+	case len(c.IID) > wire.MaxNameLen:
+		bad("IID length %d exceeds %d", len(c.IID), wire.MaxNameLen)
+	}
+	if len(c.Role) > wire.MaxNameLen {
+		bad("Role length %d exceeds %d", len(c.Role), wire.MaxNameLen)
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"DialTimeout", c.DialTimeout}, {"HandshakeTimeout", c.HandshakeTimeout},
+		{"KeepAliveInterval", c.KeepAliveInterval}, {"BackoffMin", c.BackoffMin}, {"BackoffMax", c.BackoffMax},
+	} {
+		if d.v < 0 {
+			bad("%s %v is negative", d.name, d.v)
+		}
+	}
+	if c.AcceptBacklog < 0 {
+		bad("AcceptBacklog %d is negative", c.AcceptBacklog)
+	}
+	if c.MaxStreamWindow != 0 && c.MaxStreamWindow < minStreamWindow {
+		bad("MaxStreamWindow %d is below the protocol minimum %d", c.MaxStreamWindow, minStreamWindow)
+	}
+	if c.TLS != nil && len(c.TLS.Certificates) == 0 && c.TLS.GetCertificate == nil && c.TLS.GetClientCertificate == nil {
+		bad("TLS config has no certificate (mutual TLS needs one on both sides)")
+	}
+	def := func(d *time.Duration, v time.Duration) {
+		if *d == 0 {
+			*d = v
+		}
+	}
+	def(&c.DialTimeout, DefaultDialTimeout)
+	def(&c.HandshakeTimeout, DefaultHandshakeTimeout)
+	def(&c.KeepAliveInterval, DefaultKeepAliveInterval)
+	def(&c.BackoffMin, DefaultBackoffMin)
+	def(&c.BackoffMax, DefaultBackoffMax)
+	if c.BackoffMin > c.BackoffMax {
+		bad("BackoffMin %v exceeds BackoffMax %v", c.BackoffMin, c.BackoffMax)
+	}
+	if c.MaxStreamWindow == 0 {
+		c.MaxStreamWindow = DefaultMaxStreamWindow
+	}
+	if c.AcceptBacklog == 0 {
+		c.AcceptBacklog = DefaultAcceptBacklog
+	}
+	if c.Transport == nil {
+		c.Transport = TCPTransport()
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if err := errors.Join(errs...); err != nil {
+		return c, fmt.Errorf("channels config: %w", err)
+	}
+	return c, nil
+}

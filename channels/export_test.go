@@ -1,0 +1,32 @@
+package channels
+
+// Test hooks, compiled only into this package's tests.
+
+// NumSessions returns how many live sessions the node has with peer iid.
+func (n *Node) NumSessions(iid string) int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	p := n.peers[iid]
+	if p == nil {
+		return 0
+	}
+	live := 0
+	for _, s := range p.sessions {
+		if !s.ys.IsClosed() {
+			live++
+		}
+	}
+	return live
+}
+
+// ActiveStreams returns a request channel's open-stream count per member.
+func ActiveStreams(rc RequestChannel) map[string]int {
+	r := rc.(*requestChannel)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[string]int, len(r.active))
+	for k, v := range r.active {
+		out[k] = v
+	}
+	return out
+}

@@ -1,0 +1,168 @@
+package channels_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"io"
+	"log/slog"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/membership"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+// testLogger discards logs unless CHANNELS_TEST_LOG is set, in which case
+// they go to stderr at debug level.
+func testLogger() *slog.Logger {
+	if os.Getenv("CHANNELS_TEST_LOG") == "" {
+		return slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// baseConfig returns a node config tuned for fast tests.
+func baseConfig(iid string, tr channels.Transport, src channels.Source) channels.Config {
+	return channels.Config{
+		IID:              iid,
+		Role:             "test",
+		ListenAddr:       "127.0.0.1:0",
+		Transport:        tr,
+		Members:          src,
+		Logger:           testLogger(),
+		DialTimeout:      2 * time.Second,
+		HandshakeTimeout: 2 * time.Second,
+		BackoffMin:       10 * time.Millisecond,
+		BackoffMax:       100 * time.Millisecond,
+	}
+}
+
+// startNode creates a node, lets register add channels, starts it and
+// closes it at the end of the test.
+func startNode(t testing.TB, cfg channels.Config, register func(n *channels.Node)) *channels.Node {
+	t.Helper()
+	n, err := channels.NewNode(cfg)
+	require.NoError(t, err)
+	if register != nil {
+		register(n)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	require.NoError(t, n.Start(ctx))
+	t.Cleanup(func() { require.NoError(t, n.Close()) })
+	return n
+}
+
+func member(n *channels.Node, iid string, chans map[string]uint16) channels.Member {
+	return channels.Member{IID: iid, Role: "test", Addr: n.Addr(), Channels: chans}
+}
+
+// pair starts a server node "b" with a reply channel "svc" and a client
+// node "a" with a request channel "svc" targeting it, over tr.
+func pair(t testing.TB, tr channels.Transport, tune func(*channels.Config)) (channels.RequestChannel, channels.ReplyChannel, *channels.Node, *channels.Node) {
+	t.Helper()
+	var reply channels.ReplyChannel
+	cb := baseConfig("b", tr, nil)
+	if tune != nil {
+		tune(&cb)
+	}
+	b := startNode(t, cb, func(n *channels.Node) {
+		var err error
+		reply, err = n.Reply("svc")
+		require.NoError(t, err)
+	})
+	var req channels.RequestChannel
+	ca := baseConfig("a", tr, membership.Static(member(b, "b", map[string]uint16{"svc": 80})))
+	ca.ListenAddr = ""
+	if tune != nil {
+		tune(&ca)
+	}
+	a := startNode(t, ca, func(n *channels.Node) {
+		var err error
+		req, err = n.Request("svc", "", nil)
+		require.NoError(t, err)
+	})
+	return req, reply, a, b
+}
+
+// open opens a stream from req and accepts it on reply.
+func open(t testing.TB, req channels.RequestChannel, reply channels.ReplyChannel) (channels.Stream, channels.Incoming) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, _, err := req.Open(ctx, channels.Header{SourcePort: 1234, TargetPort: 80})
+	require.NoError(t, err)
+	in, err := reply.Accept(ctx)
+	require.NoError(t, err)
+	return s, in
+}
+
+// writeCerts creates a throwaway CA and a certificate per name (valid for
+// 127.0.0.1 and localhost, as server and client) in dir. It returns the CA
+// file and, per name, the cert and key files.
+func writeCerts(t testing.TB, dir string, names ...string) (caFile string, files map[string][2]string) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	require.NoError(t, err)
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "tcpproxy test CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	require.NoError(t, err)
+	caCert, err := x509.ParseCertificate(caDER)
+	require.NoError(t, err)
+	caFile = filepath.Join(dir, "ca.pem")
+	writePEM(t, caFile, "CERTIFICATE", caDER)
+
+	files = make(map[string][2]string)
+	for i, name := range names {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		require.NoError(t, err)
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(int64(i + 2)),
+			Subject:      pkix.Name{CommonName: name},
+			DNSNames:     []string{"localhost"},
+			IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+			NotBefore:    time.Now().Add(-time.Hour),
+			NotAfter:     time.Now().Add(time.Hour),
+			KeyUsage:     x509.KeyUsageDigitalSignature,
+			ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
+		require.NoError(t, err)
+		keyDER, err := x509.MarshalECPrivateKey(key)
+		require.NoError(t, err)
+		certFile, keyFile := filepath.Join(dir, name+".pem"), filepath.Join(dir, name+"-key.pem")
+		writePEM(t, certFile, "CERTIFICATE", der)
+		writePEM(t, keyFile, "EC PRIVATE KEY", keyDER)
+		files[name] = [2]string{certFile, keyFile}
+	}
+	return caFile, files
+}
+
+func writePEM(t testing.TB, path, typ string, der []byte) {
+	t.Helper()
+	require.NoError(t, os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600))
+}

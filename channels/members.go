@@ -1,0 +1,100 @@
+package channels
+
+import (
+	"cmp"
+	"maps"
+	"slices"
+	"sync"
+)
+
+// memberState is the node's latest view of the mesh, guarded by Node.mu.
+type memberState struct {
+	known bool // a list has arrived (Start waits for the first)
+	byIID map[string]Member
+}
+
+// setMembers installs a new member list and tells the duplex watchers whose
+// view changed.
+func (n *Node) setMembers(list []Member) {
+	byIID := make(map[string]Member, len(list))
+	for _, m := range list {
+		if m.IID == "" {
+			n.log.Warn("membership: ignoring a member without iid", "addr", m.Addr)
+			continue
+		}
+		if _, dup := byIID[m.IID]; dup {
+			n.log.Warn("membership: duplicate iid; keeping the first", "member", m.IID)
+			continue
+		}
+		byIID[m.IID] = m
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return
+	}
+	n.members = memberState{known: true, byIID: byIID}
+	for _, d := range n.duplexes {
+		d.update(n.serving(d.name))
+	}
+}
+
+// serving returns the remote members serving channel name, sorted by IID.
+// n.mu must be held.
+func (n *Node) serving(name string) []Member {
+	var out []Member
+	for _, m := range n.members.byIID {
+		if m.IID != n.cfg.IID && m.Serves(name) {
+			out = append(out, m)
+		}
+	}
+	slices.SortFunc(out, func(a, b Member) int { return cmp.Compare(a.IID, b.IID) })
+	return out
+}
+
+// member returns the member with the given iid.
+func (n *Node) member(iid string) (Member, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	m, ok := n.members.byIID[iid]
+	return m, ok
+}
+
+func sameMembers(a, b []Member) bool {
+	return slices.EqualFunc(a, b, func(x, y Member) bool {
+		return x.IID == y.IID && x.Role == y.Role && x.Addr == y.Addr && maps.Equal(x.Channels, y.Channels)
+	})
+}
+
+// watcher is one DuplexChannel.Watch subscription. Its channel holds at
+// most the latest view: offer replaces an unread view instead of blocking,
+// so a slow receiver never stalls the node and always ends up with the
+// newest state.
+type watcher struct {
+	mu     sync.Mutex
+	ch     chan []Member
+	closed bool
+	stop   func() bool // stops the context.AfterFunc that ends the watch
+}
+
+func (w *watcher) offer(view []Member) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		return
+	}
+	select {
+	case <-w.ch: // drop the unread, older view
+	default:
+	}
+	w.ch <- slices.Clone(view) // cannot block: we are the only sender
+}
+
+func (w *watcher) close() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.closed {
+		w.closed = true
+		close(w.ch)
+	}
+}

@@ -1,0 +1,140 @@
+package channels_test
+
+import (
+	"context"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-yamux/v5"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/wire"
+)
+
+// rawDial connects to a node by hand, as a misbehaving or foreign peer would.
+func rawDial(t *testing.T, tr channels.Transport, addr string) net.Conn {
+	t.Helper()
+	c, err := tr.Dial(context.Background(), addr)
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	require.NoError(t, c.SetDeadline(time.Now().Add(5*time.Second)))
+	return c
+}
+
+func TestHandshakeRefusals(t *testing.T) {
+	tr := channels.NewMemoryTransport()
+	b := startNode(t, baseConfig("b", tr, nil), func(n *channels.Node) {
+		_, err := n.Reply("svc")
+		require.NoError(t, err)
+	})
+
+	t.Run("accepted", func(t *testing.T) {
+		c := rawDial(t, tr, b.Addr())
+		require.NoError(t, wire.WriteHello(c, wire.Hello{IID: "x", Role: "r"}))
+		rp, err := wire.ReadReply(c)
+		require.NoError(t, err)
+		require.True(t, rp.Accepted)
+		assert.Equal(t, wire.Hello{IID: "b", Role: "test", Channels: []string{"svc"}}, rp.Hello)
+	})
+
+	t.Run("own iid", func(t *testing.T) {
+		c := rawDial(t, tr, b.Addr())
+		require.NoError(t, wire.WriteHello(c, wire.Hello{IID: "b"}))
+		rp, err := wire.ReadReply(c)
+		require.NoError(t, err)
+		require.False(t, rp.Accepted)
+		assert.Contains(t, rp.Reason, `"b" is the listener's own`)
+	})
+
+	t.Run("other version", func(t *testing.T) {
+		c := rawDial(t, tr, b.Addr())
+		body := []byte{1, 'x', 0, 0, 0}
+		frame := append(append(wire.Magic[:], wire.Version+1, 1), byte(len(body)>>8), byte(len(body)))
+		_, err := c.Write(append(frame, body...))
+		require.NoError(t, err)
+		rp, err := wire.ReadReply(c)
+		require.NoError(t, err)
+		require.False(t, rp.Accepted)
+		assert.Contains(t, rp.Reason, "protocol version 2 not supported")
+	})
+
+	t.Run("not a tcpproxy peer", func(t *testing.T) {
+		c := rawDial(t, tr, b.Addr())
+		// Over a pipe the write itself may fail once the node hangs up.
+		_, _ = c.Write([]byte("GET / HTTP/1.1\r\n\r\n"))
+		_, err := c.Read(make([]byte, 1))
+		require.Error(t, err, "the node hangs up")
+	})
+}
+
+// TestBadStreamsAreReset opens hand-made streams on a real session: each
+// bad one is reset, and a good one on the same session still works.
+func TestBadStreamsAreReset(t *testing.T) {
+	tr := channels.NewMemoryTransport()
+	var reply channels.ReplyChannel
+	cfg := baseConfig("b", tr, nil)
+	cfg.HandshakeTimeout = 200 * time.Millisecond // for the truncated header
+	b := startNode(t, cfg, func(n *channels.Node) {
+		var err error
+		reply, err = n.Reply("svc")
+		require.NoError(t, err)
+	})
+	c := rawDial(t, tr, b.Addr())
+	require.NoError(t, wire.WriteHello(c, wire.Hello{IID: "x"}))
+	rp, err := wire.ReadReply(c)
+	require.NoError(t, err)
+	require.True(t, rp.Accepted)
+	require.NoError(t, c.SetDeadline(time.Time{}))
+	ycfg := yamux.DefaultConfig()
+	ycfg.LogOutput = io.Discard
+	sess, err := yamux.Client(c, ycfg, nil)
+	require.NoError(t, err)
+	defer sess.Close()
+
+	header := func(h wire.StreamHeader) []byte {
+		b, err := wire.AppendStreamHeader(nil, h)
+		require.NoError(t, err)
+		return b
+	}
+	ctx := context.Background()
+	send := func(first []byte) *yamux.Stream {
+		st, err := sess.OpenStream(ctx)
+		require.NoError(t, err)
+		_, err = st.Write(first)
+		require.NoError(t, err)
+		return st
+	}
+	good := send(header(wire.StreamHeader{Channel: "svc", SourceIID: "x", SourcePort: 7}))
+	for name, first := range map[string][]byte{
+		"unknown channel": header(wire.StreamHeader{Channel: "nope", SourceIID: "x"}),
+		"spoofed source":  header(wire.StreamHeader{Channel: "svc", SourceIID: "b2"}),
+		"bad version":     {9, 3, 's', 'v', 'c'},
+		"empty channel":   {wire.Version, 0},
+	} {
+		t.Run(name, func(t *testing.T) {
+			st := send(first)
+			_, err := st.Read(make([]byte, 1))
+			require.ErrorIs(t, err, yamux.ErrStreamReset)
+		})
+	}
+	t.Run("truncated header times out", func(t *testing.T) {
+		st := send([]byte{wire.Version, 3, 's'})
+		_, err := st.Read(make([]byte, 1))
+		require.ErrorIs(t, err, yamux.ErrStreamReset)
+	})
+
+	in, err := reply.Accept(ctx)
+	require.NoError(t, err)
+	require.Equal(t, uint16(7), in.Header.SourcePort)
+	_, err = good.Write([]byte("still fine"))
+	require.NoError(t, err)
+	require.NoError(t, good.CloseWrite())
+	got, err := io.ReadAll(in.Stream)
+	require.NoError(t, err)
+	require.Equal(t, "still fine", string(got))
+	require.NoError(t, in.Stream.Close())
+}

@@ -1,0 +1,218 @@
+package channels
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-yamux/v5"
+	"github.com/tcpproxy/tcpproxy/channels/wire"
+)
+
+// session is one multiplexed connection with another node. Both sides open
+// streams on it, whoever dialed.
+type session struct {
+	n      *Node
+	ys     *yamux.Session
+	hello  wire.Hello      // the peer's handshake
+	offers map[string]bool // channels the peer serves
+	log    *slog.Logger
+
+	mu      sync.Mutex
+	done    bool
+	streams map[*stream]struct{} // outgoing streams not yet finished
+}
+
+func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, error) {
+	cfg := n.yamuxConfig()
+	var ys *yamux.Session
+	var err error
+	if dialed {
+		ys, err = yamux.Client(conn, cfg, nil)
+	} else {
+		ys, err = yamux.Server(conn, cfg, nil)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("start session: %w", err)
+	}
+	offers := make(map[string]bool, len(h.Channels))
+	for _, c := range h.Channels {
+		offers[c] = true
+	}
+	return &session{
+		n:       n,
+		ys:      ys,
+		hello:   h,
+		offers:  offers,
+		log:     n.log.With("peer", h.IID, "remote", conn.RemoteAddr().String()),
+		streams: make(map[*stream]struct{}),
+	}, nil
+}
+
+// yamuxConfig returns the multiplexer settings for a new session.
+func (n *Node) yamuxConfig() *yamux.Config {
+	c := yamux.DefaultConfig()
+	c.EnableKeepAlive = true
+	c.KeepAliveInterval = n.cfg.KeepAliveInterval
+	c.MaxStreamWindowSize = n.cfg.MaxStreamWindow
+	// Every proxied TCP connection is a stream: allow far more than
+	// yamux's default of 1000 per session.
+	c.MaxIncomingStreams = 1 << 16
+	// Our accept loop hands streams off at once, so yamux's own backlog
+	// only absorbs bursts; the per-channel AcceptBacklog is the real limit.
+	c.AcceptBacklog = 1024
+	// A larger read buffer cuts syscalls for the small frames (window
+	// updates, headers) that interleave with bulk data.
+	c.ReadBufSize = 64 << 10
+	c.LogOutput = &slogWriter{log: n.log.With("component", "yamux")}
+	return c
+}
+
+// serve accepts the peer's streams until the session ends.
+func (s *session) serve() {
+	var err error
+	for {
+		var ys *yamux.Stream
+		if ys, err = s.ys.AcceptStream(); err != nil {
+			break
+		}
+		if !s.n.spawn(func() { s.handleStream(ys) }) {
+			ys.Reset()
+			break
+		}
+	}
+	s.ys.Close()
+	s.n.removeSession(s)
+	s.mu.Lock()
+	s.done = true
+	streams := s.streams
+	s.streams = nil
+	s.mu.Unlock()
+	// Streams idle in the application see the end on their next Read or
+	// Write; release them now so balancer counts drop at once.
+	for st := range streams {
+		st.finish()
+	}
+	if s.n.ctx.Err() == nil {
+		s.log.Info("session closed", "err", err)
+	}
+}
+
+// handleStream reads an incoming stream's header and queues the stream on
+// its channel. Anything wrong resets this stream only.
+func (s *session) handleStream(ys *yamux.Stream) {
+	fail := func(err error) {
+		s.log.Warn("rejecting stream", "err", fmt.Errorf("stream %d from %s: %w", ys.StreamID(), s.hello.IID, err))
+		ys.Reset()
+	}
+	_ = ys.SetReadDeadline(time.Now().Add(s.n.cfg.HandshakeTimeout))
+	wh, err := wire.ReadStreamHeader(ys)
+	if err != nil {
+		fail(err)
+		return
+	}
+	_ = ys.SetReadDeadline(time.Time{})
+	if wh.SourceIID != s.hello.IID {
+		fail(fmt.Errorf("header names source %q but the session is with %q", wh.SourceIID, s.hello.IID))
+		return
+	}
+	q := s.n.queues[wh.Channel] // read-only after Start
+	if q == nil {
+		fail(fmt.Errorf("no reply or duplex channel %q on this node", wh.Channel))
+		return
+	}
+	inc := Incoming{
+		Stream: newStream(ys, nil),
+		Header: Header{Channel: wh.Channel, SourceIID: wh.SourceIID, SourcePort: wh.SourcePort, TargetPort: wh.TargetPort},
+		Peer:   s.n.peerMember(s.hello),
+	}
+	select {
+	case q <- inc:
+	default:
+		fail(fmt.Errorf("channel %q: accept backlog of %d streams is full", wh.Channel, cap(q)))
+	}
+}
+
+// open opens a stream and writes its header. release is called when the
+// stream finishes, only if open returns it.
+func (s *session) open(ctx context.Context, h wire.StreamHeader, release func()) (*stream, error) {
+	if !s.offers[h.Channel] {
+		return nil, fmt.Errorf("peer %s does not serve channel %q", s.hello.IID, h.Channel)
+	}
+	ys, err := s.ys.OpenStream(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("open stream to %s: %w", s.hello.IID, err)
+	}
+	st := newStream(ys, nil)
+	st.release = func() {
+		s.untrack(st)
+		if release != nil {
+			release()
+		}
+	}
+	if !s.track(st) {
+		ys.Reset()
+		return nil, fmt.Errorf("open stream to %s: %w", s.hello.IID, yamux.ErrSessionShutdown)
+	}
+	if err := wire.WriteStreamHeader(ys, h); err != nil {
+		s.untrack(st)
+		ys.Reset()
+		return nil, fmt.Errorf("open stream to %s: %w", s.hello.IID, err)
+	}
+	return st, nil
+}
+
+func (s *session) track(st *stream) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done {
+		return false
+	}
+	s.streams[st] = struct{}{}
+	return true
+}
+
+func (s *session) untrack(st *stream) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.streams, st)
+}
+
+// peerMember describes the peer of a session: its membership entry when
+// known, else what its handshake said (ports unknown, no address).
+func (n *Node) peerMember(h wire.Hello) Member {
+	if m, ok := n.member(h.IID); ok {
+		return m
+	}
+	m := Member{IID: h.IID, Role: h.Role, Channels: make(map[string]uint16, len(h.Channels))}
+	for _, c := range h.Channels {
+		m.Channels[c] = 0
+	}
+	return m
+}
+
+// slogWriter turns yamux's log lines into slog records: "[ERR]" and
+// "[WARN]" lines become warnings, the rest debug.
+type slogWriter struct{ log *slog.Logger }
+
+func (w *slogWriter) Write(p []byte) (int, error) {
+	for line := range bytes.Lines(p) {
+		line = bytes.TrimSpace(line)
+		if i := bytes.IndexByte(line, '['); i >= 0 {
+			line = line[i:] // drop log.LstdFlags' date and time
+		}
+		level := slog.LevelDebug
+		if bytes.HasPrefix(line, []byte("[ERR]")) || bytes.HasPrefix(line, []byte("[WARN]")) {
+			level = slog.LevelWarn
+		}
+		w.log.Log(context.Background(), level, string(line))
+	}
+	return len(p), nil
+}
+
+var _ io.Writer = (*slogWriter)(nil)

@@ -1,0 +1,135 @@
+package channels
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/libp2p/go-yamux/v5"
+)
+
+// stream adapts a yamux stream to Stream: it translates yamux's errors into
+// this package's (ErrStreamReset, os.ErrDeadlineExceeded, net.ErrClosed)
+// and calls release exactly once, when the stream is finished in both
+// directions, so that balancer counts stay exact.
+type stream struct {
+	ys *yamux.Stream
+
+	// readDone and writeDone record each direction's end; closed records a
+	// local Close, after which our own calls report net.ErrClosed rather
+	// than yamux's "reset" for the locally closed read side.
+	readDone, writeDone, closed atomic.Bool
+
+	releaseOnce sync.Once
+	release     func() // never nil
+}
+
+func newStream(ys *yamux.Stream, release func()) *stream {
+	if release == nil {
+		release = func() {}
+	}
+	return &stream{ys: ys, release: release}
+}
+
+var _ Stream = (*stream)(nil)
+
+func (s *stream) finish() { s.releaseOnce.Do(s.release) }
+
+// maybeFinish releases the stream once both directions have ended.
+func (s *stream) maybeFinish() {
+	if s.readDone.Load() && s.writeDone.Load() {
+		s.finish()
+	}
+}
+
+func (s *stream) Read(b []byte) (int, error) {
+	n, err := s.ys.Read(b)
+	if err == nil {
+		return n, nil
+	}
+	if err == io.EOF {
+		s.readDone.Store(true)
+		s.maybeFinish()
+		return n, io.EOF
+	}
+	return n, s.mapErr("read", err)
+}
+
+func (s *stream) Write(b []byte) (int, error) {
+	n, err := s.ys.Write(b)
+	if err != nil {
+		return n, s.mapErr("write", err)
+	}
+	return n, nil
+}
+
+// CloseWrite sends FIN: the peer reads io.EOF after the data written so far.
+func (s *stream) CloseWrite() error {
+	err := s.ys.CloseWrite()
+	s.writeDone.Store(true)
+	s.maybeFinish()
+	if err != nil {
+		return s.mapErr("close write", err)
+	}
+	return nil
+}
+
+// Close closes both directions: FIN to the peer, and data still arriving is
+// discarded.
+func (s *stream) Close() error {
+	if s.closed.Swap(true) {
+		return nil
+	}
+	err := s.ys.Close()
+	s.finish()
+	if err != nil && !errors.Is(err, yamux.ErrStreamReset) {
+		return s.mapErr("close", err)
+	}
+	return nil
+}
+
+// Reset aborts both directions and sends RST to the peer.
+func (s *stream) Reset() error {
+	err := s.ys.Reset()
+	s.finish()
+	return err
+}
+
+func (s *stream) LocalAddr() net.Addr                { return s.ys.LocalAddr() }
+func (s *stream) RemoteAddr() net.Addr               { return s.ys.RemoteAddr() }
+func (s *stream) SetDeadline(t time.Time) error      { return s.ys.SetDeadline(t) }
+func (s *stream) SetReadDeadline(t time.Time) error  { return s.ys.SetReadDeadline(t) }
+func (s *stream) SetWriteDeadline(t time.Time) error { return s.ys.SetWriteDeadline(t) }
+
+// mapErr translates a yamux error of a Read or Write.
+func (s *stream) mapErr(op string, err error) error {
+	switch {
+	case s.closed.Load():
+		return &net.OpError{Op: op, Net: "stream", Err: net.ErrClosed}
+	case errors.Is(err, yamux.ErrTimeout):
+		return &net.OpError{Op: op, Net: "stream", Err: os.ErrDeadlineExceeded}
+	case errors.Is(err, yamux.ErrStreamClosed):
+		// Only Write can see this: the stream was half-closed by CloseWrite.
+		return &net.OpError{Op: op, Net: "stream", Err: fmt.Errorf("after CloseWrite: %w", net.ErrClosed)}
+	case errors.Is(err, yamux.ErrStreamReset):
+		// A peer's RST, our own Reset, or the session dying (which yamux
+		// reports as a reset of all its streams): the stream is over.
+		s.finish()
+		return &resetError{cause: err}
+	default:
+		return fmt.Errorf("stream %s: %w", op, err)
+	}
+}
+
+// resetError matches ErrStreamReset and keeps yamux's cause (remote RST,
+// local reset, or the session's end) for logs.
+type resetError struct{ cause error }
+
+func (e *resetError) Error() string        { return "stream reset: " + e.cause.Error() }
+func (e *resetError) Is(target error) bool { return target == ErrStreamReset }
+func (e *resetError) Unwrap() error        { return e.cause }
