@@ -3,11 +3,13 @@ package channels
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
 	"time"
 
+	"github.com/tcpproxy/tcpproxy/channels/pki"
 	"github.com/tcpproxy/tcpproxy/channels/wire"
 )
 
@@ -32,8 +34,13 @@ func (n *Node) dial(m Member) (*session, error) {
 	err = guard(ctx, raw, func() error {
 		if n.cfg.TLS != nil {
 			cfg := n.cfg.TLS.Clone()
-			if cfg.ServerName == "" {
-				cfg.ServerName, _, _ = net.SplitHostPort(m.Addr)
+			// Peers are authenticated by the identity in their certificate
+			// (chained to the mesh CA), not by host name: members are
+			// usually addressed by IP. verifyPeer does the full check.
+			cfg.InsecureSkipVerify = true
+			roots := n.cfg.TLS.RootCAs
+			cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+				return verifyPeer(cs, roots, x509.ExtKeyUsageServerAuth, pki.Identity{IID: m.IID, Role: m.Role})
 			}
 			tc := tls.Client(raw, cfg)
 			if err := tc.HandshakeContext(ctx); err != nil {
@@ -94,6 +101,15 @@ func (n *Node) serveConn(raw net.Conn) {
 			_ = wire.WriteReply(conn, wire.Reply{Reason: reason})
 			return fmt.Errorf("%w: %s", errRefused, reason)
 		}
+		if tc, ok := conn.(*tls.Conn); ok {
+			// The chain was verified by the TLS handshake; the certificate
+			// must also name the instance the handshake claims to be.
+			if err := pki.Check(tc.ConnectionState().PeerCertificates[0], pki.Identity{IID: h.IID, Role: h.Role}); err != nil {
+				reason := fmt.Sprintf("handshake says instance %q (role %q) but %v", h.IID, h.Role, err)
+				_ = wire.WriteReply(conn, wire.Reply{Reason: reason})
+				return fmt.Errorf("%w: %s", errRefused, reason)
+			}
+		}
 		hello = h
 		return wire.WriteReply(conn, wire.Reply{Accepted: true, Hello: n.hello})
 	})
@@ -115,6 +131,23 @@ func (n *Node) serveConn(raw net.Conn) {
 	}
 	s.log.Info("session up", "dialed", false)
 	s.serve()
+}
+
+// verifyPeer checks a dialed peer's certificate: it must chain to roots
+// for usage and name want.
+func verifyPeer(cs tls.ConnectionState, roots *x509.CertPool, usage x509.ExtKeyUsage, want pki.Identity) error {
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("peer presented no certificate")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range cs.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	leaf := cs.PeerCertificates[0]
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
+		return fmt.Errorf("peer certificate: %w", err)
+	}
+	return pki.Check(leaf, want)
 }
 
 // guard runs f, an exchange on conn, within ctx: conn's deadline follows

@@ -2,16 +2,8 @@ package channels_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"io"
 	"log/slog"
-	"math/big"
-	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -22,6 +14,7 @@ import (
 
 	"github.com/tcpproxy/tcpproxy/channels"
 	"github.com/tcpproxy/tcpproxy/channels/membership"
+	"github.com/tcpproxy/tcpproxy/channels/pki"
 )
 
 func TestMain(m *testing.M) {
@@ -113,56 +106,19 @@ func open(t testing.TB, req channels.RequestChannel, reply channels.ReplyChannel
 	return s, in
 }
 
-// writeCerts creates a throwaway CA and a certificate per name (valid for
-// 127.0.0.1 and localhost, as server and client) in dir. It returns the CA
-// file and, per name, the cert and key files.
+// writeCerts creates a throwaway CA and an instance certificate per name
+// (identity: that iid with role "test", as baseConfig uses) in dir. It
+// returns the CA file and, per name, the cert and key files.
 func writeCerts(t testing.TB, dir string, names ...string) (caFile string, files map[string][2]string) {
 	t.Helper()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ca, err := pki.NewCA("tcpproxy test CA", time.Hour)
 	require.NoError(t, err)
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "tcpproxy test CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	require.NoError(t, err)
-	caCert, err := x509.ParseCertificate(caDER)
-	require.NoError(t, err)
-	caFile = filepath.Join(dir, "ca.pem")
-	writePEM(t, caFile, "CERTIFICATE", caDER)
-
+	require.NoError(t, ca.Save(dir))
 	files = make(map[string][2]string)
-	for i, name := range names {
-		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	for _, name := range names {
+		certFile, keyFile, err := ca.WriteInstance(dir, pki.Identity{IID: name, Role: "test"}, []string{"127.0.0.1", "localhost"}, time.Hour)
 		require.NoError(t, err)
-		tmpl := &x509.Certificate{
-			SerialNumber: big.NewInt(int64(i + 2)),
-			Subject:      pkix.Name{CommonName: name},
-			DNSNames:     []string{"localhost"},
-			IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-			NotBefore:    time.Now().Add(-time.Hour),
-			NotAfter:     time.Now().Add(time.Hour),
-			KeyUsage:     x509.KeyUsageDigitalSignature,
-			ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, caCert, &key.PublicKey, caKey)
-		require.NoError(t, err)
-		keyDER, err := x509.MarshalECPrivateKey(key)
-		require.NoError(t, err)
-		certFile, keyFile := filepath.Join(dir, name+".pem"), filepath.Join(dir, name+"-key.pem")
-		writePEM(t, certFile, "CERTIFICATE", der)
-		writePEM(t, keyFile, "EC PRIVATE KEY", keyDER)
 		files[name] = [2]string{certFile, keyFile}
 	}
-	return caFile, files
-}
-
-func writePEM(t testing.TB, path, typ string, der []byte) {
-	t.Helper()
-	require.NoError(t, os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600))
+	return filepath.Join(dir, "ca.pem"), files
 }

@@ -116,7 +116,12 @@ func (p *proc) stop(t *testing.T) string {
 // request instance "cli-1" for channel name on port, and returns their
 // paths.
 func twoInstances(t *testing.T, name string, port int) (serverCfg, clientCfg string) {
-	dir := t.TempDir()
+	return twoInstancesIn(t, t.TempDir(), name, port, nil)
+}
+
+// twoInstancesIn is twoInstances writing into dir, with extra YAML lines
+// per instance iid.
+func twoInstancesIn(t *testing.T, dir, name string, port int, extra map[string]string) (serverCfg, clientCfg string) {
 	sPort, cPort := freePort(t), freePort(t)
 	members := fmt.Sprintf("members:\n  - {iid: srv-1, role: server, addr: \"127.0.0.1:%d\", channels: {%s: %d}}\n", sPort, name, port)
 	membersPath := filepath.Join(dir, "members.yaml")
@@ -134,7 +139,7 @@ channels:
   %s: {kind: reply, port: %d}
 drainTimeout: 2s
 legacy: {stopTimeout: 5s}
-`, sPort, membersPath, name, port))
+%s`, sPort, membersPath, name, port, extra["srv-1"]))
 	clientCfg = write("client.yaml", fmt.Sprintf(`iid: cli-1
 role: client
 listen: 127.0.0.1:%d
@@ -142,7 +147,7 @@ members: {file: %s, poll: 100ms}
 channels:
   %s: {kind: request, port: %d}
 drainTimeout: 2s
-`, cPort, membersPath, name, port))
+%s`, cPort, membersPath, name, port, extra["cli-1"]))
 	return serverCfg, clientCfg
 }
 
@@ -158,8 +163,25 @@ func defaultIP(t *testing.T, self, iid string) string {
 }
 
 func TestTwoProcessesHTTP(t *testing.T) {
+	testTwoProcessesHTTP(t, t.TempDir(), nil)
+}
+
+// TestTwoProcessesHTTPMutualTLS runs the same traffic over mutual TLS with
+// certificates from `tcpproxy certs`.
+func TestTwoProcessesHTTPMutualTLS(t *testing.T) {
+	dir := t.TempDir()
+	var out, errOut bytes.Buffer
+	code := realMain([]string{"certs", "-dir", dir, "srv-1:server", "cli-1:client"}, &out, &errOut)
+	require0(t, code, out.String()+errOut.String())
+	tlsLine := func(iid string) string {
+		return fmt.Sprintf("tls: {cert: %s/%s.pem, key: %s/%s-key.pem, ca: %s/ca.pem}\n", dir, iid, dir, iid, dir)
+	}
+	testTwoProcessesHTTP(t, dir, map[string]string{"srv-1": tlsLine("srv-1"), "cli-1": tlsLine("cli-1")})
+}
+
+func testTwoProcessesHTTP(t *testing.T, dir string, extra map[string]string) {
 	const port = 18080
-	serverCfg, clientCfg := twoInstances(t, "api", port)
+	serverCfg, clientCfg := twoInstancesIn(t, dir, "api", port, extra)
 	server := startProc(t, []string{"TCPPROXY_TEST_LEGACY=http"}, "run", "-config", serverCfg, "--", os.Args[0])
 	client := startProc(t, nil, "run", "-config", clientCfg)
 

@@ -2,6 +2,7 @@
 //
 //	tcpproxy demo                                 a whole mesh in one process
 //	tcpproxy run -config file.yaml [-- cmd args]  one instance, optionally with its legacy program
+//	tcpproxy certs -dir DIR IID:ROLE...          development CA and instance certificates
 //	tcpproxy version
 package main
 
@@ -40,6 +41,8 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		err = cmdRun(ctx, args[1:], stderr)
 	case "demo":
 		err = cmdDemo(ctx, args[1:], stdout, stderr)
+	case "certs":
+		err = cmdCerts(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, "tcpproxy", buildVersion())
 		return 0
@@ -72,6 +75,7 @@ func usage(w io.Writer) {
 	fmt.Fprint(w, `usage:
   tcpproxy demo [-v]                               run a small mesh in one process and show it working
   tcpproxy run -config FILE [-- COMMAND ARGS...]   run one proxy instance (and its legacy program)
+  tcpproxy certs [-dir DIR] IID:ROLE...             make a development CA and instance certificates for mutual TLS
   tcpproxy version
 `)
 }

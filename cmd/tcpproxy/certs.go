@@ -1,0 +1,70 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/tcpproxy/tcpproxy/channels/pki"
+)
+
+// cmdCerts makes a development CA (once) and instance certificates:
+//
+//	tcpproxy certs -dir certs web-1:web cache-1:cache
+func cmdCerts(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("certs", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	dir := fs.String("dir", "certs", "directory for ca.pem, ca-key.pem and <iid>.pem, <iid>-key.pem")
+	hosts := fs.String("hosts", "", "comma-separated extra DNS names or IPs for every certificate (tcpproxy itself checks only the instance identity)")
+	validity := fs.Duration("validity", 365*24*time.Hour, "certificate validity")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: tcpproxy certs [-dir DIR] [-hosts H1,H2] IID:ROLE...")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() == 0 {
+		fs.Usage()
+		return usageError{errors.New("name at least one instance as IID:ROLE")}
+	}
+	var ids []pki.Identity
+	for _, a := range fs.Args() {
+		iid, role, ok := strings.Cut(a, ":")
+		if !ok || iid == "" || role == "" {
+			return usageError{fmt.Errorf("instance %q: want IID:ROLE", a)}
+		}
+		ids = append(ids, pki.Identity{IID: iid, Role: role})
+	}
+	if err := os.MkdirAll(*dir, 0o755); err != nil {
+		return err
+	}
+	ca, err := pki.LoadCA(*dir)
+	if errors.Is(err, os.ErrNotExist) {
+		if ca, err = pki.NewCA("tcpproxy development CA", *validity); err != nil {
+			return err
+		}
+		if err := ca.Save(*dir); err != nil {
+			return fmt.Errorf("save CA: %w", err)
+		}
+		fmt.Fprintf(stdout, "new CA: %s/ca.pem\n", *dir)
+	} else if err != nil {
+		return err
+	}
+	var extra []string
+	if *hosts != "" {
+		extra = strings.Split(*hosts, ",")
+	}
+	for _, id := range ids {
+		cert, key, err := ca.WriteInstance(*dir, id, extra, *validity)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "%s: %s %s\n", id, cert, key)
+	}
+	return nil
+}
