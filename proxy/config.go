@@ -65,7 +65,15 @@ type ChannelConfig struct {
 	// Balancer is only for request channels: round-robin (default) or
 	// least-streams.
 	Balancer string `yaml:"balancer,omitempty" json:"balancer,omitempty"`
+	// MaxConnections bounds the channel's concurrent proxied connections
+	// (0 means DefaultMaxConnections). Past it new connections and streams
+	// are reset at once while existing ones carry on, so a flood degrades
+	// to refusals instead of exhausting memory or descriptors.
+	MaxConnections int `yaml:"maxConnections,omitempty" json:"maxConnections,omitempty"`
 }
+
+// DefaultMaxConnections is a channel's default concurrency limit.
+const DefaultMaxConnections = 16384
 
 // Mesh is the channel transport the proxy carries streams over;
 // *channels.Node implements it. Channels are registered by New, so the
@@ -147,6 +155,9 @@ func (c ChannelConfig) Validate(name string) error {
 			return err
 		}
 	}
+	if c.MaxConnections < 0 {
+		return fmt.Errorf("channel %q: maxConnections %d is negative", name, c.MaxConnections)
+	}
 	switch c.Balancer {
 	case "", BalancerRoundRobin, BalancerLeastStreams:
 	default:
@@ -161,6 +172,13 @@ func (c ChannelConfig) mode() Mode {
 		return ModeBoth
 	}
 	return c.Mode
+}
+
+func (c ChannelConfig) maxConnections() int64 {
+	if c.MaxConnections == 0 {
+		return DefaultMaxConnections
+	}
+	return int64(c.MaxConnections)
 }
 
 func (c ChannelConfig) binds() bool    { return c.Kind == KindDuplex && c.mode() != ModeConnect }

@@ -22,13 +22,21 @@ type conn struct {
 }
 
 // track runs f in a new goroutine owned by the proxy, with a conn that
-// Shutdown can abort. Once Shutdown has begun it runs refuse instead, in
-// the caller's goroutine.
+// Shutdown can abort. Once Shutdown has begun, or when the channel is at
+// its connection limit, it runs refuse instead, in the caller's goroutine.
 func (p *Proxy) track(cs *channelState, f func(*conn), refuse func()) {
+	if n := cs.stats.active.Add(1); n > cs.cfg.maxConnections() {
+		cs.stats.active.Add(-1)
+		cs.stats.refused.Add(1)
+		p.log.Warn("channel at its connection limit; refusing", "channel", cs.name, "limit", cs.cfg.maxConnections())
+		refuse()
+		return
+	}
 	k := &conn{p: p, cs: cs}
 	p.mu.Lock()
 	if p.state != stateRunning {
 		p.mu.Unlock()
+		cs.stats.active.Add(-1)
 		refuse()
 		return
 	}
@@ -36,7 +44,6 @@ func (p *Proxy) track(cs *channelState, f func(*conn), refuse func()) {
 	p.connWG.Add(1)
 	p.mu.Unlock()
 	cs.stats.total.Add(1)
-	cs.stats.active.Add(1)
 	go func() {
 		defer func() {
 			cs.stats.active.Add(-1)
@@ -175,6 +182,7 @@ type channelCounters struct {
 	total    atomic.Int64 // connections or streams taken
 	active   atomic.Int64
 	failed   atomic.Int64 // could not be connected end to end
+	refused  atomic.Int64 // turned away at the connection limit
 	reset    atomic.Int64 // ended with an error (reset either side)
 	bytesOut atomic.Int64 // legacy → stream
 	bytesIn  atomic.Int64 // stream → legacy
@@ -186,7 +194,8 @@ type ChannelStats struct {
 	Kind        Kind
 	Connections int64 // total proxied connections (both directions of setup)
 	Active      int64
-	Failed      int64 // refused: no member, legacy server down, ...
+	Failed      int64 // could not be connected: no member, legacy server down, ...
+	Refused     int64 // turned away at the channel's connection limit
 	Reset       int64 // ended by a reset or transport failure
 	BytesOut    int64 // from the legacy program into the mesh
 	BytesIn     int64 // from the mesh to the legacy program
@@ -202,6 +211,7 @@ func (p *Proxy) Stats() []ChannelStats {
 			Connections: cs.stats.total.Load(),
 			Active:      cs.stats.active.Load(),
 			Failed:      cs.stats.failed.Load(),
+			Refused:     cs.stats.refused.Load(),
 			Reset:       cs.stats.reset.Load(),
 			BytesOut:    cs.stats.bytesOut.Load(),
 			BytesIn:     cs.stats.bytesIn.Load(),

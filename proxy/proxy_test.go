@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"testing"
 	"time"
 
@@ -23,7 +24,9 @@ func TestShutdownResetsConnectionsPastDeadline(t *testing.T) {
 	c := proxytest.NewCluster(t, proxytest.LoopbackInstance)
 	s := c.Add("server-0", "server", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindReply, Port: 7000}})
 	serverErr := make(chan error, 1)
+	accepted := make(chan struct{})
 	s.Serve(t, 7000, func(conn net.Conn) {
+		close(accepted)
 		_ = conn.SetReadDeadline(time.Now().Add(proxytest.Timeout))
 		_, err := io.Copy(io.Discard, conn)
 		if err == nil {
@@ -35,7 +38,11 @@ func TestShutdownResetsConnectionsPastDeadline(t *testing.T) {
 	conn := client.Dial(t, client.RequestAddr(t, "db"))
 	_, err := conn.Write([]byte("a connection that never finishes"))
 	require.NoError(t, err)
-	require.Eventually(t, func() bool { return client.Proxy.Stats()[0].Active == 1 }, proxytest.Timeout, time.Millisecond)
+	select { // the connection is spliced end to end
+	case <-accepted:
+	case <-time.After(proxytest.Timeout):
+		require.FailNow(t, "legacy server did not get the connection")
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
@@ -91,4 +98,45 @@ func TestLoopbackRefusesNonLoopbackAddresses(t *testing.T) {
 	require.ErrorContains(t, err, "not in 127.0.0.0/8")
 	_, err = lb.Dial(context.Background(), netip.Addr{}, netip.MustParseAddrPort("192.0.2.1:80"))
 	require.ErrorContains(t, err, "not in 127.0.0.0/8")
+}
+
+// TestConnectionLimit: past maxConnections new connections are reset at
+// once while the existing ones keep working.
+func TestConnectionLimit(t *testing.T) {
+	c := proxytest.NewCluster(t, proxytest.LoopbackInstance)
+	s := c.Add("server-0", "server", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindReply, Port: 7000}})
+	s.Serve(t, 7000, func(conn net.Conn) { _, _ = io.Copy(conn, conn) })
+	const limit = 5
+	client := c.Add("client-0", "client", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindRequest, Port: 6000, MaxConnections: limit}})
+	addr := client.RequestAddr(t, "db")
+	var held []net.Conn
+	for range limit {
+		conn := client.Dial(t, addr)
+		_, err := conn.Write([]byte("x"))
+		require.NoError(t, err)
+		_, err = io.ReadFull(conn, make([]byte, 1))
+		require.NoError(t, err)
+		held = append(held, conn)
+	}
+	for range 3 {
+		ctx, cancel := context.WithTimeout(context.Background(), proxytest.Timeout)
+		conn, err := client.Inst.Host.Dial(ctx, addr)
+		cancel()
+		if err == nil {
+			_ = conn.SetReadDeadline(time.Now().Add(proxytest.Timeout))
+			_, err = conn.Read(make([]byte, 1))
+			conn.Close()
+		}
+		require.Error(t, err, "connection past the limit should be reset")
+		require.False(t, errors.Is(err, os.ErrDeadlineExceeded), "refusal must be immediate, got %v", err)
+	}
+	st := client.Proxy.Stats()[0]
+	assert.Equal(t, int64(3), st.Refused)
+	assert.Equal(t, int64(limit), st.Active)
+	for _, conn := range held { // the existing connections are untouched
+		_, err := conn.Write([]byte("y"))
+		require.NoError(t, err)
+		_, err = io.ReadFull(conn, make([]byte, 1))
+		require.NoError(t, err)
+	}
 }
