@@ -199,13 +199,18 @@ type ChannelStats struct {
 	Reset       int64 // ended by a reset or transport failure
 	BytesOut    int64 // from the legacy program into the mesh
 	BytesIn     int64 // from the mesh to the legacy program
+	Members     int   // duplex: members known, the local instance included
 }
 
 // Stats returns a snapshot of every channel's counters, sorted by name.
 func (p *Proxy) Stats() []ChannelStats {
 	out := make([]ChannelStats, 0, len(p.chans))
 	for _, cs := range p.chans {
+		cs.mu.Lock()
+		members := len(cs.members)
+		cs.mu.Unlock()
 		out = append(out, ChannelStats{
+			Members:     members,
 			Channel:     cs.name,
 			Kind:        cs.cfg.Kind,
 			Connections: cs.stats.total.Load(),

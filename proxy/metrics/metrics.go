@@ -1,0 +1,75 @@
+// Package metrics exposes a proxy's counters to Prometheus.
+//
+// The Collector reads the proxy's live counters at scrape time, so the
+// data path pays nothing for metrics.
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tcpproxy/tcpproxy/proxy"
+)
+
+// StatsSource is what the Collector reads; *proxy.Proxy implements it.
+type StatsSource interface {
+	Stats() []proxy.ChannelStats
+}
+
+// Collector is a prometheus.Collector for one proxy instance.
+type Collector struct {
+	src StatsSource
+
+	connections *prometheus.Desc
+	active      *prometheus.Desc
+	failed      *prometheus.Desc
+	refused     *prometheus.Desc
+	resets      *prometheus.Desc
+	bytes       *prometheus.Desc
+	members     *prometheus.Desc
+}
+
+// NewCollector returns a Collector for src; every series carries the
+// instance id as a constant label.
+func NewCollector(iid string, src StatsSource) *Collector {
+	constLabels := prometheus.Labels{"iid": iid}
+	desc := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc("tcpproxy_"+name, help, append([]string{"channel", "kind"}, labels...), constLabels)
+	}
+	return &Collector{
+		src:         src,
+		connections: desc("connections_total", "Proxied connections taken (legacy connections accepted and streams accepted)."),
+		active:      desc("connections_active", "Proxied connections open now."),
+		failed:      desc("connections_failed_total", "Connections that could not be set up end to end (no member, legacy server down, ...)."),
+		refused:     desc("connections_refused_total", "Connections turned away at the channel's connection limit."),
+		resets:      desc("connections_reset_total", "Connections that ended with a reset or transport failure instead of a clean close."),
+		bytes:       desc("bytes_total", "Bytes carried; direction out is from the legacy program into the mesh.", "direction"),
+		members:     desc("members", "Duplex members known, the local instance included."),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.connections, c.active, c.failed, c.refused, c.resets, c.bytes, c.members} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	for _, st := range c.src.Stats() {
+		l := []string{st.Channel, string(st.Kind)}
+		counter := func(d *prometheus.Desc, v int64, extra ...string) {
+			ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), append(l, extra...)...)
+		}
+		counter(c.connections, st.Connections)
+		counter(c.failed, st.Failed)
+		counter(c.refused, st.Refused)
+		counter(c.resets, st.Reset)
+		counter(c.bytes, st.BytesOut, "out")
+		counter(c.bytes, st.BytesIn, "in")
+		ch <- prometheus.MustNewConstMetric(c.active, prometheus.GaugeValue, float64(st.Active), l...)
+		if st.Kind == proxy.KindDuplex {
+			ch <- prometheus.MustNewConstMetric(c.members, prometheus.GaugeValue, float64(st.Members), l...)
+		}
+	}
+}
