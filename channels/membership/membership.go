@@ -1,5 +1,7 @@
 // Package membership provides channels.Source implementations: a fixed
-// list, a list a program changes at run time, and a watched YAML file.
+// list, a list a program changes at run time, a watched YAML file, an etcd
+// v3 registry in which every proxy registers itself under a lease, and the
+// polled DNS records (SRV or A/AAAA) of a headless service.
 package membership
 
 import (
