@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -261,6 +262,31 @@ func TestTwoProcessesRedis(t *testing.T) {
 	out, err = cli(nil, "CLIENT", "LIST")
 	require.NoError(t, err)
 	assert.Contains(t, out, "addr="+defaultIP(t, "srv-1", "cli-1")+":")
+
+	// redis-benchmark through the proxies: 50 concurrent clients, each
+	// request its own proxied connection pipeline; every request must
+	// succeed and the data must be there afterwards.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	bench := exec.CommandContext(ctx, "redis-benchmark", "-h", "127.1.0.1", "-p", fmt.Sprint(port),
+		"-n", "5000", "-c", "50", "-r", "1000", "-d", "64", "-t", "set,get", "-q")
+	benchOut, err := bench.CombinedOutput()
+	require.NoError(t, err, "%s", benchOut)
+	t.Logf("redis-benchmark through tcpproxy:\n%s", benchOut)
+	assert.Regexp(t, `SET: [0-9.]+ requests per second`, string(benchOut))
+	assert.Regexp(t, `GET: [0-9.]+ requests per second`, string(benchOut))
+	assert.NotContains(t, string(benchOut), "Error")
+	out, err = cli(nil, "DBSIZE")
+	require.NoError(t, err)
+	n, err := strconv.Atoi(out)
+	require.NoError(t, err, "DBSIZE answer %q", out)
+	assert.Greater(t, n, 500, "keys written by redis-benchmark (-r 1000) plus ours")
+	out, err = cli(nil, "--scan", "--pattern", "key:*")
+	require.NoError(t, err)
+	key := strings.Fields(out)[0]
+	out, err = cli(nil, "STRLEN", key)
+	require.NoError(t, err)
+	assert.Equal(t, "64", out, "value size written by redis-benchmark -d 64 for %s", key)
 
 	client.stop(t)
 	server.stop(t)
