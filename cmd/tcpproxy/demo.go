@@ -190,7 +190,7 @@ func (d *demo) add(ctx context.Context, iid, role string, chans map[string]proxy
 		IID: iid, Role: role, Listen: "127.0.0.1:0", Channels: chans,
 		Addressing: addressingConfig{InstanceRange: a.InstanceRange.String(), RequestRange: a.RequestRange.String()},
 	}
-	in, err := startInstanceWith(ctx, cfg, proxy.NewLoopback(), d.members, d.log.With("iid", iid))
+	in, err := startInstanceWith(ctx, cfg, proxy.NewLoopback(), d.members, d.log)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", iid, err)
 	}

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -338,4 +339,79 @@ drainTimeout: 2s
 	}, 20*time.Second, 20*time.Millisecond, "log:\n%s", p.out)
 	log := p.stop(t)
 	assert.Contains(t, log, "peer-b=127.60.")
+}
+
+// TestTwoProcessesPostgres runs PostgreSQL behind a reply channel and
+// pgbench through the request channel.
+func TestTwoProcessesPostgres(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run postgres as its own user")
+	}
+	bins, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	if len(bins) == 0 {
+		t.Skip("postgresql is not installed (.ci/run installs it)")
+	}
+	pgBin := bins[len(bins)-1]
+	for _, tool := range []string{"pgbench", "psql", "setpriv"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed: %v", tool, err)
+		}
+	}
+	u, err := user.Lookup("postgres")
+	if err != nil {
+		t.Skipf("no postgres user: %v", err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	base, err := os.MkdirTemp("", "tcpproxy-pg")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(base) })
+	require.NoError(t, os.Chmod(base, 0o755))
+	data := filepath.Join(base, "data")
+	require.NoError(t, os.Mkdir(data, 0o700))
+	require.NoError(t, os.Chown(data, uid, gid))
+	asPostgres := func(args ...string) []string {
+		return append([]string{"setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"}, args...)
+	}
+	initdb := asPostgres(filepath.Join(pgBin, "initdb"), "-D", data, "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
+	out, err := exec.Command(initdb[0], initdb[1:]...).CombinedOutput()
+	require.NoError(t, err, "initdb: %s", out)
+	hba, err := os.OpenFile(filepath.Join(data, "pg_hba.conf"), os.O_APPEND|os.O_WRONLY, 0)
+	require.NoError(t, err)
+	_, err = hba.WriteString("host all all 127.0.0.0/8 trust\n") // callers come from instance IPs
+	require.NoError(t, err)
+	require.NoError(t, hba.Close())
+
+	const port = 15432
+	serverCfg, clientCfg := twoInstances(t, "db", port)
+	pgCmd := strings.Join(asPostgres(filepath.Join(pgBin, "postgres"), "-D", data, "-k", data,
+		"-c", "fsync=off", "-c", "listen_addresses=$TCPPROXY_DB_IP", "-p", "$TCPPROXY_DB_PORT"), " ")
+	server := startProc(t, nil, "run", "-config", serverCfg, "--", "sh", "-c", "exec "+pgCmd)
+	client := startProc(t, nil, "run", "-config", clientCfg)
+
+	conn := []string{"-h", "127.1.0.1", "-p", fmt.Sprint(port), "-U", "postgres"}
+	run := func(name string, args ...string) string {
+		ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, name, append(append([]string(nil), conn...), args...)...).CombinedOutput()
+		require.NoError(t, err, "%s %v: %s\nserver log:\n%s", name, args, out, server.out)
+		return string(out)
+	}
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		out, err := exec.Command("psql", append(append([]string(nil), conn...), "-Atc", "select 1", "postgres")...).CombinedOutput()
+		assert.NoError(c, err, "%s", out)
+	}, 30*time.Second, 100*time.Millisecond, "server log:\n%s\nclient log:\n%s", server.out, client.out)
+
+	run("pgbench", "-i", "-s", "1", "-q", "postgres")
+	res := run("pgbench", "-c", "4", "-j", "2", "-t", "100", "postgres")
+	t.Logf("pgbench through tcpproxy:\n%s", res)
+	assert.Contains(t, res, "number of transactions actually processed: 400/400")
+	assert.Contains(t, res, "number of failed transactions: 0")
+	assert.Equal(t, "100000", strings.TrimSpace(run("psql", "-Atc", "select count(*) from pgbench_accounts", "postgres")))
+	// The server saw the client instance's IP.
+	assert.Contains(t, run("psql", "-Atc", "select client_addr from pg_stat_activity where pid = pg_backend_pid()", "postgres"),
+		defaultIP(t, "srv-1", "cli-1"))
+
+	client.stop(t)
+	server.stop(t)
 }
