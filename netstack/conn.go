@@ -1,0 +1,128 @@
+package netstack
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// Conn is a TCP connection in a gVisor stack. On top of gonet.TCPConn it
+// adds what the proxy needs from a *net.TCPConn: SetLinger (SetLinger(0)
+// then Close sends RST), net.ErrClosed after Close, os.ErrDeadlineExceeded
+// on deadlines, and errors that match syscall errnos with errors.Is.
+type Conn struct {
+	tc     *gonet.TCPConn
+	ep     tcpip.Endpoint
+	closed atomic.Bool
+}
+
+var _ net.Conn = (*Conn)(nil)
+
+func newConn(wq *waiter.Queue, ep tcpip.Endpoint) *Conn {
+	return &Conn{tc: gonet.NewTCPConn(wq, ep), ep: ep}
+}
+
+// Read implements net.Conn. It returns io.EOF once the peer has half-closed
+// and everything it sent has been read.
+func (c *Conn) Read(b []byte) (int, error) {
+	n, err := c.tc.Read(b)
+	return n, c.fixErr("read", err)
+}
+
+// Write implements net.Conn.
+func (c *Conn) Write(b []byte) (int, error) {
+	n, err := c.tc.Write(b)
+	return n, c.fixErr("write", err)
+}
+
+// Close implements net.Conn: it sends FIN, or RST after SetLinger(0).
+// Pending Read and Write calls return net.ErrClosed.
+func (c *Conn) Close() error {
+	if c.closed.Swap(true) {
+		return c.opError("close", net.ErrClosed)
+	}
+	return c.tc.Close()
+}
+
+// CloseWrite half-closes the connection: the peer reads io.EOF after the
+// data already written, and this side can still Read.
+func (c *Conn) CloseWrite() error {
+	return c.fixErr("close", c.tc.CloseWrite())
+}
+
+// CloseRead shuts down the reading side.
+func (c *Conn) CloseRead() error {
+	return c.fixErr("close", c.tc.CloseRead())
+}
+
+// SetLinger sets SO_LINGER as *net.TCPConn does: sec < 0 restores the
+// default (Close sends FIN); sec == 0 makes Close abort the connection with
+// RST, discarding unsent data; sec > 0 is accepted but Close never blocks
+// (gVisor sends FIN and keeps draining in the background).
+func (c *Conn) SetLinger(sec int) error {
+	c.ep.SocketOptions().SetLinger(tcpip.LingerOption{
+		Enabled: sec >= 0,
+		Timeout: time.Duration(max(sec, 0)) * time.Second,
+	})
+	return nil
+}
+
+// LocalAddr implements net.Conn; the address is a *net.TCPAddr.
+func (c *Conn) LocalAddr() net.Addr { return c.tc.LocalAddr() }
+
+// RemoteAddr implements net.Conn; the address is a *net.TCPAddr.
+func (c *Conn) RemoteAddr() net.Addr { return c.tc.RemoteAddr() }
+
+// SetDeadline implements net.Conn.
+func (c *Conn) SetDeadline(t time.Time) error { return c.tc.SetDeadline(t) }
+
+// SetReadDeadline implements net.Conn.
+func (c *Conn) SetReadDeadline(t time.Time) error { return c.tc.SetReadDeadline(t) }
+
+// SetWriteDeadline implements net.Conn.
+func (c *Conn) SetWriteDeadline(t time.Time) error { return c.tc.SetWriteDeadline(t) }
+
+// abort resets the connection; used for connections nobody accepted.
+func (c *Conn) abort() {
+	c.closed.Store(true)
+	c.ep.Abort()
+}
+
+// fixErr rewrites gonet's errors into what a *net.TCPConn would return.
+func (c *Conn) fixErr(op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	if c.closed.Load() {
+		// gonet reports its own Close as io.EOF or "aborted".
+		return c.opError(op, net.ErrClosed)
+	}
+	if errors.Is(err, io.EOF) {
+		return err
+	}
+	var oe *net.OpError
+	if !errors.As(err, &oe) {
+		return err
+	}
+	var timeout interface{ Timeout() bool }
+	switch {
+	case errors.As(oe.Err, &timeout) && timeout.Timeout():
+		oe.Err = os.ErrDeadlineExceeded
+	default:
+		if errno, ok := errnoByMessage[oe.Err.Error()]; ok {
+			oe.Err = os.NewSyscallError(op, errno)
+		}
+	}
+	return oe
+}
+
+func (c *Conn) opError(op string, err error) error {
+	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
+}

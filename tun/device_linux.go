@@ -1,0 +1,239 @@
+package tun
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	wgtun "golang.zx2c4.com/wireguard/tun"
+)
+
+const cloneDevice = "/dev/net/tun"
+
+// Device is a kernel TUN device with the synthetic prefixes routed into it.
+// Read returns the packets the host sends to those prefixes; Write delivers
+// packets to the host.
+type Device struct {
+	cfg     Config
+	log     *slog.Logger
+	dev     wgtun.Device
+	nl      *netlink.Handle
+	routing routing
+	lo      int
+	events  sync.WaitGroup
+
+	mu     sync.Mutex
+	locals map[netip.Addr]bool
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Create makes the TUN device described by cfg in the calling thread's
+// network namespace and routes cfg.Prefixes into it, as the package
+// documentation describes. It fails with an error wrapping ErrUnavailable
+// when the process lacks /dev/net/tun or CAP_NET_ADMIN.
+func Create(cfg Config) (_ *Device, err error) {
+	cfg, err = cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(cloneDevice); err != nil {
+		return nil, fmt.Errorf("tun: %w: %w", ErrUnavailable, err)
+	}
+	dev, err := wgtun.CreateTUN(cfg.Name, cfg.MTU)
+	if err != nil {
+		if errors.Is(err, os.ErrPermission) {
+			err = fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
+		return nil, fmt.Errorf("tun: create device %s: %w", cfg.Name, err)
+	}
+	d := &Device{
+		cfg:     cfg,
+		log:     cfg.Logger.With("tun", cfg.Name),
+		dev:     dev,
+		routing: routing{table: Table(cfg.Name)},
+		locals:  make(map[netip.Addr]bool),
+	}
+	// wireguard's monitor goroutines block on a small event channel;
+	// nobody here needs the events, so drain them until Close closes it.
+	d.events.Add(1)
+	go func() {
+		defer d.events.Done()
+		for range dev.Events() {
+		}
+	}()
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+
+	d.nl, err = netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("tun: netlink: %w", err)
+	}
+	d.routing.nl = d.nl
+	if err := d.setup(); err != nil {
+		if errors.Is(err, os.ErrPermission) {
+			err = fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
+		return nil, err
+	}
+	d.log.Info("tun: device up", "mtu", cfg.MTU, "table", d.routing.table,
+		"prefixes", cfg.Prefixes, "source", cfg.Source, "local", cfg.Local)
+	return d, nil
+}
+
+// setup configures sysctls, brings the link up and installs the routing.
+func (d *Device) setup() error {
+	link, err := d.nl.LinkByName(d.cfg.Name)
+	if err != nil {
+		return fmt.Errorf("tun: find link %s: %w", d.cfg.Name, err)
+	}
+	lo, err := d.nl.LinkByName("lo")
+	if err != nil {
+		return fmt.Errorf("tun: find link lo: %w", err)
+	}
+	d.lo = lo.Attrs().Index
+
+	perDevice := []struct{ key, value string }{
+		// The kernel routes and accepts 127/8 on a non-loopback interface
+		// only with route_localnet, in effect when "all" or the device has
+		// it: the device's is enough and leaves other interfaces alone.
+		{"net/ipv4/conf/" + d.cfg.Name + "/route_localnet", "1"},
+		// Replies from synthetic sources arrive on the TUN; the reverse
+		// path check must not drop them.
+		{"net/ipv4/conf/" + d.cfg.Name + "/rp_filter", "0"},
+	}
+	for _, s := range perDevice {
+		// The device's settings vanish with it: nothing to restore.
+		if err := setSysctl(s.key, s.value); err != nil {
+			return err
+		}
+	}
+	// No IPv6 on the device: the stack behind it speaks IPv4 only, so
+	// router solicitations and the like are noise.
+	_ = setSysctl("net/ipv6/conf/"+d.cfg.Name+"/disable_ipv6", "1") // absent without IPv6
+
+	if err := d.nl.LinkSetUp(link); err != nil {
+		return fmt.Errorf("tun: set link %s up: %w", d.cfg.Name, err)
+	}
+	for _, a := range d.cfg.Local {
+		d.locals[a] = true
+	}
+	return d.routing.apply(link.Attrs().Index, d.lo, d.cfg.Prefixes, d.cfg.Source, d.cfg.Local)
+}
+
+// Name returns the device's name.
+func (d *Device) Name() string { return d.cfg.Name }
+
+// MTU returns the device's MTU.
+func (d *Device) MTU() int { return d.cfg.MTU }
+
+// BatchSize is the most packets one Read returns or one Write should carry.
+func (d *Device) BatchSize() int { return d.dev.BatchSize() }
+
+// Read reads one or more packets into bufs, each at bufs[i][offset:], and
+// their sizes into sizes; offset must be at least Offset. Large segments
+// the kernel hands over with TSO are split to the MTU. After Close it
+// returns an error matching os.ErrClosed.
+func (d *Device) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	return d.dev.Read(bufs, sizes, offset)
+}
+
+// Write writes the packets bufs[i][offset:]; offset must be at least
+// Offset. Consecutive TCP segments may be coalesced (GRO) for the kernel.
+func (d *Device) Write(bufs [][]byte, offset int) (int, error) {
+	return d.dev.Write(bufs, offset)
+}
+
+// AddLocal keeps a on the host: packets to it are delivered to host
+// sockets instead of the device. Use it for the instance's bind IP when it
+// is known after Create.
+func (d *Device) AddLocal(a netip.Addr) error {
+	if !a.Is4() {
+		return fmt.Errorf("tun: local address %v is not IPv4", a)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if err := d.routing.addLocal(d.lo, a); err != nil {
+		return err
+	}
+	d.locals[a] = true
+	return nil
+}
+
+// RemoveLocal undoes AddLocal (or Config.Local) for a.
+func (d *Device) RemoveLocal(a netip.Addr) error {
+	if a == d.cfg.Source {
+		return fmt.Errorf("tun: %v is the source address and stays local", a)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.locals[a] {
+		return nil
+	}
+	if err := d.routing.removeLocal(d.lo, a); err != nil {
+		return err
+	}
+	delete(d.locals, a)
+	return nil
+}
+
+// Close removes the routing, restores the namespace's settings and
+// destroys the device. It is idempotent.
+func (d *Device) Close() error {
+	d.closeOnce.Do(func() {
+		var errs []error
+		if d.nl != nil {
+			errs = append(errs, d.routing.undo())
+		}
+		if err := d.dev.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("tun: close device %s: %w", d.cfg.Name, err))
+		}
+		d.events.Wait()
+		if d.nl != nil {
+			d.nl.Close()
+		}
+		d.closeErr = errors.Join(errs...)
+		d.log.Info("tun: device closed", "err", d.closeErr)
+	})
+	return d.closeErr
+}
+
+// Cleanup removes what a Device called name left behind in the calling
+// thread's network namespace when its process died without Close: its
+// rules and table and, unless another device of this package is active,
+// the moved local rule; and the device itself if it still exists. It is
+// idempotent.
+func Cleanup(name string) error {
+	if name == "" {
+		name = DefaultName
+	}
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("tun: cleanup %s: netlink: %w", name, err)
+	}
+	defer h.Close()
+	errs := []error{routing{nl: h, table: Table(name)}.undo()}
+	if link, lerr := h.LinkByName(name); lerr == nil {
+		if _, ok := link.(*netlink.Tuntap); ok {
+			if err := h.LinkDel(link); err != nil {
+				errs = append(errs, fmt.Errorf("tun: delete device %s: %w", name, err))
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		if errors.Is(err, os.ErrPermission) {
+			err = fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
+		return fmt.Errorf("tun: cleanup %s: %w", name, err)
+	}
+	return nil
+}
