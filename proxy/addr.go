@@ -36,8 +36,8 @@ type Addressing struct {
 	RequestRange  netip.Prefix `yaml:"requestRange"`
 }
 
-// withDefaults fills unset ranges.
-func (a Addressing) withDefaults() Addressing {
+// WithDefaults fills unset ranges.
+func (a Addressing) WithDefaults() Addressing {
 	if !a.InstanceRange.IsValid() {
 		a.InstanceRange = DefaultInstanceRange
 	}
@@ -49,7 +49,7 @@ func (a Addressing) withDefaults() Addressing {
 
 // Validate checks both ranges.
 func (a Addressing) Validate() error {
-	a = a.withDefaults()
+	a = a.WithDefaults()
 	for _, r := range []struct {
 		name string
 		p    netip.Prefix
@@ -65,6 +65,12 @@ func (a Addressing) Validate() error {
 		return fmt.Errorf("addressing: instanceRange %s overlaps requestRange %s", a.InstanceRange, a.RequestRange)
 	}
 	return nil
+}
+
+// BindIP is the instance IP a proxy with addressing a gives itself: the
+// home slot of iid, as the proxy assigns its own iid first.
+func BindIP(a Addressing, iid string) (netip.Addr, error) {
+	return NewInstanceAllocator(a.WithDefaults().InstanceRange).Add(iid)
 }
 
 // span describes the usable addresses of a prefix: first, and how many.

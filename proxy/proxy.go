@@ -90,7 +90,7 @@ func New(cfg Config) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	cfg.Addressing = cfg.Addressing.withDefaults()
+	cfg.Addressing = cfg.Addressing.WithDefaults()
 	if cfg.DialTimeout <= 0 {
 		cfg.DialTimeout = 5 * time.Second
 	}

@@ -10,7 +10,6 @@ import (
 
 	"gopkg.in/yaml.v3"
 
-	"github.com/tcpproxy/tcpproxy/channels"
 	"github.com/tcpproxy/tcpproxy/proxy"
 )
 
@@ -20,8 +19,12 @@ type fileConfig struct {
 	Role string `yaml:"role"`
 	// Listen is the transport address other proxies dial.
 	Listen string `yaml:"listen"`
-	// Network is where legacy sockets live: loopback (default), tun or memory.
+	// Advertise is the transport address published for this instance in a
+	// registry (etcd) when Listen is a wildcard such as 0.0.0.0:7000.
+	Advertise string `yaml:"advertise"`
+	// Network is where legacy sockets live: loopback (default) or tun.
 	Network    string           `yaml:"network"`
+	TUN        tunConfig        `yaml:"tun"`
 	Addressing addressingConfig `yaml:"addressing"`
 	Members    membersConfig    `yaml:"members"`
 	TLS        tlsConfig        `yaml:"tls"`
@@ -30,20 +33,14 @@ type fileConfig struct {
 	Log        logConfig    `yaml:"log"`
 	// DrainTimeout bounds Shutdown's wait for open connections.
 	DrainTimeout duration `yaml:"drainTimeout"`
+	// Admin, when set, is 127.0.0.1:port, where net/http/pprof
+	// (/debug/pprof/) and a goroutine count (/debug/vars) are served.
+	Admin string `yaml:"admin"`
 }
 
 type addressingConfig struct {
 	InstanceRange string `yaml:"instanceRange"`
 	RequestRange  string `yaml:"requestRange"`
-}
-
-type membersConfig struct {
-	// File is a members YAML file, watched for changes.
-	File string `yaml:"file"`
-	// Poll is how often File is checked (default 500ms).
-	Poll duration `yaml:"poll"`
-	// Static lists the members inline.
-	Static []channels.Member `yaml:"static"`
 }
 
 type tlsConfig struct {
@@ -119,18 +116,24 @@ func (c *fileConfig) validate() error {
 		errs = append(errs, errors.New("listen: missing transport address (e.g. 0.0.0.0:7000)"))
 	}
 	switch c.Network {
-	case "", "loopback", "tun", "memory":
+	case "", "loopback", "tun":
 	default:
-		errs = append(errs, fmt.Errorf("network: unknown %q (want loopback, tun or memory)", c.Network))
+		errs = append(errs, fmt.Errorf("network: unknown %q (want loopback or tun)", c.Network))
+	}
+	if err := c.TUN.validate(); err != nil {
+		errs = append(errs, err)
 	}
 	if _, err := c.addressing(); err != nil {
 		errs = append(errs, err)
 	}
-	if c.Members.File != "" && len(c.Members.Static) > 0 {
-		errs = append(errs, errors.New("members: give either file or static, not both"))
+	if err := validateAdmin(c.Admin); err != nil {
+		errs = append(errs, err)
 	}
-	if (c.TLS.Cert != "" || c.TLS.Key != "" || c.TLS.CA != "") && (c.TLS.Cert == "" || c.TLS.Key == "" || c.TLS.CA == "") {
-		errs = append(errs, errors.New("tls: cert, key and ca are all needed for mutual TLS"))
+	if err := c.Members.validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.TLS.validate("tls"); err != nil {
+		errs = append(errs, err)
 	}
 	switch c.Legacy.OnChange {
 	case "", "ignore", "restart":

@@ -47,7 +47,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"bad duration", "iid: a\nrole: r\nlisten: x:1\ndrainTimeout: soon\nchannels:\n  db: {kind: reply, port: 1}\n", `duration "soon"`},
 		{"bad range", "iid: a\nrole: r\nlisten: x:1\naddressing: {instanceRange: 10.0.0.0/16}\nchannels:\n  db: {kind: reply, port: 1}\n", "not an IPv4 prefix inside 127.0.0.0/8"},
 		{"bad signal", "iid: a\nrole: r\nlisten: x:1\nlegacy: {onChange: SIGFOO}\nchannels:\n  db: {kind: reply, port: 1}\n", `"SIGFOO" is not ignore, restart or a signal`},
-		{"both members", "iid: a\nrole: r\nlisten: x:1\nmembers: {file: m.yaml, static: [{iid: b}]}\nchannels:\n  db: {kind: reply, port: 1}\n", "either file or static"},
+		{"both members", "iid: a\nrole: r\nlisten: x:1\nmembers: {file: m.yaml, static: [{iid: b}]}\nchannels:\n  db: {kind: reply, port: 1}\n", "give one of file, static, etcd or dns"},
 		{"not yaml", "{{{", "did not find expected"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

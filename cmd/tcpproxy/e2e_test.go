@@ -86,7 +86,13 @@ func (s *syncBuffer) String() string {
 }
 
 func startProc(t *testing.T, env []string, args ...string) *proc {
-	cmd := exec.Command(tcpproxyBinary(t), args...)
+	return startProcWith(t, tcpproxyBinary(t), env, args...)
+}
+
+// startProcWith runs name (tcpproxy itself, or a wrapper such as
+// `ip netns exec` that execs it) with args.
+func startProcWith(t *testing.T, name string, env []string, args ...string) *proc {
+	cmd := exec.Command(name, args...)
 	out := &syncBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.Env = append(os.Environ(), env...)

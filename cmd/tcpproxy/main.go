@@ -43,6 +43,8 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		err = cmdDemo(ctx, args[1:], stdout, stderr)
 	case "certs":
 		err = cmdCerts(args[1:], stdout, stderr)
+	case "tun":
+		err = cmdTUN(args[1:], stdout, stderr)
 	case "version", "-version", "--version":
 		fmt.Fprintln(stdout, "tcpproxy", buildVersion())
 		return 0
@@ -76,6 +78,7 @@ func usage(w io.Writer) {
   tcpproxy demo [-v]                               run a small mesh in one process and show it working
   tcpproxy run -config FILE [-- COMMAND ARGS...]   run one proxy instance (and its legacy program)
   tcpproxy certs [-dir DIR] IID:ROLE...             make a development CA and instance certificates for mutual TLS
+  tcpproxy tun cleanup [-name NAME]                remove a crashed network: tun instance's device and routing
   tcpproxy version
 `)
 }

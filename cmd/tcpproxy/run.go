@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/tcpproxy/tcpproxy/channels"
-	"github.com/tcpproxy/tcpproxy/channels/membership"
 	"github.com/tcpproxy/tcpproxy/proxy"
 )
 
@@ -30,8 +29,8 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	level, _ := parseLevel(cfg.Log.Level) // validated
-	log := newLogger(stderr, cfg.Log.Format, level).With("iid", cfg.IID)
-	return runInstance(ctx, cfg, fs.Args(), log)
+	// The proxy and the node add the iid to their own logs.
+	return runInstance(ctx, cfg, fs.Args(), newLogger(stderr, cfg.Log.Format, level))
 }
 
 // instance is one running proxy with its mesh node.
@@ -43,12 +42,9 @@ type instance struct {
 // startInstance builds and starts the mesh node and the proxy of cfg,
 // with the membership cfg names.
 func startInstance(ctx context.Context, cfg *fileConfig, network proxy.Network, log *slog.Logger) (*instance, error) {
-	var src channels.Source
-	switch {
-	case cfg.Members.File != "":
-		src = membership.File(cfg.Members.File, time.Duration(cfg.Members.Poll))
-	default:
-		src = membership.Static(cfg.Members.Static...)
+	src, err := membersFor(cfg, log)
+	if err != nil {
+		return nil, err
 	}
 	return startInstanceWith(ctx, cfg, network, src, log)
 }
@@ -97,24 +93,23 @@ func (in *instance) stop(drain time.Duration) error {
 	return errors.Join(err, in.node.Close())
 }
 
-func networkFor(cfg *fileConfig) (proxy.Network, error) {
-	switch cfg.Network {
-	case "", "loopback":
-		return proxy.NewLoopback(), nil
-	default:
-		return nil, fmt.Errorf("network %q is not available in this build yet; use network: loopback", cfg.Network)
-	}
-}
-
 // runInstance runs one proxy until ctx ends, with the legacy program
 // (command, may be empty) started on Ready and stopped before the drain.
 func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *slog.Logger) error {
-	network, err := networkFor(cfg)
+	network, err := networkFor(cfg, log)
 	if err != nil {
 		return err
 	}
 	defer network.Close()
+	if cfg.Admin != "" {
+		stopAdmin, err := startAdmin(cfg.Admin, log)
+		if err != nil {
+			return err
+		}
+		defer stopAdmin()
+	}
 	in, err := startInstance(ctx, cfg, network, log)
+	log = log.With("iid", cfg.IID)
 	if err != nil {
 		return err
 	}

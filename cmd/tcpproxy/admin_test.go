@@ -1,0 +1,52 @@
+package main
+
+import (
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestAdminValidation(t *testing.T) {
+	for _, ok := range []string{"", "127.0.0.1:0", "127.0.0.1:6060"} {
+		assert.NoError(t, validateAdmin(ok), ok)
+	}
+	for _, bad := range []string{"0.0.0.0:6060", ":6060", "localhost:6060", "127.0.0.2:6060", "10.0.0.1:6060", "[::1]:6060", "127.0.0.1"} {
+		assert.Error(t, validateAdmin(bad), bad)
+	}
+	_, err := parseConfig([]byte("iid: a\nrole: r\nlisten: x:1\nadmin: 0.0.0.0:6060\nchannels:\n  db: {kind: reply, port: 1}\n"))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "127.0.0.1 only")
+	cfg, err := parseConfig([]byte("iid: a\nrole: r\nlisten: x:1\nadmin: 127.0.0.1:6060\nchannels:\n  db: {kind: reply, port: 1}\n"))
+	require.NoError(t, err)
+	assert.Equal(t, "127.0.0.1:6060", cfg.Admin)
+}
+
+func TestAdminEndpoint(t *testing.T) {
+	srv := httptest.NewServer(adminMux())
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/debug/vars")
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	var v adminVars
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&v))
+	assert.Positive(t, v.Goroutines)
+	assert.Positive(t, v.Sys)
+
+	resp2, err := http.Get(srv.URL + "/debug/pprof/goroutine?debug=1")
+	require.NoError(t, err)
+	defer resp2.Body.Close()
+	body, err := io.ReadAll(resp2.Body)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusOK, resp2.StatusCode)
+	assert.Contains(t, string(body), "goroutine profile")
+
+	stop, err := startAdmin("127.0.0.1:0", slog.New(slog.DiscardHandler))
+	require.NoError(t, err)
+	stop()
+}

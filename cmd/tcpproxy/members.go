@@ -1,0 +1,150 @@
+package main
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/membership"
+	"github.com/tcpproxy/tcpproxy/proxy"
+)
+
+// membersConfig is the `members:` section: exactly one of file, static,
+// etcd or dns (none: nobody, a node that only accepts).
+type membersConfig struct {
+	// File is a members YAML file, watched for changes.
+	File string `yaml:"file"`
+	// Poll is how often File is checked (default 500ms).
+	Poll duration `yaml:"poll"`
+	// Static lists the members inline.
+	Static []channels.Member `yaml:"static"`
+	// Etcd is an etcd v3 registry where this instance registers itself.
+	Etcd *etcdMembers `yaml:"etcd"`
+	// DNS polls the SRV or A/AAAA records of a headless service.
+	DNS *dnsMembers `yaml:"dns"`
+}
+
+type etcdMembers struct {
+	Endpoints    []string  `yaml:"endpoints"`
+	Prefix       string    `yaml:"prefix"`
+	TTL          duration  `yaml:"ttl"`
+	DialTimeout  duration  `yaml:"dialTimeout"`
+	TLS          tlsConfig `yaml:"tls"`
+	Username     string    `yaml:"username"`
+	PasswordFile string    `yaml:"passwordFile"`
+	// Register publishes this instance (default true).
+	Register *bool `yaml:"register"`
+}
+
+type dnsMembers struct {
+	Name     string            `yaml:"name"`
+	Service  string            `yaml:"service"`
+	Proto    string            `yaml:"proto"`
+	Port     uint16            `yaml:"port"`
+	Role     string            `yaml:"role"`
+	Channels map[string]uint16 `yaml:"channels"`
+	Interval duration          `yaml:"interval"`
+}
+
+func (m membersConfig) validate() error {
+	n := 0
+	for _, set := range []bool{m.File != "", len(m.Static) > 0, m.Etcd != nil, m.DNS != nil} {
+		if set {
+			n++
+		}
+	}
+	if n > 1 {
+		return errors.New("members: give one of file, static, etcd or dns, not several")
+	}
+	if m.Etcd != nil {
+		if len(m.Etcd.Endpoints) == 0 {
+			return errors.New("members.etcd: endpoints are missing")
+		}
+		if err := m.Etcd.TLS.validate("members.etcd.tls"); err != nil {
+			return err
+		}
+	}
+	if m.DNS != nil && m.DNS.Name == "" {
+		return errors.New("members.dns: name is missing")
+	}
+	return nil
+}
+
+func (t tlsConfig) validate(field string) error {
+	if (t.Cert != "" || t.Key != "" || t.CA != "") && (t.Cert == "" || t.Key == "" || t.CA == "") {
+		return fmt.Errorf("%s: cert, key and ca are all needed for mutual TLS", field)
+	}
+	return nil
+}
+
+// self is this instance as other members must see it: the channels it
+// serves and the transport address they dial.
+func (c *fileConfig) self() channels.Member {
+	m := channels.Member{IID: c.IID, Role: c.Role, Addr: c.Advertise, Channels: map[string]uint16{}}
+	if m.Addr == "" {
+		m.Addr = c.Listen
+	}
+	for name, cc := range c.Channels {
+		if cc.Kind == proxy.KindReply || (cc.Kind == proxy.KindDuplex && cc.Mode != proxy.ModeConnect) {
+			m.Channels[name] = uint16(cc.Port)
+		}
+	}
+	return m
+}
+
+// membersFor builds the membership source cfg names.
+func membersFor(cfg *fileConfig, log *slog.Logger) (channels.Source, error) {
+	m := cfg.Members
+	switch {
+	case m.File != "":
+		return membership.File(m.File, time.Duration(m.Poll)), nil
+	case m.Etcd != nil:
+		ec := membership.EtcdConfig{
+			Endpoints: m.Etcd.Endpoints, Prefix: m.Etcd.Prefix, TTL: time.Duration(m.Etcd.TTL),
+			DialTimeout: time.Duration(m.Etcd.DialTimeout), Username: m.Etcd.Username, Logger: log,
+		}
+		if m.Etcd.PasswordFile != "" {
+			pw, err := os.ReadFile(m.Etcd.PasswordFile)
+			if err != nil {
+				return nil, fmt.Errorf("members.etcd.passwordFile: %w", err)
+			}
+			ec.Password = strings.TrimSpace(string(pw))
+		}
+		if m.Etcd.TLS.Cert != "" {
+			var err error
+			if ec.TLS, err = clientTLS(m.Etcd.TLS); err != nil {
+				return nil, fmt.Errorf("members.etcd.tls: %w", err)
+			}
+		}
+		var self *channels.Member
+		if m.Etcd.Register == nil || *m.Etcd.Register {
+			s := cfg.self()
+			if host, _, err := net.SplitHostPort(s.Addr); err != nil || host == "" || net.ParseIP(host).IsUnspecified() {
+				return nil, fmt.Errorf("members.etcd: cannot register %q as this instance's address; set advertise to an address peers can dial", s.Addr)
+			}
+			self = &s
+		}
+		return membership.Etcd(ec, self)
+	case m.DNS != nil:
+		return membership.DNS(membership.DNSConfig{
+			Name: m.DNS.Name, Service: m.DNS.Service, Proto: m.DNS.Proto, Port: m.DNS.Port,
+			Role: m.DNS.Role, Channels: m.DNS.Channels, Interval: time.Duration(m.DNS.Interval), Logger: log,
+		}), nil
+	}
+	return membership.Static(m.Static...), nil
+}
+
+// clientTLS is a client certificate and CA for a registry.
+func clientTLS(t tlsConfig) (*tls.Config, error) {
+	cfg, err := channels.TLSConfigFromFiles(t.Cert, t.Key, t.CA)
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Config{Certificates: cfg.Certificates, RootCAs: cfg.RootCAs, MinVersion: tls.VersionTLS12}, nil
+}
