@@ -61,3 +61,31 @@ func TestParseConfigErrors(t *testing.T) {
 func TestEnvName(t *testing.T) {
 	assert.Equal(t, "TCPPROXY_MY_DB_1", envName("my-db.1"))
 }
+
+// FuzzParseConfig: any input gives a config or an error, never a panic,
+// and an accepted config always passes validation again.
+func FuzzParseConfig(f *testing.F) {
+	f.Add([]byte(goodConfig))
+	f.Add([]byte("iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: request, port: 1}\n"))
+	f.Add([]byte("iid: a\nrole: r\nlisten: x:1\nnetwork: tun\ntun: {name: t0, mtu: 9000}\nchannels:\n  p: {kind: duplex, port: 2, mode: connect}\n"))
+	f.Add([]byte("members: {etcd: {endpoints: [http://127.0.0.1:2379]}}\n"))
+	f.Add([]byte("channels: {a: {kind: request, port: 65536}}"))
+	f.Add([]byte("{{{"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		cfg, err := parseConfig(data)
+		if err != nil {
+			require.Nil(t, cfg)
+			return
+		}
+		require.NoError(t, cfg.validate())
+	})
+}
+
+func TestExpandEnv(t *testing.T) {
+	t.Setenv("TP_TEST_POD", "web-7")
+	out, err := expandEnv([]byte("iid: ${TP_TEST_POD}\nrole: $notexpanded\n"))
+	require.NoError(t, err)
+	assert.Equal(t, "iid: web-7\nrole: $notexpanded\n", string(out))
+	_, err = expandEnv([]byte("iid: ${TP_TEST_UNSET_1}${TP_TEST_UNSET_2}"))
+	require.ErrorContains(t, err, "environment variables not set: TP_TEST_UNSET_1, TP_TEST_UNSET_2")
+}
