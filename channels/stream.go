@@ -126,10 +126,13 @@ func (s *stream) mapErr(op string, err error) error {
 	}
 }
 
-// resetError matches ErrStreamReset and keeps yamux's cause (remote RST,
-// local reset, or the session's end) for logs.
+// resetError matches ErrStreamReset and names yamux's cause (remote RST,
+// local reset, or the session's end) for logs. It deliberately does not
+// unwrap to that cause: when a session dies yamux resets its streams with
+// an error wrapping io.EOF, and a reset must never pass for a clean end of
+// stream (errors.Is(err, io.EOF)), or a truncated stream would be
+// forwarded as a FIN.
 type resetError struct{ cause error }
 
 func (e *resetError) Error() string        { return "stream reset: " + e.cause.Error() }
 func (e *resetError) Is(target error) bool { return target == ErrStreamReset }
-func (e *resetError) Unwrap() error        { return e.cause }

@@ -233,3 +233,16 @@ func TestReadAfterClose(t *testing.T) {
 	require.NoError(t, in.Stream.Close())
 	assert.Empty(t, channels.ActiveStreams(req))
 }
+
+// TestSessionDeathIsNotEOF: streams of a session that dies fail with a
+// reset that no caller can mistake for a clean end of stream.
+func TestSessionDeathIsNotEOF(t *testing.T) {
+	req, reply, _, b := pair(t, nil, nil)
+	s, in := open(t, req, reply)
+	defer s.Close()
+	defer in.Stream.Close()
+	require.NoError(t, b.Close()) // the peer's whole node goes away
+	_, err := s.Read(make([]byte, 1))
+	require.ErrorIs(t, err, channels.ErrStreamReset)
+	require.False(t, errors.Is(err, io.EOF), "a dead session's stream must not read as EOF: %v", err)
+}
