@@ -1,0 +1,19 @@
+// Package netns holds tcpproxy's multi-host tests: several `tcpproxy run`
+// processes, each in its own network namespace ("host") joined to the
+// others by a veth pair and a bridge, carrying checksummed traffic between
+// legacy clients and servers while faults are injected: degraded links
+// (netem, or a userspace emulation of it where the kernel has none), links
+// taken down, proxies killed with SIGKILL.
+//
+// The tests need root and the ip command; they skip otherwise. Leftover
+// namespaces of an interrupted run are removed by scripts/netns/cleanup.sh.
+//
+// Settings (environment):
+//
+//	TCPPROXY_SOAK=10m          soak duration (default 20s)
+//	TCPPROXY_SOAK_WORKERS=16   concurrent soak clients (default 8)
+//	TCPPROXY_SOAK_REPORT=FILE  also write the soak summary there
+//	TCPPROXY_E2E_RACE=0|1      build the proxies with -race (default: as the test binary)
+//	TCPPROXY_E2E_LOG=debug     the proxies' log level (default info)
+//	TCPPROXY_E2E_KEEP=1        keep configs and proxy logs (in $TMPDIR/tcpproxy-e2e-TEST-*)
+package netns
