@@ -30,6 +30,7 @@ type fileConfig struct {
 	Addressing addressingConfig `yaml:"addressing"`
 	Members    membersConfig    `yaml:"members"`
 	TLS        tlsConfig        `yaml:"tls"`
+	Transport  transportConfig  `yaml:"transport"`
 	Channels   map[string]proxy.ChannelConfig
 	Legacy     legacyConfig `yaml:"legacy"`
 	Log        logConfig    `yaml:"log"`
@@ -43,6 +44,19 @@ type fileConfig struct {
 type addressingConfig struct {
 	InstanceRange string `yaml:"instanceRange"`
 	RequestRange  string `yaml:"requestRange"`
+}
+
+// transportConfig tunes the sessions between proxies; zero values keep
+// the channels package's defaults.
+type transportConfig struct {
+	// KeepAlive is the session ping period that detects a silent peer
+	// (default 15s).
+	KeepAlive duration `yaml:"keepAlive"`
+	// DialTimeout bounds connecting to a peer (default 5s).
+	DialTimeout duration `yaml:"dialTimeout"`
+	// HandshakeTimeout bounds the TLS and session handshake and a stream's
+	// header (default 5s).
+	HandshakeTimeout duration `yaml:"handshakeTimeout"`
 }
 
 type tlsConfig struct {

@@ -18,6 +18,7 @@ channels:
   api: {kind: request, port: 8080}
   peers: {kind: duplex, port: 2380, mode: both}
 legacy: {onChange: SIGHUP, stopTimeout: 2s}
+transport: {keepAlive: 5s, dialTimeout: 1s, handshakeTimeout: 2s}
 log: {format: json, level: debug}
 drainTimeout: 3s
 `

@@ -61,6 +61,9 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 	node, err := channels.NewNode(channels.Config{
 		IID: cfg.IID, Role: cfg.Role, ListenAddr: cfg.Listen,
 		TLS: tlsCfg, Members: src, Logger: log,
+		KeepAliveInterval: time.Duration(cfg.Transport.KeepAlive),
+		DialTimeout:       time.Duration(cfg.Transport.DialTimeout),
+		HandshakeTimeout:  time.Duration(cfg.Transport.HandshakeTimeout),
 	})
 	if err != nil {
 		return nil, err
