@@ -17,6 +17,7 @@ import (
 
 	"github.com/tcpproxy/tcpproxy/channels"
 	"github.com/tcpproxy/tcpproxy/channels/membership"
+	"github.com/tcpproxy/tcpproxy/netstack"
 	"github.com/tcpproxy/tcpproxy/proxy"
 )
 
@@ -31,6 +32,7 @@ const (
 )
 
 type demo struct {
+	network string // loopback or memory
 	out     io.Writer
 	log     *slog.Logger
 	members *membership.Dynamic
@@ -47,20 +49,47 @@ type demoNode struct {
 	evMu   sync.Mutex
 	evDone chan struct{}
 	ln     net.Listener // the legacy server, if any
+	// host is where the node's legacy programs open sockets: the kernel,
+	// or the peer gVisor stack of a memory network.
+	host    legacyHost
+	network proxy.Network
+}
+
+// legacyHost opens the legacy programs' sockets.
+type legacyHost interface {
+	Listen(ctx context.Context, addr netip.AddrPort) (net.Listener, error)
+	Dial(ctx context.Context, addr netip.AddrPort) (net.Conn, error)
+}
+
+// kernel is the host's own TCP stack as a legacyHost.
+type kernel struct{}
+
+func (kernel) Listen(ctx context.Context, addr netip.AddrPort) (net.Listener, error) {
+	var lc net.ListenConfig
+	return lc.Listen(ctx, "tcp4", addr.String())
+}
+
+func (kernel) Dial(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
+	var d net.Dialer
+	return d.DialContext(ctx, "tcp4", addr.String())
 }
 
 func cmdDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	verbose := fs.Bool("v", false, "log the proxies' activity to stderr")
+	network := fs.String("network", "loopback", "where legacy sockets live: loopback (host sockets) or memory (a gVisor stack per instance)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *network != "loopback" && *network != "memory" {
+		return usageError{fmt.Errorf("-network %q: want loopback or memory", *network)}
 	}
 	level := slog.LevelWarn
 	if *verbose {
 		level = slog.LevelDebug
 	}
-	d := &demo{out: stdout, log: newLogger(stderr, "text", level), members: membership.NewDynamic()}
+	d := &demo{network: *network, out: stdout, log: newLogger(stderr, "text", level), members: membership.NewDynamic()}
 	defer d.stopAll()
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
@@ -71,9 +100,14 @@ func (d *demo) printf(format string, args ...any) { fmt.Fprintf(d.out, format, a
 
 func (d *demo) run(ctx context.Context) error {
 	start := time.Now()
-	d.printf("tcpproxy demo: 7 proxies in one process, legacy sockets on loopback, yamux sessions on 127.0.0.1\n")
-	d.printf("(each instance sees the mesh through its own 127.X.0.0/16 so that all seven share this host;\n")
-	d.printf(" in a deployment each instance has its own network namespace and the default 127.0.0.0/16)\n\n")
+	if d.network == "memory" {
+		d.printf("tcpproxy demo: 7 proxies in one process, each with its own gVisor TCP/IP stack (memory network), yamux sessions on 127.0.0.1\n")
+		d.printf("(legacy programs run on a second gVisor stack per instance, so all use the default 127.0.0.0/16)\n\n")
+	} else {
+		d.printf("tcpproxy demo: 7 proxies in one process, legacy sockets on loopback, yamux sessions on 127.0.0.1\n")
+		d.printf("(each instance sees the mesh through its own 127.X.0.0/16 so that all seven share this host;\n")
+		d.printf(" in a deployment each instance has its own network namespace and the default 127.0.0.0/16)\n\n")
+	}
 	for i := range 3 {
 		iid := fmt.Sprintf("kv-%d", i)
 		n, err := d.add(ctx, iid, "kv", map[string]proxy.ChannelConfig{"kv": {Kind: proxy.KindReply, Port: kvPort}})
@@ -105,7 +139,7 @@ func (d *demo) run(ctx context.Context) error {
 	d.printf("1. web-0's legacy client talks to its request channel at %s; each connection goes to one kv instance (round-robin)\n", kvAddr)
 	counts := map[string]int{}
 	for i := range 9 {
-		reply, err := kvSession(ctx, kvAddr, fmt.Sprintf("SET user:%d alice-%d", i, i), fmt.Sprintf("GET user:%d", i))
+		reply, err := kvSession(ctx, web.host, kvAddr, fmt.Sprintf("SET user:%d alice-%d", i, i), fmt.Sprintf("GET user:%d", i))
 		if err != nil {
 			return fmt.Errorf("kv request %d: %w", i, err)
 		}
@@ -129,7 +163,7 @@ func (d *demo) run(ctx context.Context) error {
 				return err
 			}
 			target := netip.AddrPortFrom(ip, gossipPort)
-			reply, err := ask(ctx, target, "hello\n")
+			reply, err := ask(ctx, from.host, target, "hello\n")
 			if err != nil {
 				return fmt.Errorf("%s → %s: %w", from.iid, to.iid, err)
 			}
@@ -148,7 +182,7 @@ func (d *demo) run(ctx context.Context) error {
 	}
 	d.printf("   peer-a change event: members %s\n", formatMembers(change.Members))
 	cIP, _ := peers[0].in.proxy.InstanceIP("peer-c")
-	if _, err := ask(ctx, netip.AddrPortFrom(cIP, gossipPort), "hello\n"); err != nil {
+	if _, err := ask(ctx, peers[0].host, netip.AddrPortFrom(cIP, gossipPort), "hello\n"); err != nil {
 		d.printf("   peer-a → peer-c now fails as expected: %v\n\n", errors.Unwrap(err))
 	} else {
 		return errors.New("impostor for peer-c still open after it left")
@@ -185,16 +219,28 @@ func (d *demo) add(ctx context.Context, iid, role string, chans map[string]proxy
 	d.mu.Lock()
 	i := len(d.nodes)
 	d.mu.Unlock()
-	a := demoAddressing(i)
-	cfg := &fileConfig{
-		IID: iid, Role: role, Listen: "127.0.0.1:0", Channels: chans,
-		Addressing: addressingConfig{InstanceRange: a.InstanceRange.String(), RequestRange: a.RequestRange.String()},
+	cfg := &fileConfig{IID: iid, Role: role, Listen: "127.0.0.1:0", Channels: chans}
+	var (
+		network proxy.Network
+		host    legacyHost
+	)
+	if d.network == "memory" {
+		mem, h, err := netstack.NewMemory(netstack.Options{Logger: d.log})
+		if err != nil {
+			return nil, fmt.Errorf("memory network for %s: %w", iid, err)
+		}
+		network, host = mem, h
+	} else {
+		a := demoAddressing(i)
+		cfg.Addressing = addressingConfig{InstanceRange: a.InstanceRange.String(), RequestRange: a.RequestRange.String()}
+		network, host = proxy.NewLoopback(), kernel{}
 	}
-	in, err := startInstanceWith(ctx, cfg, proxy.NewLoopback(), d.members, d.log)
+	in, err := startInstanceWith(ctx, cfg, network, d.members, d.log)
 	if err != nil {
+		network.Close()
 		return nil, fmt.Errorf("start %s: %w", iid, err)
 	}
-	n := &demoNode{iid: iid, in: in, evDone: make(chan struct{})}
+	n := &demoNode{iid: iid, in: in, evDone: make(chan struct{}), host: host, network: network}
 	go func() {
 		defer close(n.evDone)
 		for e := range in.proxy.Events() {
@@ -257,13 +303,17 @@ func (d *demo) stopAll() {
 		if n.ln != nil {
 			n.ln.Close()
 		}
+		if c, ok := n.host.(io.Closer); ok {
+			c.Close()
+		}
+		n.network.Close()
 		n.in = nil
 	}
 }
 
 // serve runs a legacy server on the node's bind IP.
 func (n *demoNode) serve(port uint16, handle func(net.Conn)) error {
-	ln, err := net.Listen("tcp4", netip.AddrPortFrom(n.in.proxy.BindIP(), port).String())
+	ln, err := n.host.Listen(context.Background(), netip.AddrPortFrom(n.in.proxy.BindIP(), port))
 	if err != nil {
 		return err
 	}
@@ -368,9 +418,8 @@ func helloServer(iid string) func(net.Conn) {
 }
 
 // kvSession sends the commands on one connection and returns the last answer.
-func kvSession(ctx context.Context, addr netip.AddrPort, cmds ...string) (string, error) {
-	var dl net.Dialer
-	c, err := dl.DialContext(ctx, "tcp4", addr.String())
+func kvSession(ctx context.Context, host legacyHost, addr netip.AddrPort, cmds ...string) (string, error) {
+	c, err := host.Dial(ctx, addr)
 	if err != nil {
 		return "", err
 	}
@@ -390,9 +439,8 @@ func kvSession(ctx context.Context, addr netip.AddrPort, cmds ...string) (string
 }
 
 // ask sends msg and returns the one-line answer.
-func ask(ctx context.Context, addr netip.AddrPort, msg string) (string, error) {
-	var dl net.Dialer
-	c, err := dl.DialContext(ctx, "tcp4", addr.String())
+func ask(ctx context.Context, host legacyHost, addr netip.AddrPort, msg string) (string, error) {
+	c, err := host.Dial(ctx, addr)
 	if err != nil {
 		return "", fmt.Errorf("dial %s: %w", addr, err)
 	}

@@ -46,13 +46,17 @@ func legacyHTTPServer() int {
 }
 
 func TestDemoRuns(t *testing.T) {
-	var out, errOut bytes.Buffer
-	code := realMain([]string{"demo"}, &out, &errOut)
-	require0(t, code, out.String()+errOut.String())
-	for _, want := range []string{"distribution: kv-0=3 kv-1=3 kv-2=3", "peer-b says: hello", "demo finished"} {
-		if !strings.Contains(out.String(), want) {
-			t.Errorf("demo output lacks %q:\n%s", want, out.String())
-		}
+	for _, network := range []string{"loopback", "memory"} {
+		t.Run(network, func(t *testing.T) {
+			var out, errOut bytes.Buffer
+			code := realMain([]string{"demo", "-network", network}, &out, &errOut)
+			require0(t, code, out.String()+errOut.String())
+			for _, want := range []string{"distribution: kv-0=3 kv-1=3 kv-2=3", "peer-b says: hello", "demo finished"} {
+				if !strings.Contains(out.String(), want) {
+					t.Errorf("demo output lacks %q:\n%s", want, out.String())
+				}
+			}
+		})
 	}
 }
 
