@@ -1,0 +1,5 @@
+//go:build !race
+
+package etcdcluster
+
+const raceEnabled = false
