@@ -19,6 +19,10 @@ type conn struct {
 	legacy net.Conn
 	stream net.Conn
 	killed bool
+
+	// spliced is set by run, in the goroutine track started, when the
+	// splice goroutine took over finishing the conn.
+	spliced bool
 }
 
 // track runs f in a new goroutine owned by the proxy, with a conn that
@@ -46,17 +50,28 @@ func (p *Proxy) track(cs *channelState, f func(*conn), refuse func()) {
 	cs.stats.total.Add(1)
 	go func() {
 		defer func() {
-			cs.stats.active.Add(-1)
-			p.mu.Lock()
-			delete(p.conns, k)
-			p.mu.Unlock()
-			p.connWG.Done()
+			if !k.spliced {
+				k.finish()
+			}
 		}()
 		f(k)
 	}()
 }
 
-// run splices legacy and stream unless the conn was killed meanwhile.
+// finish releases a tracked conn once it is over.
+func (k *conn) finish() {
+	k.cs.stats.active.Add(-1)
+	k.p.mu.Lock()
+	delete(k.p.conns, k)
+	k.p.mu.Unlock()
+	k.p.connWG.Done()
+}
+
+// run splices legacy and stream unless the conn was killed meanwhile. The
+// splice runs in a new goroutine, which finishes the conn, and the caller's
+// goroutine ends: its stack grew while dialing or opening the stream, and a
+// fresh one is half the size for the connection's life (see
+// BenchmarkRequestReplyIdle).
 func (k *conn) run(legacy halfConn, stream halfConn) {
 	k.mu.Lock()
 	if k.killed {
@@ -67,11 +82,15 @@ func (k *conn) run(legacy halfConn, stream halfConn) {
 	}
 	k.legacy, k.stream = legacy, stream
 	k.mu.Unlock()
-	err := splice(legacy, stream, spliceStats{&k.cs.stats.bytesOut, &k.cs.stats.bytesIn})
-	if err != nil {
-		k.cs.stats.reset.Add(1)
-		k.p.log.Debug("connection ended with reset", "channel", k.cs.name, "err", err)
-	}
+	k.spliced = true
+	go func() {
+		defer k.finish()
+		err := splice(legacy, stream, spliceStats{&k.cs.stats.bytesOut, &k.cs.stats.bytesIn})
+		if err != nil {
+			k.cs.stats.reset.Add(1)
+			k.p.log.Debug("connection ended with reset", "channel", k.cs.name, "err", err)
+		}
+	}()
 }
 
 // kill resets the connection in both directions.

@@ -4,8 +4,10 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 )
 
 // halfConn is a connection whose two directions can be ended separately:
@@ -32,18 +34,152 @@ func abort(c net.Conn) {
 	}
 }
 
-// Copy buffers. A connection starts with a small buffer so that thousands
-// of idle connections cost little, and moves to a large one the first time
-// a read fills the small one (bulk transfer).
+// Copy buffers. A direction holds a buffer only while data is moving: it
+// waits for data without one (see reader), so thousands of idle
+// connections cost no buffer memory. Small messages use a small buffer;
+// a read that fills it, or brings more than a small buffer's worth, moves
+// the direction to large buffers (bulk transfer), which cut the number of
+// reads, writes and multiplexer frames per byte.
 const (
 	smallBuf = 4 << 10
-	largeBuf = 64 << 10
+	largeBuf = 256 << 10
 )
 
 var (
 	smallPool = sync.Pool{New: func() any { b := make([]byte, smallBuf); return &b }}
 	largePool = sync.Pool{New: func() any { b := make([]byte, largeBuf); return &b }}
 )
+
+// buffer is a direction's current pooled buffer, if any.
+type buffer struct {
+	p     *[]byte
+	large bool // p came from largePool
+	// wantLarge says which size the next buffer should be.
+	wantLarge bool
+}
+
+func (b *buffer) get() []byte {
+	if b.p == nil {
+		if b.wantLarge {
+			b.p, b.large = largePool.Get().(*[]byte), true
+		} else {
+			b.p, b.large = smallPool.Get().(*[]byte), false
+		}
+	}
+	return *b.p
+}
+
+func (b *buffer) release() {
+	if b.p == nil {
+		return
+	}
+	if b.large {
+		largePool.Put(b.p)
+	} else {
+		smallPool.Put(b.p)
+	}
+	b.p = nil
+}
+
+// sized records a read of n bytes into a buffer of size: the next buffer is
+// large after a read that filled its buffer or exceeded a small one.
+func (b *buffer) sized(n, size int) {
+	want := n == size || n > smallBuf
+	if want != b.large {
+		b.release() // the wrong size for what comes next
+	}
+	b.wantLarge = want
+}
+
+// reader reads a direction's source into buffers taken only once data is
+// there, and returned when the source is drained.
+type reader interface {
+	// read reads into b.get() once data can be read (or at EOF or on an
+	// error), and returns how many bytes it read.
+	read(b *buffer) (int, error)
+}
+
+func newReader(src halfConn) reader {
+	if sc, ok := src.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			return newRawReader(rc)
+		}
+	}
+	if _, ok := src.(interface{ Reset() error }); ok {
+		// A channels.Stream (yamux): its Read of an empty buffer blocks
+		// until data, EOF, a reset or a deadline, and those stick.
+		return &waitReader{r: src}
+	}
+	// Others, such as gVisor connections (netstack), whose empty Read
+	// fails after waiting and whose reset error is reported only once.
+	return &plainReader{r: src}
+}
+
+// rawReader reads a kernel socket with read(2) through its RawConn: a read
+// that finds no data gives the buffer back before the poller waits, at no
+// extra system call. Deadlines and Close still end the wait.
+type rawReader struct {
+	rc syscall.RawConn
+	fn func(fd uintptr) bool // made once: a closure per read would allocate
+
+	// The current read's buffer and outcome.
+	b     *buffer
+	n     int
+	errno error
+}
+
+func newRawReader(rc syscall.RawConn) *rawReader {
+	r := &rawReader{rc: rc}
+	r.fn = func(fd uintptr) bool {
+		for {
+			r.n, r.errno = syscall.Read(int(fd), r.b.get())
+			switch r.errno {
+			case syscall.EINTR:
+				continue
+			case syscall.EAGAIN:
+				r.b.release()
+				return false // wait for readability, holding nothing
+			}
+			return true
+		}
+	}
+	return r
+}
+
+func (r *rawReader) read(b *buffer) (int, error) {
+	r.b = b
+	err := r.rc.Read(r.fn)
+	r.b = nil
+	switch {
+	case err != nil:
+		return 0, err
+	case r.errno != nil:
+		return 0, os.NewSyscallError("read", r.errno)
+	case r.n == 0:
+		return 0, io.EOF
+	}
+	return r.n, nil
+}
+
+// waitReader waits for data with a zero-length Read, holding no buffer,
+// then reads into one. The wait's error ends the direction: for a yamux
+// stream it is the EOF, reset or timeout that the real Read would report.
+// A source whose empty Read returns at once costs a buffer held in the real
+// Read, as with plainReader, never a busy loop.
+type waitReader struct{ r io.Reader }
+
+func (r *waitReader) read(b *buffer) (int, error) {
+	b.release()
+	if _, err := r.r.Read(nil); err != nil {
+		return 0, err
+	}
+	return r.r.Read(b.get())
+}
+
+// plainReader holds a buffer while it waits.
+type plainReader struct{ r io.Reader }
+
+func (r *plainReader) read(b *buffer) (int, error) { return r.r.Read(b.get()) }
 
 // pipeResult says how one direction of a splice ended.
 type pipeResult struct {
@@ -54,20 +190,14 @@ type pipeResult struct {
 // pipe copies src to dst until EOF (then half-closes dst) or an error. It
 // counts bytes into *counter as they flow, so stats are live.
 func pipe(dst, src halfConn, counter *atomic.Int64) pipeResult {
-	bp := smallPool.Get().(*[]byte)
-	large := false
-	defer func() {
-		if large {
-			largePool.Put(bp)
-		} else {
-			smallPool.Put(bp)
-		}
-	}()
+	var b buffer
+	defer b.release()
+	rd := newReader(src)
 	var total int64
 	for {
-		buf := *bp
-		nr, rerr := src.Read(buf)
+		nr, rerr := rd.read(&b)
 		if nr > 0 {
+			buf := *b.p
 			nw, werr := dst.Write(buf[:nr])
 			total += int64(nw)
 			counter.Add(int64(nw))
@@ -77,13 +207,10 @@ func pipe(dst, src halfConn, counter *atomic.Int64) pipeResult {
 			if werr != nil {
 				return pipeResult{total, werr}
 			}
-			if !large && nr == len(buf) {
-				smallPool.Put(bp)
-				bp, large = largePool.Get().(*[]byte), true
-			}
+			b.sized(nr, len(buf))
 		}
 		if rerr != nil {
-			if errors.Is(rerr, io.EOF) {
+			if rerr == io.EOF { // exactly EOF: a stream reset by a dying session wraps io.EOF
 				return pipeResult{total, dst.CloseWrite()}
 			}
 			return pipeResult{total, rerr}

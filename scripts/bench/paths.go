@@ -1,0 +1,347 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/tcpproxy/tcpproxy/proxy"
+)
+
+// path is one way from the load generator to the bench's servers.
+type path struct {
+	key, name string
+	// setup starts the path's processes (fresh for every repetition) and
+	// fills in the fields below; nil for direct TCP.
+	setup func(ctx context.Context, p *path) error
+	// skip, when set, says why the path is not measured.
+	skip string
+	// memory reports whether RSS per idle connection is measured.
+	memory bool
+	// memoryNote is shown instead of a memory figure when memory is false.
+	memoryNote string
+	// maxIdle, when positive, caps the idle connections of the memory
+	// measurement (haproxy needs two descriptors per connection).
+	maxIdle int
+	idleN   int // idle connections of the last memory measurement
+
+	// Set by setup.
+	echo, sink string   // where clients connect
+	procs      []*child // the processes whose RSS is the path's memory
+	cpuProcs   []*child // more processes whose CPU time counts
+	admins     []string // tcpproxy admin addresses (goroutine counts)
+	// dial connects the load generator (nil: kernelDial); adminClient
+	// reaches the admin endpoints (nil: http.DefaultClient).
+	dial        dialFunc
+	adminClient *http.Client
+	// cleanup, when set, is called by teardown after the processes are
+	// killed.
+	cleanup func()
+}
+
+func (p *path) httpClient() *http.Client {
+	if p.adminClient != nil {
+		return p.adminClient
+	}
+	return http.DefaultClient
+}
+
+func (p *path) dialer() dialFunc {
+	if p.dial != nil {
+		return p.dial
+	}
+	return kernelDial
+}
+
+func (p *path) teardown() {
+	for _, c := range append(p.procs, p.cpuProcs...) {
+		c.kill()
+	}
+	if p.cleanup != nil {
+		p.cleanup()
+	}
+	p.procs, p.cpuProcs, p.admins, p.dial, p.adminClient, p.cleanup = nil, nil, nil, nil, nil, nil
+}
+
+// alive fails when one of the path's processes has exited.
+func (p *path) alive() error {
+	for _, c := range p.procs {
+		if c.exited() {
+			return fmt.Errorf("%s exited: %v\n%s", c.name, c.err, c.tail())
+		}
+	}
+	return nil
+}
+
+// env is what path setups share.
+type env struct {
+	dir     string // temporary files and logs
+	binary  string // tcpproxy
+	srv     *serverProc
+	kids    *children
+	timeout time.Duration
+	rep     int
+	// fileLimit is the RLIMIT_NOFILE of the bench and its children.
+	fileLimit uint64
+}
+
+func (e *env) waitReady(ctx context.Context, p *path) error {
+	err := waitFor(ctx, 20*time.Second, func() error {
+		if err := p.alive(); err != nil {
+			return err
+		}
+		if err := roundTrip(ctx, p.dialer(), p.echo); err != nil {
+			return err
+		}
+		c, err := p.dialer()(ctx, p.sink)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	})
+	if err != nil {
+		var logs []string
+		for _, c := range p.procs {
+			logs = append(logs, fmt.Sprintf("--- %s log:\n%s", c.name, c.tail()))
+		}
+		return fmt.Errorf("%s: %w\n%s", p.name, err, strings.Join(logs, "\n"))
+	}
+	return nil
+}
+
+func directPath(e *env) *path {
+	return &path{
+		key: "direct", name: "direct TCP",
+		echo:       fmt.Sprintf("127.0.0.1:%d", e.srv.echoPort),
+		sink:       fmt.Sprintf("127.0.0.1:%d", e.srv.sinkPort),
+		memoryNote: "— (kernel only)",
+	}
+}
+
+func socatPath(e *env) *path {
+	return &path{
+		key: "socat", name: "socat relay",
+		memoryNote: "n/a (a process per connection)",
+		setup: func(ctx context.Context, p *path) error {
+			for _, t := range []struct {
+				name string
+				port int
+				addr *string
+			}{{"echo", e.srv.echoPort, &p.echo}, {"sink", e.srv.sinkPort, &p.sink}} {
+				lp, err := freePort()
+				if err != nil {
+					return err
+				}
+				c, err := e.kids.start(fmt.Sprintf("socat-%s-%d", t.name, e.rep), e.dir, "socat",
+					fmt.Sprintf("TCP-LISTEN:%d,fork,reuseaddr,bind=127.0.0.1", lp),
+					fmt.Sprintf("TCP:127.0.0.1:%d", t.port))
+				if err != nil {
+					return err
+				}
+				p.procs = append(p.procs, c)
+				*t.addr = fmt.Sprintf("127.0.0.1:%d", lp)
+			}
+			return e.waitReady(ctx, p)
+		},
+	}
+}
+
+const haproxyConfig = `global
+    nbthread 2
+    maxconn %[5]d
+defaults
+    mode tcp
+    maxconn %[5]d
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+frontend echo
+    bind 127.0.0.1:%[1]d
+    default_backend echo
+backend echo
+    server echo 127.0.0.1:%[2]d
+frontend sink
+    bind 127.0.0.1:%[3]d
+    default_backend sink
+backend sink
+    server sink 127.0.0.1:%[4]d
+`
+
+func haproxyPath(e *env) *path {
+	// haproxy needs two descriptors per connection and refuses to start
+	// when maxconn does not fit the file limit.
+	maxconn := int(e.fileLimit-1000) / 2
+	return &path{
+		key: "haproxy", name: "haproxy (TCP mode, 2 threads)", memory: true, maxIdle: maxconn - 500,
+		setup: func(ctx context.Context, p *path) error {
+			ep, err := freePort()
+			if err != nil {
+				return err
+			}
+			sp, err := freePort()
+			if err != nil {
+				return err
+			}
+			cfg := filepath.Join(e.dir, fmt.Sprintf("haproxy-%d.cfg", e.rep))
+			body := fmt.Sprintf(haproxyConfig, ep, e.srv.echoPort, sp, e.srv.sinkPort, maxconn)
+			if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
+				return err
+			}
+			c, err := e.kids.start(fmt.Sprintf("haproxy-%d", e.rep), e.dir, "haproxy", "-db", "-f", cfg)
+			if err != nil {
+				return err
+			}
+			p.procs = append(p.procs, c)
+			p.echo, p.sink = fmt.Sprintf("127.0.0.1:%d", ep), fmt.Sprintf("127.0.0.1:%d", sp)
+			return e.waitReady(ctx, p)
+		},
+	}
+}
+
+// tcpproxyInstance is one `tcpproxy run` configuration.
+type tcpproxyInstance struct {
+	iid, role      string
+	listen, admin  int
+	ranges         string // addressing block, empty for the defaults
+	channels       string // YAML lines of the channels block
+	servesChannels string // the member's channels map in the members list
+}
+
+func (e *env) startTCPProxies(p *path, insts []*tcpproxyInstance) error {
+	var members strings.Builder
+	members.WriteString("members:\n  static:\n")
+	for _, in := range insts {
+		fmt.Fprintf(&members, "    - {iid: %s, role: %s, addr: \"127.0.0.1:%d\", channels: {%s}}\n", in.iid, in.role, in.listen, in.servesChannels)
+	}
+	for _, in := range insts {
+		body := fmt.Sprintf("iid: %s\nrole: %s\nlisten: 127.0.0.1:%d\nadmin: 127.0.0.1:%d\n%s%schannels:\n%slog: {level: warn}\ndrainTimeout: 1s\n",
+			in.iid, in.role, in.listen, in.admin, in.ranges, members.String(), in.channels)
+		cfg := filepath.Join(e.dir, fmt.Sprintf("%s-%d.yaml", in.iid, e.rep))
+		if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
+			return err
+		}
+		c, err := e.kids.start(fmt.Sprintf("%s-%d", in.iid, e.rep), e.dir, e.binary, "run", "-config", cfg)
+		if err != nil {
+			return err
+		}
+		p.procs = append(p.procs, c)
+		p.admins = append(p.admins, fmt.Sprintf("127.0.0.1:%d", in.admin))
+	}
+	return nil
+}
+
+func freePorts(n int) ([]int, error) {
+	out := make([]int, n)
+	for i := range out {
+		p, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		out[i] = p
+	}
+	return out, nil
+}
+
+// tcpproxyPath is the request→reply path: a client instance with request
+// channels echo and sink, a server instance replying on them, with the
+// default address ranges of a deployment (as in cmd/tcpproxy's e2e tests).
+func tcpproxyPath(e *env) *path {
+	return &path{
+		key: "tcpproxy", name: "tcpproxy request→reply (loopback)", memory: true,
+		setup: func(ctx context.Context, p *path) error {
+			ports, err := freePorts(4)
+			if err != nil {
+				return err
+			}
+			reqIPs, err := proxy.RequestIPs(proxy.DefaultRequestRange, []string{"echo", "sink"})
+			if err != nil {
+				return err
+			}
+			ep, sp := e.srv.echoPort, e.srv.sinkPort
+			insts := []*tcpproxyInstance{
+				{iid: "bench-srv", role: "bench-server", listen: ports[0], admin: ports[1],
+					channels:       fmt.Sprintf("  echo: {kind: reply, port: %d}\n  sink: {kind: reply, port: %d}\n", ep, sp),
+					servesChannels: fmt.Sprintf("echo: %d, sink: %d", ep, sp)},
+				{iid: "bench-cli", role: "bench-client", listen: ports[2], admin: ports[3],
+					channels: fmt.Sprintf("  echo: {kind: request, port: %d}\n  sink: {kind: request, port: %d}\n", ep, sp)},
+			}
+			p.echo = netip.AddrPortFrom(reqIPs["echo"], uint16(ep)).String()
+			p.sink = netip.AddrPortFrom(reqIPs["sink"], uint16(sp)).String()
+			if err := e.startTCPProxies(p, insts); err != nil {
+				return err
+			}
+			return e.waitReady(ctx, p)
+		},
+	}
+}
+
+// serverIPs are the addresses where the bench's servers listen: 127.0.0.1
+// and the bind IPs of the tcpproxy instances that call them.
+func serverIPs() ([]netip.Addr, error) {
+	srvIP, err := proxy.NewInstanceAllocator(proxy.DefaultInstanceRange).Add("bench-srv")
+	if err != nil {
+		return nil, err
+	}
+	dxIP, err := proxy.NewInstanceAllocator(dxRangeB).Add("bench-dx-b")
+	if err != nil {
+		return nil, err
+	}
+	nsIP, err := nsServerIP()
+	if err != nil {
+		return nil, err
+	}
+	return []netip.Addr{netip.MustParseAddr("127.0.0.1"), srvIP, dxIP, nsIP}, nil
+}
+
+// Address ranges of the duplex path: the two instances share this host, so
+// each needs its own (a deployment gives each its own network namespace).
+var (
+	dxRangeA    = netip.MustParsePrefix("127.90.0.0/16")
+	dxReqRangeA = netip.MustParsePrefix("127.91.0.0/16")
+	dxRangeB    = netip.MustParsePrefix("127.92.0.0/16")
+	dxReqRangeB = netip.MustParsePrefix("127.93.0.0/16")
+)
+
+// duplexPath is a connect-mode instance A whose impostor for member B
+// carries connections to B, which binds: legacy client → A's impostor →
+// stream → B → the bench's servers on B's bind IP.
+func duplexPath(e *env) *path {
+	return &path{
+		key: "duplex", name: "tcpproxy duplex connect→bind (loopback)", memory: true,
+		setup: func(ctx context.Context, p *path) error {
+			ports, err := freePorts(4)
+			if err != nil {
+				return err
+			}
+			aView := proxy.NewInstanceAllocator(dxRangeA)
+			if _, err := aView.Add("bench-dx-a"); err != nil {
+				return err
+			}
+			impostorIP, err := aView.Add("bench-dx-b")
+			if err != nil {
+				return err
+			}
+			ep, sp := e.srv.echoPort, e.srv.sinkPort
+			insts := []*tcpproxyInstance{
+				{iid: "bench-dx-b", role: "bench-peer", listen: ports[0], admin: ports[1],
+					ranges:         fmt.Sprintf("addressing: {instanceRange: %s, requestRange: %s}\n", dxRangeB, dxReqRangeB),
+					channels:       fmt.Sprintf("  dxecho: {kind: duplex, port: %d, mode: bind}\n  dxsink: {kind: duplex, port: %d, mode: bind}\n", ep, sp),
+					servesChannels: fmt.Sprintf("dxecho: %d, dxsink: %d", ep, sp)},
+				{iid: "bench-dx-a", role: "bench-peer", listen: ports[2], admin: ports[3],
+					ranges:   fmt.Sprintf("addressing: {instanceRange: %s, requestRange: %s}\n", dxRangeA, dxReqRangeA),
+					channels: fmt.Sprintf("  dxecho: {kind: duplex, port: %d, mode: connect}\n  dxsink: {kind: duplex, port: %d, mode: connect}\n", ep, sp)},
+			}
+			p.echo = netip.AddrPortFrom(impostorIP, uint16(ep)).String()
+			p.sink = netip.AddrPortFrom(impostorIP, uint16(sp)).String()
+			if err := e.startTCPProxies(p, insts); err != nil {
+				return err
+			}
+			return e.waitReady(ctx, p)
+		},
+	}
+}
