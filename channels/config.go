@@ -51,6 +51,11 @@ type Config struct {
 	// AcceptBacklog is the per-channel queue of accepted streams waiting
 	// for Accept (default 128); when full, new streams are reset.
 	AcceptBacklog int
+
+	// OnHandshake, when set, is called after every session handshake, as
+	// dialer (dialed) or listener, with its duration and outcome (metrics).
+	// It must not block.
+	OnHandshake func(peer string, dialed bool, d time.Duration, err error)
 }
 
 // Defaults.

@@ -2,7 +2,8 @@ package channels
 
 // Test hooks, compiled only into this package's tests.
 
-// NumSessions returns how many live sessions the node has with peer iid.
+// NumSessions returns how many live sessions the node has with peer iid
+// (Sessions counts them for all peers).
 func (n *Node) NumSessions(iid string) int {
 	n.mu.Lock()
 	defer n.mu.Unlock()

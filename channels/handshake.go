@@ -17,7 +17,9 @@ import (
 var errRefused = errors.New("session refused")
 
 // dial connects to m and runs the dialer's side of the handshake.
-func (n *Node) dial(m Member) (*session, error) {
+func (n *Node) dial(m Member) (s *session, err error) {
+	start := time.Now()
+	defer func() { n.observeHandshake(m.IID, true, start, err) }()
 	if m.Addr == "" {
 		return nil, fmt.Errorf("dial %s: member has no address", m.IID)
 	}
@@ -63,7 +65,6 @@ func (n *Node) dial(m Member) (*session, error) {
 			err = fmt.Errorf("expected instance %q at %s but found %q", m.IID, m.Addr, reply.Hello.IID)
 		}
 	}
-	var s *session
 	if err == nil {
 		s, err = n.newSession(conn, reply.Hello, true)
 	}
@@ -77,6 +78,7 @@ func (n *Node) dial(m Member) (*session, error) {
 // serveConn runs the listener's side of the handshake on an accepted
 // connection and then serves the session.
 func (n *Node) serveConn(raw net.Conn) {
+	start := time.Now()
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.HandshakeTimeout)
 	conn := raw
 	var hello wire.Hello
@@ -118,6 +120,7 @@ func (n *Node) serveConn(raw net.Conn) {
 	if err == nil {
 		s, err = n.newSession(conn, hello, false)
 	}
+	n.observeHandshake(hello.IID, false, start, err)
 	if err != nil {
 		conn.Close()
 		if n.ctx.Err() == nil {
@@ -131,6 +134,12 @@ func (n *Node) serveConn(raw net.Conn) {
 	}
 	s.log.Info("session up", "dialed", false)
 	s.serve()
+}
+
+func (n *Node) observeHandshake(peer string, dialed bool, start time.Time, err error) {
+	if n.cfg.OnHandshake != nil {
+		n.cfg.OnHandshake(peer, dialed, time.Since(start), err)
+	}
 }
 
 // verifyPeer checks a dialed peer's certificate: it must chain to roots

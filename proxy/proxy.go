@@ -152,6 +152,9 @@ func cmpString(a, b string) int {
 	return 0
 }
 
+// IID is the instance id.
+func (p *Proxy) IID() string { return p.cfg.IID }
+
 // BindIP is the instance's own IP, where legacy servers bind.
 func (p *Proxy) BindIP() netip.Addr { return p.bindIP }
 

@@ -11,7 +11,15 @@ import (
 	"net/http/pprof"
 	"net/netip"
 	"runtime"
+	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/proxy/metrics"
 )
 
 // adminHost is the only address the admin endpoint may bind: it serves
@@ -44,10 +52,59 @@ type adminVars struct {
 	NumGC      uint32 `json:"numGC"`
 }
 
-// adminMux serves net/http/pprof under /debug/pprof/ and a JSON
-// goroutine count and memory summary at /debug/vars.
-func adminMux() *http.ServeMux {
+// observer is what the admin endpoint reports about the instance: its
+// metrics registry and whether it is ready. It exists before the instance
+// does, so that a failing start is visible too.
+type observer struct {
+	registry  *prometheus.Registry
+	transport *metrics.Transport
+	node      atomic.Pointer[channels.Node]
+	ready     atomic.Bool
+}
+
+func newObserver(iid string) *observer {
+	o := &observer{registry: prometheus.NewRegistry()}
+	o.transport = metrics.NewTransport(iid, func() int {
+		if n := o.node.Load(); n != nil {
+			return n.Sessions()
+		}
+		return 0
+	})
+	o.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), o.transport)
+	return o
+}
+
+// onHandshake is the node's handshake hook; nil for a nil observer.
+func (o *observer) onHandshake() func(string, bool, time.Duration, error) {
+	if o == nil {
+		return nil
+	}
+	return o.transport.ObserveHandshake
+}
+
+// attach adds a started instance's counters.
+func (o *observer) attach(in *instance) {
+	o.node.Store(in.node)
+	o.registry.MustRegister(metrics.NewCollector(in.proxy.IID(), in.proxy))
+}
+
+// adminMux serves Prometheus metrics at /metrics, liveness at /healthz,
+// readiness (the proxy sent Ready and is not shutting down) at /readyz,
+// net/http/pprof under /debug/pprof/ and a JSON goroutine count and
+// memory summary at /debug/vars.
+func adminMux(o *observer) *http.ServeMux {
 	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(o.registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !o.ready.Load() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -70,12 +127,12 @@ func adminMux() *http.ServeMux {
 
 // startAdmin serves the admin endpoint on addr (validated) until the
 // returned stop function is called.
-func startAdmin(addr string, log *slog.Logger) (stop func(), err error) {
+func startAdmin(addr string, log *slog.Logger, o *observer) (stop func(), err error) {
 	ln, err := net.Listen("tcp4", addr)
 	if err != nil {
 		return nil, fmt.Errorf("admin listen %s: %w", addr, err)
 	}
-	srv := &http.Server{Handler: adminMux(), ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{Handler: adminMux(o), ReadHeaderTimeout: 5 * time.Second}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)

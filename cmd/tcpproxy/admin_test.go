@@ -28,7 +28,7 @@ func TestAdminValidation(t *testing.T) {
 }
 
 func TestAdminEndpoint(t *testing.T) {
-	srv := httptest.NewServer(adminMux())
+	srv := httptest.NewServer(adminMux(newObserver("t")))
 	defer srv.Close()
 	resp, err := http.Get(srv.URL + "/debug/vars")
 	require.NoError(t, err)
@@ -46,7 +46,24 @@ func TestAdminEndpoint(t *testing.T) {
 	assert.Equal(t, http.StatusOK, resp2.StatusCode)
 	assert.Contains(t, string(body), "goroutine profile")
 
-	stop, err := startAdmin("127.0.0.1:0", slog.New(slog.DiscardHandler))
+	stop, err := startAdmin("127.0.0.1:0", slog.New(slog.DiscardHandler), newObserver("t"))
 	require.NoError(t, err)
 	stop()
+}
+
+func TestAdminHealthAndReadiness(t *testing.T) {
+	o := newObserver("t")
+	srv := httptest.NewServer(adminMux(o))
+	defer srv.Close()
+	status := func(path string) int {
+		resp, err := http.Get(srv.URL + path)
+		require.NoError(t, err)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	assert.Equal(t, http.StatusOK, status("/healthz"))
+	assert.Equal(t, http.StatusServiceUnavailable, status("/readyz"))
+	o.ready.Store(true)
+	assert.Equal(t, http.StatusOK, status("/readyz"))
+	assert.Equal(t, http.StatusOK, status("/metrics"))
 }

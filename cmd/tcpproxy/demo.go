@@ -235,7 +235,7 @@ func (d *demo) add(ctx context.Context, iid, role string, chans map[string]proxy
 		cfg.Addressing = addressingConfig{InstanceRange: a.InstanceRange.String(), RequestRange: a.RequestRange.String()}
 		network, host = proxy.NewLoopback(), kernel{}
 	}
-	in, err := startInstanceWith(ctx, cfg, network, d.members, d.log)
+	in, err := startInstanceWith(ctx, cfg, network, d.members, d.log, nil)
 	if err != nil {
 		network.Close()
 		return nil, fmt.Errorf("start %s: %w", iid, err)

@@ -189,6 +189,11 @@ func TestTwoProcessesHTTPMutualTLS(t *testing.T) {
 
 func testTwoProcessesHTTP(t *testing.T, dir string, extra map[string]string) {
 	const port = 18080
+	if extra == nil {
+		extra = map[string]string{}
+	}
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	extra["cli-1"] += "admin: " + admin + "\n"
 	serverCfg, clientCfg := twoInstancesIn(t, dir, "api", port, extra)
 	server := startProc(t, []string{"TCPPROXY_TEST_LEGACY=http"}, "run", "-config", serverCfg, "--", os.Args[0])
 	client := startProc(t, nil, "run", "-config", clientCfg)
@@ -210,6 +215,27 @@ func testTwoProcessesHTTP(t *testing.T, dir string, extra map[string]string) {
 	callerIP := defaultIP(t, "srv-1", "cli-1")
 	assert.Contains(t, body, "hello from srv-1, caller "+callerIP+":")
 	assert.Contains(t, body, "path /through/the/proxy")
+
+	// The client's admin endpoint: ready, and metrics that count what
+	// just crossed it.
+	resp, err := hc.Get("http://" + admin + "/readyz")
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	resp, err = hc.Get("http://" + admin + "/metrics")
+	require.NoError(t, err)
+	metricsText, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	require.NoError(t, err)
+	for _, re := range []string{
+		`tcpproxy_connections_total\{channel="api",iid="cli-1",kind="request"\} [1-9]`,
+		`tcpproxy_bytes_total\{channel="api",direction="in",iid="cli-1",kind="request"\} [1-9]`,
+		`tcpproxy_handshake_seconds_count\{iid="cli-1",result="ok",side="dial"\} [1-9]`,
+		`tcpproxy_sessions\{iid="cli-1"\} 1`,
+		`go_goroutines `,
+	} {
+		assert.Regexp(t, re, string(metricsText))
+	}
 
 	clientLog := client.stop(t)
 	serverLog := server.stop(t)

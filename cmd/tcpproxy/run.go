@@ -41,16 +41,17 @@ type instance struct {
 
 // startInstance builds and starts the mesh node and the proxy of cfg,
 // with the membership cfg names.
-func startInstance(ctx context.Context, cfg *fileConfig, network proxy.Network, log *slog.Logger) (*instance, error) {
+func startInstance(ctx context.Context, cfg *fileConfig, network proxy.Network, log *slog.Logger, obs *observer) (*instance, error) {
 	src, err := membersFor(cfg, log)
 	if err != nil {
 		return nil, err
 	}
-	return startInstanceWith(ctx, cfg, network, src, log)
+	return startInstanceWith(ctx, cfg, network, src, log, obs)
 }
 
 // startInstanceWith is startInstance with the membership given.
-func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Network, src channels.Source, log *slog.Logger) (*instance, error) {
+// obs, when not nil, receives the instance's metrics.
+func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Network, src channels.Source, log *slog.Logger, obs *observer) (*instance, error) {
 	var tlsCfg *tls.Config
 	if cfg.TLS.Cert != "" {
 		var err error
@@ -62,6 +63,7 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 		IID: cfg.IID, Role: cfg.Role, ListenAddr: cfg.Listen,
 		TLS: tlsCfg, Members: src, Logger: log,
 		KeepAliveInterval: time.Duration(cfg.Transport.KeepAlive),
+		OnHandshake:       obs.onHandshake(),
 		DialTimeout:       time.Duration(cfg.Transport.DialTimeout),
 		HandshakeTimeout:  time.Duration(cfg.Transport.HandshakeTimeout),
 	})
@@ -104,18 +106,20 @@ func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *sl
 		return err
 	}
 	defer network.Close()
+	obs := newObserver(cfg.IID)
 	if cfg.Admin != "" {
-		stopAdmin, err := startAdmin(cfg.Admin, log)
+		stopAdmin, err := startAdmin(cfg.Admin, log, obs)
 		if err != nil {
 			return err
 		}
 		defer stopAdmin()
 	}
-	in, err := startInstance(ctx, cfg, network, log)
+	in, err := startInstance(ctx, cfg, network, log, obs)
 	log = log.With("iid", cfg.IID)
 	if err != nil {
 		return err
 	}
+	obs.attach(in)
 	drain := time.Duration(cfg.DrainTimeout)
 	if drain == 0 {
 		drain = 10 * time.Second
@@ -141,6 +145,7 @@ func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *sl
 	for {
 		select {
 		case <-ctx.Done():
+			obs.ready.Store(false)
 			log.Info("shutting down", "drain", drain)
 			if child != nil {
 				child.stop()
@@ -166,6 +171,9 @@ func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *sl
 			return errors.Join(fmt.Errorf("legacy program: %w", exit), err)
 		case e := <-events:
 			logEvent(log, e)
+			if _, ok := e.(proxy.Ready); ok {
+				obs.ready.Store(true)
+			}
 			if child == nil {
 				continue
 			}

@@ -5,6 +5,8 @@
 package metrics
 
 import (
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tcpproxy/tcpproxy/proxy"
@@ -72,4 +74,53 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(c.members, prometheus.GaugeValue, float64(st.Members), l...)
 		}
 	}
+}
+
+// Transport holds the metrics of the sessions between proxies.
+type Transport struct {
+	handshakes *prometheus.HistogramVec
+	sessions   prometheus.GaugeFunc
+}
+
+// NewTransport returns the session metrics of instance iid; sessions
+// reports the live session count at scrape time (channels.Node.Sessions).
+func NewTransport(iid string, sessions func() int) *Transport {
+	labels := prometheus.Labels{"iid": iid}
+	return &Transport{
+		handshakes: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:        "tcpproxy_handshake_seconds",
+			Help:        "Session handshakes (TCP or TLS connect and tcpproxy hello) by side (dial or accept) and result (ok or error).",
+			ConstLabels: labels,
+			Buckets:     prometheus.ExponentialBuckets(0.0005, 2, 14), // 0.5 ms .. 4 s
+		}, []string{"side", "result"}),
+		sessions: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name:        "tcpproxy_sessions",
+			Help:        "Live sessions with other proxies.",
+			ConstLabels: labels,
+		}, func() float64 { return float64(sessions()) }),
+	}
+}
+
+// ObserveHandshake records one handshake; it fits channels.Config.OnHandshake.
+func (t *Transport) ObserveHandshake(_ string, dialed bool, d time.Duration, err error) {
+	side, result := "accept", "ok"
+	if dialed {
+		side = "dial"
+	}
+	if err != nil {
+		result = "error"
+	}
+	t.handshakes.WithLabelValues(side, result).Observe(d.Seconds())
+}
+
+// Describe implements prometheus.Collector.
+func (t *Transport) Describe(ch chan<- *prometheus.Desc) {
+	t.handshakes.Describe(ch)
+	t.sessions.Describe(ch)
+}
+
+// Collect implements prometheus.Collector.
+func (t *Transport) Collect(ch chan<- prometheus.Metric) {
+	t.handshakes.Collect(ch)
+	t.sessions.Collect(ch)
 }
