@@ -70,6 +70,10 @@ type ChannelConfig struct {
 	// are reset at once while existing ones carry on, so a flood degrades
 	// to refusals instead of exhausting memory or descriptors.
 	MaxConnections int `yaml:"maxConnections,omitempty" json:"maxConnections,omitempty"`
+	// IdleTimeout, when positive, resets a connection in both directions
+	// once no byte has crossed it either way for that long (slow-loris and
+	// abandoned connections); 0 means never, as TCP itself.
+	IdleTimeout time.Duration `yaml:"idleTimeout,omitempty" json:"idleTimeout,omitempty"`
 }
 
 // DefaultMaxConnections is a channel's default concurrency limit.
@@ -154,6 +158,9 @@ func (c ChannelConfig) Validate(name string) error {
 		if err := ValidateName("channel "+name+": target", c.Target); err != nil {
 			return err
 		}
+	}
+	if c.IdleTimeout < 0 {
+		return fmt.Errorf("channel %q: idleTimeout %s is negative", name, c.IdleTimeout)
 	}
 	if c.MaxConnections < 0 {
 		return fmt.Errorf("channel %q: maxConnections %d is negative", name, c.MaxConnections)

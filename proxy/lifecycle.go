@@ -23,6 +23,12 @@ type conn struct {
 	// spliced is set by run, in the goroutine track started, when the
 	// splice goroutine took over finishing the conn.
 	spliced bool
+
+	// bytes counts the connection's traffic both ways; the idle timer
+	// compares it with lastBytes each time it fires.
+	bytes     atomic.Int64
+	lastBytes int64
+	idle      *time.Timer
 }
 
 // track runs f in a new goroutine owned by the proxy, with a conn that
@@ -83,14 +89,52 @@ func (k *conn) run(legacy halfConn, stream halfConn) {
 	k.legacy, k.stream = legacy, stream
 	k.mu.Unlock()
 	k.spliced = true
+	if d := k.cs.cfg.IdleTimeout; d > 0 {
+		// A timer, not a goroutine, per connection: it costs little while
+		// thousands of connections sit idle.
+		k.mu.Lock()
+		k.idle = time.AfterFunc(d, k.checkIdle)
+		k.mu.Unlock()
+	}
 	go func() {
 		defer k.finish()
-		err := splice(legacy, stream, spliceStats{&k.cs.stats.bytesOut, &k.cs.stats.bytesIn})
+		defer k.stopIdle()
+		err := splice(legacy, stream, spliceStats{&k.cs.stats.bytesOut, &k.cs.stats.bytesIn, &k.bytes})
 		if err != nil {
 			k.cs.stats.reset.Add(1)
 			k.p.log.Debug("connection ended with reset", "channel", k.cs.name, "err", err)
 		}
 	}()
+}
+
+// checkIdle runs when the idle timer fires: a connection that moved no
+// byte since the last check is reset, any other is checked again later.
+func (k *conn) checkIdle() {
+	k.mu.Lock()
+	if k.idle == nil {
+		k.mu.Unlock()
+		return // the splice ended
+	}
+	now := k.bytes.Load()
+	if now != k.lastBytes {
+		k.lastBytes = now
+		k.idle.Reset(k.cs.cfg.IdleTimeout)
+		k.mu.Unlock()
+		return
+	}
+	k.mu.Unlock()
+	k.cs.stats.idle.Add(1)
+	k.p.log.Info("connection idle; resetting", "channel", k.cs.name, "idleTimeout", k.cs.cfg.IdleTimeout)
+	k.kill()
+}
+
+func (k *conn) stopIdle() {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.idle != nil {
+		k.idle.Stop()
+		k.idle = nil
+	}
 }
 
 // kill resets the connection in both directions.
@@ -202,6 +246,7 @@ type channelCounters struct {
 	active   atomic.Int64
 	failed   atomic.Int64 // could not be connected end to end
 	refused  atomic.Int64 // turned away at the connection limit
+	idle     atomic.Int64 // reset by the idle timeout
 	reset    atomic.Int64 // ended with an error (reset either side)
 	bytesOut atomic.Int64 // legacy → stream
 	bytesIn  atomic.Int64 // stream → legacy
@@ -215,6 +260,7 @@ type ChannelStats struct {
 	Active      int64
 	Failed      int64 // could not be connected: no member, legacy server down, ...
 	Refused     int64 // turned away at the channel's connection limit
+	IdleReset   int64 // reset by the channel's idle timeout
 	Reset       int64 // ended by a reset or transport failure
 	BytesOut    int64 // from the legacy program into the mesh
 	BytesIn     int64 // from the mesh to the legacy program
@@ -236,6 +282,7 @@ func (p *Proxy) Stats() []ChannelStats {
 			Active:      cs.stats.active.Load(),
 			Failed:      cs.stats.failed.Load(),
 			Refused:     cs.stats.refused.Load(),
+			IdleReset:   cs.stats.idle.Load(),
 			Reset:       cs.stats.reset.Load(),
 			BytesOut:    cs.stats.bytesOut.Load(),
 			BytesIn:     cs.stats.bytesIn.Load(),

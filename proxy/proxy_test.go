@@ -140,3 +140,56 @@ func TestConnectionLimit(t *testing.T) {
 		require.NoError(t, err)
 	}
 }
+
+// TestIdleTimeout: a connection that moves no byte for idleTimeout is reset
+// on both legacy sides; one that keeps talking outlives it.
+func TestIdleTimeout(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	c := proxytest.NewCluster(t, proxytest.LoopbackInstance)
+	s := c.Add("server-0", "server", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindReply, Port: 7000}})
+	serverErrs := make(chan error, 2)
+	s.Serve(t, 7000, func(conn net.Conn) {
+		_, err := io.Copy(conn, conn)
+		if err == nil {
+			err = io.EOF
+		}
+		serverErrs <- err
+	})
+	client := c.Add("client-0", "client", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindRequest, Port: 6000, IdleTimeout: idle}})
+	addr := client.RequestAddr(t, "db")
+	echo := func(conn net.Conn) error {
+		if _, err := conn.Write([]byte("x")); err != nil {
+			return err
+		}
+		_ = conn.SetReadDeadline(time.Now().Add(proxytest.Timeout))
+		_, err := io.ReadFull(conn, make([]byte, 1))
+		return err
+	}
+
+	// A busy connection: one echo every idle/3 for 3 idle periods.
+	busy := client.Dial(t, addr)
+	tick := time.NewTicker(idle / 3)
+	defer tick.Stop()
+	for range 9 {
+		require.NoError(t, echo(busy), "a connection with traffic must not time out")
+		<-tick.C
+	}
+
+	// A connection that goes quiet after one echo is reset both ways.
+	quiet := client.Dial(t, addr)
+	require.NoError(t, echo(quiet))
+	start := time.Now()
+	_ = quiet.SetReadDeadline(time.Now().Add(proxytest.Timeout))
+	_, err := quiet.Read(make([]byte, 1))
+	require.Error(t, err)
+	require.False(t, errors.Is(err, io.EOF) || errors.Is(err, os.ErrDeadlineExceeded), "client should see a reset, got %v", err)
+	assert.GreaterOrEqual(t, time.Since(start), idle/2, "reset before the connection was idle")
+	select {
+	case err := <-serverErrs:
+		require.False(t, errors.Is(err, io.EOF), "server should see a reset, got %v", err)
+	case <-time.After(proxytest.Timeout):
+		require.FailNow(t, "server side not reset")
+	}
+	// The busy connection has been quiet since its loop ended: it goes too.
+	require.Eventually(t, func() bool { return client.Proxy.Stats()[0].IdleReset == 2 }, proxytest.Timeout, 5*time.Millisecond)
+}

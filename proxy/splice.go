@@ -188,8 +188,9 @@ type pipeResult struct {
 }
 
 // pipe copies src to dst until EOF (then half-closes dst) or an error. It
-// counts bytes into *counter as they flow, so stats are live.
-func pipe(dst, src halfConn, counter *atomic.Int64) pipeResult {
+// counts bytes into *counter and *activity as they flow, so stats are live
+// and an idle timer can tell whether the connection moved.
+func pipe(dst, src halfConn, counter, activity *atomic.Int64) pipeResult {
 	var b buffer
 	defer b.release()
 	rd := newReader(src)
@@ -201,6 +202,7 @@ func pipe(dst, src halfConn, counter *atomic.Int64) pipeResult {
 			nw, werr := dst.Write(buf[:nr])
 			total += int64(nw)
 			counter.Add(int64(nw))
+			activity.Add(int64(nw))
 			if werr == nil && nw != nr {
 				werr = io.ErrShortWrite
 			}
@@ -222,6 +224,7 @@ func pipe(dst, src halfConn, counter *atomic.Int64) pipeResult {
 type spliceStats struct {
 	legacyToStream *atomic.Int64
 	streamToLegacy *atomic.Int64
+	both           *atomic.Int64 // this connection's bytes, either way
 }
 
 // splice joins a legacy TCP connection and a stream with TCP semantics in
@@ -246,12 +249,12 @@ func splice(legacy, stream halfConn, st spliceStats) error {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		up = pipe(stream, legacy, st.legacyToStream)
+		up = pipe(stream, legacy, st.legacyToStream, st.both)
 		if up.err != nil {
 			fail()
 		}
 	}()
-	down := pipe(legacy, stream, st.streamToLegacy)
+	down := pipe(legacy, stream, st.streamToLegacy, st.both)
 	if down.err != nil {
 		fail()
 	}

@@ -159,9 +159,9 @@ func TestWaitReaderWithEagerSource(t *testing.T) {
 func TestPipeTCP(t *testing.T) {
 	clientA, proxyA := tcpPair(t) // client → proxy
 	proxyB, serverB := tcpPair(t) // proxy → server
-	var counter atomic.Int64
+	var counter, activity atomic.Int64
 	res := make(chan pipeResult, 1)
-	go func() { res <- pipe(proxyB, proxyA, &counter) }()
+	go func() { res <- pipe(proxyB, proxyA, &counter, &activity) }()
 
 	data := make([]byte, 3<<20+123)
 	_, _ = rand.Read(data)
@@ -183,5 +183,6 @@ func TestPipeTCP(t *testing.T) {
 	require.NoError(t, r.err, "clean EOF is forwarded as FIN")
 	assert.Equal(t, int64(len(data)), r.n)
 	assert.Equal(t, int64(len(data)), counter.Load())
+	assert.Equal(t, counter.Load(), activity.Load(), "activity counts the same bytes")
 	assert.True(t, bytes.Equal(data, <-got), "bytes differ")
 }

@@ -18,6 +18,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer) error {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	configPath := fs.String("config", "", "configuration file (YAML)")
+	verbose := fs.Bool("v", false, "debug logs (overrides log.level)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -29,6 +30,9 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	level, _ := parseLevel(cfg.Log.Level) // validated
+	if *verbose {
+		level = slog.LevelDebug
+	}
 	// The proxy and the node add the iid to their own logs.
 	return runInstance(ctx, cfg, fs.Args(), newLogger(stderr, cfg.Log.Format, level))
 }

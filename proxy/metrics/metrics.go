@@ -26,6 +26,7 @@ type Collector struct {
 	failed      *prometheus.Desc
 	refused     *prometheus.Desc
 	resets      *prometheus.Desc
+	idle        *prometheus.Desc
 	bytes       *prometheus.Desc
 	members     *prometheus.Desc
 }
@@ -44,6 +45,7 @@ func NewCollector(iid string, src StatsSource) *Collector {
 		failed:      desc("connections_failed_total", "Connections that could not be set up end to end (no member, legacy server down, ...)."),
 		refused:     desc("connections_refused_total", "Connections turned away at the channel's connection limit."),
 		resets:      desc("connections_reset_total", "Connections that ended with a reset or transport failure instead of a clean close."),
+		idle:        desc("connections_idle_reset_total", "Connections reset by the channel's idle timeout."),
 		bytes:       desc("bytes_total", "Bytes carried; direction out is from the legacy program into the mesh.", "direction"),
 		members:     desc("members", "Duplex members known, the local instance included."),
 	}
@@ -51,7 +53,7 @@ func NewCollector(iid string, src StatsSource) *Collector {
 
 // Describe implements prometheus.Collector.
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.connections, c.active, c.failed, c.refused, c.resets, c.bytes, c.members} {
+	for _, d := range []*prometheus.Desc{c.connections, c.active, c.failed, c.refused, c.resets, c.idle, c.bytes, c.members} {
 		ch <- d
 	}
 }
@@ -67,6 +69,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.failed, st.Failed)
 		counter(c.refused, st.Refused)
 		counter(c.resets, st.Reset)
+		counter(c.idle, st.IdleReset)
 		counter(c.bytes, st.BytesOut, "out")
 		counter(c.bytes, st.BytesIn, "in")
 		ch <- prometheus.MustNewConstMetric(c.active, prometheus.GaugeValue, float64(st.Active), l...)

@@ -45,5 +45,5 @@ tcpproxy_members{channel="peers",iid="web-1",kind="duplex"} 3
 		"tcpproxy_bytes_total", "tcpproxy_connections_active", "tcpproxy_connections_refused_total", "tcpproxy_members"))
 	n, err := testutil.GatherAndCount(reg)
 	require.NoError(t, err)
-	require.Equal(t, 15, n)
+	require.Equal(t, 17, n)
 }
