@@ -193,3 +193,59 @@ func TestIdleTimeout(t *testing.T) {
 	// The busy connection has been quiet since its loop ended: it goes too.
 	require.Eventually(t, func() bool { return client.Proxy.Stats()[0].IdleReset == 2 }, proxytest.Timeout, 5*time.Millisecond)
 }
+
+// TestFloodDegradesGracefully: with a channel at its limit, a flood of new
+// connections is refused at once while every held connection keeps
+// working. The figures are logged for the record.
+func TestFloodDegradesGracefully(t *testing.T) {
+	const limit, flood = 50, 500
+	c := proxytest.NewCluster(t, proxytest.LoopbackInstance)
+	s := c.Add("server-0", "server", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindReply, Port: 7000}})
+	s.Serve(t, 7000, func(conn net.Conn) { _, _ = io.Copy(conn, conn) })
+	client := c.Add("client-0", "client", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindRequest, Port: 6000, MaxConnections: limit}})
+	addr := client.RequestAddr(t, "db")
+	echo := func(conn net.Conn) error {
+		if _, err := conn.Write([]byte("x")); err != nil {
+			return err
+		}
+		_ = conn.SetReadDeadline(time.Now().Add(proxytest.Timeout))
+		_, err := io.ReadFull(conn, make([]byte, 1))
+		return err
+	}
+	held := make([]net.Conn, 0, limit)
+	for range limit {
+		conn := client.Dial(t, addr)
+		require.NoError(t, echo(conn))
+		held = append(held, conn)
+	}
+	start := time.Now()
+	errs := make(chan error, flood)
+	for range flood {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), proxytest.Timeout)
+			defer cancel()
+			conn, err := client.Inst.Host.Dial(ctx, addr)
+			if err == nil {
+				err = echo(conn)
+				conn.Close()
+			}
+			errs <- err
+		}()
+	}
+	refused := 0
+	for range flood {
+		if err := <-errs; err != nil {
+			require.False(t, errors.Is(err, os.ErrDeadlineExceeded), "a refusal must be immediate, got %v", err)
+			refused++
+		}
+	}
+	elapsed := time.Since(start)
+	assert.Equal(t, flood, refused, "every connection past the limit is refused")
+	for _, conn := range held {
+		require.NoError(t, echo(conn), "held connections keep working during the flood")
+	}
+	st := client.Proxy.Stats()[0]
+	assert.Equal(t, int64(flood), st.Refused)
+	t.Logf("flood: %d connections past a limit of %d refused in %s (%.0f/s); all %d held connections still served",
+		refused, limit, elapsed.Round(time.Millisecond), float64(refused)/elapsed.Seconds(), limit)
+}
