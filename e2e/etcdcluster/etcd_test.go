@@ -22,6 +22,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tcpproxy/tcpproxy/e2e/internal/ns"
+	"github.com/tcpproxy/tcpproxy/e2e/internal/proxybin"
 	"github.com/tcpproxy/tcpproxy/proxy"
 )
 
@@ -58,59 +59,10 @@ exec etcd --name "$TCPPROXY_IID" --data-dir "$1" \
   --logger zap --log-outputs stderr --log-level warn
 `
 
-var (
-	binOnce sync.Once
-	binDir  string
-	binPath string
-	binErr  error
-)
-
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binDir != "" {
-		_ = os.RemoveAll(binDir)
-	}
+	proxybin.Cleanup()
 	os.Exit(code)
-}
-
-// raceProxies says whether the proxies are built with -race: like the
-// test binary, unless TCPPROXY_E2E_RACE says otherwise.
-func raceProxies() bool {
-	switch os.Getenv("TCPPROXY_E2E_RACE") {
-	case "0", "false":
-		return false
-	case "1", "true":
-		return true
-	}
-	return raceEnabled
-}
-
-// proxyBinary builds cmd/tcpproxy once per test run.
-func proxyBinary(t *testing.T) string {
-	binOnce.Do(func() {
-		if binDir, binErr = os.MkdirTemp("", "tcpproxy-etcd-bin-"); binErr != nil {
-			return
-		}
-		binPath = filepath.Join(binDir, "tcpproxy")
-		args := []string{"build", "-o", binPath}
-		if raceProxies() {
-			args = append(args, "-race")
-		}
-		args = append(args, "github.com/tcpproxy/tcpproxy/cmd/tcpproxy")
-		out, err := exec.Command("go", args...).CombinedOutput()
-		if err != nil {
-			binErr = fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	})
-	require.NoError(t, binErr)
-	return binPath
-}
-
-func logLevel() string {
-	if l := os.Getenv("TCPPROXY_E2E_LOG"); l != "" {
-		return l
-	}
-	return "info"
 }
 
 // requirements skips the test where it cannot run.
@@ -180,7 +132,7 @@ func (m *member) clientURL() string {
 func newCluster(t *testing.T) *cluster {
 	t.Helper()
 	requirements(t)
-	c := &cluster{t: t, bin: proxyBinary(t)}
+	c := &cluster{t: t, bin: proxybin.Path(t)}
 	// The directory first: its removal is then the last cleanup, after
 	// etcd has stopped.
 	if os.Getenv("TCPPROXY_E2E_KEEP") != "" {
@@ -200,7 +152,7 @@ func newCluster(t *testing.T) *cluster {
 			t.Errorf("remove namespaces: %v", err)
 		}
 	})
-	t.Logf("namespaces %s-*, files in %s, proxies built with race=%v", c.net.Prefix, c.dir, raceProxies())
+	t.Logf("namespaces %s-*, files in %s, proxies built with race=%v", c.net.Prefix, c.dir, proxybin.Race())
 
 	// The instance IPs as every proxy computes them.
 	alloc := proxy.NewInstanceAllocator(proxy.DefaultInstanceRange)
@@ -240,7 +192,7 @@ channels:
 legacy: {onChange: ignore, stopTimeout: 15s}
 drainTimeout: 10s
 log: {level: %s}
-`, m.iid, m.Addr, transportPort, membersPath, peerPort, clientPort, logLevel())
+`, m.iid, m.Addr, transportPort, membersPath, peerPort, clientPort, proxybin.LogLevel())
 		require.NoError(t, os.WriteFile(m.cfgPath, []byte(cfg), 0o644))
 	}
 

@@ -21,6 +21,7 @@ import (
 
 	"github.com/tcpproxy/tcpproxy/e2e/internal/legacy"
 	"github.com/tcpproxy/tcpproxy/e2e/internal/ns"
+	"github.com/tcpproxy/tcpproxy/e2e/internal/proxybin"
 	"github.com/tcpproxy/tcpproxy/proxy"
 )
 
@@ -50,60 +51,10 @@ var fourHosts = []hostSpec{
 	{"cli-2", "client", false},
 }
 
-var (
-	binOnce sync.Once
-	binDir  string
-	binPath string
-	binErr  error
-)
-
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binDir != "" {
-		_ = os.RemoveAll(binDir)
-	}
+	proxybin.Cleanup()
 	os.Exit(code)
-}
-
-// raceProxies says whether the proxies are built with -race: like the
-// test binary, unless TCPPROXY_E2E_RACE says otherwise.
-func raceProxies() bool {
-	switch os.Getenv("TCPPROXY_E2E_RACE") {
-	case "0", "false":
-		return false
-	case "1", "true":
-		return true
-	}
-	return raceEnabled
-}
-
-// proxyBinary builds cmd/tcpproxy once per test run.
-func proxyBinary(t *testing.T) string {
-	binOnce.Do(func() {
-		if binDir, binErr = os.MkdirTemp("", "tcpproxy-e2e-"); binErr != nil {
-			return
-		}
-		binPath = filepath.Join(binDir, "tcpproxy")
-		args := []string{"build", "-o", binPath}
-		if raceProxies() {
-			args = append(args, "-race")
-		}
-		args = append(args, "github.com/tcpproxy/tcpproxy/cmd/tcpproxy")
-		out, err := exec.Command("go", args...).CombinedOutput()
-		if err != nil {
-			binErr = fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	})
-	require.NoError(t, binErr)
-	return binPath
-}
-
-// logLevel is the proxies' log level: TCPPROXY_E2E_LOG, default info.
-func logLevel() string {
-	if l := os.Getenv("TCPPROXY_E2E_LOG"); l != "" {
-		return l
-	}
-	return "info"
 }
 
 // requireNamespaces skips the test where namespaces cannot be made.
@@ -176,7 +127,7 @@ const serverBound = 90 * time.Second
 func newCluster(t *testing.T, specs []hostSpec) *cluster {
 	t.Helper()
 	requireNamespaces(t)
-	c := &cluster{t: t, bin: proxyBinary(t), byIID: make(map[string]*host),
+	c := &cluster{t: t, bin: proxybin.Path(t), byIID: make(map[string]*host),
 		servers: &legacy.Collector{}, clients: &legacy.Collector{}, done: make(chan struct{})}
 	var err error
 	c.net, err = ns.NewNet(ns.RandomPrefix(), len(specs), subnet)
@@ -194,7 +145,7 @@ func newCluster(t *testing.T, specs []hostSpec) *cluster {
 	} else {
 		c.dir = t.TempDir()
 	}
-	t.Logf("namespaces %s-*, files in %s, proxies built with race=%v", c.net.Prefix, c.dir, raceProxies())
+	t.Logf("namespaces %s-*, files in %s, proxies built with race=%v", c.net.Prefix, c.dir, proxybin.Race())
 
 	iids := make([]string, len(specs))
 	var members strings.Builder
@@ -269,7 +220,7 @@ channels:
   ring: {kind: duplex, port: %d, mode: both}
 drainTimeout: 2s
 log: {level: %s}
-`, h.spec.iid, h.spec.role, h.Addr, transportPort, h.c.members, api, ringPort, logLevel())
+`, h.spec.iid, h.spec.role, h.Addr, transportPort, h.c.members, api, ringPort, proxybin.LogLevel())
 	require.NoError(h.c.t, os.WriteFile(h.cfgPath, []byte(cfg), 0o644))
 }
 

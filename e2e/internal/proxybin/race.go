@@ -1,5 +1,5 @@
 //go:build race
 
-package etcdcluster
+package proxybin
 
 const raceEnabled = true

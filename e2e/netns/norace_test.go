@@ -1,5 +1,0 @@
-//go:build !race
-
-package netns
-
-const raceEnabled = false
