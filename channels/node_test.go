@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"syscall"
+	"sync"
 	"testing"
 	"time"
 
@@ -408,4 +409,30 @@ func TestTLSRejectsUnknownCA(t *testing.T) {
 	require.Error(t, err)
 	require.ErrorContains(t, err, "tls")
 	require.True(t, errors.Is(err, channels.ErrNoMembers))
+}
+
+// TestConcurrentOpensDuringBackoff: many opens to a peer that cannot be
+// reached, while dials fail and back off, race on nothing (run with -race)
+// and all fail with errors, never hang.
+func TestConcurrentOpensDuringBackoff(t *testing.T) {
+	cfg := baseConfig("a", channels.NewMemoryTransport(), membership.Static(channels.Member{IID: "b", Addr: "nobody-listens", Channels: map[string]uint16{"svc": 80}}))
+	cfg.BackoffMin, cfg.BackoffMax = time.Microsecond, 50*time.Microsecond
+	var req channels.RequestChannel
+	startNode(t, cfg, func(n *channels.Node) {
+		var err error
+		req, err = n.Request("svc", "", nil)
+		require.NoError(t, err)
+	})
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for range 200 {
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				_, _, err := req.Open(ctx, channels.Header{})
+				cancel()
+				assert.ErrorIs(t, err, channels.ErrNoMembers)
+			}
+		})
+	}
+	wg.Wait()
 }

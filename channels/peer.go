@@ -93,9 +93,11 @@ func (n *Node) sessionTo(ctx context.Context, m Member) (*session, error) {
 	call := p.dial
 	if call == nil {
 		if wait := time.Until(p.retryAt); wait > 0 {
-			n.mu.Unlock()
-			return nil, fmt.Errorf("peer %s (%s): %w after %d failed dials, next attempt in %v: %w",
+			// p's fields belong to n.mu: read them before unlocking.
+			err := fmt.Errorf("peer %s (%s): %w after %d failed dials, next attempt in %v: %w",
 				m.IID, m.Addr, ErrBackoff, p.failures, wait.Round(time.Millisecond), p.lastErr)
+			n.mu.Unlock()
+			return nil, err
 		}
 		// The dial belongs to the node, not to this caller: a caller that
 		// gives up must not fail the dial for the others waiting on it.
