@@ -4,8 +4,8 @@ import (
 	"context"
 	"errors"
 	"io"
-	"syscall"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
