@@ -223,6 +223,19 @@ func roundTrip(t testing.TB, from, to net.Conn) {
 	require.Equal(t, msg, got)
 }
 
+// listenBothSides claims requestIP:6379 on the network and listens on
+// bindIP:6379 on the host; both listeners close at test end.
+func listenBothSides(ctx context.Context, t *testing.T, n *netstack.Network, h *netstack.Host) (claim netip.AddrPort, l, hl net.Listener) {
+	claim = netip.AddrPortFrom(requestIP, 6379)
+	l, err := n.Listen(ctx, claim)
+	require.NoError(t, err)
+	t.Cleanup(func() { l.Close() })
+	hl, err = h.Listen(ctx, netip.AddrPortFrom(bindIP, 6379))
+	require.NoError(t, err)
+	t.Cleanup(func() { hl.Close() })
+	return claim, l, hl
+}
+
 type halfCloser interface {
 	net.Conn
 	CloseWrite() error
@@ -232,13 +245,7 @@ type halfCloser interface {
 func TestMemoryHalfClose(t *testing.T) {
 	ctx := testCtx(t)
 	n, h := newMemory(t)
-	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
-	require.NoError(t, err)
-	defer l.Close()
-	hl, err := h.Listen(ctx, netip.AddrPortFrom(bindIP, 6379))
-	require.NoError(t, err)
-	defer hl.Close()
+	claim, l, hl := listenBothSides(ctx, t, n, h)
 
 	cases := map[string]func() (net.Conn, net.Conn){
 		"host to network": func() (net.Conn, net.Conn) {
@@ -278,13 +285,7 @@ func TestMemoryHalfClose(t *testing.T) {
 func TestMemoryLingerZeroResets(t *testing.T) {
 	ctx := testCtx(t)
 	n, h := newMemory(t)
-	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
-	require.NoError(t, err)
-	defer l.Close()
-	hl, err := h.Listen(ctx, netip.AddrPortFrom(bindIP, 6379))
-	require.NoError(t, err)
-	defer hl.Close()
+	claim, l, hl := listenBothSides(ctx, t, n, h)
 
 	cases := map[string]func() (net.Conn, net.Conn){
 		"network resets host": func() (net.Conn, net.Conn) {
