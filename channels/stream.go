@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -134,5 +135,11 @@ func (s *stream) mapErr(op string, err error) error {
 // forwarded as a FIN.
 type resetError struct{ cause error }
 
-func (e *resetError) Error() string        { return "stream reset: " + e.cause.Error() }
+func (e *resetError) Error() string {
+	msg := e.cause.Error()
+	if strings.HasPrefix(msg, "stream reset") { // yamux's own wording
+		return msg
+	}
+	return "stream reset: " + msg
+}
 func (e *resetError) Is(target error) bool { return target == ErrStreamReset }

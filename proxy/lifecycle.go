@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -99,11 +100,18 @@ func (k *conn) run(legacy halfConn, stream halfConn) {
 	go func() {
 		defer k.finish()
 		defer k.stopIdle()
-		err := splice(legacy, stream, spliceStats{&k.cs.stats.bytesOut, &k.cs.stats.bytesIn, &k.bytes})
-		if err != nil {
+		r := splice(legacy, stream, spliceStats{&k.cs.stats.bytesOut, &k.cs.stats.bytesIn, &k.bytes})
+		if r.err() != nil {
 			k.cs.stats.reset.Add(1)
-			k.p.log.Debug("connection ended with reset", "channel", k.cs.name, "err", err)
 		}
+		// Both directions, each with the first thing that ended it: which
+		// side stopped first is what tells a truncation from a reset.
+		if !k.p.log.Enabled(context.Background(), slog.LevelDebug) {
+			return
+		}
+		k.p.log.Debug("connection ended", "channel", k.cs.name,
+			"legacy_local", legacy.LocalAddr(), "legacy_remote", legacy.RemoteAddr(),
+			"up_bytes", r.up.n, "up", r.up.outcome(), "down_bytes", r.down.n, "down", r.down.outcome())
 	}()
 }
 

@@ -33,7 +33,10 @@ func (*Loopback) Listen(ctx context.Context, addr netip.AddrPort) (net.Listener,
 	if err := checkLoopback("listen address", addr.Addr()); err != nil {
 		return nil, err
 	}
-	var lc net.ListenConfig
+	// No TCP keepalive on legacy sockets: both ends are on this host, so
+	// there is no path to probe, and it saves four setsockopt calls per
+	// connection.
+	lc := net.ListenConfig{KeepAlive: -1}
 	ln, err := lc.Listen(ctx, "tcp4", addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("loopback listen %s: %w", addr, err)
@@ -49,12 +52,13 @@ func (*Loopback) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (
 	if err := checkLoopback("destination", dst.Addr()); err != nil {
 		return nil, err
 	}
-	d := net.Dialer{}
+	d := net.Dialer{KeepAlive: -1} // see Listen
+	var laddr netip.AddrPort
 	if src.IsValid() {
 		if err := checkLoopback("source", src); err != nil {
 			return nil, err
 		}
-		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
+		laddr = netip.AddrPortFrom(src, 0)
 		d.Control = func(_, _ string, rc syscall.RawConn) error {
 			var serr error
 			if err := rc.Control(func(fd uintptr) {
@@ -65,7 +69,15 @@ func (*Loopback) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (
 			return serr
 		}
 	}
-	c, err := d.DialContext(ctx, "tcp4", dst.String())
+	var c net.Conn
+	var err error
+	if laddr.IsValid() {
+		// DialTCP with netip addresses skips the resolver and its
+		// allocations. (An invalid laddr would make it bind 0.0.0.0:0.)
+		c, err = d.DialTCP(ctx, "tcp4", laddr, dst)
+	} else {
+		c, err = d.DialContext(ctx, "tcp4", dst.String())
+	}
 	if err != nil {
 		return nil, fmt.Errorf("loopback dial %s from %s: %w", dst, src, err)
 	}

@@ -352,8 +352,7 @@ func (p *Proxy) serveListener(cs *channelState, ln net.Listener, open opener) {
 
 // forwardOutgoing carries a connection from the legacy client to a stream.
 func (p *Proxy) forwardOutgoing(cs *channelState, k *conn, legacy halfConn, open opener) {
-	local, _ := netip.ParseAddrPort(legacy.LocalAddr().String())
-	remote, _ := netip.ParseAddrPort(legacy.RemoteAddr().String())
+	local, remote := addrPort(legacy.LocalAddr()), addrPort(legacy.RemoteAddr())
 	h := channels.Header{
 		Channel:    cs.cfg.Target,
 		SourceIID:  p.cfg.IID,
@@ -428,4 +427,15 @@ func (p *Proxy) forwardIncoming(cs *channelState, k *conn, in channels.Incoming,
 	}
 	p.log.Debug("connection", "channel", cs.name, "caller", in.Header.SourceIID, "from", src, "to", dst)
 	k.run(hc, in.Stream)
+}
+
+// addrPort returns a's address and port, without formatting and parsing a
+// string when it is a *net.TCPAddr (as for every Network here).
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
 }

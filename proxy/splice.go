@@ -184,7 +184,8 @@ func (r *plainReader) read(b *buffer) (int, error) { return r.r.Read(b.get()) }
 // pipeResult says how one direction of a splice ended.
 type pipeResult struct {
 	n   int64
-	err error // nil: clean EOF, forwarded as FIN
+	err error  // nil: clean EOF, forwarded as FIN
+	op  string // what failed: "read", "write" or "close write"
 }
 
 // pipe copies src to dst until EOF (then half-closes dst) or an error. It
@@ -207,15 +208,15 @@ func pipe(dst, src halfConn, counter, activity *atomic.Int64) pipeResult {
 				werr = io.ErrShortWrite
 			}
 			if werr != nil {
-				return pipeResult{total, werr}
+				return pipeResult{total, werr, "write"}
 			}
 			b.sized(nr, len(buf))
 		}
 		if rerr != nil {
 			if rerr == io.EOF { // exactly EOF: a stream reset by a dying session wraps io.EOF
-				return pipeResult{total, dst.CloseWrite()}
+				return pipeResult{total, dst.CloseWrite(), "close write"}
 			}
-			return pipeResult{total, rerr}
+			return pipeResult{total, rerr, "read"}
 		}
 	}
 }
@@ -233,8 +234,8 @@ type spliceStats struct {
 // (RST, stream reset, transport loss) resets both. It returns when both
 // directions have ended and both connections are closed. Back-pressure is
 // end to end: each direction reads only after the previous write finished.
-// The returned error is nil after two clean EOFs.
-func splice(legacy, stream halfConn, st spliceStats) error {
+// The result's err is nil after two clean EOFs.
+func splice(legacy, stream halfConn, st spliceStats) spliceResult {
 	var (
 		abortOnce sync.Once
 		wg        sync.WaitGroup
@@ -261,5 +262,20 @@ func splice(legacy, stream halfConn, st spliceStats) error {
 	wg.Wait()
 	_ = legacy.Close()
 	_ = stream.Close()
-	return errors.Join(up.err, down.err)
+	return spliceResult{up: up, down: down}
+}
+
+// spliceResult says how both directions of a splice ended: up is legacy
+// to stream, down stream to legacy.
+type spliceResult struct{ up, down pipeResult }
+
+// err is nil when both directions ended with a clean EOF.
+func (r spliceResult) err() error { return errors.Join(r.up.err, r.down.err) }
+
+// outcome names how a direction ended, for logs.
+func (r pipeResult) outcome() string {
+	if r.err == nil {
+		return "fin"
+	}
+	return r.op + ": " + r.err.Error()
 }
