@@ -5,7 +5,9 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 )
@@ -15,7 +17,9 @@ import (
 const benchChunk = 128 << 10
 
 // benchThroughput writes b.N chunks from client to server, which discards
-// them, and reports the rate.
+// them, and reports the rate and the process's CPU time (user and system,
+// which includes the kernel's share of both ends) per chunk: on a busy
+// machine the rate varies with what else runs, the CPU time much less.
 func benchThroughput(b *testing.B, client, server net.Conn) {
 	done := make(chan error, 1)
 	go func() {
@@ -24,6 +28,7 @@ func benchThroughput(b *testing.B, client, server net.Conn) {
 	}()
 	buf := make([]byte, benchChunk)
 	b.SetBytes(benchChunk)
+	cpu0 := cpuTime(b)
 	b.ResetTimer()
 	for range b.N {
 		if _, err := client.Write(buf); err != nil {
@@ -33,6 +38,14 @@ func benchThroughput(b *testing.B, client, server net.Conn) {
 	require.NoError(b, client.(interface{ CloseWrite() error }).CloseWrite())
 	require.NoError(b, <-done)
 	b.StopTimer()
+	b.ReportMetric(float64(cpuTime(b)-cpu0)/float64(b.N), "cpu-ns/op")
+}
+
+// cpuTime is the CPU time the process has used.
+func cpuTime(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	require.NoError(b, syscall.Getrusage(syscall.RUSAGE_SELF, &ru))
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // BenchmarkMemoryThroughput is bulk transfer from a host program to a

@@ -15,6 +15,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
 
 	"github.com/tcpproxy/tcpproxy/netstack"
 	"github.com/tcpproxy/tcpproxy/tun"
@@ -64,8 +67,8 @@ func kernelListen(ns *tuntest.NS, addr netip.AddrPort) (l net.Listener, err erro
 }
 
 func TestTUNKernelReachesClaimedAddress(t *testing.T) {
-	// 65000: the default; 1500: the kernel's TSO bursts are split into
-	// many packets per read.
+	// 65000: the default; 1500: the kernel's TSO bursts, which reach the
+	// stack whole, and the stack's GSO segments exceed the MTU.
 	for _, mtu := range []int{0, 1500} {
 		t.Run(fmt.Sprintf("mtu=%d", mtu), func(t *testing.T) { testTUNKernelReachesClaimedAddress(t, mtu) })
 	}
@@ -182,4 +185,151 @@ func BenchmarkTUNConnect(b *testing.B) {
 	l, err := n.Listen(context.Background(), claim)
 	require.NoError(b, err)
 	benchConnect(b, l, func() (net.Conn, error) { return kernelDial(ns, claim) })
+}
+
+func TestTUNBulkTransferBothWays(t *testing.T) {
+	// 65000: every segment fits the MTU; 1500: the kernel's TSO bursts
+	// reach the stack whole, and the stack's segments exceed the MTU
+	// (GSO) for the kernel to take whole.
+	for _, mtu := range []int{0, 1500} {
+		t.Run(fmt.Sprintf("mtu=%d", mtu), func(t *testing.T) {
+			ctx := testCtx(t)
+			n, ns := newTUNWithMTU(t, mtu)
+			claim := netip.AddrPortFrom(requestIP, 6379)
+			l, err := n.Listen(ctx, claim)
+			require.NoError(t, err)
+			defer l.Close()
+			server := netip.AddrPortFrom(bindIP, 6379)
+			kl, err := kernelListen(ns, server)
+			require.NoError(t, err)
+			defer kl.Close()
+
+			t.Run("kernel dials", func(t *testing.T) {
+				client, server := pair(t, l, func() (net.Conn, error) { return kernelDial(ns, claim) })
+				exchange(t, client, server)
+			})
+			t.Run("stack dials", func(t *testing.T) {
+				client, server := pair(t, kl, func() (net.Conn, error) { return n.Dial(ctx, peerIP, server) })
+				exchange(t, client, server)
+			})
+		})
+	}
+}
+
+// exchange sends 4 MiB each way between a and b at the same time, each
+// followed by a half-close, and checks that both arrive intact.
+func exchange(t *testing.T, a, b net.Conn) {
+	t.Helper()
+	const size = 4 << 20
+	type result struct {
+		got []byte
+		err error
+	}
+	transfer := func(from, to net.Conn, data []byte) (<-chan error, <-chan result) {
+		sent, received := make(chan error, 1), make(chan result, 1)
+		go func() {
+			_, err := from.Write(data)
+			if err == nil {
+				err = from.(halfCloser).CloseWrite()
+			}
+			sent <- err
+		}()
+		go func() {
+			got, err := io.ReadAll(to)
+			received <- result{got, err}
+		}()
+		return sent, received
+	}
+	ab, ba := make([]byte, size), make([]byte, size)
+	_, _ = rand.Read(ab)
+	_, _ = rand.Read(ba)
+	sentAB, gotAB := transfer(a, b, ab)
+	sentBA, gotBA := transfer(b, a, ba)
+	for _, c := range []struct {
+		name     string
+		sent     <-chan error
+		received <-chan result
+		want     []byte
+	}{{"a to b", sentAB, gotAB, ab}, {"b to a", sentBA, gotBA, ba}} {
+		require.NoError(t, <-c.sent, c.name)
+		r := <-c.received
+		require.NoError(t, r.err, c.name)
+		require.True(t, bytes.Equal(c.want, r.got), "%s: got %d bytes that differ from the %d sent", c.name, len(r.got), len(c.want))
+	}
+}
+
+// TestTUNDropsCorruptPacket sends the stack, through the kernel, a SYN with
+// a bad TCP checksum and then the same SYN with a good one. The kernel
+// hands packets of raw sockets (and forwarded ones) to the device as they
+// are, without VIRTIO_NET_HDR_F_NEEDS_CSUM: the link must verify them,
+// since the stack trusts it to. The stack answers one connection's
+// segments in order, so its first SYN-ACK acknowledges the good SYN only
+// if it never saw the corrupt one.
+func TestTUNDropsCorruptPacket(t *testing.T) {
+	ctx := testCtx(t)
+	n, ns := newTUN(t)
+	claim := netip.AddrPortFrom(requestIP, 6379)
+	l, err := n.Listen(ctx, claim)
+	require.NoError(t, err)
+	defer l.Close()
+
+	var send, recv int
+	ns.Do(func() {
+		if send, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW); err != nil {
+			return
+		}
+		recv, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	})
+	require.NoError(t, err)
+	defer unix.Close(send)
+	defer unix.Close(recv)
+	// Against a hang if the stack never answers, not for synchronisation.
+	require.NoError(t, unix.SetsockoptTimeval(recv, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 10}))
+
+	const srcPort = 40000
+	syn := func(seq uint32, corrupt bool) []byte {
+		p := make([]byte, header.IPv4MinimumSize+header.TCPMinimumSize)
+		header.IPv4(p).Encode(&header.IPv4Fields{
+			TotalLength: uint16(len(p)),
+			TTL:         64,
+			Protocol:    uint8(header.TCPProtocolNumber),
+			SrcAddr:     tcpip.AddrFrom4(hostIP.As4()),
+			DstAddr:     tcpip.AddrFrom4(claim.Addr().As4()),
+		})
+		tcp := header.TCP(p[header.IPv4MinimumSize:])
+		tcp.Encode(&header.TCPFields{
+			SrcPort:    srcPort,
+			DstPort:    claim.Port(),
+			SeqNum:     seq,
+			DataOffset: header.TCPMinimumSize,
+			Flags:      header.TCPFlagSyn,
+			WindowSize: 65535,
+		})
+		xsum := header.PseudoHeaderChecksum(header.TCPProtocolNumber, tcpip.AddrFrom4(hostIP.As4()), tcpip.AddrFrom4(claim.Addr().As4()), header.TCPMinimumSize)
+		tcp.SetChecksum(^tcp.CalculateChecksum(xsum))
+		if corrupt {
+			tcp.SetChecksum(tcp.Checksum() ^ 0x0101)
+		}
+		return p
+	}
+	to := &unix.SockaddrInet4{Addr: claim.Addr().As4()}
+	require.NoError(t, unix.Sendto(send, syn(1000, true), 0, to))
+	require.NoError(t, unix.Sendto(send, syn(2000, false), 0, to))
+
+	buf := make([]byte, 1500)
+	for {
+		m, _, err := unix.Recvfrom(recv, buf, 0)
+		require.NoError(t, err, "no SYN-ACK")
+		ip := header.IPv4(buf[:m])
+		if m < header.IPv4MinimumSize || int(ip.HeaderLength()) > m-header.TCPMinimumSize {
+			continue
+		}
+		tcp := header.TCP(buf[ip.HeaderLength():m])
+		if tcp.SourcePort() != claim.Port() || tcp.DestinationPort() != srcPort {
+			continue
+		}
+		require.Equal(t, header.TCPFlagSyn|header.TCPFlagAck, tcp.Flags(), "first answer")
+		require.Equal(t, uint32(2001), tcp.AckNumber(), "the first SYN-ACK must answer the good SYN")
+		return
+	}
 }

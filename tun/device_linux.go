@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -17,11 +19,16 @@ const cloneDevice = "/dev/net/tun"
 
 // Device is a kernel TUN device with the synthetic prefixes routed into it.
 // Read returns the packets the host sends to those prefixes; Write delivers
-// packets to the host.
+// packets to the host. ReadFrame and WriteFrame do the same with the
+// device's own framing (a virtio-net header per packet), leaving checksums
+// and segmentation to the caller and the kernel: package netstack uses
+// them.
 type Device struct {
 	cfg     Config
 	log     *slog.Logger
 	dev     wgtun.Device
+	fd      syscall.RawConn // dev's file, for ReadFrame and WriteFrame
+	closed  atomic.Bool
 	nl      *netlink.Handle
 	routing routing
 	lo      int
@@ -73,6 +80,10 @@ func Create(cfg Config) (_ *Device, err error) {
 			d.Close()
 		}
 	}()
+
+	if d.fd, err = dev.File().SyscallConn(); err != nil {
+		return nil, fmt.Errorf("tun: device %s: %w", cfg.Name, err)
+	}
 
 	d.nl, err = netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
@@ -153,6 +164,65 @@ func (d *Device) Write(bufs [][]byte, offset int) (int, error) {
 	return d.dev.Write(bufs, offset)
 }
 
+// ReadFrame reads one frame from the device, scattered over bufs as by
+// readv(2), and returns its length: a VirtioNetHdr (VirtioNetHdrLen bytes)
+// followed by one IP packet, as the kernel handed it over. With the
+// offloads the device has (TUN_F_CSUM, TSO, USO), a packet the host sent
+// over TCP or UDP usually carries a partial checksum
+// (VirtioNetHdrFNeedsCsum), and a TSO burst arrives whole, up to 64 KiB,
+// with GSOType and GSOSize set; bufs should hold 64 KiB plus the header.
+// Unlike Read it neither completes checksums nor splits bursts. Do not mix
+// it with Read. After Close it returns an error matching os.ErrClosed.
+func (d *Device) ReadFrame(bufs [][]byte) (int, error) {
+	var n int
+	var errno error
+	err := d.fd.Read(func(fd uintptr) bool {
+		for {
+			n, errno = unix.Readv(int(fd), bufs)
+			if errno != unix.EINTR {
+				return errno != unix.EAGAIN
+			}
+		}
+	})
+	return n, d.ioError(err, errno)
+}
+
+// WriteFrame writes one frame, gathered from bufs as by writev(2): a
+// VirtioNetHdr followed by one IP packet. With VirtioNetHdrFNeedsCsum, the
+// kernel takes the transport checksum as partial and does not verify it;
+// with a GSOType the packet may be as large as 64 KiB whatever the MTU.
+// Safe for concurrent use. After Close it returns an error matching
+// os.ErrClosed.
+func (d *Device) WriteFrame(bufs [][]byte) error {
+	var errno error
+	err := d.fd.Write(func(fd uintptr) bool {
+		for {
+			_, errno = unix.Writev(int(fd), bufs)
+			if errno != unix.EINTR {
+				return errno != unix.EAGAIN
+			}
+		}
+	})
+	return d.ioError(err, errno)
+}
+
+// ioError is the error of ReadFrame or WriteFrame from the poller's error
+// (the file is closed) and the system call's.
+func (d *Device) ioError(err, errno error) error {
+	if err == nil {
+		err = errno
+	}
+	switch {
+	case err == nil:
+		return nil
+	case d.closed.Load() || errors.Is(err, unix.EBADFD):
+		// The poller's "use of closed file" does not match os.ErrClosed;
+		// EBADFD is a device deleted under the file.
+		return fmt.Errorf("tun: %s: %w", d.cfg.Name, os.ErrClosed)
+	}
+	return fmt.Errorf("tun: %s: %w", d.cfg.Name, err)
+}
+
 // AddLocal keeps a on the host: packets to it are delivered to host
 // sockets instead of the device. Use it for the instance's bind IP when it
 // is known after Create.
@@ -190,6 +260,7 @@ func (d *Device) RemoveLocal(a netip.Addr) error {
 // destroys the device. It is idempotent.
 func (d *Device) Close() error {
 	d.closeOnce.Do(func() {
+		d.closed.Store(true)
 		var errs []error
 		if d.nl != nil {
 			errs = append(errs, d.routing.undo())

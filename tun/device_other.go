@@ -27,3 +27,5 @@ func (*Device) Write([][]byte, int) (int, error)       { return 0, ErrUnavailabl
 func (*Device) AddLocal(netip.Addr) error              { return ErrUnavailable }
 func (*Device) RemoveLocal(netip.Addr) error           { return ErrUnavailable }
 func (*Device) Close() error                           { return nil }
+func (*Device) ReadFrame([][]byte) (int, error)        { return 0, ErrUnavailable }
+func (*Device) WriteFrame([][]byte) error              { return ErrUnavailable }

@@ -248,3 +248,68 @@ func TestCreateWithoutCapabilityIsUnavailable(t *testing.T) {
 	require.ErrorIs(t, err, unix.EPERM)
 	assert.Contains(t, err.Error(), "network: loopback")
 }
+
+// TestFramesCarryOffloads shows what the netstack link relies on: a packet
+// of a host socket comes out of ReadFrame with its TCP checksum left
+// partial (VIRTIO_NET_HDR_F_NEEDS_CSUM), and Close ends a blocked
+// ReadFrame with os.ErrClosed.
+func TestFramesCarryOffloads(t *testing.T) {
+	ns := tuntest.New(t)
+	var dev *tun.Device
+	var err error
+	ns.Do(func() { dev, err = tun.Create(tun.Config{Logger: quiet, Name: "tpframe"}) })
+	require.NoError(t, err)
+	defer dev.Close()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dialed := make(chan error, 1)
+	go ns.Do(func() {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(syntheticIP, 80).String())
+		if err == nil {
+			c.Close()
+		}
+		dialed <- err
+	})
+	vnet := make([]byte, tun.VirtioNetHdrLen)
+	pkt := make([]byte, 65536)
+	for {
+		n, err := dev.ReadFrame([][]byte{vnet, pkt})
+		require.NoError(t, err)
+		p := pkt[:n-tun.VirtioNetHdrLen]
+		if len(p) < 40 || p[0]>>4 != 4 || p[9] != unix.IPPROTO_TCP {
+			continue
+		}
+		var h tun.VirtioNetHdr
+		h.Decode(vnet)
+		assert.Equal(t, tun.VirtioNetHdr{
+			Flags:      tun.VirtioNetHdrFNeedsCsum,
+			HdrLen:     h.HdrLen, // the kernel's business
+			CsumStart:  uint16(p[0]&0xf) * 4,
+			CsumOffset: 16,
+		}, h)
+		var again tun.VirtioNetHdr
+		b := make([]byte, tun.VirtioNetHdrLen)
+		h.Encode(b)
+		again.Decode(b)
+		assert.Equal(t, h, again)
+		assert.Equal(t, vnet, b)
+		break
+	}
+	cancel()
+	require.Error(t, <-dialed)
+
+	read := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := dev.ReadFrame([][]byte{vnet, pkt}); err != nil {
+				read <- err
+				return
+			}
+		}
+	}()
+	require.NoError(t, dev.Close())
+	require.ErrorIs(t, <-read, os.ErrClosed)
+	require.ErrorIs(t, dev.WriteFrame([][]byte{make([]byte, tun.VirtioNetHdrLen)}), os.ErrClosed)
+}
