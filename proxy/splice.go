@@ -221,6 +221,43 @@ func pipe(dst, src halfConn, counter, activity *atomic.Int64) pipeResult {
 	}
 }
 
+// pipeFrom copies src to dst like pipe, for a source that hands its
+// received buffers to a writer itself (io.WriterTo, as channels streams
+// do): one copy per byte fewer, and no buffer held while idle.
+func pipeFrom(dst halfConn, src io.WriterTo, counter, activity *atomic.Int64) pipeResult {
+	cw := countingWriter{w: dst, counter: counter, activity: activity}
+	n, err := src.WriteTo(&cw)
+	switch {
+	case cw.err != nil:
+		return pipeResult{n, cw.err, "write"}
+	case err != nil:
+		return pipeResult{n, err, "read"}
+	}
+	// WriteTo returns nil only at the stream's FIN.
+	return pipeResult{n, dst.CloseWrite(), "close write"}
+}
+
+// countingWriter counts the bytes written through it, and keeps the write
+// error so that pipeFrom can tell it from the source's.
+type countingWriter struct {
+	w                 io.Writer
+	counter, activity *atomic.Int64
+	err               error
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.counter.Add(int64(n))
+	c.activity.Add(int64(n))
+	if err == nil && n != len(p) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		c.err = err
+	}
+	return n, err
+}
+
 // spliceStats receives live byte counts of a splice.
 type spliceStats struct {
 	legacyToStream *atomic.Int64
@@ -255,7 +292,12 @@ func splice(legacy, stream halfConn, st spliceStats) spliceResult {
 			fail()
 		}
 	}()
-	down := pipe(legacy, stream, st.streamToLegacy, st.both)
+	var down pipeResult
+	if wt, ok := stream.(io.WriterTo); ok {
+		down = pipeFrom(legacy, wt, st.streamToLegacy, st.both)
+	} else {
+		down = pipe(legacy, stream, st.streamToLegacy, st.both)
+	}
 	if down.err != nil {
 		fail()
 	}
