@@ -2,16 +2,18 @@ package channels_test
 
 import (
 	"context"
+	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"testing"
 	"time"
 
-	"github.com/libp2p/go-yamux/v5"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/mux"
 	"github.com/tcpproxy/tcpproxy/channels/wire"
 )
 
@@ -59,7 +61,7 @@ func TestHandshakeRefusals(t *testing.T) {
 		rp, err := wire.ReadReply(c)
 		require.NoError(t, err)
 		require.False(t, rp.Accepted)
-		assert.Contains(t, rp.Reason, "protocol version 2 not supported")
+		assert.Contains(t, rp.Reason, fmt.Sprintf("protocol version %d not supported", wire.Version+1))
 	})
 
 	t.Run("not a tcpproxy peer", func(t *testing.T) {
@@ -89,9 +91,7 @@ func TestBadStreamsAreReset(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, rp.Accepted)
 	require.NoError(t, c.SetDeadline(time.Time{}))
-	ycfg := yamux.DefaultConfig()
-	ycfg.LogOutput = io.Discard
-	sess, err := yamux.Client(c, ycfg, nil)
+	sess, err := mux.Client(c, mux.Config{Logger: slog.New(slog.DiscardHandler)})
 	require.NoError(t, err)
 	defer sess.Close()
 
@@ -101,7 +101,7 @@ func TestBadStreamsAreReset(t *testing.T) {
 		return b
 	}
 	ctx := context.Background()
-	send := func(first []byte) *yamux.Stream {
+	send := func(first []byte) *mux.Stream {
 		st, err := sess.OpenStream(ctx)
 		require.NoError(t, err)
 		_, err = st.Write(first)
@@ -118,13 +118,13 @@ func TestBadStreamsAreReset(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			st := send(first)
 			_, err := st.Read(make([]byte, 1))
-			require.ErrorIs(t, err, yamux.ErrStreamReset)
+			require.ErrorIs(t, err, mux.ErrStreamReset)
 		})
 	}
 	t.Run("truncated header times out", func(t *testing.T) {
 		st := send([]byte{wire.Version, 3, 's'})
 		_, err := st.Read(make([]byte, 1))
-		require.ErrorIs(t, err, yamux.ErrStreamReset)
+		require.ErrorIs(t, err, mux.ErrStreamReset)
 	})
 
 	in, err := reply.Accept(ctx)

@@ -1,16 +1,14 @@
 package channels
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"sync"
 	"time"
 
-	"github.com/libp2p/go-yamux/v5"
+	"github.com/tcpproxy/tcpproxy/channels/mux"
 	"github.com/tcpproxy/tcpproxy/channels/wire"
 )
 
@@ -18,7 +16,7 @@ import (
 // streams on it, whoever dialed.
 type session struct {
 	n      *Node
-	ys     *yamux.Session
+	ys     *mux.Session
 	hello  wire.Hello      // the peer's handshake
 	offers map[string]bool // channels the peer serves
 	log    *slog.Logger
@@ -29,13 +27,13 @@ type session struct {
 }
 
 func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, error) {
-	cfg := n.yamuxConfig()
-	var ys *yamux.Session
+	cfg := n.muxConfig()
+	var ys *mux.Session
 	var err error
 	if dialed {
-		ys, err = yamux.Client(conn, cfg, nil)
+		ys, err = mux.Client(conn, cfg)
 	} else {
-		ys, err = yamux.Server(conn, cfg, nil)
+		ys, err = mux.Server(conn, cfg)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("start session: %w", err)
@@ -44,53 +42,43 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 	for _, c := range h.Channels {
 		offers[c] = true
 	}
+	log := n.log.With("peer", h.IID, "remote", conn.RemoteAddr().String())
 	return &session{
 		n:       n,
 		ys:      ys,
 		hello:   h,
 		offers:  offers,
-		log:     n.log.With("peer", h.IID, "remote", conn.RemoteAddr().String()),
+		log:     log,
 		streams: make(map[*stream]struct{}),
 	}, nil
 }
 
-// maxMessageSize is the largest yamux frame sent: a 256 KiB payload and the
-// 12-byte frame header.
-const maxMessageSize = 256<<10 + 12
-
-// yamuxConfig returns the multiplexer settings for a new session.
-func (n *Node) yamuxConfig() *yamux.Config {
-	c := yamux.DefaultConfig()
-	c.EnableKeepAlive = true
-	c.KeepAliveInterval = n.cfg.KeepAliveInterval
-	c.MaxStreamWindowSize = n.cfg.MaxStreamWindow
-	// Every proxied TCP connection is a stream: allow far more than
-	// yamux's default of 1000 per session.
-	c.MaxIncomingStreams = 1 << 16
-	// Our accept loop hands streams off at once, so yamux's own backlog
-	// only absorbs bursts; the per-channel AcceptBacklog is the real limit.
-	c.AcceptBacklog = 1024
-	// A larger read buffer cuts syscalls for the small frames (window
-	// updates, headers) that interleave with bulk data.
-	c.ReadBufSize = 64 << 10
-	// Frames as large as the proxy's bulk copy buffer (256 KiB, see
-	// proxy/splice.go): one frame, one session write and one read per bulk
-	// copy instead of four, about 15% less CPU per byte moved. A frame is
-	// written whole, so this bounds how long one stream's data can hold up
-	// another's on the session (~0.1 ms on loopback); yamux's own send
-	// queue and the socket buffer weigh more there (see
-	// BenchmarkRequestReplyRoundTripUnderLoad in proxy/).
-	c.MaxMessageSize = maxMessageSize
-	c.LogOutput = &slogWriter{log: n.log.With("component", "yamux")}
-	return c
+// muxConfig returns the multiplexer settings for a new session.
+func (n *Node) muxConfig() mux.Config {
+	return mux.Config{
+		KeepAliveInterval: n.cfg.KeepAliveInterval,
+		MaxStreamWindow:   n.cfg.MaxStreamWindow,
+		// Every proxied TCP connection is a stream.
+		MaxIncomingStreams: 1 << 16,
+		// Our accept loop hands streams off at once, so the session's own
+		// backlog only absorbs bursts; the per-channel AcceptBacklog is the
+		// real limit.
+		AcceptBacklog: 1024,
+		// Frames as large as the proxy's bulk copy buffer (256 KiB, see
+		// proxy/splice.go): one frame per bulk copy. A frame is written
+		// whole, so this bounds how long one stream's data can hold up
+		// another's on the session (~0.1 ms on loopback).
+		MaxFrame: 256 << 10,
+		Logger:   n.log.With("component", "mux"),
+	}
 }
 
 // serve accepts the peer's streams until the session ends.
 func (s *session) serve() {
 	var err error
 	for {
-		var ys *yamux.Stream
-		if ys, err = s.ys.AcceptStream(); err != nil {
+		var ys *mux.Stream
+		if ys, err = s.ys.AcceptStream(context.Background()); err != nil {
 			break
 		}
 		if !s.n.spawn(func() { s.handleStream(ys) }) {
@@ -117,9 +105,9 @@ func (s *session) serve() {
 
 // handleStream reads an incoming stream's header and queues the stream on
 // its channel. Anything wrong resets this stream only.
-func (s *session) handleStream(ys *yamux.Stream) {
+func (s *session) handleStream(ys *mux.Stream) {
 	fail := func(err error) {
-		s.log.Warn("rejecting stream", "err", fmt.Errorf("stream %d from %s: %w", ys.StreamID(), s.hello.IID, err))
+		s.log.Warn("rejecting stream", "err", fmt.Errorf("stream %d from %s: %w", ys.ID(), s.hello.IID, err))
 		ys.Reset()
 	}
 	_ = ys.SetReadDeadline(time.Now().Add(s.n.cfg.HandshakeTimeout))
@@ -169,7 +157,7 @@ func (s *session) open(ctx context.Context, h wire.StreamHeader, release func())
 	}
 	if !s.track(st) {
 		ys.Reset()
-		return nil, fmt.Errorf("open stream to %s: %w", s.hello.IID, yamux.ErrSessionShutdown)
+		return nil, fmt.Errorf("open stream to %s: %w", s.hello.IID, mux.ErrSessionClosed)
 	}
 	if err := wire.WriteStreamHeader(ys, h); err != nil {
 		s.untrack(st)
@@ -207,24 +195,3 @@ func (n *Node) peerMember(h wire.Hello) Member {
 	}
 	return m
 }
-
-// slogWriter turns yamux's log lines into slog records: "[ERR]" and
-// "[WARN]" lines become warnings, the rest debug.
-type slogWriter struct{ log *slog.Logger }
-
-func (w *slogWriter) Write(p []byte) (int, error) {
-	for line := range bytes.Lines(p) {
-		line = bytes.TrimSpace(line)
-		if i := bytes.IndexByte(line, '['); i >= 0 {
-			line = line[i:] // drop log.LstdFlags' date and time
-		}
-		level := slog.LevelDebug
-		if bytes.HasPrefix(line, []byte("[ERR]")) || bytes.HasPrefix(line, []byte("[WARN]")) {
-			level = slog.LevelWarn
-		}
-		w.log.Log(context.Background(), level, string(line))
-	}
-	return len(p), nil
-}
-
-var _ io.Writer = (*slogWriter)(nil)

@@ -6,31 +6,29 @@ import (
 	"io"
 	"net"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/libp2p/go-yamux/v5"
+	"github.com/tcpproxy/tcpproxy/channels/mux"
 )
 
-// stream adapts a yamux stream to Stream: it translates yamux's errors into
-// this package's (ErrStreamReset, os.ErrDeadlineExceeded, net.ErrClosed)
-// and calls release exactly once, when the stream is finished in both
-// directions, so that balancer counts stay exact.
+// stream adapts a mux stream to Stream: it translates the multiplexer's
+// errors into this package's (ErrStreamReset, os.ErrDeadlineExceeded,
+// net.ErrClosed) and calls release exactly once, when the stream is
+// finished in both directions, so that balancer counts stay exact.
 type stream struct {
-	ys *yamux.Stream
+	ys *mux.Stream
 
 	// readDone and writeDone record each direction's end; closed records a
-	// local Close, after which our own calls report net.ErrClosed rather
-	// than yamux's "reset" for the locally closed read side.
+	// local Close, after which our own calls report net.ErrClosed.
 	readDone, writeDone, closed atomic.Bool
 
 	releaseOnce sync.Once
 	release     func() // never nil
 }
 
-func newStream(ys *yamux.Stream, release func()) *stream {
+func newStream(ys *mux.Stream, release func()) *stream {
 	if release == nil {
 		release = func() {}
 	}
@@ -69,6 +67,22 @@ func (s *stream) Write(b []byte) (int, error) {
 	return n, nil
 }
 
+// WriteTo writes what arrives to w, handing the multiplexer's buffers to w
+// without a copy, until the peer's FIN (nil) or an error: w's own, or one
+// that ends the stream, mapped as by Read.
+func (s *stream) WriteTo(w io.Writer) (int64, error) {
+	n, err := s.ys.WriteTo(w)
+	if err == nil {
+		s.readDone.Store(true)
+		s.maybeFinish()
+		return n, nil
+	}
+	if errors.Is(err, mux.ErrStreamReset) || errors.Is(err, os.ErrDeadlineExceeded) || s.closed.Load() {
+		return n, s.mapErr("read", err)
+	}
+	return n, err // w's error
+}
+
 // CloseWrite sends FIN: the peer reads io.EOF after the data written so far.
 func (s *stream) CloseWrite() error {
 	err := s.ys.CloseWrite()
@@ -88,10 +102,7 @@ func (s *stream) Close() error {
 	}
 	err := s.ys.Close()
 	s.finish()
-	if err != nil && !errors.Is(err, yamux.ErrStreamReset) {
-		return s.mapErr("close", err)
-	}
-	return nil
+	return err
 }
 
 // Reset aborts both directions and sends RST to the peer.
@@ -107,19 +118,19 @@ func (s *stream) SetDeadline(t time.Time) error      { return s.ys.SetDeadline(t
 func (s *stream) SetReadDeadline(t time.Time) error  { return s.ys.SetReadDeadline(t) }
 func (s *stream) SetWriteDeadline(t time.Time) error { return s.ys.SetWriteDeadline(t) }
 
-// mapErr translates a yamux error of a Read or Write.
+// mapErr translates a multiplexer error of a Read or Write.
 func (s *stream) mapErr(op string, err error) error {
 	switch {
 	case s.closed.Load():
 		return &net.OpError{Op: op, Net: "stream", Err: net.ErrClosed}
-	case errors.Is(err, yamux.ErrTimeout):
+	case errors.Is(err, os.ErrDeadlineExceeded):
 		return &net.OpError{Op: op, Net: "stream", Err: os.ErrDeadlineExceeded}
-	case errors.Is(err, yamux.ErrStreamClosed):
+	case errors.Is(err, mux.ErrWriteAfterClose):
 		// Only Write can see this: the stream was half-closed by CloseWrite.
 		return &net.OpError{Op: op, Net: "stream", Err: fmt.Errorf("after CloseWrite: %w", net.ErrClosed)}
-	case errors.Is(err, yamux.ErrStreamReset):
-		// A peer's RST, our own Reset, or the session dying (which yamux
-		// reports as a reset of all its streams): the stream is over.
+	case errors.Is(err, mux.ErrStreamReset):
+		// A peer's RST, our own Reset, or the session's end: the stream is
+		// over.
 		s.finish()
 		return &resetError{cause: err}
 	default:
@@ -127,19 +138,12 @@ func (s *stream) mapErr(op string, err error) error {
 	}
 }
 
-// resetError matches ErrStreamReset and names yamux's cause (remote RST,
-// local reset, or the session's end) for logs. It deliberately does not
-// unwrap to that cause: when a session dies yamux resets its streams with
-// an error wrapping io.EOF, and a reset must never pass for a clean end of
-// stream (errors.Is(err, io.EOF)), or a truncated stream would be
-// forwarded as a FIN.
+// resetError matches ErrStreamReset and names the multiplexer's cause
+// (remote RST, local reset, or the session's end) for logs. Like the
+// multiplexer's own, it does not unwrap: a reset must never pass for a
+// clean end of stream (errors.Is(err, io.EOF)), or a truncated stream
+// would be forwarded as a FIN.
 type resetError struct{ cause error }
 
-func (e *resetError) Error() string {
-	msg := e.cause.Error()
-	if strings.HasPrefix(msg, "stream reset") { // yamux's own wording
-		return msg
-	}
-	return "stream reset: " + msg
-}
+func (e *resetError) Error() string        { return e.cause.Error() }
 func (e *resetError) Is(target error) bool { return target == ErrStreamReset }

@@ -15,8 +15,12 @@ import (
 )
 
 // Version is the protocol version this package speaks, both in the
-// handshake and in stream headers.
-const Version uint8 = 1
+// handshake and in stream headers. Version 2 sessions are carried by
+// package channels/mux, whose stream opening (SYN on a stream's first
+// frame, in increasing stream ID order) go-yamux, which version 1 used,
+// does not follow: the two cannot share a session, and the handshake
+// refuses the other version with a reason.
+const Version uint8 = 2
 
 // Limits enforced by encoders and decoders.
 const (

@@ -45,7 +45,7 @@ func TestStreamHeaderErrors(t *testing.T) {
 		want string
 	}{
 		"empty":           {nil, "read version: EOF"},
-		"version":         {[]byte{Version + 1, 1, 'c'}, "stream header: protocol version 2 not supported (this node speaks 1)"},
+		"version":         {[]byte{Version + 1, 1, 'c'}, fmt.Sprintf("stream header: protocol version %d not supported (this node speaks %d)", Version+1, Version)},
 		"empty channel":   {[]byte{Version, 0}, "channel name is empty"},
 		"short channel":   {[]byte{Version, 5, 'a', 'b'}, "read channel name (5 bytes): unexpected EOF"},
 		"empty iid":       {[]byte{Version, 1, 'c', 0}, "source iid is empty"},
@@ -174,7 +174,7 @@ func TestReplyAcrossVersions(t *testing.T) {
 	rp, err := ReadReply(bytes.NewReader(frame(Version+1, frameReject, []byte("upgrade me"))))
 	require.NoError(t, err)
 	assert.False(t, rp.Accepted)
-	assert.Equal(t, "upgrade me (peer speaks protocol version 2)", rp.Reason)
+	assert.Equal(t, fmt.Sprintf("upgrade me (peer speaks protocol version %d)", Version+1), rp.Reason)
 	// ... but an acceptance we cannot read is an error.
 	_, err = ReadReply(bytes.NewReader(frame(Version+1, frameAccept, []byte{1, 'b', 0, 0, 0})))
 	require.ErrorIs(t, err, ErrVersion)

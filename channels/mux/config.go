@@ -1,0 +1,116 @@
+package mux
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+)
+
+// Config tunes a Session. The zero value is valid: every zero field takes
+// its default.
+type Config struct {
+	// KeepAliveInterval is the period of pings; 0 disables keepalive (a ping
+	// is still sent now and then to measure the round-trip time that window
+	// auto-tuning needs). A ping unanswered for KeepAliveTimeout (default
+	// 10s) ends the session. Any frame received counts as liveness, so a
+	// pong queued behind bulk data does not kill a busy session.
+	KeepAliveInterval, KeepAliveTimeout time.Duration
+
+	// MaxStreamWindow is the largest receive window per stream (at least
+	// 256 KiB, the protocol's initial window; default 16 MiB). Windows start
+	// at 256 KiB and double, up to this maximum, when the reader drains a
+	// window in less than about four round trips, so idle or slow streams
+	// never pin large windows.
+	MaxStreamWindow uint32
+
+	// MaxFrame is the largest data payload per frame (default 256 KiB). A
+	// frame is written whole, so this bounds how long one stream's data can
+	// hold up another's on the connection.
+	MaxFrame uint32
+
+	// MaxIncomingStreams bounds the open streams the peer opened (default
+	// 65536); beyond it, new inbound streams are reset.
+	MaxIncomingStreams int
+
+	// AcceptBacklog bounds the inbound streams waiting for AcceptStream
+	// (default 1024); beyond it, new inbound streams are reset.
+	AcceptBacklog int
+
+	// WriteTimeout bounds each write to the connection (default 10s): a
+	// peer that stops reading for that long ends the session.
+	WriteTimeout time.Duration
+
+	// Logger receives the session's rare events (protocol errors, refused
+	// streams, keepalive failures); nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Defaults.
+const (
+	DefaultKeepAliveTimeout   = 10 * time.Second
+	DefaultMaxStreamWindow    = 16 << 20
+	DefaultMaxFrame           = 256 << 10
+	DefaultMaxIncomingStreams = 1 << 16
+	DefaultAcceptBacklog      = 1024
+	DefaultWriteTimeout       = 10 * time.Second
+
+	// minMaxFrame keeps the header overhead per byte small.
+	minMaxFrame = 1 << 10
+	// rttInterval is how often the round-trip time is measured when
+	// keepalive is off.
+	rttInterval = 30 * time.Second
+)
+
+// withDefaults validates c and fills in its defaults. The error names every
+// bad field.
+func (c Config) withDefaults() (Config, error) {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+	if c.KeepAliveInterval < 0 {
+		bad("KeepAliveInterval %v is negative", c.KeepAliveInterval)
+	}
+	if c.KeepAliveTimeout < 0 {
+		bad("KeepAliveTimeout %v is negative", c.KeepAliveTimeout)
+	}
+	if c.WriteTimeout < 0 {
+		bad("WriteTimeout %v is negative", c.WriteTimeout)
+	}
+	if c.MaxStreamWindow != 0 && c.MaxStreamWindow < initialWindow {
+		bad("MaxStreamWindow %d is below the protocol's initial window %d", c.MaxStreamWindow, initialWindow)
+	}
+	if c.MaxFrame != 0 && c.MaxFrame < minMaxFrame {
+		bad("MaxFrame %d is below %d", c.MaxFrame, minMaxFrame)
+	}
+	if c.MaxIncomingStreams < 0 {
+		bad("MaxIncomingStreams %d is negative", c.MaxIncomingStreams)
+	}
+	if c.AcceptBacklog < 0 {
+		bad("AcceptBacklog %d is negative", c.AcceptBacklog)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return c, fmt.Errorf("mux config: %w", err)
+	}
+	if c.KeepAliveTimeout == 0 {
+		c.KeepAliveTimeout = DefaultKeepAliveTimeout
+	}
+	if c.MaxStreamWindow == 0 {
+		c.MaxStreamWindow = DefaultMaxStreamWindow
+	}
+	if c.MaxFrame == 0 {
+		c.MaxFrame = DefaultMaxFrame
+	}
+	if c.MaxIncomingStreams == 0 {
+		c.MaxIncomingStreams = DefaultMaxIncomingStreams
+	}
+	if c.AcceptBacklog == 0 {
+		c.AcceptBacklog = DefaultAcceptBacklog
+	}
+	if c.WriteTimeout == 0 {
+		c.WriteTimeout = DefaultWriteTimeout
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return c, nil
+}

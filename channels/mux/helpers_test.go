@@ -1,0 +1,190 @@
+package mux
+
+import (
+	"context"
+	"crypto/rand"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// quiet is a Config whose logger drops everything.
+func quiet(c Config) Config {
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// tcpConns returns both ends of a 127.0.0.1 TCP connection.
+func tcpConns(t testing.TB) (net.Conn, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		c, err := ln.Accept()
+		ch <- result{c, err}
+	}()
+	c1, err := net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	r := <-ch
+	require.NoError(t, r.err)
+	return c1, r.c
+}
+
+// newPair starts a client session on c1 and a server session on c2, both
+// closed at the end of the test.
+func newPair(t testing.TB, c1, c2 net.Conn, ccfg, scfg Config) (cli, srv *Session) {
+	t.Helper()
+	cli, err := Client(c1, quiet(ccfg))
+	require.NoError(t, err)
+	srv, err = Server(c2, quiet(scfg))
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		cli.Close()
+		srv.Close()
+	})
+	return cli, srv
+}
+
+func tcpPair(t testing.TB, cfg Config) (cli, srv *Session) {
+	c1, c2 := tcpConns(t)
+	return newPair(t, c1, c2, cfg, cfg)
+}
+
+func pipePair(t testing.TB, cfg Config) (cli, srv *Session) {
+	c1, c2 := net.Pipe()
+	return newPair(t, c1, c2, cfg, cfg)
+}
+
+// ctx returns a context ending with the test, bounded to 10s.
+func testCtx(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// openPair opens a stream on a, establishes it with one byte, and accepts
+// it on b.
+func openPair(t testing.TB, a, b *Session) (*Stream, *Stream) {
+	t.Helper()
+	ctx := testCtx(t)
+	sa, err := a.OpenStream(ctx)
+	require.NoError(t, err)
+	_, err = sa.Write([]byte{'!'})
+	require.NoError(t, err)
+	sb, err := b.AcceptStream(ctx)
+	require.NoError(t, err)
+	var one [1]byte
+	_, err = io.ReadFull(sb, one[:])
+	require.NoError(t, err)
+	require.Equal(t, byte('!'), one[0])
+	return sa, sb
+}
+
+func randomBytes(t testing.TB, n int) []byte {
+	b := make([]byte, n)
+	_, err := rand.Read(b)
+	require.NoError(t, err)
+	return b
+}
+
+// readOnly hides a Stream's WriteTo, so that io.Copy uses Read.
+type readOnly struct{ r io.Reader }
+
+func (r readOnly) Read(b []byte) (int, error) { return r.r.Read(b) }
+
+// countingConn counts the Write calls on a connection, records what is
+// written, and can hold writes at a gate.
+type countingConn struct {
+	net.Conn
+	writes atomic.Int64
+
+	mu      sync.Mutex
+	record  bool
+	written []byte
+	gate    chan struct{} // non-nil: Write waits for it to close
+	held    chan struct{} // closed when a Write waits at the gate
+}
+
+func (c *countingConn) Write(b []byte) (int, error) {
+	c.mu.Lock()
+	gate, held := c.gate, c.held
+	c.gate, c.held = nil, nil
+	if c.record {
+		c.written = append(c.written, b...)
+	}
+	c.mu.Unlock()
+	if gate != nil {
+		close(held)
+		<-gate
+	}
+	c.writes.Add(1)
+	return c.Conn.Write(b)
+}
+
+// hold makes the next Write wait until the returned release is called;
+// held is closed once a Write waits.
+func (c *countingConn) hold() (held <-chan struct{}, release func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	gate, h := make(chan struct{}), make(chan struct{})
+	c.gate, c.held = gate, h
+	return h, sync.OnceFunc(func() { close(gate) })
+}
+
+// parseFrames decodes a recorded byte stream into headers.
+func parseFrames(t testing.TB, b []byte) []header {
+	t.Helper()
+	var hs []header
+	for len(b) > 0 {
+		require.GreaterOrEqual(t, len(b), headerSize)
+		h := decodeHeader(b)
+		b = b[headerSize:]
+		if h.typ == typeData {
+			require.GreaterOrEqual(t, len(b), int(h.length))
+			b = b[h.length:]
+		}
+		hs = append(hs, h)
+	}
+	return hs
+}
+
+// frameBytes encodes a frame for a raw peer.
+func frameBytes(typ uint8, flags uint16, id, length uint32, payload []byte) []byte {
+	b := make([]byte, headerSize, headerSize+len(payload))
+	header{typ: typ, flags: flags, id: id, length: length}.encode(b)
+	return append(b, payload...)
+}
+
+// streamState returns st's window and buffer accounting.
+func streamState(st *Stream) (sendWin, recvWin, buffered uint32) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.sendWin, st.recvWin, st.buffered
+}
+
+// queuedWrites returns how many Writes wait in s's send queue.
+func queuedWrites(s *Session) int {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	n := 0
+	for _, f := range s.queue {
+		if f.owner != nil {
+			n++
+		}
+	}
+	return n
+}

@@ -1,0 +1,105 @@
+package mux
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// Ping measures the round-trip time to the peer.
+func (s *Session) Ping(ctx context.Context) (time.Duration, error) {
+	ch := make(chan struct{})
+	s.mu.Lock()
+	if s.err != nil {
+		err := s.closedErrLocked()
+		s.mu.Unlock()
+		return 0, fmt.Errorf("mux: ping: %w", err)
+	}
+	id := s.pingID
+	s.pingID++
+	if s.pings == nil {
+		s.pings = make(map[uint32]chan struct{})
+	}
+	s.pings[id] = ch
+	s.mu.Unlock()
+
+	start := time.Now()
+	if err := s.push(frame{header: header{typ: typePing, flags: flagSYN, length: id}}); err != nil {
+		return 0, fmt.Errorf("mux: ping: %w", s.closedErr())
+	}
+	select {
+	case <-ch:
+		rtt := time.Since(start)
+		s.observeRTT(rtt)
+		return rtt, nil
+	case <-ctx.Done():
+		s.mu.Lock()
+		delete(s.pings, id)
+		s.mu.Unlock()
+		return 0, fmt.Errorf("mux: ping: %w", ctx.Err())
+	case <-s.done:
+		return 0, fmt.Errorf("mux: ping: %w", s.closedErr())
+	}
+}
+
+// pong completes the ping with the given id.
+func (s *Session) pong(id uint32) {
+	s.mu.Lock()
+	ch := s.pings[id]
+	delete(s.pings, id)
+	s.mu.Unlock()
+	if ch != nil {
+		close(ch)
+	}
+}
+
+// observeRTT folds a measurement into the smoothed round-trip time.
+func (s *Session) observeRTT(rtt time.Duration) {
+	for {
+		old := s.rtt.Load()
+		v := int64(rtt)
+		if old != 0 {
+			v = (old + v) / 2
+		}
+		if s.rtt.CompareAndSwap(old, v) {
+			return
+		}
+	}
+}
+
+// keepalive pings the peer: every KeepAliveInterval, ending the session if
+// nothing at all comes back within KeepAliveTimeout; or, with keepalive
+// off, now and then just to measure the round-trip time. The first ping
+// goes at once, for window auto-tuning.
+func (s *Session) keepalive() {
+	defer s.wg.Done()
+	interval, enforce := s.cfg.KeepAliveInterval, true
+	if interval == 0 {
+		interval, enforce = rttInterval, false
+	}
+	t := time.NewTimer(0)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.done:
+			return
+		case <-t.C:
+		}
+		seen := s.framesIn.Load()
+		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.KeepAliveTimeout)
+		_, err := s.Ping(ctx)
+		cancel()
+		if err != nil {
+			if s.IsClosed() {
+				return
+			}
+			if enforce && s.framesIn.Load() == seen {
+				err := fmt.Errorf("%w: nothing received within %v of a ping", ErrKeepAliveTimeout, s.cfg.KeepAliveTimeout)
+				s.log.Warn("mux: session ends", "remote", s.conn.RemoteAddr().String(), "err", err)
+				s.shutdown(err, false, 0)
+				return
+			}
+		}
+		t.Reset(interval)
+	}
+}

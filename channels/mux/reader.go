@@ -1,0 +1,258 @@
+package mux
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+)
+
+// readBufSize is the reader's buffer: headers and small payloads are read
+// many at a time; larger payloads go straight into pooled buffers.
+const readBufSize = 64 << 10
+
+// reader is the session's receive side, run by one goroutine. It never
+// writes to the connection: replies (pongs, window updates, resets) are
+// queued for the writer, so two peers whose connections are full in both
+// directions cannot deadlock.
+type reader struct {
+	s    *Session
+	br   *bufio.Reader
+	bufs []*[]byte // scratch for a large payload's buffers
+}
+
+// readLoop runs the reader until the connection fails or the peer breaks
+// the protocol, and then ends the session.
+func (s *Session) readLoop() {
+	defer s.wg.Done()
+	r := &reader{s: s, br: bufio.NewReaderSize(s.conn, readBufSize)}
+	err := r.run()
+	if errors.Is(err, ErrProtocol) {
+		s.log.Warn("mux: session ends", "remote", s.conn.RemoteAddr().String(), "err", err)
+		s.shutdown(err, true, goAwayProtocol)
+		return
+	}
+	s.shutdown(err, false, 0)
+}
+
+func protocolError(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrProtocol, fmt.Sprintf(format, args...))
+}
+
+func (r *reader) run() error {
+	var hb [headerSize]byte
+	for {
+		if _, err := io.ReadFull(r.br, hb[:]); err != nil {
+			return fmt.Errorf("mux: read: %w", err)
+		}
+		h := decodeHeader(hb[:])
+		r.s.framesIn.Add(1)
+		if h.version != protoVersion {
+			return protocolError("unsupported version in frame (%v)", h)
+		}
+		var err error
+		switch h.typ {
+		case typeData, typeWindowUpdate:
+			err = r.streamFrame(h)
+		case typePing:
+			switch {
+			case h.flags&flagSYN != 0:
+				r.s.pushPong(h.length)
+			case h.flags&flagACK != 0:
+				r.s.pong(h.length)
+			}
+		case typeGoAway:
+			return fmt.Errorf("%w (code %d)", ErrRemoteGoAway, h.length)
+		default:
+			return protocolError("unknown frame type (%v)", h)
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// streamFrame handles a data or window update frame.
+func (r *reader) streamFrame(h header) error {
+	data := h.typ == typeData
+	if data && h.length > r.s.cfg.MaxStreamWindow {
+		return protocolError("data frame larger than any window (%v)", h)
+	}
+	st, err := r.stream(h)
+	if err != nil {
+		return err
+	}
+	if st == nil || h.flags&flagRST != 0 {
+		// An unknown stream is usually one we reset: its data is dropped.
+		if data {
+			if err := r.discard(h.length); err != nil {
+				return err
+			}
+		}
+		if st != nil {
+			st.mu.Lock()
+			st.resetLocked(errRemoteReset)
+			st.mu.Unlock()
+		}
+		return nil
+	}
+	if data && h.length > 0 {
+		if err := r.data(st, h); err != nil {
+			return err
+		}
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if !data && st.state&(stFinSent|stWriteReset) == 0 {
+		if uint64(st.sendWin)+uint64(h.length) > math.MaxUint32 {
+			return protocolError("window update overflows the send window of %d (%v)", st.sendWin, h)
+		}
+		st.sendWin += h.length
+		notify(st.writeWake)
+	}
+	if h.flags&flagFIN != 0 && st.state&(stFinRecv|stReadReset) == 0 {
+		st.state |= stFinRecv
+		notify(st.readWake)
+		st.maybeRemoveLocked()
+	}
+	return nil
+}
+
+// stream returns the frame's stream, creating it on SYN, or nil if there
+// is none (unknown, or refused).
+func (r *reader) stream(h header) (*Stream, error) {
+	s := r.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if h.flags&flagSYN == 0 {
+		return s.streams[h.id], nil
+	}
+	if h.id == 0 || (h.id%2 == 1) == s.client {
+		return nil, protocolError("SYN on stream ID %d, which is not the peer's to open (%v)", h.id, h)
+	}
+	if h.id <= s.lastInbound {
+		return nil, protocolError("SYN on stream ID %d, not above the last opened %d (%v)", h.id, s.lastInbound, h)
+	}
+	s.lastInbound = h.id
+	if s.err != nil || h.flags&flagRST != 0 {
+		return nil, nil
+	}
+	if s.inbound >= s.cfg.MaxIncomingStreams {
+		s.refuseLocked(h.id, "too many open inbound streams")
+		return nil, nil
+	}
+	st := newStream(s, h.id, 0)
+	s.streams[h.id] = st
+	select {
+	case s.acceptCh <- st:
+	default:
+		delete(s.streams, h.id)
+		s.refuseLocked(h.id, "accept backlog full")
+		return nil, nil
+	}
+	s.inbound++
+	return st, nil
+}
+
+// refuseLocked resets an inbound stream we do not take.
+func (s *Session) refuseLocked(id uint32, why string) {
+	s.log.Warn("mux: refusing stream", "remote", s.conn.RemoteAddr().String(), "stream", id, "reason", why)
+	_ = s.push(frame{header: header{typ: typeWindowUpdate, flags: flagRST, id: id}})
+}
+
+// data reads a data frame's payload into st's receive queue, within st's
+// receive window: a peer exceeding it breaks the protocol, so a stream
+// never buffers more than its window.
+func (r *reader) data(st *Stream, h header) error {
+	n := h.length
+	// A small payload is already (or soon) in the read buffer: peek at it
+	// and copy it under the stream's lock into the stream's last buffer.
+	var p []byte
+	small := int(n) <= r.br.Size()
+	if small {
+		var err error
+		if p, err = r.br.Peek(int(n)); err != nil {
+			return fmt.Errorf("mux: read: %w", err)
+		}
+	}
+	st.mu.Lock()
+	if n > st.recvRemain {
+		st.mu.Unlock()
+		return protocolError("stream %d sent %d bytes with %d left in its window", h.id, n, st.recvRemain)
+	}
+	st.recvRemain -= n
+	switch {
+	case !st.takesDataLocked(n):
+		st.mu.Unlock()
+		return r.discard(n)
+	case small:
+		st.appendLocked(p)
+		notify(st.readWake)
+		st.mu.Unlock()
+		_, _ = r.br.Discard(int(n)) // cannot fail: peeked
+		return nil
+	}
+	st.mu.Unlock()
+
+	// A large payload is read into pooled buffers outside the lock.
+	r.bufs = r.bufs[:0]
+	for left := int(n); left > 0; {
+		b := getBuf(left)
+		*b = (*b)[:min(left, cap(*b))]
+		r.bufs = append(r.bufs, b)
+		if _, err := io.ReadFull(r.br, *b); err != nil {
+			r.release()
+			return fmt.Errorf("mux: read: %w", noEOF(err))
+		}
+		left -= len(*b)
+	}
+	st.mu.Lock()
+	if st.takesDataLocked(n) {
+		st.appendBufsLocked(r.bufs)
+		notify(st.readWake)
+		clear(r.bufs)
+	} else {
+		r.release()
+	}
+	st.mu.Unlock()
+	return nil
+}
+
+// takesDataLocked reports whether n received bytes are queued for reading;
+// if not, they are dropped, and credited back to the peer after a Close (a
+// reset stream needs no credit: the peer stops, and the peer's FIN ended
+// its data).
+func (st *Stream) takesDataLocked(n uint32) bool {
+	if st.state&(stClosed|stReadReset|stFinRecv) == 0 {
+		return true
+	}
+	if st.state&(stReadReset|stFinRecv) == 0 {
+		st.creditLocked(n) // Close: the dropped bytes count as consumed
+	}
+	return false
+}
+
+func (r *reader) release() {
+	for i, b := range r.bufs {
+		putBuf(b)
+		r.bufs[i] = nil
+	}
+}
+
+// discard skips n payload bytes.
+func (r *reader) discard(n uint32) error {
+	if _, err := r.br.Discard(int(n)); err != nil {
+		return fmt.Errorf("mux: read: %w", noEOF(err))
+	}
+	return nil
+}
+
+// noEOF turns the end of the connection inside a frame into
+// io.ErrUnexpectedEOF.
+func noEOF(err error) error {
+	if err == io.EOF {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}

@@ -1,0 +1,280 @@
+package mux
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Session is one multiplexed connection. Both ends open streams on it.
+type Session struct {
+	conn   net.Conn
+	cfg    Config
+	log    *slog.Logger
+	client bool      // we dialed: our stream IDs are odd
+	start  time.Time // origin of clock
+
+	done       chan struct{} // closed when the session ends
+	writerDone chan struct{} // closed when the writer goroutine returns
+	wg         sync.WaitGroup
+
+	mu          sync.Mutex
+	err         error              // why the session ended; nil while open
+	streams     map[uint32]*Stream // streams with frames exchanged, not finished
+	nextID      uint32             // ID of our next outbound stream
+	idsLeft     uint32             // outbound IDs not yet promised to OpenStream
+	unsent      int                // streams opened that have not sent a frame
+	inbound     int                // streams in streams that the peer opened
+	lastInbound uint32             // highest stream ID the peer opened
+	pings       map[uint32]chan struct{}
+	pingID      uint32
+
+	acceptCh chan *Stream
+
+	rtt      atomic.Int64  // smoothed round-trip time in ns; 0 until measured
+	framesIn atomic.Uint64 // frames received, the keepalive's sign of life
+
+	// The send queue (writer.go).
+	sendMu     sync.Mutex
+	queue      []frame
+	sendClosed bool // the session ended: no more frames are queued
+	pongs      int  // pongs in queue
+	sendSignal chan struct{}
+	closing    atomic.Bool
+}
+
+// Client starts the dialer's side of a session over conn: its streams have
+// odd IDs. The session owns conn from now on.
+func Client(conn net.Conn, cfg Config) (*Session, error) { return newSession(conn, cfg, true) }
+
+// Server starts the listener's side of a session over conn: its streams
+// have even IDs. The session owns conn from now on.
+func Server(conn net.Conn, cfg Config) (*Session, error) { return newSession(conn, cfg, false) }
+
+func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	s := &Session{
+		conn:       conn,
+		cfg:        cfg,
+		log:        cfg.Logger,
+		client:     client,
+		start:      time.Now(),
+		done:       make(chan struct{}),
+		writerDone: make(chan struct{}),
+		streams:    make(map[uint32]*Stream),
+		nextID:     2,
+		acceptCh:   make(chan *Stream, cfg.AcceptBacklog),
+		sendSignal: make(chan struct{}, 1),
+	}
+	if client {
+		s.nextID = 1
+	}
+	s.idsLeft = (math.MaxUint32-s.nextID)/2 + 1
+	s.wg.Add(3)
+	go s.readLoop()
+	go s.writeLoop()
+	go s.keepalive()
+	return s, nil
+}
+
+// clock is the session's monotonic time in nanoseconds.
+func (s *Session) clock() int64 { return int64(time.Since(s.start)) }
+
+// OpenStream returns a new stream. It sends nothing: the stream's SYN rides
+// on its first frame (its first Write, CloseWrite, Close or window update),
+// which is also when it gets its ID. It fails once the session has ended,
+// which includes the peer sending GoAway.
+func (s *Session) OpenStream(ctx context.Context) (*Stream, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("mux: open stream: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return nil, fmt.Errorf("mux: open stream: %w", s.closedErrLocked())
+	}
+	if s.idsLeft == 0 {
+		return nil, fmt.Errorf("mux: open stream: stream IDs exhausted")
+	}
+	s.idsLeft--
+	s.unsent++
+	return newStream(s, 0, stOutbound), nil
+}
+
+// AcceptStream returns the next stream the peer opened.
+func (s *Session) AcceptStream(ctx context.Context) (*Stream, error) {
+	select {
+	case <-s.done:
+		return nil, fmt.Errorf("mux: accept stream: %w", s.closedErr())
+	default:
+	}
+	select {
+	case st := <-s.acceptCh:
+		return st, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("mux: accept stream: %w", ctx.Err())
+	case <-s.done:
+		return nil, fmt.Errorf("mux: accept stream: %w", s.closedErr())
+	}
+}
+
+// Close ends the session: it resets every stream, writes what was queued
+// (such as a FIN from CloseWrite) and GoAway, best effort within 100ms,
+// and closes the connection. It returns once the session's goroutines have
+// ended, and always nil.
+func (s *Session) Close() error {
+	s.shutdown(ErrSessionClosed, true, goAwayNormal)
+	// The writer closes the connection after the GoAway, within
+	// goAwayWait unless the connection ignores write deadlines.
+	t := time.NewTimer(2 * goAwayWait)
+	select {
+	case <-s.writerDone:
+	case <-t.C:
+		_ = s.conn.Close()
+	}
+	t.Stop()
+	s.wg.Wait()
+	return nil
+}
+
+// CloseChan returns a channel closed when the session ends.
+func (s *Session) CloseChan() <-chan struct{} { return s.done }
+
+// IsClosed reports whether the session has ended.
+func (s *Session) IsClosed() bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// Err returns why the session ended, nil while it is open: ErrSessionClosed
+// after Close, or an error matching ErrRemoteGoAway, ErrProtocol or
+// ErrKeepAliveTimeout, or wrapping the connection's error.
+func (s *Session) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+// NumStreams returns the number of streams not yet finished: opened (by
+// either side) and not yet ended in both directions or reset.
+func (s *Session) NumStreams() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.streams) + s.unsent
+}
+
+// LocalAddr returns the connection's local address.
+func (s *Session) LocalAddr() net.Addr { return s.conn.LocalAddr() }
+
+// RemoteAddr returns the connection's remote address.
+func (s *Session) RemoteAddr() net.Addr { return s.conn.RemoteAddr() }
+
+// closedErr returns the error of session operations after its end.
+func (s *Session) closedErr() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closedErrLocked()
+}
+
+func (s *Session) closedErrLocked() error {
+	if s.err == nil || s.err == ErrSessionClosed {
+		return ErrSessionClosed
+	}
+	// %v, not %w: the cause may wrap io.EOF, which must not leak into
+	// errors that callers test for a clean end.
+	return fmt.Errorf("%w: %v", ErrSessionClosed, s.err)
+}
+
+// cause returns why the session ended.
+func (s *Session) cause() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err == nil {
+		return ErrSessionClosed
+	}
+	return s.err
+}
+
+// shutdown ends the session with cause, at most once: it stops the
+// queueing of frames, queues GoAway with code after the frames already
+// queued if sendGoAway (else it drops them, failing their Writes), lets the
+// writer write them and close the connection (which ends the reader), and
+// resets every stream. It does not wait for the goroutines, so any of them
+// may call it.
+func (s *Session) shutdown(cause error, sendGoAway bool, code uint32) {
+	s.mu.Lock()
+	if s.err != nil {
+		s.mu.Unlock()
+		return
+	}
+	s.err = cause
+	streams := s.streams
+	s.streams = nil
+	s.unsent, s.inbound = 0, 0
+	s.pings = nil
+	s.mu.Unlock()
+
+	// Cut short a write blocked on a peer that does not read; the writer
+	// checks closing after setting its own deadline.
+	s.closing.Store(true)
+	_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
+	s.sendMu.Lock()
+	var dropped []frame
+	if sendGoAway {
+		// What is queued goes first, so that a FIN queued before Close
+		// still reaches the peer: all of it within goAwayWait.
+		s.queue = append(s.queue, frame{header: header{typ: typeGoAway, length: code}})
+	} else {
+		dropped, s.queue = s.queue, nil
+	}
+	s.sendClosed = true
+	s.sendMu.Unlock()
+	for i := range dropped {
+		if o := dropped[i].owner; o != nil {
+			o.finishWrite(false)
+		}
+	}
+	close(s.done)
+	select {
+	case s.sendSignal <- struct{}{}:
+	default:
+	}
+	for _, st := range streams {
+		st.mu.Lock()
+		st.sessionEndedLocked(cause)
+		st.mu.Unlock()
+	}
+}
+
+// forget removes st from the session's accounting once it is finished.
+// st.mu is held.
+func (s *Session) forget(st *Stream) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return // shutdown cleared everything
+	}
+	if st.state&(stOutbound|stFirstSent) == stOutbound {
+		s.unsent--
+		s.idsLeft++ // it never took its ID
+		return
+	}
+	if s.streams[st.id] == st {
+		delete(s.streams, st.id)
+		if st.state&stOutbound == 0 {
+			s.inbound--
+		}
+	}
+}

@@ -1,0 +1,605 @@
+package mux
+
+import (
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Stream state bits.
+const (
+	stOutbound   uint16 = 1 << iota // we opened it
+	stFirstSent                     // our first frame (with SYN or ACK) is queued
+	stFinSent                       // CloseWrite: we send no more data
+	stFinRecv                       // the peer sends no more data
+	stReadReset                     // the read side ended abnormally (err)
+	stWriteReset                    // the write side ended abnormally (err)
+	stClosed                        // Close: incoming data is discarded
+	stRemoved                       // out of the session's accounting
+)
+
+// Stream is one full-duplex byte stream of a Session. It implements
+// net.Conn, io.WriterTo, CloseWrite and Reset. Its methods are safe for
+// concurrent use; concurrent Writes are serialised, each written whole.
+//
+// An idle stream holds no buffer and no goroutine: it is this struct, an
+// entry in the session's map and, once something waited on it, a channel.
+type Stream struct {
+	sess  *Session
+	id    uint32 // 0 until an outbound stream's first frame
+	state uint16
+
+	wmu sync.Mutex // serialises Writes
+	mu  sync.Mutex // guards everything below (and state, id)
+
+	err error // why the stream was reset, with stReadReset/stWriteReset
+
+	// Received data: rbufs[rhead:] are pooled buffers, oldest first, and
+	// roff bytes of rbufs[rhead] are already read.
+	rbufs    []*[]byte
+	rhead    int
+	roff     int
+	buffered uint32 // bytes in rbufs not yet read
+
+	// Receive window: the peer may send recvRemain more bytes; consumed
+	// bytes were read (or discarded) since the last window update, which
+	// was at session clock epoch. recvWin = buffered + recvRemain + consumed.
+	recvWin    uint32
+	recvRemain uint32
+	consumed   uint32
+	epoch      int64
+
+	sendWin uint32 // bytes we may send before the peer's next window update
+
+	// readWake and writeWake wake a waiting Read or Write; made on first
+	// use, capacity 1. The writer goroutine reports on writeWake that it
+	// set wres, its verdict on the Write's data.
+	readWake, writeWake chan struct{}
+	wres                atomic.Int32
+	dl                  *deadlines // made by the first Set*Deadline
+
+	rbuf0 [1]*[]byte // rbufs' first backing array
+}
+
+// Writer verdicts in Stream.wres.
+const (
+	writePending int32 = iota
+	writeOK
+	writeFailed
+)
+
+func newStream(s *Session, id uint32, state uint16) *Stream {
+	return &Stream{
+		sess:       s,
+		id:         id,
+		state:      state,
+		recvWin:    initialWindow,
+		recvRemain: initialWindow,
+		sendWin:    initialWindow,
+		epoch:      s.clock(),
+	}
+}
+
+var (
+	_ net.Conn    = (*Stream)(nil)
+	_ io.WriterTo = (*Stream)(nil)
+)
+
+// ID returns the stream's ID: 0 for a stream from OpenStream until its
+// first frame is queued.
+func (st *Stream) ID() uint32 {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.id
+}
+
+// Read reads data the peer sent. It returns io.EOF once the peer
+// half-closed the stream and everything before was read, an error matching
+// ErrStreamReset on any other end, and one matching os.ErrDeadlineExceeded
+// past the read deadline. A Read into an empty buffer waits until data is
+// there (returning 0, nil), so a caller can wait without holding a buffer.
+func (st *Stream) Read(b []byte) (int, error) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	for {
+		if err := st.readCheckLocked(); err != nil {
+			return 0, err
+		}
+		if st.buffered > 0 {
+			if len(b) == 0 {
+				return 0, nil
+			}
+			n := st.copyOutLocked(b)
+			st.creditLocked(uint32(n))
+			return n, nil
+		}
+		if st.state&stFinRecv != 0 {
+			return 0, io.EOF
+		}
+		st.waitLocked(&st.readWake)
+	}
+}
+
+// WriteTo writes the stream's data to w until the peer's FIN (returning a
+// nil error) or an error. Received buffers go to w as they are, with one
+// writev when w is a socket. The read deadline applies to waiting for data.
+func (st *Stream) WriteTo(w io.Writer) (int64, error) {
+	var (
+		total int64
+		held  []*[]byte
+		iov   net.Buffers
+		out   = new(net.Buffers) // iov as consumed by its WriteTo
+	)
+	for {
+		st.mu.Lock()
+		for {
+			if err := st.readCheckLocked(); err != nil {
+				st.mu.Unlock()
+				return total, err
+			}
+			if st.buffered > 0 {
+				break
+			}
+			if st.state&stFinRecv != 0 {
+				st.mu.Unlock()
+				return total, nil
+			}
+			st.waitLocked(&st.readWake)
+		}
+		// Take every buffer: the reader goroutine queues new data in new
+		// buffers meanwhile.
+		held = append(held[:0], st.rbufs[st.rhead:]...)
+		iov = append(iov[:0], (*held[0])[st.roff:])
+		for _, b := range held[1:] {
+			iov = append(iov, *b)
+		}
+		n := st.buffered
+		st.dropBufsLocked(false)
+		st.mu.Unlock()
+
+		*out = iov
+		written, err := out.WriteTo(w)
+		total += written
+		for _, b := range held {
+			putBuf(b)
+		}
+		clear(held)
+		clear(iov)
+
+		st.mu.Lock()
+		st.creditLocked(n)
+		st.mu.Unlock()
+		if err != nil {
+			return total, err
+		}
+	}
+}
+
+// Write writes b, splitting it into frames as the send window allows. It
+// returns once the session's writer has written the data to the
+// connection: the frames reference b, which is never copied. A reset, the
+// session's end or the write deadline ends a waiting Write at once, unless
+// the writer is writing its data at that moment: then Write returns when
+// that write does (within WriteTimeout, or 100ms after the session's end),
+// since b is in use until then.
+func (st *Stream) Write(b []byte) (int, error) {
+	st.wmu.Lock()
+	defer st.wmu.Unlock()
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	n := 0
+	for {
+		if err := st.writeCheckLocked(); err != nil {
+			return n, err
+		}
+		if len(b) == 0 {
+			return n, nil
+		}
+		if st.sendWin == 0 {
+			st.waitLocked(&st.writeWake)
+			continue
+		}
+		k := min(len(b), int(st.sendWin))
+		st.wakeChanLocked(&st.writeWake) // made before the writer needs it
+		st.wres.Store(writePending)
+		if err := st.queueLocked(frame{header: header{typ: typeData}, data: b[:k], owner: st}); err != nil {
+			st.sessionEndedLocked(st.sess.cause())
+			return n, st.err
+		}
+		st.sendWin -= uint32(k)
+		if !st.awaitWriteLocked(k) {
+			if err := st.writeCheckLocked(); err != nil {
+				return n, err
+			}
+			return n, &resetError{session: st.sess.cause()}
+		}
+		n += k
+		b = b[k:]
+		if len(b) == 0 {
+			// Written, even if the stream was reset meanwhile.
+			return n, nil
+		}
+	}
+}
+
+// awaitWriteLocked waits for the writer's verdict on k bytes just queued,
+// and reports whether they were written. Waiting, it gives way to a reset,
+// the session's end or the deadline by withdrawing the data if the writer
+// has not taken it yet; once taken, the data is the writer's until its
+// verdict, however long (bounded by WriteTimeout).
+func (st *Stream) awaitWriteLocked(k int) bool {
+	aborting := false
+	for {
+		if r := st.wres.Load(); r != writePending {
+			if r == writeFailed {
+				st.sessionEndedLocked(st.sess.cause())
+				return false
+			}
+			return true
+		}
+		if !aborting && st.writeAbortLocked() {
+			if st.sess.cancelWrite(st) {
+				st.sendWin += uint32(k)
+				return false
+			}
+			aborting = true // the writer has the data: wait for its verdict
+		}
+		wake := st.writeWake
+		st.mu.Unlock()
+		if aborting {
+			<-wake
+		} else {
+			select {
+			case <-wake:
+			case <-st.sess.done:
+			}
+		}
+		st.mu.Lock()
+	}
+}
+
+// writeAbortLocked reports whether a waiting Write must give up.
+func (st *Stream) writeAbortLocked() bool {
+	if st.state&stWriteReset != 0 || st.sess.IsClosed() {
+		return true
+	}
+	return st.dl != nil && expired(st.dl.write)
+}
+
+// CloseWrite half-closes the stream with FIN: the peer reads io.EOF after
+// everything written before. Reading goes on. It is idempotent.
+func (st *Stream) CloseWrite() error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	switch {
+	case st.state&stFinSent != 0:
+		return nil
+	case st.state&stWriteReset != 0:
+		return st.err
+	}
+	if st.sess.IsClosed() || st.queueLocked(frame{header: header{typ: typeWindowUpdate, flags: flagFIN}}) != nil {
+		st.sessionEndedLocked(st.sess.cause())
+		return st.err
+	}
+	st.state |= stFinSent
+	notify(st.writeWake)
+	st.maybeRemoveLocked()
+	return nil
+}
+
+// Close closes both directions: it sends FIN if not yet sent, and discards
+// the data received and still arriving (crediting its window, so that the
+// peer's writer is not stalled). Pending and later Reads fail with an error
+// matching net.ErrClosed, Writes with ErrWriteAfterClose. Close is
+// idempotent and returns nil.
+func (st *Stream) Close() error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.state&stClosed != 0 {
+		return nil
+	}
+	st.state |= stClosed
+	if n := st.buffered; n > 0 {
+		st.dropBufsLocked(true)
+		st.creditLocked(n)
+	}
+	if st.state&(stFinSent|stWriteReset) == 0 && !st.sess.IsClosed() &&
+		st.queueLocked(frame{header: header{typ: typeWindowUpdate, flags: flagFIN}}) == nil {
+		st.state |= stFinSent
+	}
+	st.stopTimersLocked()
+	notify(st.readWake)
+	notify(st.writeWake)
+	st.maybeRemoveLocked()
+	return nil
+}
+
+// Reset aborts the stream in both directions: it sends RST if the peer
+// knows the stream, and pending and later Reads and Writes on both ends
+// fail with an error matching ErrStreamReset. It is idempotent.
+func (st *Stream) Reset() error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.state&(stReadReset|stWriteReset) == stReadReset|stWriteReset {
+		return nil
+	}
+	peerKnows := st.state&(stOutbound|stFirstSent) != stOutbound
+	if peerKnows && st.state&stRemoved == 0 && !st.sess.IsClosed() {
+		_ = st.queueLocked(frame{header: header{typ: typeWindowUpdate, flags: flagRST}})
+	}
+	st.resetLocked(errLocalReset)
+	return nil
+}
+
+// resetLocked ends both directions with err.
+func (st *Stream) resetLocked(err error) {
+	st.state |= stReadReset | stWriteReset
+	if st.err == nil {
+		st.err = err
+	}
+	st.dropBufsLocked(true)
+	st.stopTimersLocked()
+	notify(st.readWake)
+	notify(st.writeWake)
+	st.maybeRemoveLocked()
+}
+
+// sessionEndedLocked resets the directions still open when the session
+// ends. A read side that got the peer's FIN keeps its data and its clean
+// end: everything the peer sent has arrived.
+func (st *Stream) sessionEndedLocked(cause error) {
+	var ended bool
+	if st.state&(stFinRecv|stReadReset) == 0 {
+		st.state |= stReadReset
+		st.dropBufsLocked(true)
+		ended = true
+	}
+	if st.state&(stFinSent|stWriteReset) == 0 {
+		st.state |= stWriteReset
+		ended = true
+	}
+	if ended && st.err == nil {
+		st.err = &resetError{session: cause}
+	}
+	st.state |= stRemoved
+	notify(st.readWake)
+	notify(st.writeWake)
+}
+
+// maybeRemoveLocked drops the stream from the session's accounting once
+// both directions have ended.
+func (st *Stream) maybeRemoveLocked() {
+	if st.state&stRemoved != 0 ||
+		st.state&(stFinSent|stWriteReset) == 0 ||
+		st.state&(stFinRecv|stReadReset) == 0 {
+		return
+	}
+	st.state |= stRemoved
+	st.sess.forget(st)
+}
+
+// readCheckLocked returns the error that ends a Read now, if any.
+func (st *Stream) readCheckLocked() error {
+	switch {
+	case st.state&stClosed != 0:
+		return errReadAfterClose
+	case st.state&stReadReset != 0:
+		return st.err
+	}
+	if st.state&stFinRecv == 0 && st.sess.IsClosed() {
+		// Not every stream is in the session's map (one not yet sent is
+		// not): each notices the end itself.
+		st.sessionEndedLocked(st.sess.cause())
+		return st.err
+	}
+	if st.dl != nil && expired(st.dl.read) {
+		return timeoutError("read")
+	}
+	return nil
+}
+
+// writeCheckLocked returns the error that ends a Write now, if any.
+func (st *Stream) writeCheckLocked() error {
+	switch {
+	case st.state&stWriteReset != 0:
+		return st.err
+	case st.state&(stFinSent|stClosed) != 0:
+		return ErrWriteAfterClose
+	}
+	if st.sess.IsClosed() {
+		st.sessionEndedLocked(st.sess.cause())
+		return st.err
+	}
+	if st.dl != nil && expired(st.dl.write) {
+		return timeoutError("write")
+	}
+	return nil
+}
+
+// waitLocked waits, with st.mu released, for a notification on *ch or the
+// session's end.
+func (st *Stream) waitLocked(ch *chan struct{}) {
+	wake := st.wakeChanLocked(ch)
+	st.mu.Unlock()
+	select {
+	case <-wake:
+	case <-st.sess.done:
+	}
+	st.mu.Lock()
+}
+
+func (st *Stream) wakeChanLocked(ch *chan struct{}) chan struct{} {
+	if *ch == nil {
+		*ch = make(chan struct{}, 1)
+	}
+	return *ch
+}
+
+// notify wakes the waiter on ch, if any; a wake-up without waiter is kept
+// for the next wait, which then re-checks its condition.
+func notify(ch chan struct{}) {
+	if ch == nil {
+		return
+	}
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// queueLocked queues f for the stream, adding SYN (outbound) or ACK
+// (inbound) if it is the stream's first frame.
+func (st *Stream) queueLocked(f frame) error {
+	if st.state&stFirstSent == 0 {
+		st.state |= stFirstSent
+		if st.state&stOutbound != 0 {
+			f.flags |= flagSYN
+			return st.sess.pushFirst(st, f)
+		}
+		f.flags |= flagACK
+	}
+	f.id = st.id
+	return st.sess.push(f)
+}
+
+// copyOutLocked copies buffered data into b, releasing drained buffers.
+func (st *Stream) copyOutLocked(b []byte) int {
+	n := 0
+	for n < len(b) && st.rhead < len(st.rbufs) {
+		buf := st.rbufs[st.rhead]
+		k := copy(b[n:], (*buf)[st.roff:])
+		n += k
+		st.roff += k
+		if st.roff == len(*buf) {
+			putBuf(buf)
+			st.rbufs[st.rhead] = nil
+			st.rhead++
+			st.roff = 0
+		}
+	}
+	st.buffered -= uint32(n)
+	if st.rhead == len(st.rbufs) {
+		st.resetBufsLocked()
+	}
+	return n
+}
+
+// appendLocked queues p (copied) as received data, filling the newest
+// buffer before taking new ones, so that many small frames share buffers.
+// New buffers are sized for the backlog as well as p: a stream whose
+// reader lags moves up to large buffers.
+func (st *Stream) appendLocked(p []byte) {
+	backlog := int(st.buffered)
+	st.buffered += uint32(len(p))
+	if st.rhead < len(st.rbufs) {
+		tail := st.rbufs[len(st.rbufs)-1]
+		k := copy((*tail)[len(*tail):cap(*tail)], p)
+		*tail = (*tail)[:len(*tail)+k]
+		p = p[k:]
+	}
+	for len(p) > 0 {
+		b := getBuf(max(len(p), backlog))
+		k := copy((*b)[:cap(*b)], p)
+		*b = (*b)[:k]
+		p = p[k:]
+		st.pushBufLocked(b)
+	}
+}
+
+// appendBufsLocked queues filled buffers as received data.
+func (st *Stream) pushBufLocked(b *[]byte) {
+	if st.rbufs == nil {
+		st.rbufs = st.rbuf0[:0]
+	}
+	st.rbufs = append(st.rbufs, b)
+}
+
+func (st *Stream) appendBufsLocked(bufs []*[]byte) {
+	for _, b := range bufs {
+		st.buffered += uint32(len(*b))
+		st.pushBufLocked(b)
+	}
+}
+
+// dropBufsLocked empties the receive queue, returning the buffers to their
+// pool if release (else the caller has taken them).
+func (st *Stream) dropBufsLocked(release bool) {
+	for i := st.rhead; i < len(st.rbufs); i++ {
+		if release {
+			putBuf(st.rbufs[i])
+		}
+		st.rbufs[i] = nil
+	}
+	st.buffered = 0
+	st.resetBufsLocked()
+}
+
+func (st *Stream) resetBufsLocked() {
+	st.rhead, st.roff = 0, 0
+	if cap(st.rbufs) > 16 {
+		st.rbufs = nil // a burst is over: an idle stream keeps little
+	} else {
+		st.rbufs = st.rbufs[:0]
+	}
+}
+
+// creditLocked accounts for n bytes read or discarded, and sends a window
+// update once half the window is consumed: small exchanges send none. The
+// window doubles, up to MaxStreamWindow, when that half was consumed within
+// growRTTs round trips of the previous update: the reader keeps up and the
+// window, not the reader, limits the stream.
+func (st *Stream) creditLocked(n uint32) {
+	st.consumed += n
+	if st.state&(stFinRecv|stReadReset) != 0 || st.consumed < st.recvWin/2 {
+		return // the peer sends nothing more, or there is no hurry
+	}
+	s := st.sess
+	delta := st.consumed
+	now := s.clock()
+	if rtt := s.rtt.Load(); st.state&stClosed == 0 && rtt > 0 && now-st.epoch < growRTTs*rtt && st.recvWin < s.cfg.MaxStreamWindow {
+		grow := min(st.recvWin, s.cfg.MaxStreamWindow-st.recvWin)
+		st.recvWin += grow
+		delta += grow
+	}
+	st.epoch = now
+	st.consumed = 0
+	st.recvRemain += delta
+	_ = st.queueLocked(frame{header: header{typ: typeWindowUpdate, length: delta}})
+}
+
+// growRTTs is the auto-tuning threshold: half a window consumed in less
+// than this many round trips (a whole one in twice as many) doubles it.
+const growRTTs = 2
+
+// LocalAddr returns the session connection's local address.
+func (st *Stream) LocalAddr() net.Addr { return st.sess.conn.LocalAddr() }
+
+// RemoteAddr returns the session connection's remote address.
+func (st *Stream) RemoteAddr() net.Addr { return st.sess.conn.RemoteAddr() }
+
+// SetDeadline sets both the read and the write deadline.
+func (st *Stream) SetDeadline(t time.Time) error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.setDeadlineLocked(t, true, true)
+	return nil
+}
+
+// SetReadDeadline sets the deadline of Read and WriteTo; zero means none.
+// It can be moved, also after it passed.
+func (st *Stream) SetReadDeadline(t time.Time) error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.setDeadlineLocked(t, true, false)
+	return nil
+}
+
+// SetWriteDeadline sets the deadline of Write; zero means none.
+func (st *Stream) SetWriteDeadline(t time.Time) error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.setDeadlineLocked(t, false, true)
+	return nil
+}

@@ -1,0 +1,302 @@
+package mux
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"time"
+)
+
+// The send side. Every frame goes through one queue that a single writer
+// goroutine drains: each wake-up takes everything queued and writes it with
+// one writev, so frames of concurrent streams and control frames share
+// system calls. Producers never touch the connection: a Write queues its
+// data by reference and waits for the writer's verdict, control frames are
+// queued by value and not waited for, so the reader goroutine can queue
+// window updates and pongs without ever blocking on a full connection.
+
+// goAwayWait bounds the last write of a closing session (the GoAway), and
+// cuts short a write in progress when the session is closed.
+const goAwayWait = 100 * time.Millisecond
+
+// maxQueuedPongs bounds the pongs waiting for the writer, so that a peer
+// flooding pings while not reading cannot grow the queue without bound.
+const maxQueuedPongs = 64
+
+// errSendClosed refuses frames once the session ended; stream operations
+// report the session's cause instead.
+var errSendClosed = errors.New("mux: session closed")
+
+// frame is a queued frame. Control frames carry their meaning in the
+// header; a data frame's payload is data, which the writer splits into
+// frames of at most MaxFrame bytes (the flags go on the first).
+type frame struct {
+	header
+	data []byte
+	// owner is the Stream whose Write queued data (by reference, not
+	// copied): the writer reports its verdict to it (finishWrite) once the
+	// data is written, and only then may the Write return.
+	owner *Stream
+}
+
+// push queues f for the writer.
+func (s *Session) push(f frame) error {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	return s.pushLocked(f)
+}
+
+func (s *Session) pushLocked(f frame) error {
+	if s.sendClosed {
+		return errSendClosed
+	}
+	if len(s.queue) == 0 {
+		select {
+		case s.sendSignal <- struct{}{}:
+		default:
+		}
+	}
+	s.queue = append(s.queue, f)
+	return nil
+}
+
+// pushPong queues the reply to the peer's ping id, unless too many replies
+// are waiting already.
+func (s *Session) pushPong(id uint32) {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	if s.pongs >= maxQueuedPongs {
+		return
+	}
+	if s.pushLocked(frame{header: header{typ: typePing, flags: flagACK, length: id}}) == nil {
+		s.pongs++
+	}
+}
+
+// pushFirst queues the first frame of an outbound stream, which carries
+// SYN: it assigns the stream its ID and registers it in the same critical
+// section as the queueing, so that SYNs leave in increasing ID order (the
+// peer refuses a SYN on an ID lower than one it has seen). st.mu is held.
+func (s *Session) pushFirst(st *Stream, f frame) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return errSendClosed
+	}
+	st.id = s.nextID
+	s.nextID += 2
+	s.unsent--
+	s.streams[st.id] = st
+	f.id = st.id
+	return s.push(f)
+}
+
+// finishWrite reports the writer's verdict on st's queued data to its
+// waiting Write.
+func (st *Stream) finishWrite(ok bool) {
+	if ok {
+		st.wres.Store(writeOK)
+	} else {
+		st.wres.Store(writeFailed)
+	}
+	notify(st.writeWake) // made before the data was queued
+}
+
+// cancelWrite withdraws st's queued data frame, if the writer has not taken
+// it yet, and reports whether it did. A frame carrying the stream's SYN or
+// ACK stays, emptied, so that the stream's opening keeps its place.
+func (s *Session) cancelWrite(st *Stream) bool {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	for i := range s.queue {
+		f := &s.queue[i]
+		if f.owner != st {
+			continue
+		}
+		if f.flags != 0 {
+			f.data, f.owner = nil, nil
+		} else {
+			n := copy(s.queue[i:], s.queue[i+1:])
+			s.queue[i+n] = frame{}
+			s.queue = s.queue[:i+n]
+		}
+		return true
+	}
+	return false
+}
+
+// writeLoop is the writer goroutine: it owns all writes to the connection,
+// and closes it when the session ends.
+func (s *Session) writeLoop() {
+	defer s.wg.Done()
+	defer close(s.writerDone)
+	defer s.conn.Close()
+	bw := newBatchWriter(s.conn, int(s.cfg.MaxFrame))
+	var batch []frame
+	for {
+		select {
+		case <-s.sendSignal:
+		case <-s.done:
+		}
+		s.sendMu.Lock()
+		batch, s.queue = s.queue, batch[:0]
+		s.pongs = 0
+		final := s.sendClosed
+		s.sendMu.Unlock()
+
+		if len(batch) > 0 {
+			err := s.writeBatch(bw, batch, final)
+			for i := range batch {
+				if o := batch[i].owner; o != nil {
+					o.finishWrite(err == nil)
+				}
+			}
+			clear(batch) // drop references to callers' buffers
+			if err != nil {
+				s.shutdown(fmt.Errorf("mux: write: %w", err), false, 0)
+				return
+			}
+		}
+		if final {
+			return
+		}
+	}
+}
+
+// writeBatch writes batch within the write timeout: WriteTimeout, or
+// goAwayWait once the session is closing.
+func (s *Session) writeBatch(bw *batchWriter, batch []frame, final bool) error {
+	timeout := s.cfg.WriteTimeout
+	if final {
+		timeout = goAwayWait
+	}
+	// A connection without deadlines still works, without the timeout; a
+	// closed one fails the write below.
+	_ = s.conn.SetWriteDeadline(time.Now().Add(timeout))
+	if !final && s.closing.Load() {
+		// shutdown shortened the deadline just before ours replaced it.
+		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
+	}
+	return bw.write(batch)
+}
+
+// batchWriter encodes a batch of frames and writes it in as few writes as
+// it can: one writev on a socket; on other connections (TLS, pipes) the
+// pieces are gathered into a flat buffer, since their Write call is costly
+// (a TLS record each).
+type batchWriter struct {
+	conn     net.Conn
+	writev   bool
+	maxFrame int
+
+	hdrs []byte      // encoded headers of the batch
+	off  int         // used part of hdrs
+	iov  net.Buffers // pieces to write: header runs and payloads
+	out  net.Buffers // iov as consumed by its WriteTo
+	run  bool        // iov's last piece is a header run ending at hdrs[off]
+}
+
+func newBatchWriter(conn net.Conn, maxFrame int) *batchWriter {
+	w := &batchWriter{conn: conn, maxFrame: maxFrame}
+	switch conn.(type) {
+	case *net.TCPConn, *net.UnixConn: // they implement net.Buffers' writev
+		w.writev = true
+	}
+	return w
+}
+
+func (w *batchWriter) write(batch []frame) error {
+	n := 0
+	for i := range batch {
+		n += w.frames(&batch[i])
+	}
+	if cap(w.hdrs) < n*headerSize {
+		w.hdrs = make([]byte, n*headerSize)
+	}
+	w.hdrs = w.hdrs[:cap(w.hdrs)]
+	w.off, w.run = 0, false
+	for i := range batch {
+		f := &batch[i]
+		if f.typ != typeData {
+			w.addHeader(f.header)
+			continue
+		}
+		h, data := f.header, f.data
+		for first := true; first || len(data) > 0; first = false {
+			k := min(len(data), w.maxFrame)
+			h.length = uint32(k)
+			w.addHeader(h)
+			if k > 0 {
+				w.iov = append(w.iov, data[:k])
+				w.run = false
+			}
+			data = data[k:]
+			h.flags = 0
+		}
+	}
+	var err error
+	if w.writev {
+		w.out = w.iov // WriteTo consumes its receiver
+		_, err = w.out.WriteTo(w.conn)
+	} else {
+		err = w.writeFlat()
+	}
+	clear(w.iov)
+	w.iov = w.iov[:0]
+	return err
+}
+
+// frames returns how many frames (headers) f is sent as.
+func (w *batchWriter) frames(f *frame) int {
+	if f.typ != typeData || len(f.data) == 0 {
+		return 1
+	}
+	return (len(f.data) + w.maxFrame - 1) / w.maxFrame
+}
+
+// addHeader encodes h after the previous headers; consecutive headers form
+// one piece.
+func (w *batchWriter) addHeader(h header) {
+	b := w.hdrs[w.off : w.off+headerSize]
+	h.encode(b)
+	w.off += headerSize
+	if w.run {
+		last := &w.iov[len(w.iov)-1]
+		*last = (*last)[:len(*last)+headerSize]
+		return
+	}
+	w.iov = append(w.iov, b)
+	w.run = true
+}
+
+// writeFlat writes iov through a pooled buffer: small pieces are gathered,
+// and a piece at least as large as the buffer is written from where it is.
+func (w *batchWriter) writeFlat() error {
+	bp := getBuf(64 << 10)
+	defer putBuf(bp)
+	buf := (*bp)[:0]
+	for _, p := range w.iov {
+		for len(p) > 0 {
+			if len(buf) == 0 && len(p) >= cap(buf) {
+				if _, err := w.conn.Write(p); err != nil {
+					return err
+				}
+				break
+			}
+			k := copy(buf[len(buf):cap(buf)], p)
+			buf, p = buf[:len(buf)+k], p[k:]
+			if len(buf) == cap(buf) {
+				if _, err := w.conn.Write(buf); err != nil {
+					return err
+				}
+				buf = buf[:0]
+			}
+		}
+	}
+	if len(buf) > 0 {
+		if _, err := w.conn.Write(buf); err != nil {
+			return err
+		}
+	}
+	return nil
+}
