@@ -67,8 +67,8 @@ const (
 	DefaultBackoffMax        = 5 * time.Second
 	DefaultMaxStreamWindow   = 16 << 20
 	DefaultAcceptBacklog     = 128
-	// minStreamWindow is the yamux protocol's initial window; a smaller
-	// maximum is refused by yamux.
+	// minStreamWindow is the multiplexer's initial window (channels/mux); a smaller
+	// maximum is refused.
 	minStreamWindow = 256 << 10
 )
 

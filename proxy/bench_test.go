@@ -21,7 +21,7 @@ import (
 )
 
 // The benchmarks come in sets: direct loopback TCP (the limit), the same
-// traffic through a request proxy and a reply proxy joined by a real yamux
+// traffic through a request proxy and a reply proxy joined by a real mux
 // session over TCP, and through a duplex connect-mode proxy (impostor) and
 // a bind-mode one. Everything runs in this process, so besides ns/op each
 // reports cpu-ns/op, the CPU time of the whole process (client, proxies,

@@ -106,7 +106,7 @@ func newReader(src halfConn) reader {
 		}
 	}
 	if _, ok := src.(interface{ Reset() error }); ok {
-		// A channels.Stream (yamux): its Read of an empty buffer blocks
+		// A channels.Stream (channels/mux): its Read of an empty buffer blocks
 		// until data, EOF, a reset or a deadline, and those stick.
 		return &waitReader{r: src}
 	}
@@ -162,7 +162,7 @@ func (r *rawReader) read(b *buffer) (int, error) {
 }
 
 // waitReader waits for data with a zero-length Read, holding no buffer,
-// then reads into one. The wait's error ends the direction: for a yamux
+// then reads into one. The wait's error ends the direction: for a mux
 // stream it is the EOF, reset or timeout that the real Read would report.
 // A source whose empty Read returns at once costs a buffer held in the real
 // Read, as with plainReader, never a busy loop.

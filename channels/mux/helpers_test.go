@@ -182,7 +182,7 @@ func queuedWrites(s *Session) int {
 	defer s.sendMu.Unlock()
 	n := 0
 	for _, f := range s.queue {
-		if f.owner != nil {
+		if f.typ == typeData && len(f.data) > 0 {
 			n++
 		}
 	}

@@ -177,13 +177,22 @@ func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 	}
 }
 
-// Write writes b, splitting it into frames as the send window allows. It
-// returns once the session's writer has written the data to the
-// connection: the frames reference b, which is never copied. A reset, the
-// session's end or the write deadline ends a waiting Write at once, unless
-// the writer is writing its data at that moment: then Write returns when
-// that write does (within WriteTimeout, or 100ms after the session's end),
-// since b is in use until then.
+// smallWrite is the largest Write that is copied and queued without
+// waiting for the writer: a request, a reply or a stream header. Copying
+// it costs less than a round trip through the writer goroutine, and the
+// caller moves on (to read the next message, or to write more that the
+// writer then sends in the same writev). The send window still bounds
+// what is queued.
+const smallWrite = 4 << 10
+
+// Write writes b, splitting it into frames as the send window allows. A
+// Write of at most smallWrite bytes that fits the window is copied and
+// queued, and returns at once; any other returns once the session's writer
+// has written the data to the connection: its frames reference b, which is
+// never copied. A reset, the session's end or the write deadline ends a
+// waiting Write at once, unless the writer is writing its data at that
+// moment: then Write returns when that write does (within WriteTimeout, or
+// 100ms after the session's end), since b is in use until then.
 func (st *Stream) Write(b []byte) (int, error) {
 	st.wmu.Lock()
 	defer st.wmu.Unlock()
@@ -202,6 +211,17 @@ func (st *Stream) Write(b []byte) (int, error) {
 			continue
 		}
 		k := min(len(b), int(st.sendWin))
+		if n == 0 && k == len(b) && k <= smallWrite {
+			c := getBuf(k)
+			*c = append((*c)[:0], b...)
+			if err := st.queueLocked(frame{header: header{typ: typeData}, data: *c, copied: c}); err != nil {
+				putBuf(c)
+				st.sessionEndedLocked(st.sess.cause())
+				return 0, st.err
+			}
+			st.sendWin -= uint32(k)
+			return k, nil
+		}
 		st.wakeChanLocked(&st.writeWake) // made before the writer needs it
 		st.wres.Store(writePending)
 		if err := st.queueLocked(frame{header: header{typ: typeData}, data: b[:k], owner: st}); err != nil {

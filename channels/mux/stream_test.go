@@ -445,3 +445,27 @@ func TestWriteToWriterError(t *testing.T) {
 type failWriter struct{ err error }
 
 func (w failWriter) Write([]byte) (int, error) { return 0, w.err }
+
+// TestSmallWriteCopies: a small Write returns before the writer sends it,
+// so it must have copied the data: the caller may reuse its buffer at
+// once, and what arrives is what was written.
+func TestSmallWriteCopies(t *testing.T) {
+	c1, c2 := tcpConns(t)
+	cli, srv := newPair(t, c1, c2, Config{}, Config{})
+	st, peer := openPair(t, cli, srv)
+	buf := make([]byte, smallWrite)
+	var want []byte
+	for i := range 50 {
+		for j := range buf {
+			buf[j] = byte(i + j)
+		}
+		want = append(want, buf...)
+		n, err := st.Write(buf)
+		require.NoError(t, err)
+		require.Equal(t, len(buf), n)
+	}
+	require.NoError(t, st.CloseWrite())
+	got, err := io.ReadAll(peer)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(want, got), "got %d bytes, want %d", len(got), len(want))
+}

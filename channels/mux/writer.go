@@ -37,6 +37,10 @@ type frame struct {
 	// copied): the writer reports its verdict to it (finishWrite) once the
 	// data is written, and only then may the Write return.
 	owner *Stream
+	// copied, when set, is the pooled buffer data was copied into (a small
+	// Write, which did not wait): the writer returns it to the pool once
+	// written.
+	copied *[]byte
 }
 
 // push queues f for the writer.
@@ -149,6 +153,9 @@ func (s *Session) writeLoop() {
 			for i := range batch {
 				if o := batch[i].owner; o != nil {
 					o.finishWrite(err == nil)
+				}
+				if c := batch[i].copied; c != nil {
+					putBuf(c)
 				}
 			}
 			clear(batch) // drop references to callers' buffers

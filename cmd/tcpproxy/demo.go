@@ -25,7 +25,7 @@ import (
 // (reply channel), and three peers on a duplex channel. Every instance
 // has its own proxy on the loopback network, with its own address ranges
 // (127.20.0.0/16 and up) so that they can share this host, and the proxies
-// talk over real yamux sessions on 127.0.0.1.
+// talk over real multiplexed sessions on 127.0.0.1.
 const (
 	kvPort     = 6379
 	gossipPort = 7946
@@ -101,10 +101,10 @@ func (d *demo) printf(format string, args ...any) { fmt.Fprintf(d.out, format, a
 func (d *demo) run(ctx context.Context) error {
 	start := time.Now()
 	if d.network == "memory" {
-		d.printf("tcpproxy demo: 7 proxies in one process, each with its own gVisor TCP/IP stack (memory network), yamux sessions on 127.0.0.1\n")
+		d.printf("tcpproxy demo: 7 proxies in one process, each with its own gVisor TCP/IP stack (memory network), mux sessions on 127.0.0.1\n")
 		d.printf("(legacy programs run on a second gVisor stack per instance, so all use the default 127.0.0.0/16)\n\n")
 	} else {
-		d.printf("tcpproxy demo: 7 proxies in one process, legacy sockets on loopback, yamux sessions on 127.0.0.1\n")
+		d.printf("tcpproxy demo: 7 proxies in one process, legacy sockets on loopback, mux sessions on 127.0.0.1\n")
 		d.printf("(each instance sees the mesh through its own 127.X.0.0/16 so that all seven share this host;\n")
 		d.printf(" in a deployment each instance has its own network namespace and the default 127.0.0.0/16)\n\n")
 	}

@@ -171,9 +171,9 @@ func TestLinkDownMidStream(t *testing.T) {
 	time.Sleep(time.Second)
 	cut := time.Now()
 	require.NoError(t, c.net.LinkDown(victim.Host))
-	// channels.DefaultKeepAliveInterval (15s) plus yamux's ping timeout
-	// (ConnectionWriteTimeout, 10s) bound the detection of a silent peer;
-	// `tcpproxy run` has no setting to shorten them.
+	// channels.DefaultKeepAliveInterval (15s) plus the mux's ping timeout
+	// (KeepAliveTimeout, 10s) bound the detection of a silent peer;
+	// the test runs with the defaults (transport.keepAlive shortens the first).
 	const bound = 15*time.Second + 10*time.Second + 10*time.Second
 	slowest, affected := c.checkCut(t, streams, served, victim, cut, bound)
 	require.NoError(t, c.net.LinkUp(victim.Host))
