@@ -100,15 +100,7 @@ func TestCreateRoutesSyntheticRangesIntoDevice(t *testing.T) {
 	// a SYN from 127.0.0.1; the kernel retries until the dial is cancelled.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	dialed := make(chan error, 1)
-	go ns.Do(func() {
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(syntheticIP, 80).String())
-		if err == nil {
-			c.Close()
-		}
-		dialed <- err
-	})
+	dialed := dialSynthetic(ctx, ns)
 	src, dst, syn := readSYN(t, dev)
 	cancel()
 	require.Error(t, <-dialed)
@@ -263,15 +255,7 @@ func TestFramesCarryOffloads(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	dialed := make(chan error, 1)
-	go ns.Do(func() {
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(syntheticIP, 80).String())
-		if err == nil {
-			c.Close()
-		}
-		dialed <- err
-	})
+	dialed := dialSynthetic(ctx, ns)
 	vnet := make([]byte, tun.VirtioNetHdrLen)
 	pkt := make([]byte, 65536)
 	for {
@@ -312,4 +296,19 @@ func TestFramesCarryOffloads(t *testing.T) {
 	require.NoError(t, dev.Close())
 	require.ErrorIs(t, <-read, os.ErrClosed)
 	require.ErrorIs(t, dev.WriteFrame([][]byte{make([]byte, tun.VirtioNetHdrLen)}), os.ErrClosed)
+}
+
+// dialSynthetic dials syntheticIP:80 from ns in the background, until ctx
+// ends, and sends the dial's outcome.
+func dialSynthetic(ctx context.Context, ns *tuntest.NS) <-chan error {
+	dialed := make(chan error, 1)
+	go ns.Do(func() {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", netip.AddrPortFrom(syntheticIP, 80).String())
+		if err == nil {
+			c.Close()
+		}
+		dialed <- err
+	})
+	return dialed
 }
