@@ -59,13 +59,6 @@ func soakSettings(t *testing.T) (time.Duration, int) {
 // nothing silently lost or truncated, and every failed connection is
 // explained by a fault on a host it went through.
 func TestSoak(t *testing.T) {
-	// Opt-in until the rare truncation it found is explained: once in
-	// about eight loaded runs, a client on a host whose proxy stayed
-	// alive saw a clean EOF mid-stream while the peer's proxy was being
-	// killed (see the closing note of session 1 and issue 7).
-	if os.Getenv("TCPPROXY_SOAK") == "" {
-		t.Skip("soak is opt-in: set TCPPROXY_SOAK=20s (or 10m) to run it")
-	}
 	d, workers := soakSettings(t)
 	c := newCluster(t, fourHosts)
 	start := time.Now()

@@ -67,6 +67,10 @@ func main() {
 		serveMain(os.Args[2:])
 		return
 	}
+	if len(os.Args) > 1 && os.Args[1] == "-relay" {
+		relayMain(os.Args[2:])
+		return
+	}
 	var o options
 	flag.IntVar(&o.sizeMiB, "size", 256, "bulk: MiB sent on each connection")
 	flag.IntVar(&o.parallel, "parallel", 8, "bulk: connections of the parallel run")
@@ -79,7 +83,7 @@ func main() {
 	flag.IntVar(&o.idle, "idle", 10000, "memory: idle proxied connections held open")
 	flag.IntVar(&o.reps, "reps", 3, "repetitions; every figure is the median")
 	flag.DurationVar(&o.timeout, "timeout", 60*time.Second, "bound on each single measurement")
-	flag.StringVar(&o.paths, "paths", "direct,socat,haproxy,tcpproxy,duplex,memory,tun", "paths to measure (comma-separated)")
+	flag.StringVar(&o.paths, "paths", "direct,socat,haproxy,relay2,tcpproxy,duplex,memory,tun", "paths to measure (comma-separated; relay2 is two plain Go relays in a chain, the floor of any two-proxy design)")
 	flag.StringVar(&o.out, "out", "bench/results.md", "results file, relative to the module root")
 	flag.BoolVar(&o.install, "install", true, "apt-get install socat and haproxy when missing (root only)")
 	flag.StringVar(&o.tests, "tests", "memory,bulk,latency,connect", "measurements to run (comma-separated)")
@@ -147,7 +151,7 @@ func run(ctx context.Context, o options, kids *children) error {
 	e := &env{dir: dir, binary: bin, srv: srv, kids: kids, timeout: o.timeout, fileLimit: fileLimit}
 
 	all := map[string]func(*env) *path{
-		"direct": directPath, "socat": socatPath, "haproxy": haproxyPath,
+		"direct": directPath, "socat": socatPath, "haproxy": haproxyPath, "relay2": relayChainPath,
 		"tcpproxy": tcpproxyPath, "duplex": duplexPath, "memory": memoryPath, "tun": tunPath,
 	}
 	var paths []*path
@@ -160,7 +164,7 @@ func run(ctx context.Context, o options, kids *children) error {
 		seen[k] = true
 		mk, ok := all[k]
 		if !ok {
-			return fmt.Errorf("-paths: unknown path %q (want direct, socat, haproxy, tcpproxy, duplex, memory, tun)", k)
+			return fmt.Errorf("-paths: unknown path %q (want direct, socat, haproxy, relay2, tcpproxy, duplex, memory, tun)", k)
 		}
 		p := mk(e)
 		if missing[k] {

@@ -1,0 +1,108 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+)
+
+// relayMain is a relay process: for each LISTEN=TARGET argument it accepts
+// TCP connections on LISTEN and copies each, both ways, to a new
+// connection to TARGET (io.Copy, which splices on Linux), passing on FIN
+// and closing both on error. It runs until killed. Two of them in a chain
+// are the relayChainPath: two proxy processes and three kernel TCP
+// connections with nothing else, the floor of any two-proxy design.
+func relayMain(args []string) {
+	if len(args) == 0 {
+		fmt.Fprintln(os.Stderr, "usage: bench -relay LISTEN=TARGET...")
+		os.Exit(2)
+	}
+	raiseFileLimit(0)
+	for _, a := range args {
+		listen, target, ok := strings.Cut(a, "=")
+		if !ok {
+			fmt.Fprintf(os.Stderr, "relay: %q is not LISTEN=TARGET\n", a)
+			os.Exit(2)
+		}
+		ln, err := net.Listen("tcp4", listen)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		go relayServe(ln, target)
+	}
+	select {}
+}
+
+func relayServe(ln net.Listener, target string) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "relay:", err)
+			os.Exit(1)
+		}
+		go func() {
+			d, err := net.Dial("tcp4", target)
+			if err != nil {
+				c.Close()
+				return
+			}
+			done := make(chan struct{})
+			go func() {
+				relayCopy(d.(*net.TCPConn), c.(*net.TCPConn))
+				close(done)
+			}()
+			relayCopy(c.(*net.TCPConn), d.(*net.TCPConn))
+			<-done
+			c.Close()
+			d.Close()
+		}()
+	}
+}
+
+// relayCopy copies src to dst, then half-closes dst; on an error it closes
+// both, which ends the other direction too.
+func relayCopy(dst, src *net.TCPConn) {
+	if _, err := io.Copy(dst, src); err != nil {
+		dst.Close()
+		src.Close()
+		return
+	}
+	_ = dst.CloseWrite()
+}
+
+// relayChainPath is load generator → relay A → relay B → servers.
+func relayChainPath(e *env) *path {
+	return &path{
+		key: "relay2", name: "two Go relays (io.Copy, no multiplexing)",
+		memoryNote: "n/a (baseline)",
+		setup: func(ctx context.Context, p *path) error {
+			exe, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			ports, err := freePorts(4)
+			if err != nil {
+				return err
+			}
+			bEcho, bSink := fmt.Sprintf("127.0.0.1:%d", ports[0]), fmt.Sprintf("127.0.0.1:%d", ports[1])
+			aEcho, aSink := fmt.Sprintf("127.0.0.1:%d", ports[2]), fmt.Sprintf("127.0.0.1:%d", ports[3])
+			for _, r := range []struct{ name, echoFrom, echoTo, sinkFrom, sinkTo string }{
+				{"relay-b", bEcho, fmt.Sprintf("127.0.0.1:%d", e.srv.echoPort), bSink, fmt.Sprintf("127.0.0.1:%d", e.srv.sinkPort)},
+				{"relay-a", aEcho, bEcho, aSink, bSink},
+			} {
+				c, err := e.kids.start(fmt.Sprintf("%s-%d", r.name, e.rep), e.dir, exe, "-relay",
+					r.echoFrom+"="+r.echoTo, r.sinkFrom+"="+r.sinkTo)
+				if err != nil {
+					return err
+				}
+				p.procs = append(p.procs, c)
+			}
+			p.echo, p.sink = aEcho, aSink
+			return e.waitReady(ctx, p)
+		},
+	}
+}
