@@ -2,13 +2,14 @@
 // haproxy in TCP mode, side by side on this machine, and writes a markdown
 // table to bench/results.md:
 //
-//	go run ./scripts/bench            # full run, about 5 minutes on 2 CPUs
+//	go run ./scripts/bench            # full run, about 6 minutes on 2 CPUs
 //	go run ./scripts/bench -h         # sizes, counts, repetitions, paths
 //
 // It installs socat and haproxy with apt-get when they are missing and it
 // runs as root, builds cmd/tcpproxy, and drives every path with its own Go
 // load generator against its own echo and sink servers (a child process).
-// Paths: direct TCP, socat, haproxy, two `tcpproxy run` processes
+// Paths: direct TCP, socat, haproxy, two plain Go relays in a chain
+// (relay2, the floor of two-proxy designs), two `tcpproxy run` processes
 // request→reply and duplex on the loopback network, and the client side on
 // the netstack networks: memory (a proxy in the bench process) and tun (in
 // a network namespace made for each repetition and deleted after it; root
