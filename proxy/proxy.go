@@ -352,6 +352,7 @@ func (p *Proxy) serveListener(cs *channelState, ln net.Listener, open opener) {
 
 // forwardOutgoing carries a connection from the legacy client to a stream.
 func (p *Proxy) forwardOutgoing(cs *channelState, k *conn, legacy halfConn, open opener) {
+	armReset(legacy)
 	local, remote := addrPort(legacy.LocalAddr()), addrPort(legacy.RemoteAddr())
 	h := channels.Header{
 		Channel:    cs.cfg.Target,
@@ -425,6 +426,7 @@ func (p *Proxy) forwardIncoming(cs *channelState, k *conn, in channels.Incoming,
 		_ = in.Stream.Reset()
 		return
 	}
+	armReset(hc)
 	p.log.Debug("connection", "channel", cs.name, "caller", in.Header.SourceIID, "from", src, "to", dst)
 	k.run(hc, in.Stream)
 }

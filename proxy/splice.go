@@ -20,17 +20,34 @@ type halfConn interface {
 
 // abort ends c with a reset: RST for TCP, a stream reset for streams.
 func abort(c net.Conn) {
-	switch c := c.(type) {
-	case interface{ Reset() error }: // channels.Stream
-		_ = c.Reset()
-	case interface {
-		SetLinger(int) error
-		Close() error
-	}: // *net.TCPConn and netstack conns
-		_ = c.SetLinger(0)
-		_ = c.Close()
-	default:
-		_ = c.Close()
+	if s, ok := c.(interface{ Reset() error }); ok { // channels.Stream
+		_ = s.Reset()
+		return
+	}
+	armReset(c) // *net.TCPConn and netstack conns: SO_LINGER 0
+	_ = c.Close()
+}
+
+// lingerer is a connection whose close can send RST (SO_LINGER 0): a
+// *net.TCPConn, and the netstack's connections.
+type lingerer interface{ SetLinger(sec int) error }
+
+// armReset makes the kernel reset a legacy connection, rather than end it
+// with a FIN, if the process dies with it open: a proxy killed mid-stream
+// must not pass for a clean end of stream to the legacy program on its
+// host (a silent truncation). CloseWrite is unaffected; splice disarms
+// it before a clean close, which must deliver all the data.
+func armReset(c net.Conn) {
+	if l, ok := c.(lingerer); ok {
+		_ = l.SetLinger(0)
+	}
+}
+
+// disarmReset restores a graceful close: Close sends what is still
+// buffered, then FIN.
+func disarmReset(c net.Conn) {
+	if l, ok := c.(lingerer); ok {
+		_ = l.SetLinger(-1)
 	}
 }
 
@@ -302,6 +319,9 @@ func splice(legacy, stream halfConn, st spliceStats) spliceResult {
 		fail()
 	}
 	wg.Wait()
+	if up.err == nil && down.err == nil {
+		disarmReset(legacy)
+	}
 	_ = legacy.Close()
 	_ = stream.Close()
 	return spliceResult{up: up, down: down}

@@ -71,10 +71,11 @@ func (c *cluster) checkIntegrity(t *testing.T) integrity {
 		case legacy.Timeout:
 			report("HANG (bound passed): %v", r)
 		case legacy.ShortEOF:
-			// The kernel closes a killed proxy's sockets with a FIN when it
-			// has no unread data: its host's legacy programs may see a
-			// clean end, also on connections they accept (from the listen
-			// backlog) just after the kill.
+			// A killed proxy's legacy connections end with RST
+			// (proxy.armReset), but one it accepted or dialed in the
+			// instant before the kill, not yet armed, ends with a FIN when
+			// it has no unread data: its host's legacy programs may see a
+			// clean end there.
 			if h := c.byIID[r.Host]; h == nil || !h.killedDuring(r.Start.Add(-2*time.Second), r.End) {
 				in.Truncated++
 				other := "(no other side)"
