@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -96,27 +97,10 @@ type member struct {
 	ip                        netip.Addr
 	cfgPath, logPath, dataDir string
 
-	mu     sync.Mutex
-	proc   *proxyProc
-	starts int
+	proc *proxybin.Process
 	// stopped: the test stopped the proxy on purpose (waitFor does not
 	// count it as a failure).
-	stopped bool
-}
-
-type proxyProc struct {
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
-}
-
-func (p *proxyProc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
+	stopped atomic.Bool
 }
 
 func (m *member) peerURL() string {
@@ -167,11 +151,13 @@ func newCluster(t *testing.T) *cluster {
 			iid, h.Addr, transportPort, peerPort, clientPort)
 		ip, ok := alloc.Lookup(iid)
 		require.True(t, ok)
-		c.members = append(c.members, &member{Host: h, c: c, iid: iid, ip: ip,
+		m := &member{Host: h, c: c, iid: iid, ip: ip,
 			cfgPath: filepath.Join(c.dir, iid+".yaml"),
 			logPath: filepath.Join(c.dir, iid+".log"),
 			dataDir: filepath.Join(c.dir, iid+".etcd"),
-		})
+		}
+		m.proc = proxybin.NewProcess(iid, m.logPath)
+		c.members = append(c.members, m)
 	}
 	membersPath := filepath.Join(c.dir, "members.yaml")
 	require.NoError(t, os.WriteFile(membersPath, []byte(members.String()), 0o644))
@@ -209,47 +195,22 @@ log: {level: %s}
 // start starts the member's tcpproxy with etcd as its legacy program (not
 // waiting for it to be ready).
 func (m *member) start() {
-	t := m.c.t
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	logf, err := os.OpenFile(m.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	require.NoError(t, err)
-	defer logf.Close()
-	m.starts++
-	fmt.Fprintf(logf, "=== e2e: start %d of %s at %s\n", m.starts, m.iid, time.Now().Format(time.RFC3339Nano))
 	cmd := m.Command(m.c.bin, "run", "-config", m.cfgPath, "--", "sh", "-c", etcdScript, "etcd-"+m.iid, m.dataDir)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	require.NoError(t, cmd.Start())
-	p := &proxyProc{cmd: cmd, done: make(chan struct{})}
-	go func() {
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	m.proc, m.stopped = p, false
-}
-
-func (m *member) current() (*proxyProc, int) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.proc, m.starts
+	require.NoError(m.c.t, m.proc.Start(cmd))
+	m.stopped.Store(false)
 }
 
 // waitReady waits until the proxy started last logs that it is ready.
 func (m *member) waitReady() {
 	t := m.c.t
 	t.Helper()
-	p, want := m.current()
-	deadline := time.Now().Add(30 * time.Second)
-	for bytes.Count(m.readLog(), []byte(`msg="proxy ready"`)) < want {
-		select {
-		case <-p.done:
-			require.FailNow(t, "proxy exited before it was ready", "%s: %v\n%s", m.iid, p.err, tail(m.readLog(), 60))
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			require.FailNow(t, "proxy not ready in 30s", "%s:\n%s", m.iid, tail(m.readLog(), 60))
-		}
+	if m.proc.WaitLog(`msg="proxy ready"`, 30*time.Second) {
+		return
 	}
+	if m.proc.Exited() {
+		require.FailNow(t, "proxy exited before it was ready", "%s: %v\n%s", m.iid, m.proc.Err(), m.proc.Tail(60))
+	}
+	require.FailNow(t, "proxy not ready in 30s", "%s:\n%s", m.iid, m.proc.Tail(60))
 }
 
 // stop sends SIGTERM to the member's proxy, which stops etcd and then
@@ -257,42 +218,27 @@ func (m *member) waitReady() {
 func (m *member) stop() {
 	t := m.c.t
 	t.Helper()
-	p, _ := m.current()
 	m.terminate()
-	select {
-	case <-p.done:
-	case <-time.After(30 * time.Second):
-		require.FailNow(t, "proxy did not exit 30s after SIGTERM", "%s:\n%s", m.iid, tail(m.readLog(), 60))
+	if !m.proc.Wait(30 * time.Second) {
+		require.FailNow(t, "proxy did not exit 30s after SIGTERM", "%s:\n%s", m.iid, m.proc.Tail(60))
 	}
-	require.NoError(t, p.err, "%s: exit status of the proxy after SIGTERM:\n%s", m.iid, tail(m.readLog(), 60))
+	require.NoError(t, m.proc.Err(), "%s: exit status of the proxy after SIGTERM:\n%s", m.iid, m.proc.Tail(60))
 }
 
 // terminate sends SIGTERM to the member's proxy.
 func (m *member) terminate() {
-	m.mu.Lock()
-	p := m.proc
-	m.stopped = true
-	m.mu.Unlock()
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	m.stopped.Store(true)
+	_ = m.proc.Signal(syscall.SIGTERM)
 }
 
 // waitEtcdStopped waits at most limit until the proxy logged that its
 // legacy program (etcd) stopped, or exited.
 func (m *member) waitEtcdStopped(limit time.Duration) {
-	p, starts := m.current()
-	deadline := time.Now().Add(limit)
-	for bytes.Count(m.readLog(), []byte(`msg="legacy program stopped"`)) < starts && time.Now().Before(deadline) {
-		select {
-		case <-p.done:
-			return
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
+	m.proc.WaitLog(`msg="legacy program stopped"`, limit)
 }
 
 func (m *member) readLog() []byte {
-	b, _ := os.ReadFile(m.logPath)
-	return b
+	return m.proc.ReadLog()
 }
 
 // shutdown stops every proxy (SIGTERM, then SIGKILL), and fails the test
@@ -307,7 +253,7 @@ func (c *cluster) shutdown() {
 	t := c.t
 	var running []*member
 	for _, m := range c.members {
-		if p, _ := m.current(); p != nil && !p.exited() {
+		if m.proc.Running() {
 			running = append(running, m)
 		}
 	}
@@ -317,14 +263,11 @@ func (c *cluster) shutdown() {
 	}
 	var wg sync.WaitGroup
 	for _, m := range running {
-		p, _ := m.current()
 		wg.Go(func() {
-			select {
-			case <-p.done:
-			case <-time.After(30 * time.Second):
+			if !m.proc.Wait(30 * time.Second) {
 				t.Errorf("%s: proxy did not exit 30s after SIGTERM; killing it", m.iid)
-				_ = p.cmd.Process.Signal(syscall.SIGKILL)
-				<-p.done
+				_ = m.proc.Kill()
+				<-m.proc.Done()
 			}
 		})
 	}
@@ -338,20 +281,9 @@ func (c *cluster) shutdown() {
 			t.Errorf("%s: a panic in the member's log:\n%s", m.iid, log[i:min(len(log), i+6000)])
 		}
 		if t.Failed() {
-			t.Logf("--- end of %s's log (%s):\n%s", m.iid, m.logPath, tail(log, 60))
+			t.Logf("--- end of %s's log (%s):\n%s", m.iid, m.logPath, proxybin.Tail(log, 60))
 		}
 	}
-}
-
-func tail(b []byte, lines int) []byte {
-	for i, n := len(b)-1, 0; i >= 0; i-- {
-		if b[i] == '\n' {
-			if n++; n > lines {
-				return b[i+1:]
-			}
-		}
-	}
-	return b
 }
 
 // etcdctl runs etcdctl inside the member's namespace against its own etcd
@@ -388,11 +320,8 @@ func (c *cluster) waitFor(what string, limit time.Duration, cond func() error) {
 			return
 		}
 		for _, m := range c.members {
-			m.mu.Lock()
-			p, stopped := m.proc, m.stopped
-			m.mu.Unlock()
-			if !stopped && p.exited() {
-				require.FailNow(t, "a proxy exited", "%s while waiting for %s: %v (last check: %v)", m.iid, what, p.err, err)
+			if !m.stopped.Load() && m.proc.Exited() {
+				require.FailNow(t, "a proxy exited", "%s while waiting for %s: %v (last check: %v)", m.iid, what, m.proc.Err(), err)
 			}
 		}
 		if time.Now().After(deadline) {

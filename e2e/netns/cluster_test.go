@@ -13,7 +13,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -105,17 +104,10 @@ type host struct {
 	cfgPath, logPath string
 	server           *legacy.Server
 	lns              []net.Listener
+	proc             *proxybin.Process
 
-	mu     sync.Mutex
-	proc   *proxyProc
-	starts int
-	kills  []time.Time
-}
-
-type proxyProc struct {
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
+	mu    sync.Mutex
+	kills []time.Time
 }
 
 // serverBound is the time limit of one server-side connection: longer
@@ -168,6 +160,7 @@ func newCluster(t *testing.T, specs []hostSpec) *cluster {
 			cfgPath: filepath.Join(c.dir, s.iid+".yaml"),
 			logPath: filepath.Join(c.dir, s.iid+".log"),
 		}
+		h.proc = proxybin.NewProcess(s.iid, h.logPath)
 		_, err := h.view.Add(s.iid)
 		require.NoError(t, err)
 		_, err = h.view.Ensure(iids...)
@@ -226,50 +219,23 @@ log: {level: %s}
 
 // startProxy starts the host's tcpproxy (not waiting for it to be ready).
 func (h *host) startProxy() {
-	t := h.c.t
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	logf, err := os.OpenFile(h.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	require.NoError(t, err)
-	defer logf.Close()
-	h.starts++
-	fmt.Fprintf(logf, "=== e2e: start %d of %s at %s\n", h.starts, h.spec.iid, time.Now().Format(time.RFC3339Nano))
-	cmd := h.Command(h.c.bin, "run", "-config", h.cfgPath)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	require.NoError(t, cmd.Start())
-	p := &proxyProc{cmd: cmd, done: make(chan struct{})}
-	go func() {
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	h.proc = p
+	require.NoError(h.c.t, h.proc.Start(h.Command(h.c.bin, "run", "-config", h.cfgPath)))
 }
 
 // waitReady waits until the proxy started last logs that it is ready.
 func (h *host) waitReady() {
 	t := h.c.t
-	h.mu.Lock()
-	p, want := h.proc, h.starts
-	h.mu.Unlock()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if bytes.Count(h.readLog(), []byte(`msg="proxy ready"`)) >= want {
-			return
-		}
-		select {
-		case <-p.done:
-			require.FailNow(t, "proxy exited before it was ready", "%s: %v\n%s", h.spec.iid, p.err, h.readLog())
-		case <-time.After(20 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			require.FailNow(t, "proxy not ready in 30s", "%s:\n%s", h.spec.iid, h.readLog())
-		}
+	if h.proc.WaitLog(`msg="proxy ready"`, 30*time.Second) {
+		return
 	}
+	if h.proc.Exited() {
+		require.FailNow(t, "proxy exited before it was ready", "%s: %v\n%s", h.spec.iid, h.proc.Err(), h.readLog())
+	}
+	require.FailNow(t, "proxy not ready in 30s", "%s:\n%s", h.spec.iid, h.readLog())
 }
 
 func (h *host) readLog() []byte {
-	b, _ := os.ReadFile(h.logPath)
-	return b
+	return h.proc.ReadLog()
 }
 
 // killProxy sends SIGKILL to the host's proxy and waits for it to die; it
@@ -277,14 +243,11 @@ func (h *host) readLog() []byte {
 func (h *host) killProxy() time.Time {
 	t := h.c.t
 	h.mu.Lock()
-	p := h.proc
 	at := time.Now()
 	h.kills = append(h.kills, at)
 	h.mu.Unlock()
-	require.NoError(t, p.cmd.Process.Signal(syscall.SIGKILL))
-	select {
-	case <-p.done:
-	case <-time.After(10 * time.Second):
+	require.NoError(t, h.proc.Kill())
+	if !h.proc.Wait(10 * time.Second) {
 		require.FailNow(t, "killed proxy did not exit", h.spec.iid)
 	}
 	return at
@@ -319,24 +282,8 @@ func (c *cluster) shutdown() {
 	var wg sync.WaitGroup
 	for _, h := range c.hosts {
 		wg.Go(func() {
-			h.mu.Lock()
-			p := h.proc
-			h.mu.Unlock()
-			if p == nil {
-				return
-			}
-			select {
-			case <-p.done:
-				return
-			default:
-			}
-			_ = p.cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-p.done:
-			case <-time.After(10 * time.Second):
+			if !h.proc.Stop(10 * time.Second) {
 				t.Errorf("%s: proxy did not exit 10s after SIGTERM; killing it", h.spec.iid)
-				_ = p.cmd.Process.Signal(syscall.SIGKILL)
-				<-p.done
 			}
 		})
 	}
@@ -358,24 +305,13 @@ func (c *cluster) shutdown() {
 			t.Errorf("%s: the proxy panicked:\n%s", h.spec.iid, excerpt(log, i, 6000))
 		}
 		if t.Failed() {
-			t.Logf("--- end of %s's log (%s):\n%s", h.spec.iid, h.logPath, tail(log, 40))
+			t.Logf("--- end of %s's log (%s):\n%s", h.spec.iid, h.logPath, proxybin.Tail(log, 40))
 		}
 	}
 }
 
 func excerpt(b []byte, i, n int) []byte {
 	return b[i:min(len(b), i+n)]
-}
-
-func tail(b []byte, lines int) []byte {
-	for i, n := len(b)-1, 0; i >= 0; i-- {
-		if b[i] == '\n' {
-			if n++; n > lines {
-				return b[i+1:]
-			}
-		}
-	}
-	return b
 }
 
 // route is a path of a connection: from a host's legacy client, through

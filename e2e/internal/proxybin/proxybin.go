@@ -1,6 +1,7 @@
 // Package proxybin builds the tcpproxy binary that end-to-end tests run in
-// their network namespaces, once per test binary, and reads the settings
-// those tests share from the environment:
+// their network namespaces, once per test binary, runs it (Process: start,
+// restart, stop, with one log file per proxy), and reads the settings those
+// tests share from the environment:
 //
 //	TCPPROXY_E2E_RACE=0|1   build the proxies with -race (default: as the test binary)
 //	TCPPROXY_E2E_LOG=level  the proxies' log level (default info)
