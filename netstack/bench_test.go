@@ -53,10 +53,7 @@ func cpuTime(b *testing.B) time.Duration {
 func BenchmarkMemoryThroughput(b *testing.B) {
 	ctx := context.Background()
 	n, h := newMemory(b)
-	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
-	require.NoError(b, err)
-	defer l.Close()
+	claim, l := listenClaim(ctx, b, n)
 	client, server := pair(b, l, func() (net.Conn, error) { return h.Dial(ctx, claim) })
 	benchThroughput(b, client, server)
 }

@@ -73,6 +73,16 @@ func pair(t testing.TB, l net.Listener, dial func() (net.Conn, error)) (dialed, 
 	return dialed, accepted
 }
 
+// listenClaim has n listen on requestIP:6379 until the test ends.
+func listenClaim(ctx context.Context, t testing.TB, n *netstack.Network) (netip.AddrPort, net.Listener) {
+	t.Helper()
+	claim := netip.AddrPortFrom(requestIP, 6379)
+	l, err := n.Listen(ctx, claim)
+	require.NoError(t, err)
+	t.Cleanup(func() { l.Close() })
+	return claim, l
+}
+
 func addrPort(t testing.TB, a net.Addr) netip.AddrPort {
 	t.Helper()
 	ta, ok := a.(*net.TCPAddr)
@@ -83,10 +93,7 @@ func addrPort(t testing.TB, a net.Addr) netip.AddrPort {
 func TestMemoryHostReachesClaimedAddress(t *testing.T) {
 	ctx := testCtx(t)
 	n, h := newMemory(t)
-	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
-	require.NoError(t, err)
-	defer l.Close()
+	claim, l := listenClaim(ctx, t, n)
 	assert.Equal(t, claim, addrPort(t, l.Addr()))
 
 	client, server := pair(t, l, func() (net.Conn, error) { return h.Dial(ctx, claim) })
@@ -350,13 +357,10 @@ func TestMemoryCloseFailsEverything(t *testing.T) {
 func TestMemoryDeadline(t *testing.T) {
 	ctx := testCtx(t)
 	n, h := newMemory(t)
-	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
-	require.NoError(t, err)
-	defer l.Close()
+	claim, l := listenClaim(ctx, t, n)
 	client, _ := pair(t, l, func() (net.Conn, error) { return h.Dial(ctx, claim) })
 	require.NoError(t, client.SetReadDeadline(time.Now().Add(10*time.Millisecond)))
-	_, err = client.Read(make([]byte, 1))
+	_, err := client.Read(make([]byte, 1))
 	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
 	var ne net.Error
 	require.True(t, errors.As(err, &ne) && ne.Timeout())
@@ -378,10 +382,7 @@ func TestMemoryOptionsValidation(t *testing.T) {
 func TestMemoryReconnectAfterServerClose(t *testing.T) {
 	ctx := testCtx(t)
 	n, h := newMemory(t)
-	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
-	require.NoError(t, err)
-	defer l.Close()
+	claim, l := listenClaim(ctx, t, n)
 
 	const conns = 1500
 	served := make(chan error, 1)

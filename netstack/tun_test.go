@@ -77,10 +77,7 @@ func TestTUNKernelReachesClaimedAddress(t *testing.T) {
 func testTUNKernelReachesClaimedAddress(t *testing.T, mtu int) {
 	ctx := testCtx(t)
 	n, ns := newTUNWithMTU(t, mtu)
-	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
-	require.NoError(t, err)
-	defer l.Close()
+	claim, l := listenClaim(ctx, t, n)
 
 	client, server := pair(t, l, func() (net.Conn, error) { return kernelDial(ns, claim) })
 	assert.Equal(t, claim, addrPort(t, server.LocalAddr()))
@@ -157,10 +154,7 @@ func TestTUNDialFromSpoofedSourceReachesKernel(t *testing.T) {
 // BenchmarkDirectTCPThroughput).
 func BenchmarkTUNThroughput(b *testing.B) {
 	n, ns := newTUN(b)
-	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(context.Background(), claim)
-	require.NoError(b, err)
-	defer l.Close()
+	claim, l := listenClaim(context.Background(), b, n)
 	client, server := pair(b, l, func() (net.Conn, error) { return kernelDial(ns, claim) })
 	benchThroughput(b, client, server)
 }
@@ -195,10 +189,7 @@ func TestTUNBulkTransferBothWays(t *testing.T) {
 		t.Run(fmt.Sprintf("mtu=%d", mtu), func(t *testing.T) {
 			ctx := testCtx(t)
 			n, ns := newTUNWithMTU(t, mtu)
-			claim := netip.AddrPortFrom(requestIP, 6379)
-			l, err := n.Listen(ctx, claim)
-			require.NoError(t, err)
-			defer l.Close()
+			claim, l := listenClaim(ctx, t, n)
 			server := netip.AddrPortFrom(bindIP, 6379)
 			kl, err := kernelListen(ns, server)
 			require.NoError(t, err)
@@ -268,12 +259,10 @@ func exchange(t *testing.T, a, b net.Conn) {
 func TestTUNDropsCorruptPacket(t *testing.T) {
 	ctx := testCtx(t)
 	n, ns := newTUN(t)
-	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
-	require.NoError(t, err)
-	defer l.Close()
+	claim, _ := listenClaim(ctx, t, n) // the stack answers SYNs to a claimed port only
 
 	var send, recv int
+	var err error
 	ns.Do(func() {
 		if send, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW); err != nil {
 			return
