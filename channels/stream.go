@@ -46,14 +46,19 @@ func (s *stream) maybeFinish() {
 	}
 }
 
+// readEnded records the peer's FIN, read to the end.
+func (s *stream) readEnded() {
+	s.readDone.Store(true)
+	s.maybeFinish()
+}
+
 func (s *stream) Read(b []byte) (int, error) {
 	n, err := s.ys.Read(b)
 	if err == nil {
 		return n, nil
 	}
 	if err == io.EOF {
-		s.readDone.Store(true)
-		s.maybeFinish()
+		s.readEnded()
 		return n, io.EOF
 	}
 	return n, s.mapErr("read", err)
@@ -73,8 +78,7 @@ func (s *stream) Write(b []byte) (int, error) {
 func (s *stream) WriteTo(w io.Writer) (int64, error) {
 	n, err := s.ys.WriteTo(w)
 	if err == nil {
-		s.readDone.Store(true)
-		s.maybeFinish()
+		s.readEnded()
 		return n, nil
 	}
 	if errors.Is(err, mux.ErrStreamReset) || errors.Is(err, os.ErrDeadlineExceeded) || s.closed.Load() {

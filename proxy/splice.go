@@ -212,18 +212,14 @@ func pipe(dst, src halfConn, counter, activity *atomic.Int64) pipeResult {
 	var b buffer
 	defer b.release()
 	rd := newReader(src)
+	cw := countingWriter{w: dst, counter: counter, activity: activity}
 	var total int64
 	for {
 		nr, rerr := rd.read(&b)
 		if nr > 0 {
 			buf := *b.p
-			nw, werr := dst.Write(buf[:nr])
+			nw, werr := cw.Write(buf[:nr])
 			total += int64(nw)
-			counter.Add(int64(nw))
-			activity.Add(int64(nw))
-			if werr == nil && nw != nr {
-				werr = io.ErrShortWrite
-			}
 			if werr != nil {
 				return pipeResult{total, werr, "write"}
 			}
@@ -254,8 +250,10 @@ func pipeFrom(dst halfConn, src io.WriterTo, counter, activity *atomic.Int64) pi
 	return pipeResult{n, dst.CloseWrite(), "close write"}
 }
 
-// countingWriter counts the bytes written through it, and keeps the write
-// error so that pipeFrom can tell it from the source's.
+// countingWriter counts the bytes written through it into counter and
+// activity as they flow (so stats are live and the idle timer sees
+// movement), turns a short write into io.ErrShortWrite, and keeps the
+// write error so that pipeFrom can tell it from the source's.
 type countingWriter struct {
 	w                 io.Writer
 	counter, activity *atomic.Int64
