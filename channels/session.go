@@ -42,13 +42,12 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 	for _, c := range h.Channels {
 		offers[c] = true
 	}
-	log := n.log.With("peer", h.IID, "remote", conn.RemoteAddr().String())
 	return &session{
 		n:       n,
 		ys:      ys,
 		hello:   h,
 		offers:  offers,
-		log:     log,
+		log:     n.log.With("peer", h.IID, "remote", conn.RemoteAddr().String()),
 		streams: make(map[*stream]struct{}),
 	}, nil
 }
