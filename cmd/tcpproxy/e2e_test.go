@@ -222,20 +222,27 @@ func testTwoProcessesHTTP(t *testing.T, dir string, extra map[string]string) {
 	require.NoError(t, err)
 	resp.Body.Close()
 	assert.Equal(t, http.StatusOK, resp.StatusCode)
-	resp, err = hc.Get("http://" + admin + "/metrics")
-	require.NoError(t, err)
-	metricsText, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	require.NoError(t, err)
-	for _, re := range []string{
-		`tcpproxy_connections_total\{channel="api",iid="cli-1",kind="request"\} [1-9]`,
-		`tcpproxy_bytes_total\{channel="api",direction="in",iid="cli-1",kind="request"\} [1-9]`,
-		`tcpproxy_handshake_seconds_count\{iid="cli-1",result="ok",side="dial"\} [1-9]`,
-		`tcpproxy_sessions\{iid="cli-1"\} 1`,
-		`go_goroutines `,
-	} {
-		assert.Regexp(t, re, string(metricsText))
-	}
+	// The proxy counts bytes once its write to the legacy socket returned,
+	// which may be just after the HTTP client read them: wait for the
+	// counters rather than race them.
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		resp, err := hc.Get("http://" + admin + "/metrics")
+		if !assert.NoError(c, err) {
+			return
+		}
+		metricsText, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		assert.NoError(c, err)
+		for _, re := range []string{
+			`tcpproxy_connections_total\{channel="api",iid="cli-1",kind="request"\} [1-9]`,
+			`tcpproxy_bytes_total\{channel="api",direction="in",iid="cli-1",kind="request"\} [1-9]`,
+			`tcpproxy_handshake_seconds_count\{iid="cli-1",result="ok",side="dial"\} [1-9]`,
+			`tcpproxy_sessions\{iid="cli-1"\} 1`,
+			`go_goroutines `,
+		} {
+			assert.Regexp(c, re, string(metricsText))
+		}
+	}, 10*time.Second, 20*time.Millisecond)
 
 	clientLog := client.stop(t)
 	serverLog := server.stop(t)
