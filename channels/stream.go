@@ -87,6 +87,20 @@ func (s *stream) WriteTo(w io.Writer) (int64, error) {
 	return n, err // w's error
 }
 
+// SpliceFrom moves what src has to read into the stream with splice(2),
+// until src has nothing more right now (nil), src's end (io.EOF) or an
+// error; see mux.Stream.SpliceFrom. It returns an error matching
+// mux.ErrNoSplice, having moved nothing, when the stream's session does
+// not run over TCP or src is not a socket. The stream's errors are mapped
+// as by Write; src's are returned as they are.
+func (s *stream) SpliceFrom(src mux.SpliceConn) (int64, error) {
+	n, err := s.ys.SpliceFrom(src)
+	if err != nil && (s.closed.Load() || errors.Is(err, mux.ErrStreamReset) || errors.Is(err, mux.ErrWriteAfterClose)) {
+		return n, s.mapErr("write", err)
+	}
+	return n, err
+}
+
 // CloseWrite sends FIN: the peer reads io.EOF after the data written so far.
 func (s *stream) CloseWrite() error {
 	err := s.ys.CloseWrite()

@@ -8,6 +8,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+
+	"github.com/tcpproxy/tcpproxy/channels/mux"
 )
 
 // halfConn is a connection whose two directions can be ended separately:
@@ -205,17 +207,35 @@ type pipeResult struct {
 	op  string // what failed: "read", "write" or "close write"
 }
 
+// splicer is a stream that takes data from a kernel socket by splice(2),
+// without copying it through the process: a channels stream on a session
+// over TCP.
+type splicer interface {
+	SpliceFrom(src mux.SpliceConn) (int64, error)
+}
+
 // pipe copies src to dst until EOF (then half-closes dst) or an error. It
 // counts bytes into *counter and *activity as they flow, so stats are live
 // and an idle timer can tell whether the connection moved.
+//
+// When dst splices and src is a TCP socket, a burst's first bytes are read
+// into a small buffer, as messages are; if they fill it, the rest of the
+// burst is spliced into dst, never copied.
 func pipe(dst, src halfConn, counter, activity *atomic.Int64) pipeResult {
 	var b buffer
 	defer b.release()
 	rd := newReader(src)
 	cw := countingWriter{w: dst, counter: counter, activity: activity}
+	sp, _ := dst.(splicer)
+	if tc, ok := src.(*net.TCPConn); ok && sp != nil {
+		cw.sock = tc
+	} else {
+		sp = nil
+	}
 	var total int64
 	for {
 		nr, rerr := rd.read(&b)
+		op := "read"
 		if nr > 0 {
 			buf := *b.p
 			nw, werr := cw.Write(buf[:nr])
@@ -223,13 +243,24 @@ func pipe(dst, src halfConn, counter, activity *atomic.Int64) pipeResult {
 			if werr != nil {
 				return pipeResult{total, werr, "write"}
 			}
-			b.sized(nr, len(buf))
+			if sp != nil && rerr == nil && nr == len(buf) {
+				var n int64
+				n, rerr = sp.SpliceFrom(&cw)
+				total += n
+				if errors.Is(rerr, mux.ErrNoSplice) {
+					sp, rerr = nil, nil
+				}
+				op = "splice"
+			}
+			if sp == nil {
+				b.sized(nr, len(buf))
+			}
 		}
 		if rerr != nil {
 			if rerr == io.EOF { // exactly EOF: a stream reset by a dying session wraps io.EOF
 				return pipeResult{total, dst.CloseWrite(), "close write"}
 			}
-			return pipeResult{total, rerr, "read"}
+			return pipeResult{total, rerr, op}
 		}
 	}
 }
@@ -239,6 +270,9 @@ func pipe(dst, src halfConn, counter, activity *atomic.Int64) pipeResult {
 // do): one copy per byte fewer, and no buffer held while idle.
 func pipeFrom(dst halfConn, src io.WriterTo, counter, activity *atomic.Int64) pipeResult {
 	cw := countingWriter{w: dst, counter: counter, activity: activity}
+	if tc, ok := dst.(*net.TCPConn); ok {
+		cw.sock = tc // a mux stream may splice to it
+	}
 	n, err := src.WriteTo(&cw)
 	switch {
 	case cw.err != nil:
@@ -254,10 +288,31 @@ func pipeFrom(dst halfConn, src io.WriterTo, counter, activity *atomic.Int64) pi
 // activity as they flow (so stats are live and the idle timer sees
 // movement), turns a short write into io.ErrShortWrite, and keeps the
 // write error so that pipeFrom can tell it from the source's.
+//
+// With sock, the legacy TCP socket of the direction, it is also a
+// mux.SpliceConn: a stream may splice data from sock (pipe) or to it
+// (pipeFrom), and reports those bytes to Spliced.
 type countingWriter struct {
 	w                 io.Writer
 	counter, activity *atomic.Int64
 	err               error
+	sock              *net.TCPConn
+}
+
+var errNoSocket = errors.New("no socket to splice")
+
+// SyscallConn returns sock's RawConn.
+func (c *countingWriter) SyscallConn() (syscall.RawConn, error) {
+	if c.sock == nil {
+		return nil, errNoSocket
+	}
+	return c.sock.SyscallConn()
+}
+
+// Spliced counts n bytes moved by splice(2).
+func (c *countingWriter) Spliced(n int) {
+	c.counter.Add(int64(n))
+	c.activity.Add(int64(n))
 }
 
 func (c *countingWriter) Write(p []byte) (int, error) {

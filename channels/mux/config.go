@@ -41,6 +41,11 @@ type Config struct {
 	// peer that stops reading for that long ends the session.
 	WriteTimeout time.Duration
 
+	// NoSplice turns off zero-copy splicing (see Stream.SpliceFrom and
+	// WriteTo): data is then always copied through the process. Sessions
+	// over anything but TCP never splice.
+	NoSplice bool
+
 	// Logger receives the session's rare events (protocol errors, refused
 	// streams, keepalive failures); nil means slog.Default().
 	Logger *slog.Logger

@@ -17,16 +17,38 @@ const readBufSize = 64 << 10
 // queued for the writer, so two peers whose connections are full in both
 // directions cannot deadlock.
 type reader struct {
-	s    *Session
-	br   *bufio.Reader
-	bufs []*[]byte // scratch for a large payload's buffers
+	s   *Session
+	lim *headerReader
+	// spliced says the last data frame was spliced: until the next data
+	// frame, headers are read one at a time, since that frame's payload
+	// is likely spliced as well.
+	spliced bool
+	br      *bufio.Reader
+	bufs    []*[]byte // scratch for a large payload's buffers
+}
+
+// headerReader is the read buffer's source, the connection. After a
+// spliced payload it reads one header's worth only: reading ahead would
+// copy into the buffer what the next frame may splice.
+type headerReader struct {
+	conn  io.Reader
+	brief bool // the next Read reads at most a header
+}
+
+func (h *headerReader) Read(p []byte) (int, error) {
+	if h.brief && len(p) > headerSize {
+		p = p[:headerSize]
+	}
+	h.brief = false
+	return h.conn.Read(p)
 }
 
 // readLoop runs the reader until the connection fails or the peer breaks
 // the protocol, and then ends the session.
 func (s *Session) readLoop() {
 	defer s.wg.Done()
-	r := &reader{s: s, br: bufio.NewReaderSize(s.conn, readBufSize)}
+	r := &reader{s: s, lim: &headerReader{conn: s.conn}}
+	r.br = bufio.NewReaderSize(r.lim, readBufSize)
 	err := r.run()
 	if errors.Is(err, ErrProtocol) {
 		s.log.Warn("mux: session ends", "remote", s.conn.RemoteAddr().String(), "err", err)
@@ -69,6 +91,9 @@ func (r *reader) run() error {
 		}
 		if err != nil {
 			return err
+		}
+		if r.spliced && h.typ != typeData {
+			r.lim.brief = true
 		}
 	}
 }
@@ -166,6 +191,10 @@ func (s *Session) refuseLocked(id uint32, why string) {
 // never buffers more than its window.
 func (r *reader) data(st *Stream, h header) error {
 	n := h.length
+	if r.s.raw != nil && n >= spliceMinFrame && st.splicing.Load() {
+		return r.spliceData(st, h)
+	}
+	r.spliced = false
 	// A small payload is already (or soon) in the read buffer: peek at it
 	// and copy it under the stream's lock into the stream's last buffer.
 	var p []byte
@@ -194,8 +223,12 @@ func (r *reader) data(st *Stream, h header) error {
 		return nil
 	}
 	st.mu.Unlock()
+	return r.readBufs(st, n)
+}
 
-	// A large payload is read into pooled buffers outside the lock.
+// readBufs reads n payload bytes into pooled buffers outside st's lock, and
+// queues them (or drops them if st stopped taking data meanwhile).
+func (r *reader) readBufs(st *Stream, n uint32) error {
 	r.bufs = r.bufs[:0]
 	for left := int(n); left > 0; {
 		b := getBuf(left)
@@ -255,4 +288,63 @@ func noEOF(err error) error {
 		return io.ErrUnexpectedEOF
 	}
 	return err
+}
+
+// spliceData moves a large data frame's payload into a pipe of st's
+// receive queue with splice(2): WriteTo splices it on to its socket. What
+// the read buffer already holds of it is queued as it is; the payload is
+// read the usual way if a pipe fills up, so a slow stream never holds up
+// the session, and once the stream holds maxStreamPipes pipes.
+func (r *reader) spliceData(st *Stream, h header) error {
+	left := int(h.length)
+	st.mu.Lock()
+	if h.length > st.recvRemain {
+		st.mu.Unlock()
+		return protocolError("stream %d sent %d bytes with %d left in its window", h.id, h.length, st.recvRemain)
+	}
+	st.recvRemain -= h.length
+	if k := min(r.br.Buffered(), left); k > 0 {
+		p, _ := r.br.Peek(k) // cannot fail: buffered
+		if st.takesDataLocked(uint32(k)) {
+			st.appendLocked(p)
+			notify(st.readWake)
+		}
+		_, _ = r.br.Discard(k)
+		left -= k
+	}
+	if left == 0 {
+		st.mu.Unlock()
+		return nil
+	}
+	// The read buffer is empty now: the socket's next bytes are the rest.
+	p := st.tailPipeLocked()
+	morePipes := st.pipes < maxStreamPipes
+	st.mu.Unlock()
+	if p == nil && morePipes {
+		p, _ = getPipe() // on failure (out of descriptors), copy
+	}
+	if p == nil {
+		return r.readBufs(st, uint32(left))
+	}
+	defer p.unref()
+	for left > 0 {
+		m, full, err := recvPipe(r.s.raw, p, left)
+		if err != nil {
+			return fmt.Errorf("mux: read: %w", err)
+		}
+		if full {
+			return r.readBufs(st, uint32(left))
+		}
+		left -= m
+		st.mu.Lock()
+		// If st stopped taking data, the bytes stay in the pipe, which
+		// is then closed rather than reused.
+		if st.takesDataLocked(uint32(m)) {
+			st.appendPipeLocked(p, m)
+			notify(st.readWake)
+		}
+		st.mu.Unlock()
+	}
+	r.spliced, r.lim.brief = true, true
+	return nil
 }

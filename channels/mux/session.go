@@ -8,12 +8,14 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
 // Session is one multiplexed connection. Both ends open streams on it.
 type Session struct {
 	conn   net.Conn
+	raw    syscall.RawConn // conn's socket, when splice can use it; else nil
 	cfg    Config
 	log    *slog.Logger
 	client bool      // we dialed: our stream IDs are odd
@@ -76,6 +78,9 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 	}
 	if client {
 		s.nextID = 1
+	}
+	if spliceSupported && !cfg.NoSplice {
+		s.raw = rawConn(conn)
 	}
 	s.idsLeft = (math.MaxUint32-s.nextID)/2 + 1
 	s.wg.Add(3)

@@ -5,6 +5,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -36,12 +37,17 @@ type Stream struct {
 
 	err error // why the stream was reset, with stReadReset/stWriteReset
 
-	// Received data: rbufs[rhead:] are pooled buffers, oldest first, and
-	// roff bytes of rbufs[rhead] are already read.
-	rbufs    []*[]byte
+	// Received data: rbufs[rhead:] are segments, oldest first, and roff
+	// bytes of rbufs[rhead] are already read if it is a buffer.
+	rbufs    []rseg
 	rhead    int
 	roff     int
 	buffered uint32 // bytes in rbufs not yet read
+	pipes    int    // pipe segments in rbufs
+
+	// splicing is set while WriteTo writes to a socket it can splice to:
+	// the reader goroutine then splices large frames into pipes.
+	splicing atomic.Bool
 
 	// Receive window: the peer may send recvRemain more bytes; consumed
 	// bytes were read (or discarded) since the last window update, which
@@ -60,7 +66,24 @@ type Stream struct {
 	wres                atomic.Int32
 	dl                  *deadlines // made by the first Set*Deadline
 
-	rbuf0 [1]*[]byte // rbufs' first backing array
+	rbuf0 [1]rseg // rbufs' first backing array
+}
+
+// rseg is a run of received data: a pooled buffer, or n bytes in a pipe
+// (spliced from the connection), of which the segment holds a reference.
+type rseg struct {
+	b *[]byte
+	p *kpipe
+	n int
+}
+
+// release drops the segment's buffer or pipe reference.
+func (g rseg) release() {
+	if g.b != nil {
+		putBuf(g.b)
+	} else {
+		g.p.unref()
+	}
 }
 
 // Writer verdicts in Stream.wres.
@@ -111,8 +134,12 @@ func (st *Stream) Read(b []byte) (int, error) {
 			if len(b) == 0 {
 				return 0, nil
 			}
-			n := st.copyOutLocked(b)
+			n, err := st.copyOutLocked(b)
 			st.creditLocked(uint32(n))
+			if err != nil {
+				st.failLocked()
+				return n, err
+			}
 			return n, nil
 		}
 		if st.state&stFinRecv != 0 {
@@ -124,13 +151,22 @@ func (st *Stream) Read(b []byte) (int, error) {
 
 // WriteTo writes the stream's data to w until the peer's FIN (returning a
 // nil error) or an error. Received buffers go to w as they are, with one
-// writev when w is a socket. The read deadline applies to waiting for data.
+// writev when w is a socket. When w is a SpliceConn on a TCP socket and the
+// session runs over TCP, large frames go from the session's socket to w's
+// by splice(2), never copied through the process. The read deadline
+// applies to waiting for data.
 func (st *Stream) WriteTo(w io.Writer) (int64, error) {
+	sw := segWriter{w: w}
+	if st.sess.raw != nil {
+		if sw.raw = spliceConn(w); sw.raw != nil {
+			sw.sc = w.(SpliceConn)
+			st.splicing.Store(true)
+			defer st.splicing.Store(false)
+		}
+	}
 	var (
 		total int64
-		held  []*[]byte
-		iov   net.Buffers
-		out   = new(net.Buffers) // iov as consumed by its WriteTo
+		held  []rseg
 	)
 	for {
 		st.mu.Lock()
@@ -148,25 +184,20 @@ func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 			}
 			st.waitLocked(&st.readWake)
 		}
-		// Take every buffer: the reader goroutine queues new data in new
-		// buffers meanwhile.
+		// Take every segment: the reader goroutine queues new data in new
+		// buffers (or after them in the same pipe) meanwhile.
 		held = append(held[:0], st.rbufs[st.rhead:]...)
-		iov = append(iov[:0], (*held[0])[st.roff:])
-		for _, b := range held[1:] {
-			iov = append(iov, *b)
-		}
+		roff := st.roff
 		n := st.buffered
 		st.dropBufsLocked(false)
 		st.mu.Unlock()
 
-		*out = iov
-		written, err := out.WriteTo(w)
+		written, err := sw.write(held, roff)
 		total += written
-		for _, b := range held {
-			putBuf(b)
+		for _, g := range held {
+			g.release()
 		}
 		clear(held)
-		clear(iov)
 
 		st.mu.Lock()
 		st.creditLocked(n)
@@ -175,6 +206,81 @@ func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 			return total, err
 		}
 	}
+}
+
+// segWriter writes received segments to w: runs of buffers with one
+// writev, pipes by splice(2) when raw is w's socket, else through a buffer.
+type segWriter struct {
+	w   io.Writer
+	raw syscall.RawConn // nil: no splicing
+	sc  SpliceConn
+	iov net.Buffers
+	out net.Buffers // iov as consumed by its WriteTo
+}
+
+// write writes segs, the first of which has its first roff bytes read.
+func (sw *segWriter) write(segs []rseg, roff int) (int64, error) {
+	var total int64
+	for i, g := range segs {
+		if g.b != nil {
+			off := 0
+			if i == 0 {
+				off = roff
+			}
+			sw.iov = append(sw.iov, (*g.b)[off:])
+			continue
+		}
+		n, err := sw.flush()
+		total += n
+		if err != nil {
+			return total, err
+		}
+		k, err := sw.pipe(g)
+		total += k
+		if err != nil {
+			return total, err
+		}
+	}
+	n, err := sw.flush()
+	return total + n, err
+}
+
+func (sw *segWriter) flush() (int64, error) {
+	if len(sw.iov) == 0 {
+		return 0, nil
+	}
+	sw.out = sw.iov
+	n, err := sw.out.WriteTo(sw.w)
+	clear(sw.iov)
+	sw.iov = sw.iov[:0]
+	return n, err
+}
+
+// pipe writes a pipe segment's bytes.
+func (sw *segWriter) pipe(g rseg) (int64, error) {
+	if sw.raw != nil {
+		if err := drainPipe(sw.raw, g.p, g.n, false); err != nil {
+			return 0, err
+		}
+		sw.sc.Spliced(g.n)
+		return int64(g.n), nil
+	}
+	b := getBuf(g.n)
+	defer putBuf(b)
+	var total int64
+	for left := g.n; left > 0; {
+		k, err := readPipe(g.p, (*b)[:min(left, cap(*b))])
+		if err != nil {
+			return total, err
+		}
+		n, err := sw.w.Write((*b)[:k])
+		total += int64(n)
+		if err != nil {
+			return total, err
+		}
+		left -= k
+	}
+	return total, nil
 }
 
 // smallWrite is the largest Write that is copied and queued without
@@ -206,9 +312,8 @@ func (st *Stream) Write(b []byte) (int, error) {
 		if len(b) == 0 {
 			return n, nil
 		}
-		if st.sendWin == 0 {
-			st.waitLocked(&st.writeWake)
-			continue
+		if err := st.awaitWindowLocked(); err != nil {
+			return n, err
 		}
 		k := min(len(b), int(st.sendWin))
 		if n == 0 && k == len(b) && k <= smallWrite {
@@ -222,18 +327,8 @@ func (st *Stream) Write(b []byte) (int, error) {
 			st.sendWin -= uint32(k)
 			return k, nil
 		}
-		st.wakeChanLocked(&st.writeWake) // made before the writer needs it
-		st.wres.Store(writePending)
-		if err := st.queueLocked(frame{header: header{typ: typeData}, data: b[:k], owner: st}); err != nil {
-			st.sessionEndedLocked(st.sess.cause())
-			return n, st.err
-		}
-		st.sendWin -= uint32(k)
-		if !st.awaitWriteLocked(k) {
-			if err := st.writeCheckLocked(); err != nil {
-				return n, err
-			}
-			return n, &resetError{session: st.sess.cause()}
+		if err := st.sendLocked(frame{header: header{typ: typeData}, data: b[:k], owner: st}, k); err != nil {
+			return n, err
 		}
 		n += k
 		b = b[k:]
@@ -242,6 +337,39 @@ func (st *Stream) Write(b []byte) (int, error) {
 			return n, nil
 		}
 	}
+}
+
+// awaitWindowLocked waits until the send window has room, or returns the
+// error that ends a Write now.
+func (st *Stream) awaitWindowLocked() error {
+	for {
+		if err := st.writeCheckLocked(); err != nil {
+			return err
+		}
+		if st.sendWin > 0 {
+			return nil
+		}
+		st.waitLocked(&st.writeWake)
+	}
+}
+
+// sendLocked queues f, a data frame of k bytes (within the send window)
+// that st owns, and waits until the writer has written it.
+func (st *Stream) sendLocked(f frame, k int) error {
+	st.wakeChanLocked(&st.writeWake) // made before the writer needs it
+	st.wres.Store(writePending)
+	if err := st.queueLocked(f); err != nil {
+		st.sessionEndedLocked(st.sess.cause())
+		return st.err
+	}
+	st.sendWin -= uint32(k)
+	if !st.awaitWriteLocked(k) {
+		if err := st.writeCheckLocked(); err != nil {
+			return err
+		}
+		return &resetError{session: st.sess.cause()}
+	}
+	return nil
 }
 
 // awaitWriteLocked waits for the writer's verdict on k bytes just queued,
@@ -484,26 +612,50 @@ func (st *Stream) queueLocked(f frame) error {
 	return st.sess.push(f)
 }
 
-// copyOutLocked copies buffered data into b, releasing drained buffers.
-func (st *Stream) copyOutLocked(b []byte) int {
+// copyOutLocked copies buffered data into b, releasing drained segments.
+// It fails only if a pipe holds less than it should.
+func (st *Stream) copyOutLocked(b []byte) (int, error) {
 	n := 0
+	var err error
 	for n < len(b) && st.rhead < len(st.rbufs) {
-		buf := st.rbufs[st.rhead]
-		k := copy(b[n:], (*buf)[st.roff:])
-		n += k
-		st.roff += k
-		if st.roff == len(*buf) {
-			putBuf(buf)
-			st.rbufs[st.rhead] = nil
-			st.rhead++
-			st.roff = 0
+		g := &st.rbufs[st.rhead]
+		if g.b != nil {
+			k := copy(b[n:], (*g.b)[st.roff:])
+			n += k
+			st.roff += k
+			if st.roff < len(*g.b) {
+				continue
+			}
+		} else {
+			var k int
+			k, err = readPipe(g.p, b[n:n+min(len(b)-n, g.n)])
+			if err != nil {
+				break
+			}
+			n += k
+			if g.n -= k; g.n > 0 {
+				continue
+			}
+			st.pipes--
 		}
+		g.release()
+		*g = rseg{}
+		st.rhead++
+		st.roff = 0
 	}
 	st.buffered -= uint32(n)
 	if st.rhead == len(st.rbufs) {
 		st.resetBufsLocked()
 	}
-	return n
+	return n, err
+}
+
+// failLocked resets the stream after a local failure, telling the peer.
+func (st *Stream) failLocked() {
+	if st.state&stRemoved == 0 && !st.sess.IsClosed() {
+		_ = st.queueLocked(frame{header: header{typ: typeWindowUpdate, flags: flagRST}})
+	}
+	st.resetLocked(errLocalReset)
 }
 
 // appendLocked queues p (copied) as received data, filling the newest
@@ -514,33 +666,62 @@ func (st *Stream) appendLocked(p []byte) {
 	backlog := int(st.buffered)
 	st.buffered += uint32(len(p))
 	if st.rhead < len(st.rbufs) {
-		tail := st.rbufs[len(st.rbufs)-1]
-		k := copy((*tail)[len(*tail):cap(*tail)], p)
-		*tail = (*tail)[:len(*tail)+k]
-		p = p[k:]
+		if tail := st.rbufs[len(st.rbufs)-1].b; tail != nil {
+			k := copy((*tail)[len(*tail):cap(*tail)], p)
+			*tail = (*tail)[:len(*tail)+k]
+			p = p[k:]
+		}
 	}
 	for len(p) > 0 {
 		b := getBuf(max(len(p), backlog))
 		k := copy((*b)[:cap(*b)], p)
 		*b = (*b)[:k]
 		p = p[k:]
-		st.pushBufLocked(b)
+		st.pushLocked(rseg{b: b})
 	}
 }
 
-// appendBufsLocked queues filled buffers as received data.
-func (st *Stream) pushBufLocked(b *[]byte) {
+func (st *Stream) pushLocked(g rseg) {
 	if st.rbufs == nil {
 		st.rbufs = st.rbuf0[:0]
 	}
-	st.rbufs = append(st.rbufs, b)
+	st.rbufs = append(st.rbufs, g)
 }
 
+// appendBufsLocked queues filled buffers as received data.
 func (st *Stream) appendBufsLocked(bufs []*[]byte) {
 	for _, b := range bufs {
 		st.buffered += uint32(len(*b))
-		st.pushBufLocked(b)
+		st.pushLocked(rseg{b: b})
 	}
+}
+
+// tailPipeLocked returns, with a reference, the pipe of the newest
+// segment, so that data spliced next follows it there; nil if the newest
+// segment is a buffer.
+func (st *Stream) tailPipeLocked() *kpipe {
+	if st.rhead == len(st.rbufs) {
+		return nil
+	}
+	p := st.rbufs[len(st.rbufs)-1].p
+	if p != nil {
+		p.ref()
+	}
+	return p
+}
+
+// appendPipeLocked queues n bytes just spliced into p.
+func (st *Stream) appendPipeLocked(p *kpipe, n int) {
+	st.buffered += uint32(n)
+	if st.rhead < len(st.rbufs) {
+		if tail := &st.rbufs[len(st.rbufs)-1]; tail.p == p {
+			tail.n += n
+			return
+		}
+	}
+	p.ref()
+	st.pipes++
+	st.pushLocked(rseg{p: p, n: n})
 }
 
 // dropBufsLocked empties the receive queue, returning the buffers to their
@@ -548,11 +729,11 @@ func (st *Stream) appendBufsLocked(bufs []*[]byte) {
 func (st *Stream) dropBufsLocked(release bool) {
 	for i := st.rhead; i < len(st.rbufs); i++ {
 		if release {
-			putBuf(st.rbufs[i])
+			st.rbufs[i].release()
 		}
-		st.rbufs[i] = nil
+		st.rbufs[i] = rseg{}
 	}
-	st.buffered = 0
+	st.buffered, st.pipes = 0, 0
 	st.resetBufsLocked()
 }
 

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"syscall"
 	"time"
 )
 
@@ -41,6 +42,11 @@ type frame struct {
 	// Write, which did not wait): the writer returns it to the pool once
 	// written.
 	copied *[]byte
+	// pipe, when set, holds the payload instead of data: pipeN bytes that
+	// the writer splices to the connection (at most MaxFrame, one frame).
+	// The owner keeps the pipe; the writer only drains it.
+	pipe  *kpipe
+	pipeN int
 }
 
 // push queues f for the writer.
@@ -118,7 +124,7 @@ func (s *Session) cancelWrite(st *Stream) bool {
 			continue
 		}
 		if f.flags != 0 {
-			f.data, f.owner = nil, nil
+			f.data, f.owner, f.pipe, f.pipeN = nil, nil, nil, 0
 		} else {
 			n := copy(s.queue[i:], s.queue[i+1:])
 			s.queue[i+n] = frame{}
@@ -135,7 +141,7 @@ func (s *Session) writeLoop() {
 	defer s.wg.Done()
 	defer close(s.writerDone)
 	defer s.conn.Close()
-	bw := newBatchWriter(s.conn, int(s.cfg.MaxFrame))
+	bw := newBatchWriter(s.conn, s.raw, int(s.cfg.MaxFrame))
 	var batch []frame
 	for {
 		select {
@@ -193,6 +199,7 @@ func (s *Session) writeBatch(bw *batchWriter, batch []frame, final bool) error {
 // (a TLS record each).
 type batchWriter struct {
 	conn     net.Conn
+	raw      syscall.RawConn // for frames whose payload is in a pipe
 	writev   bool
 	maxFrame int
 
@@ -203,8 +210,8 @@ type batchWriter struct {
 	run  bool        // iov's last piece is a header run ending at hdrs[off]
 }
 
-func newBatchWriter(conn net.Conn, maxFrame int) *batchWriter {
-	w := &batchWriter{conn: conn, maxFrame: maxFrame}
+func newBatchWriter(conn net.Conn, raw syscall.RawConn, maxFrame int) *batchWriter {
+	w := &batchWriter{conn: conn, raw: raw, maxFrame: maxFrame}
 	switch conn.(type) {
 	case *net.TCPConn, *net.UnixConn: // they implement net.Buffers' writev
 		w.writev = true
@@ -228,6 +235,13 @@ func (w *batchWriter) write(batch []frame) error {
 			w.addHeader(f.header)
 			continue
 		}
+		if f.pipe != nil {
+			if err := w.splice(f, i < len(batch)-1); err != nil {
+				w.clearIOV()
+				return err
+			}
+			continue
+		}
 		h, data := f.header, f.data
 		for first := true; first || len(data) > 0; first = false {
 			k := min(len(data), w.maxFrame)
@@ -242,20 +256,42 @@ func (w *batchWriter) write(batch []frame) error {
 		}
 	}
 	var err error
-	if w.writev {
+	switch {
+	case len(w.iov) == 0: // everything went out with the last spliced frame
+	case w.writev:
 		w.out = w.iov // WriteTo consumes its receiver
 		_, err = w.out.WriteTo(w.conn)
-	} else {
+	default:
 		err = w.writeFlat()
 	}
+	w.clearIOV()
+	return err
+}
+
+func (w *batchWriter) clearIOV() {
 	clear(w.iov)
 	w.iov = w.iov[:0]
-	return err
+	w.run = false
+}
+
+// splice writes a frame whose payload is in a pipe: what the batch has
+// gathered so far, with this frame's header, goes first with MSG_MORE (the
+// kernel holds it for the payload), then the payload is spliced from the
+// pipe. more says that other frames follow in this batch.
+func (w *batchWriter) splice(f *frame, more bool) error {
+	h := f.header
+	h.length = uint32(f.pipeN)
+	w.addHeader(h)
+	if err := sendMore(w.raw, w.iov); err != nil {
+		return err
+	}
+	w.clearIOV()
+	return drainPipe(w.raw, f.pipe, f.pipeN, more)
 }
 
 // frames returns how many frames (headers) f is sent as.
 func (w *batchWriter) frames(f *frame) int {
-	if f.typ != typeData || len(f.data) == 0 {
+	if f.typ != typeData || len(f.data) == 0 { // including pipe frames
 		return 1
 	}
 	return (len(f.data) + w.maxFrame - 1) / w.maxFrame

@@ -1,0 +1,295 @@
+//go:build linux
+
+package mux
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// sock is a legacy TCP socket that counts the bytes spliced to or from it.
+type sock struct {
+	*net.TCPConn
+	spliced atomic.Int64
+}
+
+func (s *sock) Spliced(n int) { s.spliced.Add(int64(n)) }
+
+// legacyPair returns both ends of a TCP connection: the proxy's end, which
+// splices, and the legacy program's.
+func legacyPair(t testing.TB) (*sock, *net.TCPConn) {
+	c1, c2 := tcpConns(t)
+	t.Cleanup(func() {
+		c1.Close()
+		c2.Close()
+	})
+	return &sock{TCPConn: c1.(*net.TCPConn)}, c2.(*net.TCPConn)
+}
+
+// pump forwards src to st as the proxy does: the first bytes of a burst
+// by Read, the rest by SpliceFrom; src's EOF becomes CloseWrite.
+func pump(st *Stream, src *sock) error {
+	buf := make([]byte, smallWrite)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if _, werr := st.Write(buf[:n]); werr != nil {
+				return werr
+			}
+		}
+		if err == nil && n == len(buf) {
+			_, err = st.SpliceFrom(src)
+		}
+		switch {
+		case err == io.EOF:
+			return st.CloseWrite()
+		case err != nil:
+			return err
+		}
+	}
+}
+
+// deliver writes st's data to dst as the proxy does, then half-closes dst.
+func deliver(st *Stream, dst *sock) error {
+	if _, err := st.WriteTo(dst); err != nil {
+		return err
+	}
+	return dst.CloseWrite()
+}
+
+// openPipes counts this process's pipe descriptors, idle pooled ones
+// closed first.
+func openPipes(t testing.TB) int {
+	t.Helper()
+	idlePipes()
+	ents, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	n := 0
+	for _, e := range ents {
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && strings.HasPrefix(target, "pipe:") {
+			n++
+		}
+	}
+	return n
+}
+
+// smallPipes makes new pipes hold one page slot, which a 256 KiB frame
+// overflows, until the end of the test.
+func smallPipes(t *testing.T) {
+	idlePipes()
+	pipeSize = 4 << 10
+	t.Cleanup(func() {
+		idlePipes()
+		pipeSize = 1 << 20
+	})
+}
+
+// stalled reports whether st's sender waits for window.
+func stalled(st *Stream) bool {
+	sendWin, _, _ := streamState(st)
+	return sendWin == 0
+}
+
+// transfer sends data from legacy program a through sa, sb to legacy
+// program b, and returns what b read, once b read EOF.
+func transfer(t *testing.T, sa, sb *Stream, data []byte) (got []byte, up, down *sock) {
+	t.Helper()
+	up, a := legacyPair(t)
+	down, b := legacyPair(t)
+	errs := make(chan error, 3)
+	go func() { errs <- pump(sa, up) }()
+	go func() { errs <- deliver(sb, down) }()
+	go func() {
+		_, err := a.Write(data)
+		if err == nil {
+			err = a.CloseWrite()
+		}
+		errs <- err
+	}()
+	got, err := io.ReadAll(b)
+	require.NoError(t, err)
+	for range 3 {
+		require.NoError(t, <-errs)
+	}
+	return got, up, down
+}
+
+func TestSpliceBothWays(t *testing.T) {
+	pipes := openPipes(t)
+	cli, srv := tcpPair(t, Config{})
+	sa, sb := openPair(t, cli, srv)
+	ra, rb := openPair(t, srv, cli)
+	there, back := randomBytes(t, 16<<20), randomBytes(t, 12<<20)
+
+	type result struct {
+		got      []byte
+		up, down *sock
+	}
+	done := make(chan result, 1)
+	go func() {
+		got, up, down := transfer(t, ra, rb, back)
+		done <- result{got, up, down}
+	}()
+	got, up, down := transfer(t, sa, sb, there)
+	r := <-done
+
+	require.True(t, bytes.Equal(there, got), "cli→srv: %d bytes arrived of %d", len(got), len(there))
+	require.True(t, bytes.Equal(back, r.got), "srv→cli: %d bytes arrived of %d", len(r.got), len(back))
+	// Most bytes were spliced, not copied, on both sides of both ways.
+	for _, s := range []*sock{up, down, r.up, r.down} {
+		assert.Greater(t, s.spliced.Load(), int64(len(back)/2))
+	}
+	cli.Close()
+	srv.Close()
+	assert.Equal(t, pipes, openPipes(t), "pipes left open")
+}
+
+// A receiver that does not read fills its stream's pipe; the rest of its
+// data is copied into memory, in order, and other streams keep flowing.
+func TestSpliceSlowReceiver(t *testing.T) {
+	t.Run("pipes of 1MiB", testSpliceSlowReceiver)
+	t.Run("pipes of one slot", func(t *testing.T) {
+		smallPipes(t)
+		testSpliceSlowReceiver(t)
+	})
+}
+
+func testSpliceSlowReceiver(t *testing.T) {
+	pipes := openPipes(t)
+	cli, srv := tcpPair(t, Config{})
+	slowA, slowB := openPair(t, cli, srv)
+	fastA, fastB := openPair(t, cli, srv)
+
+	// The slow stream's data is written in large frames (a small pipe on
+	// the sending side would make small ones, which are not spliced).
+	slowData := randomBytes(t, 24<<20)
+	down, b := legacyPair(t)
+	errs := make(chan error, 2)
+	go func() { errs <- deliver(slowB, down) }()
+	go func() {
+		_, err := slowA.Write(slowData)
+		if err == nil {
+			err = slowA.CloseWrite()
+		}
+		errs <- err
+	}()
+	// Wait until the slow stream is stalled: b reads nothing, and the
+	// stream's window is used up by data in pipes and buffers.
+	require.Eventually(t, func() bool { return stalled(slowA) }, 10e9, 1e6)
+
+	fastData := randomBytes(t, 4<<20)
+	got, _, _ := transfer(t, fastA, fastB, fastData)
+	require.True(t, bytes.Equal(fastData, got), "fast stream: %d bytes of %d", len(got), len(fastData))
+
+	gotSlow, err := io.ReadAll(b)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(slowData, gotSlow), "slow stream: %d bytes of %d", len(gotSlow), len(slowData))
+	for range 2 {
+		require.NoError(t, <-errs)
+	}
+	assert.Greater(t, down.spliced.Load(), int64(0))
+	cli.Close()
+	srv.Close()
+	assert.Equal(t, pipes, openPipes(t), "pipes left open")
+}
+
+// Read takes data from pipes too: a stream whose WriteTo spliced and
+// returned leaves its queue to Read. With small pipes, each frame fills
+// one and the rest of the frame goes to a buffer after it.
+func TestSpliceRead(t *testing.T) {
+	t.Run("pipes of 1MiB", func(t *testing.T) { testSpliceRead(t, false) })
+	t.Run("pipes of one slot", func(t *testing.T) {
+		smallPipes(t)
+		testSpliceRead(t, true)
+	})
+}
+
+func testSpliceRead(t *testing.T, overflow bool) {
+	cli, srv := tcpPair(t, Config{})
+	sa, sb := openPair(t, cli, srv)
+	sb.splicing.Store(true) // as WriteTo to a socket does
+	data := randomBytes(t, 4<<20)
+	go func() {
+		_, _ = sa.Write(data)
+		_ = sa.CloseWrite()
+	}()
+	require.Eventually(t, func() bool {
+		sb.mu.Lock()
+		defer sb.mu.Unlock()
+		for i := sb.rhead; i < len(sb.rbufs); i++ {
+			if sb.rbufs[i].p != nil && (!overflow || i+1 < len(sb.rbufs) && sb.rbufs[i+1].b != nil) {
+				return true
+			}
+		}
+		return false
+	}, 10e9, 1e6, "no data spliced into a pipe (overflowing: %v)", overflow)
+	got, err := io.ReadAll(readOnly{sb})
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
+}
+
+// A reset while data sits in pipes ends both sides with a reset, leaves
+// the session working, and leaks no pipe.
+func TestSpliceReset(t *testing.T) {
+	pipes := openPipes(t)
+	cli, srv := tcpPair(t, Config{})
+	sa, sb := openPair(t, cli, srv)
+	up, a := legacyPair(t)
+	down, b := legacyPair(t) // b reads nothing until the reset
+	pumped := make(chan error, 1)
+	delivered := make(chan error, 1)
+	go func() { pumped <- pump(sa, up) }()
+	go func() { delivered <- deliver(sb, down) }()
+	go func() { _, _ = a.Write(randomBytes(t, 32<<20)) }()
+	require.Eventually(t, func() bool { return stalled(sa) && down.spliced.Load() > 0 }, 10e9, 1e6)
+
+	require.NoError(t, sa.Reset())
+	require.ErrorIs(t, <-pumped, ErrStreamReset)
+	require.Eventually(t, func() bool {
+		sb.mu.Lock()
+		defer sb.mu.Unlock()
+		return sb.state&stReadReset != 0
+	}, 10e9, 1e6)
+	go func() { _, _ = io.Copy(io.Discard, b) }() // lets WriteTo's last write end
+	require.ErrorIs(t, <-delivered, ErrStreamReset)
+
+	sa2, sb2 := openPair(t, cli, srv)
+	data := randomBytes(t, 2<<20)
+	got, _, _ := transfer(t, sa2, sb2, data)
+	require.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
+	cli.Close()
+	srv.Close()
+	up.Close()
+	assert.Equal(t, pipes, openPipes(t), "pipes left open")
+}
+
+type noSocket struct{ sock }
+
+func (*noSocket) SyscallConn() (syscall.RawConn, error) { return nil, errors.New("not a socket") }
+
+func TestSpliceFromRefused(t *testing.T) {
+	up, _ := legacyPair(t)
+	for name, pair := range map[string]func() (*Session, *Session){
+		"pipe":     func() (*Session, *Session) { return pipePair(t, Config{}) },
+		"NoSplice": func() (*Session, *Session) { return tcpPair(t, Config{NoSplice: true}) },
+	} {
+		cli, srv := pair()
+		sa, _ := openPair(t, cli, srv)
+		_, err := sa.SpliceFrom(up)
+		assert.ErrorIs(t, err, ErrNoSplice, name)
+	}
+	cli, srv := tcpPair(t, Config{})
+	sa, _ := openPair(t, cli, srv)
+	_, err := sa.SpliceFrom(&noSocket{})
+	assert.ErrorIs(t, err, ErrNoSplice, "source without a socket")
+}
