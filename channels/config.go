@@ -48,6 +48,13 @@ type Config struct {
 	// 16 MiB, at least 256 KiB). Large windows let bulk streams fill the
 	// link; memory is only used while the reader lags behind.
 	MaxStreamWindow uint32
+	// SessionsPerPeer is how many sessions (TCP connections) this node
+	// dials to each peer it opens streams to (default 2, at most 16). New
+	// streams go to the session carrying the fewest. More than one spreads
+	// the work of busy peers over more threads (each session has one
+	// reader and one writer goroutine), and keeps one lost connection from
+	// holding up every stream.
+	SessionsPerPeer int
 	// AcceptBacklog is the per-channel queue of accepted streams waiting
 	// for Accept (default 128); when full, new streams are reset.
 	AcceptBacklog int
@@ -63,10 +70,14 @@ const (
 	DefaultDialTimeout       = 5 * time.Second
 	DefaultHandshakeTimeout  = 5 * time.Second
 	DefaultKeepAliveInterval = 15 * time.Second
+	DefaultSessionsPerPeer   = 2
 	DefaultBackoffMin        = 50 * time.Millisecond
 	DefaultBackoffMax        = 5 * time.Second
 	DefaultMaxStreamWindow   = 16 << 20
 	DefaultAcceptBacklog     = 128
+	// MaxSessionsPerPeer keeps SessionsPerPeer to what can help: each
+	// session is a connection, three goroutines and its buffers.
+	MaxSessionsPerPeer = 16
 	// minStreamWindow is the multiplexer's initial window (channels/mux); a smaller
 	// maximum is refused.
 	minStreamWindow = 256 << 10
@@ -99,6 +110,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.AcceptBacklog < 0 {
 		bad("AcceptBacklog %d is negative", c.AcceptBacklog)
 	}
+	if c.SessionsPerPeer < 0 || c.SessionsPerPeer > MaxSessionsPerPeer {
+		bad("SessionsPerPeer %d is outside [0, %d]", c.SessionsPerPeer, MaxSessionsPerPeer)
+	}
 	if c.MaxStreamWindow != 0 && c.MaxStreamWindow < minStreamWindow {
 		bad("MaxStreamWindow %d is below the protocol minimum %d", c.MaxStreamWindow, minStreamWindow)
 	}
@@ -123,6 +137,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.AcceptBacklog == 0 {
 		c.AcceptBacklog = DefaultAcceptBacklog
+	}
+	if c.SessionsPerPeer == 0 {
+		c.SessionsPerPeer = DefaultSessionsPerPeer
 	}
 	if c.Transport == nil {
 		c.Transport = TCPTransport()

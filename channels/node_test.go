@@ -27,6 +27,7 @@ func TestNewNodeValidates(t *testing.T) {
 		"backoff order":  {channels.Config{IID: "a", BackoffMin: time.Second, BackoffMax: time.Millisecond}, "BackoffMin 1s exceeds BackoffMax 1ms"},
 		"small window":   {channels.Config{IID: "a", MaxStreamWindow: 1024}, "MaxStreamWindow 1024 is below"},
 		"negative queue": {channels.Config{IID: "a", AcceptBacklog: -1}, "AcceptBacklog -1 is negative"},
+		"sessions":       {channels.Config{IID: "a", SessionsPerPeer: 17}, "SessionsPerPeer 17 is outside [0, 16]"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, err := channels.NewNode(tc.cfg)
@@ -96,7 +97,7 @@ func TestRestartPeer(t *testing.T) {
 	cfg := baseConfig("a", tr, membership.Static(channels.Member{IID: "b", Addr: addr, Channels: map[string]uint16{"svc": 80}}))
 	cfg.BackoffMin, cfg.BackoffMax = 200*time.Millisecond, 400*time.Millisecond
 	var req channels.RequestChannel
-	startNode(t, cfg, func(n *channels.Node) {
+	a := startNode(t, cfg, func(n *channels.Node) {
 		var err error
 		req, err = n.Request("svc", "", channels.LeastStreams())
 		require.NoError(t, err)
@@ -111,6 +112,7 @@ func TestRestartPeer(t *testing.T) {
 	require.Error(t, err, "an open stream fails when its peer dies")
 	_, err = in.Stream.Read(make([]byte, 1))
 	require.Error(t, err)
+	sessionsGone(t, a, "b")
 	require.Eventually(t, func() bool { return len(channels.ActiveStreams(req)) == 0 },
 		5*time.Second, 5*time.Millisecond)
 
@@ -142,13 +144,23 @@ func TestRestartPeer(t *testing.T) {
 
 // TestRestartPeerTCP does the same over real sockets, where the peer's
 // death reaches us as a closed TCP connection.
+// sessionsGone waits until n has seen the end of all its sessions with
+// peer iid (there are SessionsPerPeer, and each notices the end by
+// itself): until then, an Open may still pick one of them and succeed, only
+// for its stream to be reset.
+func sessionsGone(t *testing.T, n *channels.Node, iid string) {
+	t.Helper()
+	require.Eventually(t, func() bool { return n.NumSessions(iid) == 0 }, 5*time.Second, time.Millisecond)
+}
+
 func TestRestartPeerTCP(t *testing.T) {
-	req, reply, _, b := pair(t, nil, nil)
+	req, reply, a, b := pair(t, nil, nil)
 	s, _ := open(t, req, reply)
 	addr := b.Addr()
 	require.NoError(t, b.Close())
 	_, err := io.ReadAll(s)
 	require.ErrorIs(t, err, channels.ErrStreamReset, "a lost session resets its streams")
+	sessionsGone(t, a, "b")
 
 	cfg := baseConfig("b", nil, nil)
 	cfg.ListenAddr = addr
@@ -316,8 +328,12 @@ func TestDuplex(t *testing.T) {
 	assert.Equal(t, "n2", in.Peer.IID)
 	s.Close()
 	in.Stream.Close()
-	assert.Equal(t, 1, nodes["n1"].NumSessions("n2"), "the incoming session is reused for outgoing streams")
-	assert.Equal(t, 1, nodes["n2"].NumSessions("n1"))
+	// The incoming sessions are reused for outgoing streams: n2 dials
+	// none, and the pair has the SessionsPerPeer that n1 dialed.
+	require.Eventually(t, func() bool {
+		return nodes["n1"].NumSessions("n2") == channels.DefaultSessionsPerPeer
+	}, 5*time.Second, 10*time.Millisecond)
+	assert.Equal(t, channels.DefaultSessionsPerPeer, nodes["n2"].NumSessions("n1"))
 
 	_, err = duplex["n1"].Open(ctx, "nobody", channels.Header{})
 	require.ErrorIs(t, err, channels.ErrNoMembers)
@@ -435,4 +451,41 @@ func TestConcurrentOpensDuringBackoff(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
+
+// With SessionsPerPeer 2, the first session is followed by a second, and new
+// streams go to the session carrying fewer: two sessions, never three,
+// evenly loaded.
+func TestSessionsPerPeer(t *testing.T) {
+	req, reply, _, _ := pair(t, channels.TCPTransport(), func(c *channels.Config) { c.SessionsPerPeer = 2 })
+	perSession := map[string]int{}
+	hold := func() {
+		s, in := open(t, req, reply)
+		t.Cleanup(func() {
+			s.Close()
+			in.Stream.Close()
+		})
+		perSession[s.LocalAddr().String()]++
+	}
+	hold()
+	// The second session comes up in the background; meanwhile streams
+	// go to the first.
+	require.Eventually(t, func() bool {
+		hold()
+		return len(perSession) == 2
+	}, 5*time.Second, time.Millisecond)
+	// Enough streams to even out what the first session took alone.
+	var counts []int
+	for _, n := range perSession {
+		counts = append(counts, n)
+	}
+	for range max(counts[0], counts[1]) - min(counts[0], counts[1]) + 10 {
+		hold()
+	}
+	require.Len(t, perSession, 2, "sessions used")
+	counts = counts[:0]
+	for _, n := range perSession {
+		counts = append(counts, n)
+	}
+	assert.LessOrEqual(t, max(counts[0], counts[1])-min(counts[0], counts[1]), 1, "streams per session: %v", perSession)
 }

@@ -36,14 +36,21 @@ type dialCall struct {
 	err  error
 }
 
-// live returns the newest session that is still open.
-func (p *peer) live() *session {
+// live returns the open session carrying the fewest streams (the newest
+// of those tied), and how many sessions are open.
+func (p *peer) live() (best *session, open int) {
+	least := 0
 	for i := len(p.sessions) - 1; i >= 0; i-- {
-		if !p.sessions[i].ys.IsClosed() {
-			return p.sessions[i]
+		s := p.sessions[i]
+		if s.ys.IsClosed() {
+			continue
+		}
+		open++
+		if n := s.ys.NumStreams(); best == nil || n < least {
+			best, least = s, n
 		}
 	}
-	return nil
+	return best, open
 }
 
 // openTo opens a stream to member m. release is called once the stream has
@@ -86,7 +93,7 @@ func (n *Node) sessionTo(ctx context.Context, m Member) (*session, error) {
 		p = &peer{}
 		n.peers[m.IID] = p
 	}
-	if s := p.live(); s != nil {
+	if s, _ := p.live(); s != nil {
 		n.mu.Unlock()
 		return s, nil
 	}
@@ -127,6 +134,13 @@ func (n *Node) runDial(p *peer, m Member, call *dialCall) {
 	case err == nil:
 		p.sessions = append(p.sessions, s)
 		p.failures, p.retryAt, p.lastErr = 0, time.Time{}, nil
+		if _, open := p.live(); open < n.cfg.SessionsPerPeer {
+			// The next of SessionsPerPeer, in the background: streams go
+			// on the sessions there are meanwhile.
+			next := &dialCall{done: make(chan struct{})}
+			p.dial = next
+			n.wg.Go(func() { n.runDial(p, m, next) }) // under n.mu and not closed: see spawn
+		}
 	case n.closed:
 		err = fmt.Errorf("%w (%w)", ErrClosed, err)
 	default:

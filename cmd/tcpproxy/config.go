@@ -12,6 +12,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/tcpproxy/tcpproxy/channels"
 	"github.com/tcpproxy/tcpproxy/proxy"
 )
 
@@ -57,6 +58,10 @@ type transportConfig struct {
 	// HandshakeTimeout bounds the TLS and session handshake and a stream's
 	// header (default 5s).
 	HandshakeTimeout duration `yaml:"handshakeTimeout"`
+	// Sessions is how many connections this proxy dials to each peer it
+	// sends streams to (default 2, at most 16); new streams go to the
+	// least busy.
+	Sessions int `yaml:"sessions"`
 }
 
 type tlsConfig struct {
@@ -175,6 +180,9 @@ func (c *fileConfig) validate() error {
 	}
 	if err := c.TLS.validate("tls"); err != nil {
 		errs = append(errs, err)
+	}
+	if n := c.Transport.Sessions; n < 0 || n > channels.MaxSessionsPerPeer {
+		errs = append(errs, fmt.Errorf("transport.sessions: %d is outside 1..%d (0 means the default, %d)", n, channels.MaxSessionsPerPeer, channels.DefaultSessionsPerPeer))
 	}
 	switch c.Legacy.OnChange {
 	case "", "ignore", "restart":

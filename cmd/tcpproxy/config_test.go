@@ -18,7 +18,7 @@ channels:
   api: {kind: request, port: 8080}
   peers: {kind: duplex, port: 2380, mode: both}
 legacy: {onChange: SIGHUP, stopTimeout: 2s}
-transport: {keepAlive: 5s, dialTimeout: 1s, handshakeTimeout: 2s}
+transport: {keepAlive: 5s, dialTimeout: 1s, handshakeTimeout: 2s, sessions: 2}
 log: {format: json, level: debug}
 drainTimeout: 3s
 `
@@ -49,6 +49,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"bad range", "iid: a\nrole: r\nlisten: x:1\naddressing: {instanceRange: 10.0.0.0/16}\nchannels:\n  db: {kind: reply, port: 1}\n", "not an IPv4 prefix inside 127.0.0.0/8"},
 		{"bad signal", "iid: a\nrole: r\nlisten: x:1\nlegacy: {onChange: SIGFOO}\nchannels:\n  db: {kind: reply, port: 1}\n", `"SIGFOO" is not ignore, restart or a signal`},
 		{"both members", "iid: a\nrole: r\nlisten: x:1\nmembers: {file: m.yaml, static: [{iid: b}]}\nchannels:\n  db: {kind: reply, port: 1}\n", "give one of file, static, etcd or dns"},
+		{"sessions", "iid: a\nrole: r\nlisten: x:1\ntransport: {sessions: 17}\nchannels:\n  db: {kind: reply, port: 1}\n", "transport.sessions: 17 is outside 1..16"},
 		{"not yaml", "{{{", "did not find expected"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -237,7 +237,7 @@ func testTwoProcessesHTTP(t *testing.T, dir string, extra map[string]string) {
 			`tcpproxy_connections_total\{channel="api",iid="cli-1",kind="request"\} [1-9]`,
 			`tcpproxy_bytes_total\{channel="api",direction="in",iid="cli-1",kind="request"\} [1-9]`,
 			`tcpproxy_handshake_seconds_count\{iid="cli-1",result="ok",side="dial"\} [1-9]`,
-			`tcpproxy_sessions\{iid="cli-1"\} 1`,
+			`tcpproxy_sessions\{iid="cli-1"\} 2`, // transport.sessions' default
 			`go_goroutines `,
 		} {
 			assert.Regexp(c, re, string(metricsText))

@@ -70,6 +70,7 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 		OnHandshake:       obs.onHandshake(),
 		DialTimeout:       time.Duration(cfg.Transport.DialTimeout),
 		HandshakeTimeout:  time.Duration(cfg.Transport.HandshakeTimeout),
+		SessionsPerPeer:   cfg.Transport.Sessions,
 	})
 	if err != nil {
 		return nil, err
