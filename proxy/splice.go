@@ -309,7 +309,8 @@ func (c *countingWriter) SyscallConn() (syscall.RawConn, error) {
 	return c.sock.SyscallConn()
 }
 
-// Spliced counts n bytes moved by splice(2).
+// Spliced counts n bytes moved by splice(2); Write counts what it writes
+// through it too.
 func (c *countingWriter) Spliced(n int) {
 	c.counter.Add(int64(n))
 	c.activity.Add(int64(n))
@@ -317,8 +318,7 @@ func (c *countingWriter) Spliced(n int) {
 
 func (c *countingWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
-	c.counter.Add(int64(n))
-	c.activity.Add(int64(n))
+	c.Spliced(n)
 	if err == nil && n != len(p) {
 		err = io.ErrShortWrite
 	}

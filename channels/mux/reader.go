@@ -206,11 +206,10 @@ func (r *reader) data(st *Stream, h header) error {
 		}
 	}
 	st.mu.Lock()
-	if n > st.recvRemain {
+	if err := st.chargeWindowLocked(h); err != nil {
 		st.mu.Unlock()
-		return protocolError("stream %d sent %d bytes with %d left in its window", h.id, n, st.recvRemain)
+		return err
 	}
-	st.recvRemain -= n
 	switch {
 	case !st.takesDataLocked(n):
 		st.mu.Unlock()
@@ -249,6 +248,16 @@ func (r *reader) readBufs(st *Stream, n uint32) error {
 		r.release()
 	}
 	st.mu.Unlock()
+	return nil
+}
+
+// chargeWindowLocked takes data frame h's payload out of st's receive
+// window: a peer exceeding it breaks the protocol.
+func (st *Stream) chargeWindowLocked(h header) error {
+	if h.length > st.recvRemain {
+		return protocolError("stream %d sent %d bytes with %d left in its window", h.id, h.length, st.recvRemain)
+	}
+	st.recvRemain -= h.length
 	return nil
 }
 
@@ -298,11 +307,10 @@ func noEOF(err error) error {
 func (r *reader) spliceData(st *Stream, h header) error {
 	left := int(h.length)
 	st.mu.Lock()
-	if h.length > st.recvRemain {
+	if err := st.chargeWindowLocked(h); err != nil {
 		st.mu.Unlock()
-		return protocolError("stream %d sent %d bytes with %d left in its window", h.id, h.length, st.recvRemain)
+		return err
 	}
-	st.recvRemain -= h.length
 	if k := min(r.br.Buffered(), left); k > 0 {
 		p, _ := r.br.Peek(k) // cannot fail: buffered
 		if st.takesDataLocked(uint32(k)) {

@@ -34,8 +34,8 @@ const maxStreamPipes = 8
 
 // SpliceFrom moves data from src to the stream with splice(2) until src
 // has nothing to read right now (returning a nil error), src's end
-// (io.EOF), or an error: src's, wrapping the system call's error, or the
-// stream's, as Write returns them. Each splice moves at most what the send
+// (io.EOF), or an error: src's, wrapped as "mux: splice from source", or
+// the stream's, as Write returns them. Each splice moves at most what the send
 // window allows into a kernel pipe, sent as one frame; like Write,
 // SpliceFrom waits for the writer to have sent it. It does not wait for
 // src to become readable: a caller reads the first bytes of a burst

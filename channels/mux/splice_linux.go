@@ -159,12 +159,8 @@ func fillPipe(rc syscall.RawConn, p *kpipe, n int) (int, error) {
 		errno error
 	)
 	err := rc.Read(func(fd uintptr) bool {
-		for {
-			m, errno = unix.Splice(int(fd), nil, p.w, nil, n, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
-			if errno != unix.EINTR {
-				return true
-			}
-		}
+		m, errno = splice(int(fd), p.w, n, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+		return true
 	})
 	switch {
 	case err != nil:
@@ -185,23 +181,18 @@ func fillPipe(rc syscall.RawConn, p *kpipe, n int) (int, error) {
 func recvPipe(rc syscall.RawConn, p *kpipe, n int) (m int, full bool, err error) {
 	var errno error
 	err = rc.Read(func(fd uintptr) bool {
-		for {
-			var k int64
-			k, errno = unix.Splice(int(fd), nil, p.w, nil, n, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
-			m = int(k)
-			switch errno {
-			case unix.EINTR:
-				continue
-			case unix.EAGAIN:
-				// No data, or no room in the pipe: only the socket can say.
-				if avail, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ); err == nil && avail > 0 {
-					full, errno = true, nil
-					return true
-				}
-				return false // wait for data
-			}
+		var k int64
+		k, errno = splice(int(fd), p.w, n, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+		m = int(k)
+		if errno != unix.EAGAIN {
 			return true
 		}
+		// No data, or no room in the pipe: only the socket can say.
+		if avail, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ); err == nil && avail > 0 {
+			full, errno = true, nil
+			return true
+		}
+		return false // wait for data
 	})
 	switch {
 	case err != nil:
@@ -212,6 +203,16 @@ func recvPipe(rc syscall.RawConn, p *kpipe, n int) (m int, full bool, err error)
 		return 0, false, io.ErrUnexpectedEOF
 	}
 	return m, full, nil
+}
+
+// splice moves up to n bytes from rfd to wfd, retrying when interrupted.
+func splice(rfd, wfd, n, flags int) (int64, error) {
+	for {
+		m, err := unix.Splice(rfd, nil, wfd, nil, n, flags)
+		if err != unix.EINTR {
+			return m, err
+		}
+	}
 }
 
 // errPipeEmpty reports a pipe holding less than its owner accounted for:
@@ -232,20 +233,15 @@ func drainPipe(rc syscall.RawConn, p *kpipe, n int, more bool) error {
 			errno error
 		)
 		err := rc.Write(func(fd uintptr) bool {
-			for {
-				m, errno = unix.Splice(p.r, nil, int(fd), nil, n, flags)
-				switch errno {
-				case unix.EINTR:
-					continue
-				case unix.EAGAIN:
-					if avail, err := unix.IoctlGetInt(p.r, unix.TIOCINQ); err == nil && avail == 0 {
-						errno = errPipeEmpty
-						return true
-					}
-					return false // the socket is full: wait
-				}
+			m, errno = splice(p.r, int(fd), n, flags)
+			if errno != unix.EAGAIN {
 				return true
 			}
+			if avail, err := unix.IoctlGetInt(p.r, unix.TIOCINQ); err == nil && avail == 0 {
+				errno = errPipeEmpty
+				return true
+			}
+			return false // the socket is full: wait
 		})
 		switch {
 		case err != nil:

@@ -67,6 +67,17 @@ func deliver(st *Stream, dst *sock) error {
 	return dst.CloseWrite()
 }
 
+// sendAll writes data to w, then half-closes it.
+func sendAll(w interface {
+	io.Writer
+	CloseWrite() error
+}, data []byte) error {
+	if _, err := w.Write(data); err != nil {
+		return err
+	}
+	return w.CloseWrite()
+}
+
 // openPipes counts this process's pipe descriptors, idle pooled ones
 // closed first.
 func openPipes(t testing.TB) int {
@@ -109,13 +120,7 @@ func transfer(t *testing.T, sa, sb *Stream, data []byte) (got []byte, up, down *
 	errs := make(chan error, 3)
 	go func() { errs <- pump(sa, up) }()
 	go func() { errs <- deliver(sb, down) }()
-	go func() {
-		_, err := a.Write(data)
-		if err == nil {
-			err = a.CloseWrite()
-		}
-		errs <- err
-	}()
+	go func() { errs <- sendAll(a, data) }()
 	got, err := io.ReadAll(b)
 	require.NoError(t, err)
 	for range 3 {
@@ -176,13 +181,7 @@ func testSpliceSlowReceiver(t *testing.T) {
 	down, b := legacyPair(t)
 	errs := make(chan error, 2)
 	go func() { errs <- deliver(slowB, down) }()
-	go func() {
-		_, err := slowA.Write(slowData)
-		if err == nil {
-			err = slowA.CloseWrite()
-		}
-		errs <- err
-	}()
+	go func() { errs <- sendAll(slowA, slowData) }()
 	// Wait until the slow stream is stalled: b reads nothing, and the
 	// stream's window is used up by data in pipes and buffers.
 	require.Eventually(t, func() bool { return stalled(slowA) }, 10e9, 1e6)
