@@ -101,6 +101,16 @@ func (s *stream) SpliceFrom(src mux.SpliceConn) (int64, error) {
 	return n, err
 }
 
+// AwaitReset waits until the stream is reset (returning an error that
+// matches ErrStreamReset) or until its write side ends cleanly, it is
+// closed or its read deadline passes (nil); see mux.Stream.AwaitReset.
+func (s *stream) AwaitReset() error {
+	if err := s.ys.AwaitReset(); err != nil {
+		return s.mapErr("write", err)
+	}
+	return nil
+}
+
 // CloseWrite sends FIN: the peer reads io.EOF after the data written so far.
 func (s *stream) CloseWrite() error {
 	err := s.ys.CloseWrite()

@@ -8,6 +8,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/tcpproxy/tcpproxy/channels/mux"
 )
@@ -347,17 +350,31 @@ func splice(legacy, stream halfConn, st spliceStats) spliceResult {
 		abortOnce sync.Once
 		wg        sync.WaitGroup
 		up        pipeResult
+		watch     halfCloseWatch
+		failed    atomic.Bool
 	)
 	fail := func() {
 		abortOnce.Do(func() {
+			failed.Store(true)
 			abort(stream)
 			abort(legacy)
 		})
 	}
+	// A direction that ends with EOF waits, while the other goes on, for
+	// its source to be reset, and then fails: a legacy program that
+	// half-closed and then aborts, or a far end that does, must reset the
+	// other side at once, as it would without the proxy; that side may be
+	// waiting only to read, and would otherwise learn of the reset at its
+	// next write, or never.
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
 		up = pipe(stream, legacy, st.legacyToStream, st.both)
+		if up.err == nil && watch.ended(0, stream) {
+			if err := awaitReset(legacy); err != nil {
+				up.err, up.op = err, "read"
+			}
+		}
 		if up.err != nil {
 			fail()
 		}
@@ -367,6 +384,13 @@ func splice(legacy, stream halfConn, st spliceStats) spliceResult {
 		down = pipeFrom(legacy, wt, st.streamToLegacy, st.both)
 	} else {
 		down = pipe(legacy, stream, st.streamToLegacy, st.both)
+	}
+	if down.err == nil && watch.ended(1, legacy) {
+		// Not when the wait ends because fail reset the stream: the
+		// direction itself ended with FIN.
+		if err := awaitStreamReset(stream); err != nil && !failed.Load() {
+			down.err, down.op = err, "read"
+		}
 	}
 	if down.err != nil {
 		fail()
@@ -378,6 +402,77 @@ func splice(legacy, stream halfConn, st spliceStats) spliceResult {
 	_ = legacy.Close()
 	_ = stream.Close()
 	return spliceResult{up: up, down: down}
+}
+
+// halfCloseWatch coordinates the two directions of a splice once they
+// end cleanly: the first to end waits for its source's reset, and the
+// second ends that wait. Direction 0 reads the legacy connection, 1 the
+// stream.
+type halfCloseWatch struct {
+	mu       sync.Mutex
+	done     [2]bool
+	watching [2]bool
+}
+
+// ended records direction i's clean end, reports whether it should wait
+// for its source's reset (the other direction goes on), and ends the other
+// direction's wait, if any, with a past read deadline on its source
+// (otherSrc).
+func (w *halfCloseWatch) ended(i int, otherSrc net.Conn) bool {
+	w.mu.Lock()
+	w.done[i] = true
+	watch := !w.done[1-i]
+	w.watching[i] = watch
+	stopOther := w.watching[1-i]
+	w.mu.Unlock()
+	if stopOther {
+		_ = otherSrc.SetReadDeadline(aLongTimeAgo)
+	}
+	return watch
+}
+
+// aLongTimeAgo is a deadline in the past: it ends a wait at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// awaitReset waits, after c's EOF, until c is reset, and returns the reset
+// as a read error; it returns nil when c is closed or its read deadline
+// passes first. Only kernel sockets are watched: after EOF their poller
+// reports readiness again only when the socket's state changes, so the
+// wait costs no system calls, and SO_ERROR tells a reset from other
+// changes. Other connections (netstack) return nil at once: their reset
+// after a half-close is still passed on only at the next write or close.
+func awaitReset(c net.Conn) error {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var reset error
+	err = rc.Read(func(fd uintptr) bool {
+		n, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
+		if err == nil && n != 0 {
+			reset = os.NewSyscallError("read", syscall.Errno(n))
+			return true
+		}
+		return false // no error: wait for the socket's next change
+	})
+	if err != nil {
+		return nil // closed, or the deadline ended the watch
+	}
+	return reset
+}
+
+// awaitStreamReset is awaitReset for a stream's source: it returns the
+// stream's reset once it comes, or nil when the stream is closed, its read
+// deadline passes or it cannot tell (a stream without AwaitReset).
+func awaitStreamReset(c net.Conn) error {
+	if r, ok := c.(interface{ AwaitReset() error }); ok {
+		return r.AwaitReset()
+	}
+	return nil
 }
 
 // spliceResult says how both directions of a splice ended: up is legacy

@@ -464,6 +464,29 @@ func (st *Stream) Close() error {
 	return nil
 }
 
+// AwaitReset waits until the stream is reset, by the peer or by the
+// session's end, and returns the error a Write would then return. It
+// returns nil, without waiting, once the stream's write side has ended
+// cleanly (CloseWrite) or it was closed here, and when the read deadline
+// passes. A caller that has read the peer's FIN and has nothing to write
+// for now learns of the peer's reset from it at once, not at its next
+// Write.
+func (st *Stream) AwaitReset() error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	for {
+		switch {
+		case st.state&(stFinSent|stClosed) != 0:
+			return nil
+		case st.state&stWriteReset != 0 || st.sess.IsClosed():
+			return st.writeCheckLocked()
+		case st.dl != nil && expired(st.dl.read):
+			return nil
+		}
+		st.waitLocked(&st.readWake)
+	}
+}
+
 // Reset aborts the stream in both directions: it sends RST if the peer
 // knows the stream, and pending and later Reads and Writes on both ends
 // fail with an error matching ErrStreamReset. It is idempotent.

@@ -469,3 +469,62 @@ func TestSmallWriteCopies(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, bytes.Equal(want, got), "got %d bytes, want %d", len(got), len(want))
 }
+
+// TestAwaitReset: after the peer's FIN, AwaitReset reports the peer's
+// later reset, or the session's end, at once; it returns nil once the
+// stream's own write side is done or its read deadline passes.
+func TestAwaitReset(t *testing.T) {
+	halfClosed := func(t *testing.T) (a, b *Session, sa, sb *Stream) {
+		a, b = tcpPair(t, Config{})
+		sa, sb = openPair(t, a, b)
+		require.NoError(t, sa.CloseWrite())
+		_, err := io.ReadAll(sb)
+		require.NoError(t, err, "B reads A's FIN")
+		return a, b, sa, sb
+	}
+	await := func(st *Stream) <-chan error {
+		ch := make(chan error, 1)
+		go func() { ch <- st.AwaitReset() }()
+		return ch
+	}
+	result := func(t *testing.T, ch <-chan error) error {
+		select {
+		case err := <-ch:
+			return err
+		case <-time.After(10 * time.Second):
+			require.FailNow(t, "AwaitReset did not return")
+			return nil
+		}
+	}
+
+	t.Run("peer reset", func(t *testing.T) {
+		_, _, sa, sb := halfClosed(t)
+		ch := await(sb)
+		require.NoError(t, sa.Reset())
+		require.ErrorIs(t, result(t, ch), ErrStreamReset)
+	})
+	t.Run("session end", func(t *testing.T) {
+		a, _, _, sb := halfClosed(t)
+		ch := await(sb)
+		require.NoError(t, a.Close())
+		require.ErrorIs(t, result(t, ch), ErrStreamReset)
+	})
+	t.Run("read deadline", func(t *testing.T) {
+		_, _, _, sb := halfClosed(t)
+		ch := await(sb)
+		require.NoError(t, sb.SetReadDeadline(time.Now()))
+		require.NoError(t, result(t, ch))
+	})
+	t.Run("own FIN", func(t *testing.T) {
+		_, _, _, sb := halfClosed(t)
+		ch := await(sb)
+		require.NoError(t, sb.CloseWrite())
+		require.NoError(t, result(t, ch))
+	})
+	t.Run("closed", func(t *testing.T) {
+		_, _, _, sb := halfClosed(t)
+		ch := await(sb)
+		require.NoError(t, sb.Close())
+		require.NoError(t, result(t, ch))
+	})
+}
