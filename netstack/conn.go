@@ -6,10 +6,12 @@ import (
 	"net"
 	"os"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
 )
 
@@ -20,13 +22,21 @@ import (
 type Conn struct {
 	tc     *gonet.TCPConn
 	ep     tcpip.Endpoint
+	wq     *waiter.Queue
 	closed atomic.Bool
+
+	// For AwaitReset, which gonet's deadlines cannot wake: the read
+	// deadline (Unix nanoseconds, 0 for none), and, made by the first
+	// AwaitReset (idle connections do without), a wake-up on each new read
+	// deadline and on Close.
+	readDeadline atomic.Int64
+	kick         atomic.Pointer[chan struct{}]
 }
 
 var _ net.Conn = (*Conn)(nil)
 
 func newConn(wq *waiter.Queue, ep tcpip.Endpoint) *Conn {
-	return &Conn{tc: gonet.NewTCPConn(wq, ep), ep: ep}
+	return &Conn{tc: gonet.NewTCPConn(wq, ep), ep: ep, wq: wq}
 }
 
 // Read implements net.Conn. It returns io.EOF once the peer has half-closed
@@ -48,7 +58,92 @@ func (c *Conn) Close() error {
 	if c.closed.Swap(true) {
 		return c.opError("close", net.ErrClosed)
 	}
+	c.wake()
 	return c.tc.Close()
+}
+
+// AwaitReset waits until the connection is reset by the peer (or fails
+// otherwise, such as by a retransmission timeout) and returns the error a
+// read would then see. It returns nil when the connection is closed here
+// or its read deadline passes. The proxy calls it once the peer has
+// half-closed, when a read returns only EOF whatever comes next.
+func (c *Conn) AwaitReset() error {
+	// The wake-up exists before the checks below: a Close or a deadline
+	// that comes after them finds it.
+	kick := c.kick.Load()
+	if kick == nil {
+		k := make(chan struct{}, 1)
+		c.kick.CompareAndSwap(nil, &k)
+		kick = c.kick.Load()
+	}
+	e, ch := waiter.NewChannelEntry(waiter.EventErr | waiter.EventHUp)
+	c.wq.EventRegister(&e)
+	defer c.wq.EventUnregister(&e)
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for {
+		if c.closed.Load() {
+			return nil
+		}
+		if s := tcp.EndpointState(c.ep.State()); s == tcp.StateError || s == tcp.StateClose {
+			// An RST in CLOSE-WAIT ends in CLOSED, as in Linux; so does a
+			// clean close (our FIN acknowledged), which has no error.
+			errno := syscall.ECONNABORTED
+			switch c.ep.LastError().(type) {
+			case nil:
+				return nil
+			case *tcpip.ErrAborted:
+				errno = syscall.EPIPE // an RST in CLOSE-WAIT, as Linux reports it
+			case *tcpip.ErrConnectionReset:
+				errno = syscall.ECONNRESET
+			case *tcpip.ErrTimeout:
+				errno = syscall.ETIMEDOUT
+			}
+			return c.opError("read", os.NewSyscallError("read", errno))
+		}
+		var expire <-chan time.Time
+		if dl := c.readDeadline.Load(); dl != 0 {
+			d := time.Until(time.Unix(0, dl))
+			if d <= 0 {
+				return nil
+			}
+			if timer == nil {
+				timer = time.NewTimer(d)
+			} else {
+				timer.Reset(d)
+			}
+			expire = timer.C
+		}
+		select {
+		case <-ch:
+		case <-*kick:
+		case <-expire:
+		}
+	}
+}
+
+// wake makes a waiting AwaitReset look at the connection again; the
+// caller has changed what it looks at first.
+func (c *Conn) wake() {
+	if kick := c.kick.Load(); kick != nil {
+		select {
+		case *kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (c *Conn) setReadDeadline(t time.Time) {
+	var ns int64
+	if !t.IsZero() {
+		ns = t.UnixNano()
+	}
+	c.readDeadline.Store(ns)
+	c.wake()
 }
 
 // CloseWrite half-closes the connection: the peer reads io.EOF after the
@@ -81,10 +176,16 @@ func (c *Conn) LocalAddr() net.Addr { return c.tc.LocalAddr() }
 func (c *Conn) RemoteAddr() net.Addr { return c.tc.RemoteAddr() }
 
 // SetDeadline implements net.Conn.
-func (c *Conn) SetDeadline(t time.Time) error { return c.tc.SetDeadline(t) }
+func (c *Conn) SetDeadline(t time.Time) error {
+	c.setReadDeadline(t)
+	return c.tc.SetDeadline(t)
+}
 
-// SetReadDeadline implements net.Conn.
-func (c *Conn) SetReadDeadline(t time.Time) error { return c.tc.SetReadDeadline(t) }
+// SetReadDeadline implements net.Conn; it also bounds AwaitReset.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	c.setReadDeadline(t)
+	return c.tc.SetReadDeadline(t)
+}
 
 // SetWriteDeadline implements net.Conn.
 func (c *Conn) SetWriteDeadline(t time.Time) error { return c.tc.SetWriteDeadline(t) }
@@ -92,6 +193,7 @@ func (c *Conn) SetWriteDeadline(t time.Time) error { return c.tc.SetWriteDeadlin
 // abort resets the connection; used for connections nobody accepted.
 func (c *Conn) abort() {
 	c.closed.Store(true)
+	c.wake()
 	c.ep.Abort()
 }
 

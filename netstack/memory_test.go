@@ -414,3 +414,57 @@ func TestMemoryReconnectAfterServerClose(t *testing.T) {
 	}
 	require.NoError(t, <-served)
 }
+
+// TestMemoryAwaitReset: after the peer's FIN, AwaitReset reports the
+// peer's reset (EPIPE, as Linux reports an RST in CLOSE-WAIT), and returns
+// nil, never an error, when the connection closes cleanly, is closed here,
+// or its read deadline passes.
+func TestMemoryAwaitReset(t *testing.T) {
+	ctx := testCtx(t)
+	n, h := newMemory(t)
+	claim, l, _ := listenBothSides(ctx, t, n, h)
+	// a half-closes; b reads to EOF and waits for a's reset.
+	halfClosed := func(t *testing.T) (a, b net.Conn, done <-chan error) {
+		a, b = pair(t, l, func() (net.Conn, error) { return h.Dial(ctx, claim) })
+		require.NoError(t, a.(halfCloser).CloseWrite())
+		_, err := io.ReadAll(b)
+		require.NoError(t, err)
+		require.NoError(t, b.SetReadDeadline(time.Now().Add(time.Hour)))
+		ch := make(chan error, 1)
+		go func() { ch <- b.(interface{ AwaitReset() error }).AwaitReset() }()
+		return a, b, ch
+	}
+	result := func(t *testing.T, ch <-chan error) error {
+		select {
+		case err := <-ch:
+			return err
+		case <-ctx.Done():
+			require.FailNow(t, "AwaitReset did not return")
+			return nil
+		}
+	}
+
+	t.Run("peer resets", func(t *testing.T) {
+		a, _, ch := halfClosed(t)
+		require.NoError(t, a.(halfCloser).SetLinger(0))
+		require.NoError(t, a.Close())
+		require.ErrorIs(t, result(t, ch), syscall.EPIPE)
+	})
+	t.Run("clean close", func(t *testing.T) {
+		a, b, ch := halfClosed(t)
+		require.NoError(t, b.(halfCloser).CloseWrite())
+		_, err := io.ReadAll(a)
+		require.NoError(t, err)
+		require.NoError(t, result(t, ch), "both FINs: no reset, and no wait for the deadline an hour away")
+	})
+	t.Run("closed here", func(t *testing.T) {
+		_, b, ch := halfClosed(t)
+		require.NoError(t, b.Close())
+		require.NoError(t, result(t, ch))
+	})
+	t.Run("read deadline", func(t *testing.T) {
+		_, b, ch := halfClosed(t)
+		require.NoError(t, b.SetReadDeadline(time.Now()))
+		require.NoError(t, result(t, ch))
+	})
+}

@@ -8,11 +8,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -205,71 +202,4 @@ func echoByte(conn net.Conn) error {
 	_ = conn.SetReadDeadline(time.Now().Add(proxytest.Timeout))
 	_, err := io.ReadFull(conn, make([]byte, 1))
 	return err
-}
-
-// TestResetAfterHalfClose: a legacy program that half-closes and later
-// resets must reset its peer's connection too, as a direct connection
-// would, although the peer never writes (a write would have found the
-// reset on the way back). Both ways: client then server. After EOF a read
-// returns 0 whatever happens, so the peer watches its socket's error, as
-// a poller would.
-func TestResetAfterHalfClose(t *testing.T) {
-	for _, byServer := range []bool{false, true} {
-		name := "client resets"
-		if byServer {
-			name = "server resets"
-		}
-		t.Run(name, func(t *testing.T) {
-			c := proxytest.NewCluster(t, proxytest.LoopbackInstance)
-			s := c.Add("server-0", "server", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindReply, Port: 7000}})
-			accepted := make(chan *net.TCPConn, 1)
-			s.Serve(t, 7000, func(conn net.Conn) {
-				accepted <- conn.(*net.TCPConn)
-				<-t.Context().Done() // the test ends the connection
-			})
-			client := c.Add("client-0", "client", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindRequest, Port: 6000}})
-			cconn := client.Dial(t, client.RequestAddr(t, "db")).(*net.TCPConn)
-			var sconn *net.TCPConn
-			select {
-			case sconn = <-accepted:
-			case <-time.After(proxytest.Timeout):
-				require.FailNow(t, "the server got no connection")
-			}
-			resetter, peer := cconn, sconn
-			if byServer {
-				resetter, peer = sconn, cconn
-			}
-
-			_, err := resetter.Write([]byte("message"))
-			require.NoError(t, err)
-			require.NoError(t, resetter.CloseWrite())
-			got, err := io.ReadAll(peer)
-			require.NoError(t, err, "the peer reads the message, then EOF")
-			require.Equal(t, "message", string(got))
-
-			require.NoError(t, resetter.SetLinger(0))
-			require.NoError(t, resetter.Close())
-			err = awaitSocketError(t, peer)
-			require.False(t, errors.Is(err, os.ErrDeadlineExceeded), "the peer saw no reset before its deadline")
-			// EPIPE: a reset after the peer's FIN (tcp_reset in CLOSE_WAIT).
-			require.True(t, errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET), "the peer saw %v, not a reset", err)
-		})
-	}
-}
-
-// awaitSocketError waits, within proxytest.Timeout, for conn's socket to
-// report an error (SO_ERROR), and returns it.
-func awaitSocketError(t *testing.T, conn *net.TCPConn) error {
-	require.NoError(t, conn.SetReadDeadline(time.Now().Add(proxytest.Timeout)))
-	rc, err := conn.SyscallConn()
-	require.NoError(t, err)
-	var soErr int
-	err = rc.Read(func(fd uintptr) bool {
-		soErr, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
-		return soErr != 0
-	})
-	if err != nil {
-		return err
-	}
-	return syscall.Errno(soErr)
 }

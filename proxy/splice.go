@@ -388,7 +388,7 @@ func splice(legacy, stream halfConn, st spliceStats) spliceResult {
 	if down.err == nil && watch.ended(1, legacy) {
 		// Not when the wait ends because fail reset the stream: the
 		// direction itself ended with FIN.
-		if err := awaitStreamReset(stream); err != nil && !failed.Load() {
+		if err := awaitReset(stream); err != nil && !failed.Load() {
 			down.err, down.op = err, "read"
 		}
 	}
@@ -436,12 +436,16 @@ var aLongTimeAgo = time.Unix(1, 0)
 
 // awaitReset waits, after c's EOF, until c is reset, and returns the reset
 // as a read error; it returns nil when c is closed or its read deadline
-// passes first. Only kernel sockets are watched: after EOF their poller
-// reports readiness again only when the socket's state changes, so the
-// wait costs no system calls, and SO_ERROR tells a reset from other
-// changes. Other connections (netstack) return nil at once: their reset
-// after a half-close is still passed on only at the next write or close.
+// passes first. Streams and netstack connections wait with their
+// AwaitReset. A kernel socket waits on the poller: after EOF it reports
+// readiness again only when the socket's state changes, so the wait costs
+// no system calls, and SO_ERROR tells a reset from other changes. Other
+// connections return nil at once: their reset after a half-close is passed
+// on at the next write or close.
 func awaitReset(c net.Conn) error {
+	if r, ok := c.(interface{ AwaitReset() error }); ok {
+		return r.AwaitReset()
+	}
 	sc, ok := c.(syscall.Conn)
 	if !ok {
 		return nil
@@ -463,16 +467,6 @@ func awaitReset(c net.Conn) error {
 		return nil // closed, or the deadline ended the watch
 	}
 	return reset
-}
-
-// awaitStreamReset is awaitReset for a stream's source: it returns the
-// stream's reset once it comes, or nil when the stream is closed, its read
-// deadline passes or it cannot tell (a stream without AwaitReset).
-func awaitStreamReset(c net.Conn) error {
-	if r, ok := c.(interface{ AwaitReset() error }); ok {
-		return r.AwaitReset()
-	}
-	return nil
 }
 
 // spliceResult says how both directions of a splice ended: up is legacy

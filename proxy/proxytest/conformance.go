@@ -10,13 +10,16 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/tcpproxy/tcpproxy/proxy"
 )
@@ -34,6 +37,7 @@ func Run(t *testing.T, newInst NewInstance) {
 		{"HalfClose", testHalfClose},
 		{"ResetFromClient", testResetFromClient},
 		{"ResetFromServer", testResetFromServer},
+		{"ResetAfterHalfClose", testResetAfterHalfClose},
 		{"NoReplyInstance", testNoReplyInstance},
 		{"BackPressure", testBackPressure},
 		{"Shutdown", testShutdown},
@@ -322,6 +326,83 @@ func testResetFromServer(t *testing.T, newInst NewInstance) {
 	require.NoError(t, err)
 	_, err = readAll(conn)
 	require.True(t, isReset(err), "client should see a reset, got %v", err)
+}
+
+// testResetAfterHalfClose: a legacy program that half-closes and later
+// resets must reset its peer's connection too, as a direct connection
+// would, although the peer never writes (a write would have found the
+// reset on the way back). Both ways: client, then server. After EOF a read
+// returns 0 whatever happens, so the peer watches its connection's error,
+// as a poller would.
+func testResetAfterHalfClose(t *testing.T, newInst NewInstance) {
+	for _, byServer := range []bool{false, true} {
+		name := "client resets"
+		if byServer {
+			name = "server resets"
+		}
+		t.Run(name, func(t *testing.T) {
+			c := NewCluster(t, newInst)
+			s := c.Add("server-0", "server", replyCfg())
+			accepted := make(chan net.Conn, 1)
+			s.Serve(t, replyPort, func(conn net.Conn) {
+				accepted <- conn
+				<-t.Context().Done() // the test ends the connection
+			})
+			client := c.Add("client-0", "client", reqCfg())
+			cconn := client.Dial(t, client.RequestAddr(t, "db"))
+			var sconn net.Conn
+			select {
+			case sconn = <-accepted:
+			case <-time.After(Timeout):
+				require.FailNow(t, "the server got no connection")
+			}
+			resetter, peer := cconn, sconn
+			if byServer {
+				resetter, peer = sconn, cconn
+			}
+
+			_, err := resetter.Write([]byte("message"))
+			require.NoError(t, err)
+			require.NoError(t, resetter.(interface{ CloseWrite() error }).CloseWrite())
+			got, err := readAll(peer)
+			require.NoError(t, err, "the peer reads the message, then EOF")
+			require.Equal(t, "message", string(got))
+
+			require.NoError(t, resetter.(interface{ SetLinger(int) error }).SetLinger(0))
+			require.NoError(t, resetter.Close())
+			err = awaitConnError(t, peer)
+			require.False(t, errors.Is(err, os.ErrDeadlineExceeded), "the peer saw no reset before its deadline")
+			// EPIPE: a kernel socket's reset after the peer's FIN (tcp_reset
+			// in CLOSE_WAIT).
+			require.True(t, errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET), "the peer saw %v, not a reset", err)
+		})
+	}
+}
+
+// awaitConnError waits, within Timeout, for conn to report an error after
+// its EOF: a kernel socket's SO_ERROR, or a netstack connection's
+// AwaitReset.
+func awaitConnError(t *testing.T, conn net.Conn) error {
+	require.NoError(t, conn.SetReadDeadline(time.Now().Add(Timeout)))
+	if r, ok := conn.(interface{ AwaitReset() error }); ok {
+		if err := r.AwaitReset(); err != nil {
+			return err
+		}
+		return os.ErrDeadlineExceeded
+	}
+	sc, ok := conn.(syscall.Conn)
+	require.True(t, ok, "%T has neither AwaitReset nor a socket", conn)
+	rc, err := sc.SyscallConn()
+	require.NoError(t, err)
+	var soErr int
+	err = rc.Read(func(fd uintptr) bool {
+		soErr, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
+		return soErr != 0
+	})
+	if err != nil {
+		return err
+	}
+	return syscall.Errno(soErr)
 }
 
 func testNoReplyInstance(t *testing.T, newInst NewInstance) {
