@@ -175,6 +175,42 @@ func benchThroughput(b *testing.B, p path, conns int) {
 	}
 }
 
+// benchDownload: the client sends a request and half-closes; the server
+// reads it to EOF and answers with b.N chunks. While the answer flows, the
+// proxies watch the half-closed direction for a reset (splice's
+// halfCloseWatch), which this measures.
+func benchDownload(b *testing.B, p path) {
+	n := b.N
+	addr := p(b, func(c net.Conn) {
+		if _, err := io.Copy(io.Discard, c); err != nil {
+			return
+		}
+		buf := make([]byte, chunk)
+		for range n {
+			if _, err := c.Write(buf); err != nil {
+				return
+			}
+		}
+	})
+	conn, err := net.Dial("tcp4", addr.String())
+	require.NoError(b, err)
+	defer conn.Close()
+	b.SetBytes(chunk)
+	b.ResetTimer()
+	cpu := meterCPU(b)
+	_, err = conn.Write([]byte("GET"))
+	require.NoError(b, err)
+	require.NoError(b, conn.(*net.TCPConn).CloseWrite())
+	got, err := io.Copy(io.Discard, conn)
+	b.StopTimer()
+	cpu.stop()
+	require.NoError(b, err)
+	require.Equal(b, int64(n)*chunk, got)
+}
+
+func BenchmarkDirectTCPDownload(b *testing.B)    { benchDownload(b, directPath) }
+func BenchmarkRequestReplyDownload(b *testing.B) { benchDownload(b, proxiedPath) }
+
 func BenchmarkDirectTCPThroughput(b *testing.B)    { benchThroughput(b, directPath, 1) }
 func BenchmarkRequestReplyThroughput(b *testing.B) { benchThroughput(b, proxiedPath, 1) }
 func BenchmarkDuplexThroughput(b *testing.B)       { benchThroughput(b, duplexPath, 1) }
