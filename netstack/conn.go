@@ -66,7 +66,8 @@ func (c *Conn) Close() error {
 // otherwise, such as by a retransmission timeout) and returns the error a
 // read would then see. It returns nil when the connection is closed here
 // or its read deadline passes. The proxy calls it once the peer has
-// half-closed, when a read returns only EOF whatever comes next.
+// half-closed, when a read returns only EOF whatever comes next. One
+// AwaitReset at a time: a second one may miss its wake-up.
 func (c *Conn) AwaitReset() error {
 	// The wake-up exists before the checks below: a Close or a deadline
 	// that comes after them finds it.

@@ -470,7 +470,8 @@ func (st *Stream) Close() error {
 // cleanly (CloseWrite) or it was closed here, and when the read deadline
 // passes. A caller that has read the peer's FIN and has nothing to write
 // for now learns of the peer's reset from it at once, not at its next
-// Write.
+// Write. It shares the read side's wake-up: call it once reading is over
+// (Read or WriteTo returned EOF), not alongside a Read.
 func (st *Stream) AwaitReset() error {
 	st.mu.Lock()
 	defer st.mu.Unlock()
