@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"slices"
 	"sync"
 	"syscall"
 	"testing"
@@ -321,6 +322,12 @@ func TestDuplex(t *testing.T) {
 	assert.Equal(t, "peers", in.Header.Channel)
 	s.Close()
 	in.Stream.Close()
+	// n2 learns of the membership on its own: wait until it has n1.
+	for ms := range duplex["n2"].Watch(ctx) {
+		if slices.Contains(iids(ms), "n1") {
+			break
+		}
+	}
 	s, err = duplex["n2"].Open(ctx, "n1", channels.Header{})
 	require.NoError(t, err)
 	in, err = duplex["n1"].Accept(ctx)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"os"
 )
 
 // readBufSize is the reader's buffer: headers and small payloads are read
@@ -50,6 +51,11 @@ func (s *Session) readLoop() {
 	r := &reader{s: s, lim: &headerReader{conn: s.conn}}
 	r.br = bufio.NewReaderSize(r.lim, readBufSize)
 	err := r.run()
+	s.mu.Lock()
+	if s.writeErr != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		err = s.writeErr // why writeFailed cut the reader short
+	}
+	s.mu.Unlock()
 	if errors.Is(err, ErrProtocol) {
 		s.log.Warn("mux: session ends", "remote", s.conn.RemoteAddr().String(), "err", err)
 		s.shutdown(err, true, goAwayProtocol)

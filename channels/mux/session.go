@@ -27,6 +27,7 @@ type Session struct {
 
 	mu          sync.Mutex
 	err         error              // why the session ended; nil while open
+	writeErr    error              // a failed write, until the reader ends the session (writeFailed)
 	streams     map[uint32]*Stream // streams with frames exchanged, not finished
 	nextID      uint32             // ID of our next outbound stream
 	idsLeft     uint32             // outbound IDs not yet promised to OpenStream

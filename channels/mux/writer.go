@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"syscall"
 	"time"
 )
@@ -166,7 +167,7 @@ func (s *Session) writeLoop() {
 			}
 			clear(batch) // drop references to callers' buffers
 			if err != nil {
-				s.shutdown(fmt.Errorf("mux: write: %w", err), false, 0)
+				s.writeFailed(fmt.Errorf("mux: write: %w", err))
 				return
 			}
 		}
@@ -174,6 +175,24 @@ func (s *Session) writeLoop() {
 			return
 		}
 	}
+}
+
+// writeFailed ends the session after a failed write; nothing more is
+// written. A write that timed out ends it at once. A connection that broke
+// (the peer closed or reset it) may still hold what the peer sent before,
+// such as a stream's last data and FIN, which must not turn into a reset:
+// the reader gets goAwayWait to read it, and then ends the session with
+// the write's error.
+func (s *Session) writeFailed(err error) {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		s.shutdown(err, false, 0)
+		return
+	}
+	s.mu.Lock()
+	s.writeErr = err
+	s.mu.Unlock()
+	_ = s.conn.SetReadDeadline(time.Now().Add(goAwayWait))
+	<-s.done
 }
 
 // writeBatch writes batch within the write timeout: WriteTimeout, or
