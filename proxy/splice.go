@@ -370,7 +370,7 @@ func splice(legacy, stream halfConn, st spliceStats) spliceResult {
 	go func() {
 		defer wg.Done()
 		up = pipe(stream, legacy, st.legacyToStream, st.both)
-		if up.err == nil && watch.ended(0, stream) {
+		if up.err == nil && watch.ended(stream) {
 			if err := awaitReset(legacy); err != nil {
 				up.err, up.op = err, "read"
 			}
@@ -385,7 +385,7 @@ func splice(legacy, stream halfConn, st spliceStats) spliceResult {
 	} else {
 		down = pipe(legacy, stream, st.streamToLegacy, st.both)
 	}
-	if down.err == nil && watch.ended(1, legacy) {
+	if down.err == nil && watch.ended(legacy) {
 		// Not when the wait ends because fail reset the stream: the
 		// direction itself ended with FIN.
 		if err := awaitReset(stream); err != nil && !failed.Load() {
@@ -406,29 +406,25 @@ func splice(legacy, stream halfConn, st spliceStats) spliceResult {
 
 // halfCloseWatch coordinates the two directions of a splice once they
 // end cleanly: the first to end waits for its source's reset, and the
-// second ends that wait. Direction 0 reads the legacy connection, 1 the
-// stream.
+// second ends that wait.
 type halfCloseWatch struct {
 	mu       sync.Mutex
-	done     [2]bool
-	watching [2]bool
+	oneEnded bool // a direction ended cleanly, and waits
 }
 
-// ended records direction i's clean end, reports whether it should wait
-// for its source's reset (the other direction goes on), and ends the other
-// direction's wait, if any, with a past read deadline on its source
-// (otherSrc).
-func (w *halfCloseWatch) ended(i int, otherSrc net.Conn) bool {
+// ended records a direction's clean end, and reports whether it is the
+// first, which then waits for its source's reset while the other goes on.
+// The second ends that wait with a past read deadline on the first one's
+// source, otherSrc.
+func (w *halfCloseWatch) ended(otherSrc net.Conn) bool {
 	w.mu.Lock()
-	w.done[i] = true
-	watch := !w.done[1-i]
-	w.watching[i] = watch
-	stopOther := w.watching[1-i]
+	first := !w.oneEnded
+	w.oneEnded = true
 	w.mu.Unlock()
-	if stopOther {
+	if !first {
 		_ = otherSrc.SetReadDeadline(aLongTimeAgo)
 	}
-	return watch
+	return first
 }
 
 // aLongTimeAgo is a deadline in the past: it ends a wait at once.
