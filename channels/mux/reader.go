@@ -7,6 +7,7 @@ import (
 	"io"
 	"math"
 	"os"
+	"sync/atomic"
 )
 
 // readBufSize is the reader's buffer: headers and small payloads are read
@@ -305,6 +306,45 @@ func noEOF(err error) error {
 	return err
 }
 
+// deliverLocked splices the m bytes just received into p on to the socket
+// that WriteTo writes to, if WriteTo waits with nothing queued, as far as
+// the socket takes them without waiting, and returns how many are left in
+// p for the queue. The reader goroutine then moves a frame from socket to
+// socket as a plain relay would, sparing WriteTo's goroutine a wake-up per
+// frame; a socket that is full, or slow, is WriteTo's to wait for, never
+// the session's.
+func (st *Stream) deliverLocked(p *kpipe, m int) int {
+	sw := st.dsw
+	if sw == nil || st.rhead < len(st.rbufs) || st.derr != nil {
+		return m
+	}
+	st.delivering = true
+	st.mu.Unlock()
+	if h := testHookDeliver.Load(); h != nil {
+		(*h)()
+	}
+	k, err := pushPipe(sw.raw, p, m)
+	if k > 0 {
+		sw.sc.Spliced(k)
+		st.sess.deliveries.Add(1)
+	}
+	st.mu.Lock()
+	st.delivering = false
+	st.dtotal += int64(k)
+	if err != nil {
+		st.derr = err
+	}
+	if err != nil || st.dsw == nil {
+		notify(st.readWake) // WriteTo woke meanwhile, and waits for us
+	}
+	st.creditLocked(uint32(k))
+	return m - k
+}
+
+// testHookDeliver, if set, runs in deliverLocked without the stream's lock,
+// before the splice: tests hold a delivery there.
+var testHookDeliver atomic.Pointer[func()]
+
 // spliceData moves a large data frame's payload into a pipe of st's
 // receive queue with splice(2): WriteTo splices it on to its socket. What
 // the read buffer already holds of it is queued as it is; the payload is
@@ -354,8 +394,12 @@ func (r *reader) spliceData(st *Stream, h header) error {
 		// If st stopped taking data, the bytes stay in the pipe, which
 		// is then closed rather than reused.
 		if st.takesDataLocked(uint32(m)) {
-			st.appendPipeLocked(p, m)
-			notify(st.readWake)
+			// What deliverLocked leaves is queued if st still takes data
+			// (it let go of st.mu meanwhile).
+			if m = st.deliverLocked(p, m); m > 0 && st.takesDataLocked(uint32(m)) {
+				st.appendPipeLocked(p, m)
+				notify(st.readWake)
+			}
 		}
 		st.mu.Unlock()
 	}

@@ -41,6 +41,10 @@ type Session struct {
 
 	rtt      atomic.Int64  // smoothed round-trip time in ns; 0 until measured
 	framesIn atomic.Uint64 // frames received, the keepalive's sign of life
+	// Frames that skipped a goroutine hand-off: written by their stream's
+	// goroutine (writeDirect), and received ones that the reader spliced
+	// on to WriteTo's socket (deliverLocked). Tests read them.
+	directWrites, deliveries atomic.Uint64
 
 	// The send queue (writer.go).
 	sendMu     sync.Mutex
@@ -49,6 +53,15 @@ type Session struct {
 	pongs      int  // pongs in queue
 	sendSignal chan struct{}
 	closing    atomic.Bool
+	// owned says that a goroutine is writing to the connection: the writer
+	// with a batch, or a Write with its own frame (writeDirect). Only the
+	// owner uses bw and direct.
+	owned  bool
+	bw     *batchWriter
+	direct [1]frame
+	// broken is the first failed write: nothing more is written, and the
+	// writer ends the session with it (writeFailed).
+	broken error
 }
 
 // Client starts the dialer's side of a session over conn: its streams have
@@ -83,6 +96,7 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 	if spliceSupported && !cfg.NoSplice {
 		s.raw = rawConn(conn)
 	}
+	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame))
 	s.idsLeft = (math.MaxUint32-s.nextID)/2 + 1
 	s.wg.Add(3)
 	go s.readLoop()

@@ -23,7 +23,10 @@ import (
 //     goroutine writes the frame header, then splices pipe → session socket;
 //   - receive: the reader goroutine reads a large frame's header, then
 //     splices its payload session socket → pipe, queued in the stream's
-//     receive queue; Stream.WriteTo splices pipe → legacy socket.
+//     receive queue; Stream.WriteTo splices pipe → legacy socket. If
+//     WriteTo waits with nothing queued, the reader splices the pipe on to
+//     the legacy socket itself, as far as it takes the data at once
+//     (Stream.deliverLocked).
 //
 // A pipe belongs to whoever holds references to it (a queued receive
 // segment, a frame being sent, a goroutine splicing into it); the last
@@ -203,6 +206,28 @@ func recvPipe(rc syscall.RawConn, p *kpipe, n int) (m int, full bool, err error)
 		return 0, false, io.ErrUnexpectedEOF
 	}
 	return m, full, nil
+}
+
+// pushPipe moves up to n bytes from p to the socket behind rc without
+// waiting for room.
+func pushPipe(rc syscall.RawConn, p *kpipe, n int) (int, error) {
+	var (
+		m     int64
+		errno error
+	)
+	err := rc.Write(func(fd uintptr) bool {
+		m, errno = splice(p.r, int(fd), n, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+		return true
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case errno == unix.EAGAIN:
+		return 0, nil
+	case errno != nil:
+		return 0, os.NewSyscallError("splice", errno)
+	}
+	return int(m), nil
 }
 
 // splice moves up to n bytes from rfd to wfd, retrying when interrupted.

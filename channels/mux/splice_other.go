@@ -27,5 +27,6 @@ func recvPipe(syscall.RawConn, *kpipe, int) (int, bool, error) {
 	return 0, false, errNoSplice
 }
 func drainPipe(syscall.RawConn, *kpipe, int, bool) error { return errNoSplice }
+func pushPipe(syscall.RawConn, *kpipe, int) (int, error) { return 0, errNoSplice }
 func readPipe(*kpipe, []byte) (int, error)               { return 0, errNoSplice }
 func sendMore(syscall.RawConn, [][]byte) error           { return errNoSplice }

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -291,4 +292,176 @@ func TestSpliceFromRefused(t *testing.T) {
 	sa, _ := openPair(t, cli, srv)
 	_, err := sa.SpliceFrom(&noSocket{})
 	assert.ErrorIs(t, err, ErrNoSplice, "source without a socket")
+}
+
+// parked reports whether st's WriteTo waits for data with nothing queued,
+// so that the reader may deliver to its socket.
+func parked(st *Stream) bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.dsw != nil && st.buffered == 0
+}
+
+// A frame arriving while WriteTo waits is spliced on to WriteTo's socket
+// by the reader goroutine; WriteTo counts those bytes, and everything
+// arrives in order.
+func TestSpliceDelivery(t *testing.T) {
+	cli, srv := tcpPair(t, Config{})
+	sa, sb := openPair(t, cli, srv)
+	down, b := legacyPair(t)
+	type result struct {
+		n   int64
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		n, err := sb.WriteTo(down)
+		done <- result{n, err}
+	}()
+
+	// Each Write is one frame that is spliced, all within the initial
+	// window (a Write stalled for window would be split into frames, of
+	// which some are too small to splice): the first leaves the reader
+	// reading headers alone, so all of the next ones' payloads are in the
+	// socket when they arrive, and WriteTo waits for them, parked.
+	var sent []byte
+	got := make([]byte, 0, 3<<20)
+	for i := range 3 {
+		require.Eventually(t, func() bool { return parked(sb) }, 5*time.Second, time.Millisecond)
+		before := srv.deliveries.Load()
+		data := randomBytes(t, 64<<10)
+		_, err := sa.Write(data)
+		require.NoError(t, err)
+		sent = append(sent, data...)
+		buf := make([]byte, len(data))
+		_, err = io.ReadFull(b, buf)
+		require.NoError(t, err)
+		got = append(got, buf...)
+		if i > 0 {
+			require.Greater(t, srv.deliveries.Load(), before, "frame %d was not delivered by the reader", i)
+		}
+	}
+	require.NoError(t, sa.CloseWrite())
+	r := <-done
+	require.NoError(t, r.err)
+	require.Equal(t, int64(len(sent)), r.n, "WriteTo's count")
+	// The first frame's start was read with its header, and copied.
+	require.GreaterOrEqual(t, down.spliced.Load(), int64(len(sent)-64<<10), "bytes reported spliced")
+	require.True(t, bytes.Equal(sent, got))
+}
+
+// WriteTo returning at its read deadline while the reader may be
+// delivering to its socket: each return counts every byte written to the
+// socket so far (the socket's reader never sees more), and the calls
+// together count and deliver the whole stream, in order.
+func TestSpliceDeliveryDeadlines(t *testing.T) {
+	cli, srv := tcpPair(t, Config{})
+	sa, sb := openPair(t, cli, srv)
+	down, b := legacyPair(t)
+	data := randomBytes(t, 16<<20)
+	go func() { _ = sendAll(sa, data) }()
+
+	var received atomic.Int64
+	read := make(chan []byte, 1)
+	go func() {
+		var got []byte
+		buf := make([]byte, 256<<10)
+		for {
+			n, err := b.Read(buf)
+			got = append(got, buf[:n]...)
+			received.Add(int64(n))
+			if err != nil {
+				read <- got
+				return
+			}
+		}
+	}()
+
+	var total int64
+	timeouts := 0
+	for {
+		require.NoError(t, sb.SetReadDeadline(time.Now().Add(50*time.Microsecond)))
+		n, err := sb.WriteTo(down)
+		total += n
+		require.LessOrEqual(t, received.Load(), total, "the socket got bytes that WriteTo did not count")
+		if err == nil {
+			break
+		}
+		require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+		timeouts++
+		require.Less(t, timeouts, 1<<20, "no progress")
+	}
+	require.NoError(t, down.CloseWrite())
+	got := <-read
+	require.Equal(t, int64(len(data)), total)
+	require.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
+	t.Logf("%d deadline returns, %d deliveries", timeouts, srv.deliveries.Load())
+}
+
+// WriteTo woken (here by its deadline) while the reader delivers to its
+// socket waits for the delivery to end, and counts its bytes, rather than
+// return while the reader still writes to the socket.
+func TestSpliceDeliveryWakesWriteTo(t *testing.T) {
+	cli, srv := tcpPair(t, Config{})
+	sa, sb := openPair(t, cli, srv)
+	down, b := legacyPair(t)
+	type result struct {
+		n   int64
+		err error
+	}
+	done := make(chan result, 1)
+	writeTo := func() {
+		n, err := sb.WriteTo(down)
+		done <- result{n, err}
+	}
+
+	// A first spliced frame makes the reader read the next header alone.
+	go writeTo()
+	require.Eventually(t, func() bool { return parked(sb) }, 5*time.Second, time.Millisecond)
+	first := randomBytes(t, 64<<10)
+	_, err := sa.Write(first)
+	require.NoError(t, err)
+	got := make([]byte, len(first))
+	_, err = io.ReadFull(b, got)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(first, got))
+	require.NoError(t, sb.SetReadDeadline(time.Now()))
+	r := <-done
+	require.ErrorIs(t, r.err, os.ErrDeadlineExceeded)
+	require.Equal(t, int64(len(first)), r.n)
+	require.NoError(t, sb.SetReadDeadline(time.Time{}))
+	spliced := down.spliced.Load()
+
+	holding, release := make(chan struct{}), make(chan struct{})
+	hook := func() {
+		close(holding)
+		<-release
+	}
+	testHookDeliver.Store(&hook)
+	t.Cleanup(func() { testHookDeliver.Store(nil) })
+	go writeTo()
+	require.Eventually(t, func() bool { return parked(sb) }, 5*time.Second, time.Millisecond)
+	data := randomBytes(t, 64<<10)
+	go func() { _, _ = sa.Write(data) }()
+	select {
+	case <-holding:
+	case <-testCtx(t).Done():
+		t.Fatal("the reader did not deliver the frame")
+	}
+	testHookDeliver.Store(nil)
+	require.NoError(t, sb.SetReadDeadline(time.Now()))
+	require.Eventually(t, func() bool {
+		sb.mu.Lock()
+		defer sb.mu.Unlock()
+		return sb.dsw == nil // WriteTo woke; the delivery holds
+	}, 5*time.Second, time.Millisecond)
+	close(release)
+	r = <-done
+	require.ErrorIs(t, r.err, os.ErrDeadlineExceeded)
+	require.Positive(t, r.n, "WriteTo returned before the delivery it waited for")
+	got = make([]byte, r.n)
+	_, err = io.ReadFull(b, got)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(data[:r.n], got))
+	require.Equal(t, spliced+r.n, down.spliced.Load())
 }

@@ -48,6 +48,14 @@ type Stream struct {
 	// splicing is set while WriteTo writes to a socket it can splice to:
 	// the reader goroutine then splices large frames into pipes.
 	splicing atomic.Bool
+	// dsw is set while WriteTo waits for data with an empty queue: the
+	// reader goroutine may then splice received data to dsw's socket
+	// itself (deliverLocked), with delivering set, instead of queueing it
+	// and waking WriteTo's goroutine for each frame.
+	dsw        *segWriter
+	delivering bool
+	dtotal     int64 // bytes the reader delivered, for WriteTo's count
+	derr       error // the reader's failed delivery, for WriteTo to return
 
 	// Receive window: the peer may send recvRemain more bytes; consumed
 	// bytes were read (or discarded) since the last window update, which
@@ -171,6 +179,22 @@ func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 	for {
 		st.mu.Lock()
 		for {
+			for st.delivering {
+				// The reader goroutine is writing to w for us: whatever
+				// woke us, wait until it is done (it wakes us then), so
+				// that its bytes count in this call and w is ours again.
+				wake := st.wakeChanLocked(&st.readWake)
+				st.mu.Unlock()
+				<-wake
+				st.mu.Lock()
+			}
+			total += st.dtotal
+			st.dtotal = 0
+			if err := st.derr; err != nil {
+				st.derr = nil
+				st.mu.Unlock()
+				return total, err
+			}
 			if err := st.readCheckLocked(); err != nil {
 				st.mu.Unlock()
 				return total, err
@@ -182,7 +206,11 @@ func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 				st.mu.Unlock()
 				return total, nil
 			}
+			if sw.raw != nil {
+				st.dsw = &sw // the reader may deliver to w while we wait
+			}
 			st.waitLocked(&st.readWake)
+			st.dsw = nil
 		}
 		// Take every segment: the reader goroutine queues new data in new
 		// buffers (or after them in the same pipe) meanwhile.
@@ -293,9 +321,9 @@ const smallWrite = 4 << 10
 
 // Write writes b, splitting it into frames as the send window allows. A
 // Write of at most smallWrite bytes that fits the window is copied and
-// queued, and returns at once; any other returns once the session's writer
-// has written the data to the connection: its frames reference b, which is
-// never copied. A reset, the session's end or the write deadline ends a
+// queued, and returns at once; any other returns once its data is written
+// to the connection, by the session's writer or, if the connection is idle,
+// by Write itself: its frames reference b, which is never copied. A reset, the session's end or the write deadline ends a
 // waiting Write at once, unless the writer is writing its data at that
 // moment: then Write returns when that write does (within WriteTimeout, or
 // 100ms after the session's end), since b is in use until then.
@@ -353,9 +381,24 @@ func (st *Stream) awaitWindowLocked() error {
 	}
 }
 
-// sendLocked queues f, a data frame of k bytes (within the send window)
-// that st owns, and waits until the writer has written it.
+// sendLocked sends f, a data frame of k bytes (within the send window)
+// that st owns: it writes f itself if the connection is idle, or queues f
+// and waits until the writer has written it.
 func (st *Stream) sendLocked(f frame, k int) error {
+	if st.state&stFirstSent != 0 && st.sess.claimConn() {
+		// The connection is idle: write f here rather than hand it to the
+		// writer goroutine and wait for its verdict.
+		f.id, f.owner = st.id, nil
+		st.sendWin -= uint32(k)
+		st.mu.Unlock()
+		err := st.sess.writeDirect(f)
+		st.mu.Lock()
+		if err != nil {
+			st.sessionEndedLocked(st.sess.cause())
+			return st.writeFailedLocked()
+		}
+		return nil
+	}
 	st.wakeChanLocked(&st.writeWake) // made before the writer needs it
 	st.wres.Store(writePending)
 	if err := st.queueLocked(f); err != nil {
@@ -364,12 +407,18 @@ func (st *Stream) sendLocked(f frame, k int) error {
 	}
 	st.sendWin -= uint32(k)
 	if !st.awaitWriteLocked(k) {
-		if err := st.writeCheckLocked(); err != nil {
-			return err
-		}
-		return &resetError{session: st.sess.cause()}
+		return st.writeFailedLocked()
 	}
 	return nil
+}
+
+// writeFailedLocked returns the error of a Write whose data the session
+// failed to write (or withdrew).
+func (st *Stream) writeFailedLocked() error {
+	if err := st.writeCheckLocked(); err != nil {
+		return err
+	}
+	return &resetError{session: st.sess.cause()}
 }
 
 // awaitWriteLocked waits for the writer's verdict on k bytes just queued,

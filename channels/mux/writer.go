@@ -9,13 +9,20 @@ import (
 	"time"
 )
 
-// The send side. Every frame goes through one queue that a single writer
+// The send side. Frames go through one queue that a single writer
 // goroutine drains: each wake-up takes everything queued and writes it with
 // one writev, so frames of concurrent streams and control frames share
-// system calls. Producers never touch the connection: a Write queues its
-// data by reference and waits for the writer's verdict, control frames are
-// queued by value and not waited for, so the reader goroutine can queue
-// window updates and pongs without ever blocking on a full connection.
+// system calls. A Write queues its data by reference and waits for the
+// writer's verdict; control frames are queued by value and not waited for,
+// so the reader goroutine can queue window updates and pongs without ever
+// blocking on a full connection.
+//
+// One exception: a Write (or SpliceFrom) whose frame finds the connection
+// idle, nothing queued and no write in progress, writes that frame itself
+// (claimConn, writeDirect) while frames queued meanwhile wait for it. A lone
+// bulk stream then moves each frame with no goroutine hand-off, as a plain
+// relay would; with several busy streams the queue is rarely empty, and
+// frames share system calls as before.
 
 // goAwayWait bounds the last write of a closing session (the GoAway), and
 // cuts short a write in progress when the session is closed.
@@ -136,27 +143,37 @@ func (s *Session) cancelWrite(st *Stream) bool {
 	return false
 }
 
-// writeLoop is the writer goroutine: it owns all writes to the connection,
-// and closes it when the session ends.
+// writeLoop is the writer goroutine: it writes what is queued, and closes
+// the connection when the session ends. A Write that finds the connection
+// idle writes its frame itself instead (claimConn); the writer waits for it.
 func (s *Session) writeLoop() {
 	defer s.wg.Done()
 	defer close(s.writerDone)
 	defer s.conn.Close()
-	bw := newBatchWriter(s.conn, s.raw, int(s.cfg.MaxFrame))
 	var batch []frame
 	for {
-		select {
-		case <-s.sendSignal:
-		case <-s.done:
-		}
 		s.sendMu.Lock()
+		for s.owned {
+			// A Write has the connection (writeDirect); it signals when
+			// done if anything waits.
+			s.sendMu.Unlock()
+			<-s.sendSignal
+			s.sendMu.Lock()
+		}
+		if err := s.broken; err != nil {
+			s.sendMu.Unlock()
+			s.writeFailed(err)
+			return
+		}
 		batch, s.queue = s.queue, batch[:0]
 		s.pongs = 0
 		final := s.sendClosed
+		s.owned = len(batch) > 0
 		s.sendMu.Unlock()
 
 		if len(batch) > 0 {
-			err := s.writeBatch(bw, batch, final)
+			err := s.writeBatch(batch, final)
+			s.release(err)
 			for i := range batch {
 				if o := batch[i].owner; o != nil {
 					o.finishWrite(err == nil)
@@ -167,12 +184,61 @@ func (s *Session) writeLoop() {
 			}
 			clear(batch) // drop references to callers' buffers
 			if err != nil {
-				s.writeFailed(fmt.Errorf("mux: write: %w", err))
-				return
+				continue // to writeFailed
 			}
 		}
 		if final {
 			return
+		}
+		select {
+		case <-s.sendSignal:
+		case <-s.done:
+		}
+	}
+}
+
+// claimConn makes the caller the connection's owner if the connection is
+// idle: no write in progress, nothing queued, the session not ending. The
+// caller then writes its frame with writeDirect. This spares a frame of a
+// lone busy stream (bulk data) two goroutine hand-offs: to the writer and
+// back with its verdict.
+func (s *Session) claimConn() bool {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	if s.owned || len(s.queue) > 0 || s.sendClosed || s.broken != nil {
+		return false
+	}
+	s.owned = true
+	return true
+}
+
+// writeDirect writes f, a data frame, on the caller's goroutine, which
+// owns the connection (claimConn), and gives the connection back. A write
+// error is the writer's to handle, as if it had failed its own write.
+func (s *Session) writeDirect(f frame) error {
+	s.direct[0] = f
+	err := s.writeBatch(s.direct[:], false)
+	s.direct[0] = frame{}
+	s.release(err)
+	s.directWrites.Add(1)
+	return err
+}
+
+// release gives the connection up after a write, recording its error, and
+// wakes the writer if frames were queued meanwhile, the session is ending,
+// or the write failed.
+func (s *Session) release(err error) {
+	s.sendMu.Lock()
+	s.owned = false
+	if err != nil && s.broken == nil {
+		s.broken = fmt.Errorf("mux: write: %w", err)
+	}
+	wake := len(s.queue) > 0 || s.sendClosed || s.broken != nil
+	s.sendMu.Unlock()
+	if wake {
+		select {
+		case s.sendSignal <- struct{}{}:
+		default:
 		}
 	}
 }
@@ -197,7 +263,8 @@ func (s *Session) writeFailed(err error) {
 
 // writeBatch writes batch within the write timeout: WriteTimeout, or
 // goAwayWait once the session is closing.
-func (s *Session) writeBatch(bw *batchWriter, batch []frame, final bool) error {
+// Only the connection's owner calls it.
+func (s *Session) writeBatch(batch []frame, final bool) error {
 	timeout := s.cfg.WriteTimeout
 	if final {
 		timeout = goAwayWait
@@ -209,7 +276,7 @@ func (s *Session) writeBatch(bw *batchWriter, batch []frame, final bool) error {
 		// shutdown shortened the deadline just before ours replaced it.
 		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
 	}
-	return bw.write(batch)
+	return s.bw.write(batch)
 }
 
 // batchWriter encodes a batch of frames and writes it in as few writes as
