@@ -341,6 +341,19 @@ func (st *Stream) deliverLocked(p *kpipe, m int) int {
 	return m - k
 }
 
+// nextPipe returns a new pipe for st's data, or nil if st holds
+// maxStreamPipes pipes already or none is available.
+func (r *reader) nextPipe(st *Stream) *kpipe {
+	st.mu.Lock()
+	more := st.pipes < maxStreamPipes
+	st.mu.Unlock()
+	if !more {
+		return nil
+	}
+	p, _ := getPipe() // on failure (out of descriptors), copy
+	return p
+}
+
 // testHookDeliver, if set, runs in deliverLocked without the stream's lock,
 // before the splice: tests hold a delivery there.
 var testHookDeliver atomic.Pointer[func()]
@@ -372,21 +385,29 @@ func (r *reader) spliceData(st *Stream, h header) error {
 	}
 	// The read buffer is empty now: the socket's next bytes are the rest.
 	p := st.tailPipeLocked()
-	morePipes := st.pipes < maxStreamPipes
 	st.mu.Unlock()
-	if p == nil && morePipes {
-		p, _ = getPipe() // on failure (out of descriptors), copy
+	if p == nil {
+		p = r.nextPipe(st)
 	}
 	if p == nil {
 		return r.readBufs(st, uint32(left))
 	}
-	defer p.unref()
+	defer func() { p.unref() }()
 	for left > 0 {
 		m, full, err := recvPipe(r.s.raw, p, left)
 		if err != nil {
 			return fmt.Errorf("mux: read: %w", err)
 		}
 		if full {
+			// No free slot in p: its data waits for WriteTo, or came in
+			// small fragments (a network's 1500-byte packets fill a
+			// pipe's 256 slots with about 370 KB). Go on in another pipe
+			// while the stream may have one more, then copy.
+			if q := r.nextPipe(st); q != nil {
+				p.unref()
+				p = q
+				continue
+			}
 			return r.readBufs(st, uint32(left))
 		}
 		left -= m

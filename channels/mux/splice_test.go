@@ -204,8 +204,9 @@ func testSpliceSlowReceiver(t *testing.T) {
 }
 
 // Read takes data from pipes too: a stream whose WriteTo spliced and
-// returned leaves its queue to Read. With small pipes, each frame fills
-// one and the rest of the frame goes to a buffer after it.
+// returned leaves its queue to Read. With small pipes, a frame fills one,
+// goes on in others (maxStreamPipes in all), and the rest goes to buffers
+// after them.
 func TestSpliceRead(t *testing.T) {
 	t.Run("pipes of 1MiB", func(t *testing.T) { testSpliceRead(t, false) })
 	t.Run("pipes of one slot", func(t *testing.T) {
@@ -233,6 +234,12 @@ func testSpliceRead(t *testing.T, overflow bool) {
 		}
 		return false
 	}, 10e9, 1e6, "no data spliced into a pipe (overflowing: %v)", overflow)
+	if overflow {
+		sb.mu.Lock()
+		pipes := sb.pipes
+		sb.mu.Unlock()
+		require.Equal(t, maxStreamPipes, pipes, "full pipes are followed by others until the limit")
+	}
 	got, err := io.ReadAll(readOnly{sb})
 	require.NoError(t, err)
 	require.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
