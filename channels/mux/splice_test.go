@@ -301,6 +301,22 @@ func TestSpliceFromRefused(t *testing.T) {
 	assert.ErrorIs(t, err, ErrNoSplice, "source without a socket")
 }
 
+// writeToResult is what a WriteTo returned.
+type writeToResult struct {
+	n   int64
+	err error
+}
+
+// startWriteTo runs st.WriteTo(w) on a goroutine of its own.
+func startWriteTo(st *Stream, w io.Writer) <-chan writeToResult {
+	done := make(chan writeToResult, 1)
+	go func() {
+		n, err := st.WriteTo(w)
+		done <- writeToResult{n, err}
+	}()
+	return done
+}
+
 // parked reports whether st's WriteTo waits for data with nothing queued,
 // so that the reader may deliver to its socket.
 func parked(st *Stream) bool {
@@ -316,15 +332,7 @@ func TestSpliceDelivery(t *testing.T) {
 	cli, srv := tcpPair(t, Config{})
 	sa, sb := openPair(t, cli, srv)
 	down, b := legacyPair(t)
-	type result struct {
-		n   int64
-		err error
-	}
-	done := make(chan result, 1)
-	go func() {
-		n, err := sb.WriteTo(down)
-		done <- result{n, err}
-	}()
+	done := startWriteTo(sb, down)
 
 	// Each Write is one frame that is spliced, all within the initial
 	// window (a Write stalled for window would be split into frames, of
@@ -412,18 +420,9 @@ func TestSpliceDeliveryWakesWriteTo(t *testing.T) {
 	cli, srv := tcpPair(t, Config{})
 	sa, sb := openPair(t, cli, srv)
 	down, b := legacyPair(t)
-	type result struct {
-		n   int64
-		err error
-	}
-	done := make(chan result, 1)
-	writeTo := func() {
-		n, err := sb.WriteTo(down)
-		done <- result{n, err}
-	}
 
 	// A first spliced frame makes the reader read the next header alone.
-	go writeTo()
+	done := startWriteTo(sb, down)
 	require.Eventually(t, func() bool { return parked(sb) }, 5*time.Second, time.Millisecond)
 	first := randomBytes(t, 64<<10)
 	_, err := sa.Write(first)
@@ -446,7 +445,7 @@ func TestSpliceDeliveryWakesWriteTo(t *testing.T) {
 	}
 	testHookDeliver.Store(&hook)
 	t.Cleanup(func() { testHookDeliver.Store(nil) })
-	go writeTo()
+	done = startWriteTo(sb, down)
 	require.Eventually(t, func() bool { return parked(sb) }, 5*time.Second, time.Millisecond)
 	data := randomBytes(t, 64<<10)
 	go func() { _, _ = sa.Write(data) }()

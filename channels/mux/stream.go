@@ -322,11 +322,12 @@ const smallWrite = 4 << 10
 // Write writes b, splitting it into frames as the send window allows. A
 // Write of at most smallWrite bytes that fits the window is copied and
 // queued, and returns at once; any other returns once its data is written
-// to the connection, by the session's writer or, if the connection is idle,
-// by Write itself: its frames reference b, which is never copied. A reset, the session's end or the write deadline ends a
-// waiting Write at once, unless the writer is writing its data at that
-// moment: then Write returns when that write does (within WriteTimeout, or
-// 100ms after the session's end), since b is in use until then.
+// to the connection, by the session's writer or, if the connection is
+// idle, by Write itself: its frames reference b, which is never copied. A
+// reset, the session's end or the write deadline ends a waiting Write at
+// once, unless its data is being written at that moment: then Write
+// returns when that write does (within WriteTimeout, or 100ms after the
+// session's end), since b is in use until then.
 func (st *Stream) Write(b []byte) (int, error) {
 	st.wmu.Lock()
 	defer st.wmu.Unlock()
