@@ -19,10 +19,10 @@ func idle(s *Session) bool {
 	return !s.owned && len(s.queue) == 0
 }
 
-// A large Write that finds the connection idle writes its frame itself,
-// and its bytes arrive as written; with a frame queued (here: a small
-// Write of another stream, held at the connection), it goes through the
-// writer goroutine after it, in order.
+// A Write, small or large, that finds the connection idle writes its
+// frame itself, and its bytes arrive as written; with another write in
+// progress (here: another stream's, held at the connection), a Write goes
+// through the writer goroutine after it, in order.
 func TestDirectWrite(t *testing.T) {
 	c1, c2 := tcpConns(t)
 	cc := &countingConn{Conn: c1}
@@ -31,19 +31,24 @@ func TestDirectWrite(t *testing.T) {
 	sa, sb := openPair(t, cli, srv)
 	other, otherPeer := openPair(t, cli, srv)
 
-	data := randomBytes(t, 64<<10) // within the initial window: one frame
+	for _, size := range []int{100, 64 << 10} { // copied if queued; within the initial window
+		data := randomBytes(t, size)
+		require.Eventually(t, func() bool { return idle(cli) }, 5*time.Second, time.Millisecond)
+		before := cli.directWrites.Load()
+		n, err := sa.Write(data)
+		require.NoError(t, err)
+		require.Equal(t, len(data), n)
+		require.Equal(t, before+1, cli.directWrites.Load(), "a %d-byte Write did not write its frame itself", size)
+		got := make([]byte, len(data))
+		_, err = io.ReadFull(sb, got)
+		require.NoError(t, err)
+		require.True(t, bytes.Equal(data, got))
+	}
+
+	// other's Write has the connection, held: sa's Write queues behind.
+	data := randomBytes(t, 64<<10)
 	require.Eventually(t, func() bool { return idle(cli) }, 5*time.Second, time.Millisecond)
 	before := cli.directWrites.Load()
-	n, err := sa.Write(data)
-	require.NoError(t, err)
-	require.Equal(t, len(data), n)
-	require.Equal(t, before+1, cli.directWrites.Load(), "the Write did not write its frame itself")
-	got := make([]byte, len(data))
-	_, err = io.ReadFull(sb, got)
-	require.NoError(t, err)
-	require.True(t, bytes.Equal(data, got))
-
-	// The writer holds the connection: the next large Write queues behind.
 	held, release := cc.hold()
 	go func() { _, _ = other.Write([]byte("first")) }()
 	<-held
@@ -55,8 +60,10 @@ func TestDirectWrite(t *testing.T) {
 	require.Eventually(t, func() bool { return queuedWrites(cli) == 1 }, 5*time.Second, time.Millisecond)
 	release()
 	require.NoError(t, <-written)
-	require.Equal(t, before+1, cli.directWrites.Load(), "a Write wrote while the writer held the connection")
-	_, err = io.ReadFull(sb, got)
+	require.Eventually(t, func() bool { return idle(cli) }, 5*time.Second, time.Millisecond)
+	require.Equal(t, before+1, cli.directWrites.Load(), "only other's Write should have written itself")
+	got := make([]byte, len(data))
+	_, err := io.ReadFull(sb, got)
 	require.NoError(t, err)
 	require.True(t, bytes.Equal(data, got))
 	first := make([]byte, len("first"))

@@ -312,22 +312,23 @@ func (sw *segWriter) pipe(g rseg) (int64, error) {
 }
 
 // smallWrite is the largest Write that is copied and queued without
-// waiting for the writer: a request, a reply or a stream header. Copying
-// it costs less than a round trip through the writer goroutine, and the
-// caller moves on (to read the next message, or to write more that the
-// writer then sends in the same writev). The send window still bounds
-// what is queued.
+// waiting for the writer, when the connection is busy: a request, a reply
+// or a stream header. Copying it costs less than a round trip through the
+// writer goroutine, and the caller moves on (to read the next message, or
+// to write more that the writer then sends in the same writev). The send
+// window still bounds what is queued. On an idle connection Write writes
+// it at once itself, as any other.
 const smallWrite = 4 << 10
 
-// Write writes b, splitting it into frames as the send window allows. A
-// Write of at most smallWrite bytes that fits the window is copied and
-// queued, and returns at once; any other returns once its data is written
-// to the connection, by the session's writer or, if the connection is
-// idle, by Write itself: its frames reference b, which is never copied. A
-// reset, the session's end or the write deadline ends a waiting Write at
-// once, unless its data is being written at that moment: then Write
-// returns when that write does (within WriteTimeout, or 100ms after the
-// session's end), since b is in use until then.
+// Write writes b, splitting it into frames as the send window allows. On
+// a busy connection, a Write of at most smallWrite bytes that fits the
+// window is copied and queued, and returns at once; any other Write returns
+// once its data is written to the connection, by the session's writer or,
+// if the connection is idle, by Write itself: its frames reference b,
+// which is never copied. A reset, the session's end or the write deadline
+// ends a waiting Write at once, unless its data is being written at that
+// moment: then Write returns when that write does (within WriteTimeout,
+// or 100ms after the session's end), since b is in use until then.
 func (st *Stream) Write(b []byte) (int, error) {
 	st.wmu.Lock()
 	defer st.wmu.Unlock()
@@ -346,6 +347,12 @@ func (st *Stream) Write(b []byte) (int, error) {
 		}
 		k := min(len(b), int(st.sendWin))
 		if n == 0 && k == len(b) && k <= smallWrite {
+			if st.state&stFirstSent != 0 && st.sess.claimConn() {
+				if err := st.writeOwnLocked(frame{header: header{typ: typeData}, data: b}, k); err != nil {
+					return 0, err
+				}
+				return k, nil
+			}
 			c := getBuf(k)
 			*c = append((*c)[:0], b...)
 			if err := st.queueLocked(frame{header: header{typ: typeData}, data: *c, copied: c}); err != nil {
@@ -387,18 +394,7 @@ func (st *Stream) awaitWindowLocked() error {
 // and waits until the writer has written it.
 func (st *Stream) sendLocked(f frame, k int) error {
 	if st.state&stFirstSent != 0 && st.sess.claimConn() {
-		// The connection is idle: write f here rather than hand it to the
-		// writer goroutine and wait for its verdict.
-		f.id, f.owner = st.id, nil
-		st.sendWin -= uint32(k)
-		st.mu.Unlock()
-		err := st.sess.writeDirect(f)
-		st.mu.Lock()
-		if err != nil {
-			st.sessionEndedLocked(st.sess.cause())
-			return st.writeFailedLocked()
-		}
-		return nil
+		return st.writeOwnLocked(f, k)
 	}
 	st.wakeChanLocked(&st.writeWake) // made before the writer needs it
 	st.wres.Store(writePending)
@@ -408,6 +404,23 @@ func (st *Stream) sendLocked(f frame, k int) error {
 	}
 	st.sendWin -= uint32(k)
 	if !st.awaitWriteLocked(k) {
+		return st.writeFailedLocked()
+	}
+	return nil
+}
+
+// writeOwnLocked writes f, a data frame of k bytes (within the send
+// window), on the calling goroutine, which has claimed the connection
+// (claimConn): the connection is idle, so handing f to the writer goroutine
+// and waiting for its verdict would only add two goroutine switches.
+func (st *Stream) writeOwnLocked(f frame, k int) error {
+	f.id, f.owner = st.id, nil
+	st.sendWin -= uint32(k)
+	st.mu.Unlock()
+	err := st.sess.writeDirect(f)
+	st.mu.Lock()
+	if err != nil {
+		st.sessionEndedLocked(st.sess.cause())
 		return st.writeFailedLocked()
 	}
 	return nil

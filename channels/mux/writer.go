@@ -219,8 +219,8 @@ func (s *Session) writeDirect(f frame) error {
 	s.direct[0] = f
 	err := s.writeBatch(s.direct[:], false)
 	s.direct[0] = frame{}
-	s.release(err)
 	s.directWrites.Add(1)
+	s.release(err)
 	return err
 }
 
