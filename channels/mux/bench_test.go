@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"slices"
 	"syscall"
 	"testing"
 	"time"
@@ -177,4 +178,75 @@ func BenchmarkYamuxOpenRequestClose(b *testing.B) {
 	benchRequest(b,
 		func() (net.Conn, error) { return cli.OpenStream(ctx) },
 		func() (net.Conn, error) { return srv.AcceptStream() })
+}
+
+// BenchmarkMuxLatencyUnderBulk measures round trips of 64 bytes on one
+// stream while another stream of the same session sends bulk data as fast
+// as it can, with frames of 256 KiB and of 1 MiB (what channels uses): a
+// frame is written whole, so a bulk frame can hold a small one up. The
+// baseline is the same exchange on an idle session. Metrics: p50-us and
+// p99-us of the round trips.
+func BenchmarkMuxLatencyUnderBulk(b *testing.B) {
+	for _, tc := range []struct {
+		name  string
+		frame uint32
+		bulk  bool
+	}{
+		{"idle", 0, false},
+		{"bulk/frame=256KiB", 256 << 10, true},
+		{"bulk/frame=1MiB", 1 << 20, true},
+	} {
+		b.Run(tc.name, func(b *testing.B) { benchLatencyUnderBulk(b, tc.frame, tc.bulk) })
+	}
+}
+
+func benchLatencyUnderBulk(b *testing.B, frame uint32, bulk bool) {
+	cli, srv := tcpPair(b, Config{MaxFrame: frame})
+	pa, pb := openPair(b, cli, srv)
+	echoed := make(chan struct{})
+	go func() {
+		defer close(echoed)
+		_, _ = io.Copy(pb, readOnly{pb}) // echo until pa's FIN
+		_ = pb.CloseWrite()
+	}()
+	var flowing chan struct{}
+	if bulk {
+		ba, bb := openPair(b, cli, srv)
+		flowing = make(chan struct{})
+		go func() {
+			defer close(flowing)
+			chunk := make([]byte, 4<<20)
+			for {
+				if _, err := ba.Write(chunk); err != nil {
+					return // reset below
+				}
+			}
+		}()
+		go func() { _, _ = bb.WriteTo(io.Discard) }()
+		b.Cleanup(func() {
+			_ = ba.Reset()
+			<-flowing
+		})
+	}
+
+	msg := make([]byte, 64)
+	reply := make([]byte, 64)
+	rtts := make([]time.Duration, 0, b.N)
+	stop := startTimer(b)
+	for range b.N {
+		t0 := time.Now()
+		if _, err := pa.Write(msg); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := io.ReadFull(pa, reply); err != nil {
+			b.Fatal(err)
+		}
+		rtts = append(rtts, time.Since(t0))
+	}
+	stop()
+	_ = pa.CloseWrite()
+	<-echoed
+	slices.Sort(rtts)
+	b.ReportMetric(float64(rtts[len(rtts)/2].Microseconds()), "p50-us")
+	b.ReportMetric(float64(rtts[len(rtts)*99/100].Microseconds()), "p99-us")
 }
