@@ -347,8 +347,8 @@ func (st *Stream) Write(b []byte) (int, error) {
 		}
 		k := min(len(b), int(st.sendWin))
 		if n == 0 && k == len(b) && k <= smallWrite {
-			if st.state&stFirstSent != 0 && st.sess.claimConn() {
-				if err := st.writeOwnLocked(frame{header: header{typ: typeData}, data: b}, k); err != nil {
+			if wrote, err := st.writeOwnLocked(frame{header: header{typ: typeData}, data: b}, k); wrote {
+				if err != nil {
 					return 0, err
 				}
 				return k, nil
@@ -393,8 +393,8 @@ func (st *Stream) awaitWindowLocked() error {
 // that st owns: it writes f itself if the connection is idle, or queues f
 // and waits until the writer has written it.
 func (st *Stream) sendLocked(f frame, k int) error {
-	if st.state&stFirstSent != 0 && st.sess.claimConn() {
-		return st.writeOwnLocked(f, k)
+	if wrote, err := st.writeOwnLocked(f, k); wrote {
+		return err
 	}
 	st.wakeChanLocked(&st.writeWake) // made before the writer needs it
 	st.wres.Store(writePending)
@@ -410,20 +410,25 @@ func (st *Stream) sendLocked(f frame, k int) error {
 }
 
 // writeOwnLocked writes f, a data frame of k bytes (within the send
-// window), on the calling goroutine, which has claimed the connection
-// (claimConn): the connection is idle, so handing f to the writer goroutine
-// and waiting for its verdict would only add two goroutine switches.
-func (st *Stream) writeOwnLocked(f frame, k int) error {
+// window), on the calling goroutine if the connection is idle (claimConn):
+// handing f to the writer goroutine and waiting for its verdict would only
+// add two goroutine switches. wrote says whether it did; if not, f is the
+// caller's to queue. The stream's first frame is always queued: it carries
+// SYN or ACK, and SYNs must leave in stream ID order (pushFirst).
+func (st *Stream) writeOwnLocked(f frame, k int) (wrote bool, err error) {
+	if st.state&stFirstSent == 0 || !st.sess.claimConn() {
+		return false, nil
+	}
 	f.id, f.owner = st.id, nil
 	st.sendWin -= uint32(k)
 	st.mu.Unlock()
-	err := st.sess.writeDirect(f)
+	err = st.sess.writeDirect(f)
 	st.mu.Lock()
 	if err != nil {
 		st.sessionEndedLocked(st.sess.cause())
-		return st.writeFailedLocked()
+		return true, st.writeFailedLocked()
 	}
-	return nil
+	return true, nil
 }
 
 // writeFailedLocked returns the error of a Write whose data the session
