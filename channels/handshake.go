@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"time"
 
@@ -116,6 +117,14 @@ func (n *Node) serveConn(raw net.Conn) {
 		return wire.WriteReply(conn, wire.Reply{Accepted: true, Hello: n.hello})
 	})
 	cancel()
+	if errors.Is(err, io.EOF) && raw.LocalAddr().Network() == "unix" {
+		// A dialer that tried the same-host socket and did not take it
+		// (see TCPTransport) closed it without a byte: no handshake was
+		// attempted, so none failed.
+		conn.Close()
+		n.log.Debug("same-host connection closed unused by its dialer")
+		return
+	}
 	var s *session
 	if err == nil {
 		s, err = n.newSession(conn, hello, false)

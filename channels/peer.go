@@ -153,7 +153,7 @@ func (n *Node) runDial(p *peer, m Member, call *dialCall) {
 	call.s, call.err = s, err
 	close(call.done)
 	if s != nil {
-		n.log.Info("session up", "peer", m.IID, "addr", m.Addr, "dialed", true)
+		s.log.Info("session up", "addr", m.Addr, "dialed", true)
 		s.serve()
 	}
 }

@@ -42,12 +42,14 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 	for _, c := range h.Channels {
 		offers[c] = true
 	}
+	// net says whether the session took the same-host Unix socket.
+	log := n.log.With("peer", h.IID, "net", conn.LocalAddr().Network(), "remote", conn.RemoteAddr().String())
 	return &session{
 		n:       n,
 		ys:      ys,
 		hello:   h,
 		offers:  offers,
-		log:     n.log.With("peer", h.IID, "remote", conn.RemoteAddr().String()),
+		log:     log,
 		streams: make(map[*stream]struct{}),
 	}, nil
 }

@@ -43,7 +43,7 @@ type Config struct {
 
 	// NoSplice turns off zero-copy splicing (see Stream.SpliceFrom and
 	// WriteTo): data is then always copied through the process. Sessions
-	// over anything but TCP never splice.
+	// over anything but a TCP or Unix stream socket never splice.
 	NoSplice bool
 
 	// Logger receives the session's rare events (protocol errors, refused

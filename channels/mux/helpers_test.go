@@ -3,9 +3,11 @@ package mux
 import (
 	"context"
 	"crypto/rand"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -25,7 +27,22 @@ func quiet(c Config) Config {
 // tcpConns returns both ends of a 127.0.0.1 TCP connection.
 func tcpConns(t testing.TB) (net.Conn, net.Conn) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return connectedPair(t, "tcp", "127.0.0.1:0")
+}
+
+// unixConns returns both ends of a Unix stream socket connection (with an
+// abstract name, which leaves no file behind).
+func unixConns(t testing.TB) (net.Conn, net.Conn) {
+	t.Helper()
+	return connectedPair(t, "unix", fmt.Sprintf("@mux-test-%d-%d", os.Getpid(), unixSeq.Add(1)))
+}
+
+var unixSeq atomic.Int64
+
+// connectedPair listens on addr, dials it, and returns both ends.
+func connectedPair(t testing.TB, network, addr string) (net.Conn, net.Conn) {
+	t.Helper()
+	ln, err := net.Listen(network, addr)
 	require.NoError(t, err)
 	defer ln.Close()
 	type result struct {
@@ -37,7 +54,7 @@ func tcpConns(t testing.TB) (net.Conn, net.Conn) {
 		c, err := ln.Accept()
 		ch <- result{c, err}
 	}()
-	c1, err := net.Dial("tcp", ln.Addr().String())
+	c1, err := net.Dial(network, ln.Addr().String())
 	require.NoError(t, err)
 	r := <-ch
 	require.NoError(t, r.err)
@@ -61,6 +78,11 @@ func newPair(t testing.TB, c1, c2 net.Conn, ccfg, scfg Config) (cli, srv *Sessio
 
 func tcpPair(t testing.TB, cfg Config) (cli, srv *Session) {
 	c1, c2 := tcpConns(t)
+	return newPair(t, c1, c2, cfg, cfg)
+}
+
+func unixPair(t testing.TB, cfg Config) (cli, srv *Session) {
+	c1, c2 := unixConns(t)
 	return newPair(t, c1, c2, cfg, cfg)
 }
 

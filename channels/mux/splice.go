@@ -18,8 +18,8 @@ type SpliceConn interface {
 }
 
 // ErrNoSplice is returned by SpliceFrom, having moved nothing, when the
-// session does not run over TCP (or has splicing turned off), when src is
-// not a TCP socket, or on a platform without splice(2).
+// session does not run over a TCP or Unix socket (or has splicing turned
+// off), when src is not a kernel socket, or on a platform without splice(2).
 var ErrNoSplice = errors.New("mux: cannot splice on this stream")
 
 // spliceMinFrame is the smallest received frame that is spliced: below it

@@ -14,7 +14,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Zero-copy data movement with splice(2), for sessions over TCP whose
+// Zero-copy data movement with splice(2), for sessions over TCP or Unix
+// stream sockets whose
 // streams are joined to other kernel sockets (the proxy's legacy
 // connections). Bulk data then moves between the sockets as page
 // references through kernel pipes, never copied into this process:
@@ -126,13 +127,19 @@ func (p *kpipe) close() {
 	pipesOpen.Add(-1)
 }
 
-// rawConn returns c's RawConn if splice can use it: a TCP socket.
+// rawConn returns c's RawConn if splice can use it: a TCP or Unix stream
+// socket.
 func rawConn(c any) syscall.RawConn {
-	tc, ok := c.(*net.TCPConn)
-	if !ok {
+	var sc syscall.Conn
+	switch c := c.(type) {
+	case *net.TCPConn:
+		sc = c
+	case *net.UnixConn:
+		sc = c
+	default:
 		return nil
 	}
-	rc, err := tc.SyscallConn()
+	rc, err := sc.SyscallConn()
 	if err != nil {
 		return nil
 	}

@@ -130,9 +130,21 @@ func transfer(t *testing.T, sa, sb *Stream, data []byte) (got []byte, up, down *
 	return got, up, down
 }
 
+// sessionKinds are the kernel sockets a session splices over.
+var sessionKinds = []struct {
+	name string
+	pair func(testing.TB, Config) (*Session, *Session)
+}{{"tcp", tcpPair}, {"unix", unixPair}}
+
 func TestSpliceBothWays(t *testing.T) {
+	for _, k := range sessionKinds {
+		t.Run(k.name, func(t *testing.T) { testSpliceBothWays(t, k.pair) })
+	}
+}
+
+func testSpliceBothWays(t *testing.T, pair func(testing.TB, Config) (*Session, *Session)) {
 	pipes := openPipes(t)
-	cli, srv := tcpPair(t, Config{})
+	cli, srv := pair(t, Config{})
 	sa, sb := openPair(t, cli, srv)
 	ra, rb := openPair(t, srv, cli)
 	there, back := randomBytes(t, 16<<20), randomBytes(t, 12<<20)
@@ -163,16 +175,18 @@ func TestSpliceBothWays(t *testing.T) {
 // A receiver that does not read fills its stream's pipe; the rest of its
 // data is copied into memory, in order, and other streams keep flowing.
 func TestSpliceSlowReceiver(t *testing.T) {
-	t.Run("pipes of 1MiB", testSpliceSlowReceiver)
-	t.Run("pipes of one slot", func(t *testing.T) {
-		smallPipes(t)
-		testSpliceSlowReceiver(t)
-	})
+	for _, k := range sessionKinds {
+		t.Run(k.name+"/pipes of 1MiB", func(t *testing.T) { testSpliceSlowReceiver(t, k.pair) })
+		t.Run(k.name+"/pipes of one slot", func(t *testing.T) {
+			smallPipes(t)
+			testSpliceSlowReceiver(t, k.pair)
+		})
+	}
 }
 
-func testSpliceSlowReceiver(t *testing.T) {
+func testSpliceSlowReceiver(t *testing.T, pair func(testing.TB, Config) (*Session, *Session)) {
 	pipes := openPipes(t)
-	cli, srv := tcpPair(t, Config{})
+	cli, srv := pair(t, Config{})
 	slowA, slowB := openPair(t, cli, srv)
 	fastA, fastB := openPair(t, cli, srv)
 

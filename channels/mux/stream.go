@@ -159,8 +159,8 @@ func (st *Stream) Read(b []byte) (int, error) {
 
 // WriteTo writes the stream's data to w until the peer's FIN (returning a
 // nil error) or an error. Received buffers go to w as they are, with one
-// writev when w is a socket. When w is a SpliceConn on a TCP socket and the
-// session runs over TCP, large frames go from the session's socket to w's
+// writev when w is a socket. When w is a SpliceConn and the session runs
+// over a TCP or Unix socket, large frames go from the session's socket to w's
 // by splice(2), never copied through the process. The read deadline
 // applies to waiting for data.
 func (st *Stream) WriteTo(w io.Writer) (int64, error) {

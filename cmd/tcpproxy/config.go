@@ -62,6 +62,10 @@ type transportConfig struct {
 	// sends streams to (default 2, at most 16); new streams go to the
 	// least busy.
 	Sessions int `yaml:"sessions"`
+	// SameHost says how to reach a peer at a loopback address: "unix"
+	// (default) over a Unix domain socket when the peer offers one in
+	// this network namespace, falling back to TCP; "tcp" always over TCP.
+	SameHost string `yaml:"sameHost"`
 }
 
 type tlsConfig struct {
@@ -183,6 +187,11 @@ func (c *fileConfig) validate() error {
 	}
 	if n := c.Transport.Sessions; n < 0 || n > channels.MaxSessionsPerPeer {
 		errs = append(errs, fmt.Errorf("transport.sessions: %d is outside 1..%d (0 means the default, %d)", n, channels.MaxSessionsPerPeer, channels.DefaultSessionsPerPeer))
+	}
+	switch c.Transport.SameHost {
+	case "", "unix", "tcp":
+	default:
+		errs = append(errs, fmt.Errorf("transport.sameHost: %q is not unix or tcp", c.Transport.SameHost))
 	}
 	switch c.Legacy.OnChange {
 	case "", "ignore", "restart":

@@ -50,6 +50,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"bad signal", "iid: a\nrole: r\nlisten: x:1\nlegacy: {onChange: SIGFOO}\nchannels:\n  db: {kind: reply, port: 1}\n", `"SIGFOO" is not ignore, restart or a signal`},
 		{"both members", "iid: a\nrole: r\nlisten: x:1\nmembers: {file: m.yaml, static: [{iid: b}]}\nchannels:\n  db: {kind: reply, port: 1}\n", "give one of file, static, etcd or dns"},
 		{"sessions", "iid: a\nrole: r\nlisten: x:1\ntransport: {sessions: 17}\nchannels:\n  db: {kind: reply, port: 1}\n", "transport.sessions: 17 is outside 1..16"},
+		{"sameHost", "iid: a\nrole: r\nlisten: x:1\ntransport: {sameHost: pipe}\nchannels:\n  db: {kind: reply, port: 1}\n", `transport.sameHost: "pipe" is not unix or tcp`},
 		{"not yaml", "{{{", "did not find expected"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

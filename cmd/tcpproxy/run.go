@@ -63,6 +63,10 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 			return nil, err
 		}
 	}
+	transport := channels.TCPTransport()
+	if cfg.Transport.SameHost == "tcp" {
+		transport = channels.PlainTCPTransport()
+	}
 	node, err := channels.NewNode(channels.Config{
 		IID: cfg.IID, Role: cfg.Role, ListenAddr: cfg.Listen,
 		TLS: tlsCfg, Members: src, Logger: log,
@@ -71,6 +75,7 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 		DialTimeout:       time.Duration(cfg.Transport.DialTimeout),
 		HandshakeTimeout:  time.Duration(cfg.Transport.HandshakeTimeout),
 		SessionsPerPeer:   cfg.Transport.Sessions,
+		Transport:         transport,
 	})
 	if err != nil {
 		return nil, err

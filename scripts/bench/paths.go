@@ -208,6 +208,7 @@ type tcpproxyInstance struct {
 	iid, role      string
 	listen, admin  int
 	ranges         string // addressing block, empty for the defaults
+	transport      string // transport block, empty for the defaults
 	channels       string // YAML lines of the channels block
 	servesChannels string // the member's channels map in the members list
 }
@@ -219,8 +220,8 @@ func (e *env) startTCPProxies(p *path, insts []*tcpproxyInstance) error {
 		fmt.Fprintf(&members, "    - {iid: %s, role: %s, addr: \"127.0.0.1:%d\", channels: {%s}}\n", in.iid, in.role, in.listen, in.servesChannels)
 	}
 	for _, in := range insts {
-		body := fmt.Sprintf("iid: %s\nrole: %s\nlisten: 127.0.0.1:%d\nadmin: 127.0.0.1:%d\n%s%schannels:\n%slog: {level: warn}\ndrainTimeout: 1s\n",
-			in.iid, in.role, in.listen, in.admin, in.ranges, members.String(), in.channels)
+		body := fmt.Sprintf("iid: %s\nrole: %s\nlisten: 127.0.0.1:%d\nadmin: 127.0.0.1:%d\n%s%s%schannels:\n%slog: {level: warn}\ndrainTimeout: 1s\n",
+			in.iid, in.role, in.listen, in.admin, in.ranges, in.transport, members.String(), in.channels)
 		cfg := filepath.Join(e.dir, fmt.Sprintf("%s-%d.yaml", in.iid, e.rep))
 		if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
 			return err
@@ -250,9 +251,20 @@ func freePorts(n int) ([]int, error) {
 // tcpproxyPath is the request→reply path: a client instance with request
 // channels echo and sink, a server instance replying on them, with the
 // default address ranges of a deployment (as in cmd/tcpproxy's e2e tests).
+// Its sessions take the same-host Unix socket, the default.
 func tcpproxyPath(e *env) *path {
+	return requestReplyPath(e, "tcpproxy", "tcpproxy request→reply (loopback)", "", true)
+}
+
+// tcpproxyTCPPath is tcpproxyPath with sessions over TCP, as between
+// proxies on different hosts (transport.sameHost: tcp).
+func tcpproxyTCPPath(e *env) *path {
+	return requestReplyPath(e, "tcpproxy-tcp", "tcpproxy request→reply (loopback, sessions over TCP)", "transport: {sameHost: tcp}\n", false)
+}
+
+func requestReplyPath(e *env, key, name, transport string, memory bool) *path {
 	return &path{
-		key: "tcpproxy", name: "tcpproxy request→reply (loopback)", memory: true,
+		key: key, name: name, memory: memory,
 		setup: func(ctx context.Context, p *path) error {
 			ports, err := freePorts(4)
 			if err != nil {
@@ -264,10 +276,10 @@ func tcpproxyPath(e *env) *path {
 			}
 			ep, sp := e.srv.echoPort, e.srv.sinkPort
 			insts := []*tcpproxyInstance{
-				{iid: "bench-srv", role: "bench-server", listen: ports[0], admin: ports[1],
+				{iid: "bench-srv", role: "bench-server", listen: ports[0], admin: ports[1], transport: transport,
 					channels:       fmt.Sprintf("  echo: {kind: reply, port: %d}\n  sink: {kind: reply, port: %d}\n", ep, sp),
 					servesChannels: fmt.Sprintf("echo: %d, sink: %d", ep, sp)},
-				{iid: "bench-cli", role: "bench-client", listen: ports[2], admin: ports[3],
+				{iid: "bench-cli", role: "bench-client", listen: ports[2], admin: ports[3], transport: transport,
 					channels: fmt.Sprintf("  echo: {kind: request, port: %d}\n  sink: {kind: request, port: %d}\n", ep, sp)},
 			}
 			p.echo = netip.AddrPortFrom(reqIPs["echo"], uint16(ep)).String()

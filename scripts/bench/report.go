@@ -123,7 +123,7 @@ func (r *results) markdown(o options) string {
 	w("- Flags: `%s`\n", flagLine())
 	w("- Every figure is the median of %d repetitions; each repetition runs every path back to back, starting the proxies afresh, and a ratio is the median of the ratios within each repetition, which cancels much of a shared machine's drift. Total time %v.\n", o.reps, r.elapsed.Round(time.Second))
 	w("- Paths: the bench's Go load generator → path → the bench's echo or sink server (another process), all on 127.0.0.0/8. ")
-	w("tcpproxy paths are two proxies joined by multiplexed sessions (channels/mux; two, the default) over TCP: `tcpproxy run` processes on the loopback network ")
+	w("tcpproxy paths are two proxies joined by multiplexed sessions (channels/mux; two, the default), which take the same-host Unix socket (the default between proxies on one host) except on the path marked \"sessions over TCP\" (`transport.sameHost: tcp`, as between hosts): `tcpproxy run` processes on the loopback network ")
 	w("(request→reply with the default address ranges; duplex: a connect-mode impostor calling a bind-mode member), ")
 	w("and, for the netstack networks, a client instance whose legacy side is a gVisor stack (memory: in the bench process; ")
 	w("tun: `tcpproxy run` with network: tun in a network namespace of its own) calling a `tcpproxy run` server on loopback.\n\n")

@@ -1,0 +1,151 @@
+package channels_test
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"runtime"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/tcpproxy/tcpproxy/channels"
+)
+
+// listenAs listens on the abstract Unix socket name as user uid, which
+// the kernel records as the socket's owner (SO_PEERCRED). Only this
+// thread changes its effective user, and only for the three system calls.
+func listenAs(t *testing.T, uid int, name string) net.Listener {
+	t.Helper()
+	fd, err := func() (int, error) {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if _, _, e := syscall.RawSyscall(syscall.SYS_SETRESUID, ^uintptr(0), uintptr(uid), ^uintptr(0)); e != 0 {
+			return -1, e
+		}
+		defer func() {
+			if _, _, e := syscall.RawSyscall(syscall.SYS_SETRESUID, ^uintptr(0), 0, ^uintptr(0)); e != 0 {
+				panic("cannot become root again: " + e.Error())
+			}
+		}()
+		fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return -1, err
+		}
+		if err := unix.Bind(fd, &unix.SockaddrUnix{Name: name}); err != nil {
+			unix.Close(fd)
+			return -1, err
+		}
+		if err := unix.Listen(fd, 8); err != nil {
+			unix.Close(fd)
+			return -1, err
+		}
+		return fd, nil
+	}()
+	require.NoError(t, err)
+	f := os.NewFile(uintptr(fd), name)
+	defer f.Close()
+	ln, err := net.FileListener(f)
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// A process of another user that takes a peer's same-host socket name
+// first does not get the peer's sessions: the dialer goes over TCP.
+func TestTCPTransportIgnoresSocketOfAnotherUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root, to listen as another user")
+	}
+	ln, err := channels.PlainTCPTransport().Listen("127.0.0.1:0")
+	require.NoError(t, err)
+	addr := ln.Addr().String()
+	name := "@tcpproxy/session/" + addr
+
+	squatter := listenAs(t, 65534, name)
+	d, a := dialPair(t, channels.TCPTransport(), accepting(t, ln), addr)
+	require.IsType(t, &net.TCPConn{}, d, "the squatter's socket is not used")
+	sendBothWays(t, d, a)
+
+	// The control: the same socket owned by this process's user is used.
+	require.NoError(t, squatter.Close())
+	own := listenAs(t, os.Geteuid(), name)
+	d, a = dialPair(t, channels.TCPTransport(), accepting(t, own), addr)
+	require.IsType(t, &net.UnixConn{}, d)
+	sendBothWays(t, d, a)
+}
+
+// A dialer that cannot give the same-host socket a large send buffer (a
+// process without CAP_NET_ADMIN, where net.core.wmem_max is small) uses
+// TCP, which grows its own.
+func TestTCPTransportNeedsLargeSendBuffer(t *testing.T) {
+	tr := channels.TCPTransport()
+	ln, err := tr.Listen("127.0.0.1:0")
+	require.NoError(t, err)
+	addr, acc := ln.Addr().String(), accepting(t, ln)
+	d, a := dialPair(t, tr, acc, addr)
+	require.IsType(t, &net.UnixConn{}, d, "the control: the buffer asked for suffices")
+	sendBothWays(t, d, a)
+
+	defer channels.SetSameHostMinSendBuffer(1 << 30)()
+	d, a = dialPair(t, tr, acc, addr)
+	require.IsType(t, &net.TCPConn{}, d)
+	sendBothWays(t, d, a)
+}
+
+// A same-host connection that its dialer closes unused (it did not take
+// the socket) is no failed handshake for the listener; a TCP connection
+// closed the same way is (the control).
+func TestUnusedSameHostConnectionIsNoFailedHandshake(t *testing.T) {
+	handshakes := make(chan error, 4)
+	logged := make(chan string, 16)
+	cfg := baseConfig("a", channels.TCPTransport(), nil)
+	cfg.Logger = slog.New(messages(logged))
+	cfg.OnHandshake = func(_ string, dialed bool, _ time.Duration, err error) {
+		if !dialed {
+			handshakes <- err
+		}
+	}
+	n := startNode(t, cfg, nil)
+
+	c, err := net.Dial("unix", "@tcpproxy/session/"+n.Addr())
+	require.NoError(t, err)
+	require.NoError(t, c.Close())
+	timeout := time.After(5 * time.Second)
+	for seen := false; !seen; {
+		select {
+		case msg := <-logged:
+			seen = msg == "same-host connection closed unused by its dialer"
+		case err := <-handshakes:
+			t.Fatalf("the unused same-host connection was taken for a handshake: %v", err)
+		case <-timeout:
+			t.Fatal("the unused same-host connection was not noticed")
+		}
+	}
+	require.Empty(t, handshakes, "the unused same-host connection counts as a handshake")
+
+	c, err = net.Dial("tcp", n.Addr())
+	require.NoError(t, err)
+	require.NoError(t, c.Close())
+	require.ErrorIs(t, <-handshakes, io.EOF, "the TCP connection's handshake failed")
+}
+
+// messages is a slog.Handler that sends each record's message to ch,
+// dropping it when ch is full.
+type messages chan<- string
+
+func (h messages) Enabled(context.Context, slog.Level) bool { return true }
+func (h messages) WithAttrs([]slog.Attr) slog.Handler       { return h }
+func (h messages) WithGroup(string) slog.Handler            { return h }
+func (h messages) Handle(_ context.Context, r slog.Record) error {
+	select {
+	case h <- r.Message:
+	default:
+	}
+	return nil
+}
