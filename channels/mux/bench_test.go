@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-yamux/v5"
+	"github.com/stretchr/testify/require"
 )
 
 // The benchmarks run one harness over a 127.0.0.1 TCP connection: through
@@ -184,24 +185,40 @@ func BenchmarkYamuxOpenRequestClose(b *testing.B) {
 // stream while another stream of the same session sends bulk data as fast
 // as it can, with frames of 256 KiB and of 1 MiB (what channels uses): a
 // frame is written whole, so a bulk frame can hold a small one up. The
-// baseline is the same exchange on an idle session. Metrics: p50-us and
-// p99-us of the round trips.
+// baseline is the same exchange on an idle session. The unix cases run
+// over a Unix socket, as channels' same-host sessions do. Metrics: p50-us
+// and p99-us of the round trips.
 func BenchmarkMuxLatencyUnderBulk(b *testing.B) {
 	for _, tc := range []struct {
 		name  string
 		frame uint32
 		bulk  bool
+		unix  bool
 	}{
-		{"idle", 0, false},
-		{"bulk/frame=256KiB", 256 << 10, true},
-		{"bulk/frame=1MiB", 1 << 20, true},
+		{"idle", 0, false, false},
+		{"bulk/frame=256KiB", 256 << 10, true, false},
+		{"bulk/frame=1MiB", 1 << 20, true, false},
+		{"unix/idle", 0, false, true},
+		{"unix/bulk/frame=1MiB", 1 << 20, true, true},
 	} {
-		b.Run(tc.name, func(b *testing.B) { benchLatencyUnderBulk(b, tc.frame, tc.bulk) })
+		b.Run(tc.name, func(b *testing.B) { benchLatencyUnderBulk(b, tc.frame, tc.bulk, tc.unix) })
 	}
 }
 
-func benchLatencyUnderBulk(b *testing.B, frame uint32, bulk bool) {
-	cli, srv := tcpPair(b, Config{MaxFrame: frame})
+// benchLatencyUnderBulk runs over TCP, or over a Unix socket with the send
+// buffer that channels gives a same-host session.
+func benchLatencyUnderBulk(b *testing.B, frame uint32, bulk, unix bool) {
+	cfg := Config{MaxFrame: frame}
+	var cli, srv *Session
+	if unix {
+		c1, c2 := unixConns(b)
+		for _, c := range []net.Conn{c1, c2} {
+			require.NoError(b, c.(*net.UnixConn).SetWriteBuffer(4<<20))
+		}
+		cli, srv = newPair(b, c1, c2, cfg, cfg)
+	} else {
+		cli, srv = tcpPair(b, cfg)
+	}
 	pa, pb := openPair(b, cli, srv)
 	echoed := make(chan struct{})
 	go func() {
