@@ -67,6 +67,9 @@ func (t tcpTransport) Listen(addr string) (net.Listener, error) {
 func (t tcpTransport) Dial(ctx context.Context, addr string) (net.Conn, error) {
 	var d net.Dialer
 	if ap, err := netip.ParseAddrPort(addr); err == nil && t.sameHost && ap.Addr().Unmap().IsLoopback() {
+		// Go's connect is non-blocking: one to a socket whose backlog is
+		// full (one that never accepts, a squatter's) fails at once with
+		// EAGAIN, rather than waiting as a blocking connect would.
 		c, err := d.DialContext(ctx, "unix", sameHostName(ap))
 		if err == nil {
 			if err = checkSameHostPeer(c); err == nil {

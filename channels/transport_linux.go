@@ -22,11 +22,7 @@ var errUntrustedPeer = errors.New("same-host socket owned by another user")
 // effective user or as root (SO_PEERCRED, recorded by the kernel when the
 // peer listened).
 func checkSameHostPeer(c net.Conn) error {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		return fmt.Errorf("same-host socket: unexpected %T", c)
-	}
-	rc, err := uc.SyscallConn()
+	rc, err := rawConnOf(c)
 	if err != nil {
 		return err
 	}
@@ -69,11 +65,7 @@ var errSmallSendBuffer = errors.New("same-host socket: send buffer too small")
 // net.core.wmem_max if the process may (SO_SNDBUFFORCE), else up to it.
 // With need set, a buffer left below sameHostMinSendBuffer is an error.
 func growSendBuffer(c net.Conn, need bool) error {
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return fmt.Errorf("same-host socket: unexpected %T", c)
-	}
-	rc, err := sc.SyscallConn()
+	rc, err := rawConnOf(c)
 	if err != nil {
 		return err
 	}
@@ -99,4 +91,13 @@ func growSendBuffer(c net.Conn, need bool) error {
 		return fmt.Errorf("%w: %d bytes (raise net.core.wmem_max to %d)", errSmallSendBuffer, got, sameHostSendBuffer)
 	}
 	return nil
+}
+
+// rawConnOf returns the RawConn of the Unix socket c.
+func rawConnOf(c net.Conn) (syscall.RawConn, error) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return nil, fmt.Errorf("same-host socket: unexpected %T", c)
+	}
+	return uc.SyscallConn()
 }

@@ -18,9 +18,14 @@ import (
 )
 
 // listenAs listens on the abstract Unix socket name as user uid, which
-// the kernel records as the socket's owner (SO_PEERCRED). Only this
-// thread changes its effective user, and only for the three system calls.
+// the kernel records as the socket's owner (SO_PEERCRED), with a backlog
+// of 8 connections. Only this thread changes its effective user, and only
+// for the three system calls.
 func listenAs(t *testing.T, uid int, name string) net.Listener {
+	return listenAsBacklog(t, uid, name, 8)
+}
+
+func listenAsBacklog(t *testing.T, uid int, name string, backlog int) net.Listener {
 	t.Helper()
 	fd, err := func() (int, error) {
 		runtime.LockOSThread()
@@ -41,7 +46,7 @@ func listenAs(t *testing.T, uid int, name string) net.Listener {
 			unix.Close(fd)
 			return -1, err
 		}
-		if err := unix.Listen(fd, 8); err != nil {
+		if err := unix.Listen(fd, backlog); err != nil {
 			unix.Close(fd)
 			return -1, err
 		}
@@ -77,6 +82,23 @@ func TestTCPTransportIgnoresSocketOfAnotherUser(t *testing.T) {
 	own := listenAs(t, os.Geteuid(), name)
 	d, a = dialPair(t, channels.TCPTransport(), accepting(t, own), addr)
 	require.IsType(t, &net.UnixConn{}, d)
+	sendBothWays(t, d, a)
+}
+
+// A same-host socket that does not accept (its backlog is full) does not
+// hold a dial up: the dial goes over TCP.
+func TestTCPTransportSameHostSocketNotAccepting(t *testing.T) {
+	ln, err := channels.PlainTCPTransport().Listen("127.0.0.1:0")
+	require.NoError(t, err)
+	addr := ln.Addr().String()
+	stuck := listenAsBacklog(t, os.Geteuid(), "@tcpproxy/session/"+addr, 0)
+	// A backlog of 0 holds one connection; the next connect waits.
+	c, err := net.Dial("unix", stuck.Addr().String())
+	require.NoError(t, err)
+	defer c.Close()
+
+	d, a := dialPair(t, channels.TCPTransport(), accepting(t, ln), addr)
+	require.IsType(t, &net.TCPConn{}, d)
 	sendBothWays(t, d, a)
 }
 
