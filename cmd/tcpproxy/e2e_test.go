@@ -170,8 +170,16 @@ func defaultIP(t *testing.T, self, iid string) string {
 	return ip.String()
 }
 
+// TestTwoProcessesHTTP runs HTTP through two proxies on this host, whose
+// sessions take the same-host Unix socket (the default).
 func TestTwoProcessesHTTP(t *testing.T) {
-	testTwoProcessesHTTP(t, t.TempDir(), nil)
+	testTwoProcessesHTTP(t, t.TempDir(), nil, "unix")
+}
+
+// TestTwoProcessesHTTPOverTCP is TestTwoProcessesHTTP with the same-host
+// socket turned off on the dialing side: its sessions go over TCP.
+func TestTwoProcessesHTTPOverTCP(t *testing.T) {
+	testTwoProcessesHTTP(t, t.TempDir(), map[string]string{"cli-1": "transport: {sameHost: tcp}\n"}, "tcp")
 }
 
 // TestTwoProcessesHTTPMutualTLS runs the same traffic over mutual TLS with
@@ -184,10 +192,12 @@ func TestTwoProcessesHTTPMutualTLS(t *testing.T) {
 	tlsLine := func(iid string) string {
 		return fmt.Sprintf("tls: {cert: %s/%s.pem, key: %s/%s-key.pem, ca: %s/ca.pem}\n", dir, iid, dir, iid, dir)
 	}
-	testTwoProcessesHTTP(t, dir, map[string]string{"srv-1": tlsLine("srv-1"), "cli-1": tlsLine("cli-1")})
+	testTwoProcessesHTTP(t, dir, map[string]string{"srv-1": tlsLine("srv-1"), "cli-1": tlsLine("cli-1")}, "unix")
 }
 
-func testTwoProcessesHTTP(t *testing.T, dir string, extra map[string]string) {
+// testTwoProcessesHTTP checks an HTTP exchange, the client's metrics and
+// both logs; wantNet is the sessions' network ("unix" or "tcp").
+func testTwoProcessesHTTP(t *testing.T, dir string, extra map[string]string, wantNet string) {
 	const port = 18080
 	if extra == nil {
 		extra = map[string]string{}
@@ -249,6 +259,9 @@ func testTwoProcessesHTTP(t *testing.T, dir string, extra map[string]string) {
 	for _, log := range []string{clientLog, serverLog} {
 		assert.Contains(t, log, "event ready")
 		assert.Contains(t, log, "event close")
+		other := map[string]string{"unix": "tcp", "tcp": "unix"}[wantNet]
+		assert.Regexp(t, `msg="session up".* net=`+wantNet+` `, log)
+		assert.NotRegexp(t, `msg="session up".* net=`+other+` `, log)
 	}
 	assert.Contains(t, serverLog, "legacy program started")
 	assert.Contains(t, serverLog, "legacy program stopped")
