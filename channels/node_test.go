@@ -154,8 +154,16 @@ func sessionsGone(t *testing.T, n *channels.Node, iid string) {
 	require.Eventually(t, func() bool { return n.NumSessions(iid) == 0 }, 5*time.Second, time.Millisecond)
 }
 
+// TestRestartPeerTCP runs over TCPTransport, which takes the same-host
+// socket here (the restarted peer listens on it again), and over plain
+// TCP.
 func TestRestartPeerTCP(t *testing.T) {
-	req, reply, a, b := pair(t, nil, nil)
+	t.Run("same-host", func(t *testing.T) { testRestartPeer(t, channels.TCPTransport()) })
+	t.Run("plain", func(t *testing.T) { testRestartPeer(t, channels.PlainTCPTransport()) })
+}
+
+func testRestartPeer(t *testing.T, tr channels.Transport) {
+	req, reply, a, b := pair(t, tr, nil)
 	s, _ := open(t, req, reply)
 	addr := b.Addr()
 	require.NoError(t, b.Close())
@@ -163,7 +171,7 @@ func TestRestartPeerTCP(t *testing.T) {
 	require.ErrorIs(t, err, channels.ErrStreamReset, "a lost session resets its streams")
 	sessionsGone(t, a, "b")
 
-	cfg := baseConfig("b", nil, nil)
+	cfg := baseConfig("b", tr, nil)
 	cfg.ListenAddr = addr
 	startNode(t, cfg, func(n *channels.Node) {
 		var err error

@@ -106,8 +106,11 @@ func roundTrip(t *testing.T, tr channels.Transport, tune func(*channels.Config))
 		5*time.Second, 10*time.Millisecond, "active stream counts must drop to zero")
 }
 
+// TestRoundTripTCP runs over TCPTransport, which takes the same-host
+// socket here, and over plain TCP.
 func TestRoundTripTCP(t *testing.T) {
-	roundTrip(t, nil, nil)
+	t.Run("same-host", func(t *testing.T) { roundTrip(t, nil, nil) })
+	t.Run("plain", func(t *testing.T) { roundTrip(t, channels.PlainTCPTransport(), nil) })
 }
 
 func TestRoundTripTLS(t *testing.T) {
