@@ -19,6 +19,7 @@ type session struct {
 	ys     *mux.Session
 	hello  wire.Hello      // the peer's handshake
 	offers map[string]bool // channels the peer serves
+	net    string          // the connection's network: tcp, unix, memory
 	log    *slog.Logger
 
 	mu      sync.Mutex
@@ -43,13 +44,14 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 		offers[c] = true
 	}
 	// net says whether the session took the same-host Unix socket.
-	log := n.log.With("peer", h.IID, "net", conn.LocalAddr().Network(), "remote", conn.RemoteAddr().String())
+	network := conn.LocalAddr().Network()
 	return &session{
 		n:       n,
 		ys:      ys,
 		hello:   h,
 		offers:  offers,
-		log:     log,
+		net:     network,
+		log:     n.log.With("peer", h.IID, "net", network, "remote", conn.RemoteAddr().String()),
 		streams: make(map[*stream]struct{}),
 	}, nil
 }

@@ -171,3 +171,28 @@ func (h messages) Handle(_ context.Context, r slog.Record) error {
 	}
 	return nil
 }
+
+// Nodes report their sessions by network: the same-host socket is "unix".
+func TestNodeSessionsByNet(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		tr   channels.Transport
+		want string
+	}{
+		{"same-host", channels.TCPTransport(), "unix"},
+		{"plain", channels.PlainTCPTransport(), "tcp"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, reply, a, b := pair(t, tc.tr, nil)
+			s, in := open(t, req, reply)
+			defer s.Close()
+			defer in.Stream.Close()
+			for _, n := range []*channels.Node{a, b} {
+				byNet := n.SessionsByNet()
+				require.Len(t, byNet, 1, "%v", byNet)
+				require.Positive(t, byNet[tc.want], "%v", byNet)
+				require.Equal(t, byNet[tc.want], n.Sessions())
+			}
+		})
+	}
+}

@@ -64,11 +64,11 @@ type observer struct {
 
 func newObserver(iid string) *observer {
 	o := &observer{registry: prometheus.NewRegistry()}
-	o.transport = metrics.NewTransport(iid, func() int {
+	o.transport = metrics.NewTransport(iid, func() map[string]int {
 		if n := o.node.Load(); n != nil {
-			return n.Sessions()
+			return n.SessionsByNet()
 		}
-		return 0
+		return nil
 	})
 	o.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), o.transport)
 	return o

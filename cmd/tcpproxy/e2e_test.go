@@ -198,6 +198,7 @@ func TestTwoProcessesHTTPMutualTLS(t *testing.T) {
 // testTwoProcessesHTTP checks an HTTP exchange, the client's metrics and
 // both logs; wantNet is the sessions' network ("unix" or "tcp").
 func testTwoProcessesHTTP(t *testing.T, dir string, extra map[string]string, wantNet string) {
+	other := map[string]string{"unix": "tcp", "tcp": "unix"}[wantNet]
 	const port = 18080
 	if extra == nil {
 		extra = map[string]string{}
@@ -247,7 +248,8 @@ func testTwoProcessesHTTP(t *testing.T, dir string, extra map[string]string, wan
 			`tcpproxy_connections_total\{channel="api",iid="cli-1",kind="request"\} [1-9]`,
 			`tcpproxy_bytes_total\{channel="api",direction="in",iid="cli-1",kind="request"\} [1-9]`,
 			`tcpproxy_handshake_seconds_count\{iid="cli-1",result="ok",side="dial"\} [1-9]`,
-			`tcpproxy_sessions\{iid="cli-1"\} 2`, // transport.sessions' default
+			`tcpproxy_sessions\{iid="cli-1",net="` + wantNet + `"\} 2`, // transport.sessions' default
+			`tcpproxy_sessions\{iid="cli-1",net="` + other + `"\} 0`,
 			`go_goroutines `,
 		} {
 			assert.Regexp(c, re, string(metricsText))
@@ -259,7 +261,6 @@ func testTwoProcessesHTTP(t *testing.T, dir string, extra map[string]string, wan
 	for _, log := range []string{clientLog, serverLog} {
 		assert.Contains(t, log, "event ready")
 		assert.Contains(t, log, "event close")
-		other := map[string]string{"unix": "tcp", "tcp": "unix"}[wantNet]
 		assert.Regexp(t, `msg="session up".* net=`+wantNet+` `, log)
 		assert.NotRegexp(t, `msg="session up".* net=`+other+` `, log)
 	}

@@ -5,6 +5,7 @@
 package metrics
 
 import (
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -82,12 +83,18 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 // Transport holds the metrics of the sessions between proxies.
 type Transport struct {
 	handshakes *prometheus.HistogramVec
-	sessions   prometheus.GaugeFunc
+	sessions   *prometheus.Desc
+	count      func() map[string]int
 }
 
+// sessionNets are the networks whose session gauge is always reported,
+// at 0 when none is live, so that dashboards see the series.
+var sessionNets = []string{"tcp", "unix"}
+
 // NewTransport returns the session metrics of instance iid; sessions
-// reports the live session count at scrape time (channels.Node.Sessions).
-func NewTransport(iid string, sessions func() int) *Transport {
+// reports the live sessions by network at scrape time
+// (channels.Node.SessionsByNet).
+func NewTransport(iid string, sessions func() map[string]int) *Transport {
 	labels := prometheus.Labels{"iid": iid}
 	return &Transport{
 		handshakes: prometheus.NewHistogramVec(prometheus.HistogramOpts{
@@ -96,11 +103,10 @@ func NewTransport(iid string, sessions func() int) *Transport {
 			ConstLabels: labels,
 			Buckets:     prometheus.ExponentialBuckets(0.0005, 2, 14), // 0.5 ms .. 4 s
 		}, []string{"side", "result"}),
-		sessions: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name:        "tcpproxy_sessions",
-			Help:        "Live sessions with other proxies.",
-			ConstLabels: labels,
-		}, func() float64 { return float64(sessions()) }),
+		sessions: prometheus.NewDesc("tcpproxy_sessions",
+			"Live sessions with other proxies, by the network they run over (tcp, or unix: the same-host socket).",
+			[]string{"net"}, labels),
+		count: sessions,
 	}
 }
 
@@ -119,11 +125,21 @@ func (t *Transport) ObserveHandshake(_ string, dialed bool, d time.Duration, err
 // Describe implements prometheus.Collector.
 func (t *Transport) Describe(ch chan<- *prometheus.Desc) {
 	t.handshakes.Describe(ch)
-	t.sessions.Describe(ch)
+	ch <- t.sessions
 }
 
 // Collect implements prometheus.Collector.
 func (t *Transport) Collect(ch chan<- prometheus.Metric) {
 	t.handshakes.Collect(ch)
-	t.sessions.Collect(ch)
+	live := t.count()
+	nets := slices.Clone(sessionNets)
+	for n := range live {
+		if !slices.Contains(nets, n) {
+			nets = append(nets, n)
+		}
+	}
+	slices.Sort(nets)
+	for _, n := range nets {
+		ch <- prometheus.MustNewConstMetric(t.sessions, prometheus.GaugeValue, float64(live[n]), n)
+	}
 }

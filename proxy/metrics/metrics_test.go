@@ -47,3 +47,24 @@ tcpproxy_members{channel="peers",iid="web-1",kind="duplex"} 3
 	require.NoError(t, err)
 	require.Equal(t, 17, n)
 }
+
+func TestTransportSessionsByNet(t *testing.T) {
+	live := map[string]int{"unix": 2, "memory": 1}
+	tr := NewTransport("web-1", func() map[string]int { return live })
+	reg := prometheus.NewPedanticRegistry()
+	require.NoError(t, reg.Register(tr))
+	const head = `
+# HELP tcpproxy_sessions Live sessions with other proxies, by the network they run over (tcp, or unix: the same-host socket).
+# TYPE tcpproxy_sessions gauge
+`
+	// tcp and unix are always reported; other networks when live.
+	require.NoError(t, testutil.GatherAndCompare(reg, strings.NewReader(head+`tcpproxy_sessions{iid="web-1",net="memory"} 1
+tcpproxy_sessions{iid="web-1",net="tcp"} 0
+tcpproxy_sessions{iid="web-1",net="unix"} 2
+`), "tcpproxy_sessions"))
+
+	live = nil // the node is gone
+	require.NoError(t, testutil.GatherAndCompare(reg, strings.NewReader(head+`tcpproxy_sessions{iid="web-1",net="tcp"} 0
+tcpproxy_sessions{iid="web-1",net="unix"} 0
+`), "tcpproxy_sessions"))
+}
