@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"runtime"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -16,6 +17,39 @@ import (
 
 	"github.com/tcpproxy/tcpproxy/channels"
 )
+
+func TestTCPTransportSameHostUsesUnixSocket(t *testing.T) {
+	for _, tc := range []struct{ listen, dial string }{
+		{"127.0.0.1:0", "127.0.0.1"},
+		{"0.0.0.0:0", "127.0.0.1"},
+		{"[::1]:0", "::1"},
+		{"[::]:0", "::1"},
+		{"[::]:0", "127.0.0.1"},
+	} {
+		t.Run(tc.listen+"→"+tc.dial, func(t *testing.T) {
+			tr := channels.TCPTransport()
+			ln, err := tr.Listen(tc.listen)
+			if err != nil && strings.Contains(tc.listen, "::") {
+				t.Skipf("no IPv6 here: %v", err)
+			}
+			require.NoError(t, err)
+			acc := accepting(t, ln)
+			addr := net.JoinHostPort(tc.dial, portOf(t, ln.Addr()))
+
+			d, a := dialPair(t, tr, acc, addr)
+			require.IsType(t, &net.UnixConn{}, d, "a peer on this host is reached over a Unix socket")
+			require.IsType(t, &net.UnixConn{}, a)
+			sendBothWays(t, d, a)
+
+			// The same listener still takes TCP, from a peer elsewhere
+			// or one with the shortcut turned off.
+			d, a = dialPair(t, channels.PlainTCPTransport(), acc, addr)
+			require.IsType(t, &net.TCPConn{}, d)
+			require.IsType(t, &net.TCPConn{}, a)
+			sendBothWays(t, d, a)
+		})
+	}
+}
 
 // listenAs listens on the abstract Unix socket name as user uid, which
 // the kernel records as the socket's owner (SO_PEERCRED), with a backlog

@@ -78,30 +78,6 @@ func sendBothWays(t *testing.T, a, b net.Conn) {
 	}
 }
 
-func TestTCPTransportSameHostUsesUnixSocket(t *testing.T) {
-	for _, listen := range []string{"127.0.0.1:0", "0.0.0.0:0"} {
-		t.Run(listen, func(t *testing.T) {
-			tr := channels.TCPTransport()
-			ln, err := tr.Listen(listen)
-			require.NoError(t, err)
-			acc := accepting(t, ln)
-			addr := net.JoinHostPort("127.0.0.1", portOf(t, ln.Addr()))
-
-			d, a := dialPair(t, tr, acc, addr)
-			require.IsType(t, &net.UnixConn{}, d, "a peer on this host is reached over a Unix socket")
-			require.IsType(t, &net.UnixConn{}, a)
-			sendBothWays(t, d, a)
-
-			// The same listener still takes TCP, from a peer elsewhere
-			// or one with the shortcut turned off.
-			d, a = dialPair(t, channels.PlainTCPTransport(), acc, addr)
-			require.IsType(t, &net.TCPConn{}, d)
-			require.IsType(t, &net.TCPConn{}, a)
-			sendBothWays(t, d, a)
-		})
-	}
-}
-
 func TestTCPTransportFallsBackToTCP(t *testing.T) {
 	// A peer listening with the shortcut turned off has no Unix socket.
 	ln, err := channels.PlainTCPTransport().Listen("127.0.0.1:0")
