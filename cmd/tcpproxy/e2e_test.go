@@ -468,3 +468,62 @@ func TestTwoProcessesPostgres(t *testing.T) {
 	client.stop(t)
 	server.stop(t)
 }
+
+// TestTwoProcessesPeerKilledResets kills the reply proxy mid-stream: its
+// peer, on this host, sees the same-host session end at once, and resets
+// the client's legacy connection rather than ending it with a FIN, which
+// would pass for a clean end of stream.
+func TestTwoProcessesPeerKilledResets(t *testing.T) {
+	const port = 17070
+	srvIP, err := proxy.NewInstanceAllocator(proxy.DefaultInstanceRange).Add("srv-1")
+	require.NoError(t, err)
+	ln, err := net.Listen("tcp4", net.JoinHostPort(srvIP.String(), strconv.Itoa(port)))
+	require.NoError(t, err)
+	var echoes sync.WaitGroup
+	echoes.Go(func() { // the legacy server: echo
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			echoes.Go(func() {
+				defer c.Close()
+				_, _ = io.Copy(c, c)
+			})
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		echoes.Wait()
+	})
+
+	serverCfg, clientCfg := twoInstances(t, "echo", port)
+	server := startProc(t, nil, "run", "-config", serverCfg)
+	client := startProc(t, nil, "run", "-config", clientCfg)
+	var conn net.Conn
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		cn, err := net.DialTimeout("tcp4", net.JoinHostPort("127.1.0.1", strconv.Itoa(port)), time.Second)
+		if !assert.NoError(c, err) {
+			return
+		}
+		_ = cn.SetDeadline(time.Now().Add(2 * time.Second))
+		got := make([]byte, 4)
+		_, err = cn.Write([]byte("ping"))
+		if err == nil {
+			_, err = io.ReadFull(cn, got)
+		}
+		if !assert.NoError(c, err) || !assert.Equal(c, "ping", string(got)) {
+			cn.Close()
+			return
+		}
+		conn = cn
+	}, 20*time.Second, 50*time.Millisecond, "server log:\n%s\nclient log:\n%s", server.out, client.out)
+	defer conn.Close()
+
+	require.NoError(t, server.cmd.Process.Kill())
+	<-server.done
+	require.NoError(t, conn.SetDeadline(time.Now().Add(10*time.Second)))
+	_, err = conn.Read(make([]byte, 1))
+	require.ErrorIs(t, err, syscall.ECONNRESET, "client log:\n%s", client.out)
+	assert.Regexp(t, `msg="session up".* net=unix `, client.stop(t))
+}
