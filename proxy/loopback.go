@@ -6,8 +6,6 @@ import (
 	"net"
 	"net/netip"
 	"syscall"
-
-	"golang.org/x/sys/unix"
 )
 
 // Loopback is the Network of ordinary host sockets on 127.0.0.0/8, which
@@ -61,9 +59,7 @@ func (*Loopback) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (
 		laddr = netip.AddrPortFrom(src, 0)
 		d.Control = func(_, _ string, rc syscall.RawConn) error {
 			var serr error
-			if err := rc.Control(func(fd uintptr) {
-				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
-			}); err != nil {
+			if err := rc.Control(func(fd uintptr) { serr = bindAddressNoPort(fd) }); err != nil {
 				return err
 			}
 			return serr

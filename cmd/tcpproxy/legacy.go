@@ -60,7 +60,7 @@ func (l *legacyProcess) start() error {
 	cmd := exec.Command(l.command[0], l.command[1:]...)
 	cmd.Env = append(os.Environ(), l.env.vars()...)
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	cmd.SysProcAttr = legacySysProcAttr()
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start legacy program %q: %w", l.command[0], err)
 	}

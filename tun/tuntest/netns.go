@@ -18,6 +18,9 @@ import (
 // namespaces: root with /dev/net/tun.
 func Skip(t testing.TB) {
 	t.Helper()
+	if runtime.GOOS != "linux" {
+		t.Skip("skipping: TUN tests need Linux")
+	}
 	if os.Geteuid() != 0 {
 		t.Skip("skipping: TUN tests need root (CAP_NET_ADMIN, CAP_SYS_ADMIN) to create a network namespace and a TUN device")
 	}
@@ -61,8 +64,8 @@ func (ns *NS) run(ready chan<- error) {
 	// this goroutine returns the runtime must destroy the thread rather
 	// than give it to other goroutines.
 	runtime.LockOSThread()
-	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-		ready <- fmt.Errorf("unshare(CLONE_NEWNET): %w", err)
+	if err := unshareNet(); err != nil {
+		ready <- err
 		return
 	}
 	lo, err := netlink.LinkByName("lo")

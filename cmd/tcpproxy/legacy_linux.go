@@ -1,0 +1,9 @@
+package main
+
+import "syscall"
+
+// legacySysProcAttr makes the kernel send the legacy program SIGTERM when
+// the proxy dies, even by SIGKILL: it must not live on without its proxy.
+func legacySysProcAttr() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+}
