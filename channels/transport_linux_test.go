@@ -36,17 +36,11 @@ func TestTCPTransportSameHostUsesUnixSocket(t *testing.T) {
 			acc := accepting(t, ln)
 			addr := net.JoinHostPort(tc.dial, portOf(t, ln.Addr()))
 
-			d, a := dialPair(t, tr, acc, addr)
-			require.IsType(t, &net.UnixConn{}, d, "a peer on this host is reached over a Unix socket")
-			require.IsType(t, &net.UnixConn{}, a)
-			sendBothWays(t, d, a)
+			dialOver(t, tr, acc, addr, &net.UnixConn{}, "a peer on this host is reached over a Unix socket")
 
 			// The same listener still takes TCP, from a peer elsewhere
 			// or one with the shortcut turned off.
-			d, a = dialPair(t, channels.PlainTCPTransport(), acc, addr)
-			require.IsType(t, &net.TCPConn{}, d)
-			require.IsType(t, &net.TCPConn{}, a)
-			sendBothWays(t, d, a)
+			dialOver(t, channels.PlainTCPTransport(), acc, addr, &net.TCPConn{})
 		})
 	}
 }
@@ -107,16 +101,12 @@ func TestTCPTransportIgnoresSocketOfAnotherUser(t *testing.T) {
 	name := "@tcpproxy/session/" + addr
 
 	squatter := listenAs(t, 65534, name)
-	d, a := dialPair(t, channels.TCPTransport(), accepting(t, ln), addr)
-	require.IsType(t, &net.TCPConn{}, d, "the squatter's socket is not used")
-	sendBothWays(t, d, a)
+	dialOver(t, channels.TCPTransport(), accepting(t, ln), addr, &net.TCPConn{}, "the squatter's socket is not used")
 
 	// The control: the same socket owned by this process's user is used.
 	require.NoError(t, squatter.Close())
 	own := listenAs(t, os.Geteuid(), name)
-	d, a = dialPair(t, channels.TCPTransport(), accepting(t, own), addr)
-	require.IsType(t, &net.UnixConn{}, d)
-	sendBothWays(t, d, a)
+	dialOver(t, channels.TCPTransport(), accepting(t, own), addr, &net.UnixConn{})
 }
 
 // A same-host socket that does not accept (its backlog is full) does not
@@ -131,9 +121,7 @@ func TestTCPTransportSameHostSocketNotAccepting(t *testing.T) {
 	require.NoError(t, err)
 	defer c.Close()
 
-	d, a := dialPair(t, channels.TCPTransport(), accepting(t, ln), addr)
-	require.IsType(t, &net.TCPConn{}, d)
-	sendBothWays(t, d, a)
+	dialOver(t, channels.TCPTransport(), accepting(t, ln), addr, &net.TCPConn{})
 }
 
 // A dialer that cannot give the same-host socket a large send buffer (a
@@ -144,14 +132,10 @@ func TestTCPTransportNeedsLargeSendBuffer(t *testing.T) {
 	ln, err := tr.Listen("127.0.0.1:0")
 	require.NoError(t, err)
 	addr, acc := ln.Addr().String(), accepting(t, ln)
-	d, a := dialPair(t, tr, acc, addr)
-	require.IsType(t, &net.UnixConn{}, d, "the control: the buffer asked for suffices")
-	sendBothWays(t, d, a)
+	dialOver(t, tr, acc, addr, &net.UnixConn{}, "the control: the buffer asked for suffices")
 
 	defer channels.SetSameHostMinSendBuffer(1 << 30)()
-	d, a = dialPair(t, tr, acc, addr)
-	require.IsType(t, &net.TCPConn{}, d)
-	sendBothWays(t, d, a)
+	dialOver(t, tr, acc, addr, &net.TCPConn{})
 }
 
 // A same-host connection that its dialer closes unused (it did not take

@@ -62,6 +62,17 @@ func dialPair(t *testing.T, tr channels.Transport, acc <-chan net.Conn, addr str
 	return dialed, accepted
 }
 
+// dialOver dials addr with tr, requires both ends to be conns of
+// want's type (*net.UnixConn or *net.TCPConn), and sends a message each
+// way over the pair.
+func dialOver(t *testing.T, tr channels.Transport, acc <-chan net.Conn, addr string, want net.Conn, msgAndArgs ...any) {
+	t.Helper()
+	d, a := dialPair(t, tr, acc, addr)
+	require.IsType(t, want, d, msgAndArgs...)
+	require.IsType(t, want, a, msgAndArgs...)
+	sendBothWays(t, d, a)
+}
+
 // sendBothWays sends a message each way and half-closes both, checking the
 // bytes and the EOF on the far side.
 func sendBothWays(t *testing.T, a, b net.Conn) {
@@ -82,9 +93,7 @@ func TestTCPTransportFallsBackToTCP(t *testing.T) {
 	// A peer listening with the shortcut turned off has no Unix socket.
 	ln, err := channels.PlainTCPTransport().Listen("127.0.0.1:0")
 	require.NoError(t, err)
-	d, a := dialPair(t, channels.TCPTransport(), accepting(t, ln), ln.Addr().String())
-	require.IsType(t, &net.TCPConn{}, d)
-	sendBothWays(t, d, a)
+	dialOver(t, channels.TCPTransport(), accepting(t, ln), ln.Addr().String(), &net.TCPConn{})
 }
 
 func TestTCPTransportListenerClose(t *testing.T) {
