@@ -53,10 +53,14 @@ func NewNode(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
+	log := cfg.Logger.With("iid", cfg.IID)
+	if lt, ok := cfg.Transport.(loggingTransport); ok {
+		cfg.Transport = lt.withLogger(log)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Node{
 		cfg:    cfg,
-		log:    cfg.Logger.With("iid", cfg.IID),
+		log:    log,
 		ctx:    ctx,
 		cancel: cancel,
 		done:   make(chan struct{}),

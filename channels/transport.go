@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
@@ -39,6 +40,25 @@ func PlainTCPTransport() Transport { return tcpTransport{} }
 
 type tcpTransport struct {
 	sameHost bool
+	log      *slog.Logger // nil: no logs; a Node gives it its own
+}
+
+// loggingTransport is a Transport that can say why it took TCP where a
+// same-host socket was expected; NewNode hands it the node's logger.
+type loggingTransport interface {
+	withLogger(*slog.Logger) Transport
+}
+
+func (t tcpTransport) withLogger(l *slog.Logger) Transport {
+	t.log = l
+	return t
+}
+
+// warn logs at warning level if t has a logger.
+func (t tcpTransport) warn(msg string, args ...any) {
+	if t.log != nil {
+		t.log.Warn(msg, args...)
+	}
 }
 
 func (t tcpTransport) Listen(addr string) (net.Listener, error) {
@@ -51,9 +71,13 @@ func (t tcpTransport) Listen(addr string) (net.Listener, error) {
 		// A name already taken (by a process that does not hold this TCP
 		// port) is left alone: dialers that do not trust its owner fall
 		// back to TCP.
-		if ul, err := net.Listen("unix", sameHostName(ap)); err == nil {
-			local = append(local, ul)
+		ul, err := net.Listen("unix", sameHostName(ap))
+		if err != nil {
+			t.warn("same-host socket unavailable; proxies on this host will reach this one over TCP",
+				"name", sameHostName(ap), "err", err)
+			continue
 		}
+		local = append(local, ul)
 	}
 	if len(local) == 0 {
 		return ln, nil
@@ -79,6 +103,7 @@ func (t tcpTransport) Dial(ctx context.Context, addr string) (net.Conn, error) {
 				return c, nil
 			}
 			c.Close()
+			t.warn("same-host socket not used; dialing over TCP", "addr", addr, "err", err)
 		}
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("dial %s: %w", addr, ctx.Err())

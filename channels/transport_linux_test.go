@@ -101,7 +101,10 @@ func TestTCPTransportIgnoresSocketOfAnotherUser(t *testing.T) {
 	name := "@tcpproxy/session/" + addr
 
 	squatter := listenAs(t, 65534, name)
-	dialOver(t, channels.TCPTransport(), accepting(t, ln), addr, &net.TCPConn{}, "the squatter's socket is not used")
+	logged := make(chan string, 16)
+	tr := channels.TransportLogging(channels.TCPTransport(), slog.New(messages(logged)))
+	dialOver(t, tr, accepting(t, ln), addr, &net.TCPConn{}, "the squatter's socket is not used")
+	require.Contains(t, drain(logged), "same-host socket not used; dialing over TCP")
 
 	// The control: the same socket owned by this process's user is used.
 	require.NoError(t, squatter.Close())
@@ -135,7 +138,43 @@ func TestTCPTransportNeedsLargeSendBuffer(t *testing.T) {
 	dialOver(t, tr, acc, addr, &net.UnixConn{}, "the control: the buffer asked for suffices")
 
 	defer channels.SetSameHostMinSendBuffer(1 << 30)()
-	dialOver(t, tr, acc, addr, &net.TCPConn{})
+	logged := make(chan string, 16)
+	dialOver(t, channels.TransportLogging(tr, slog.New(messages(logged))), acc, addr, &net.TCPConn{})
+	require.Contains(t, drain(logged), "same-host socket not used; dialing over TCP")
+}
+
+// A listener whose same-host socket name is taken says so, and still
+// listens on TCP.
+func TestTCPTransportSameHostNameTaken(t *testing.T) {
+	ln, err := channels.PlainTCPTransport().Listen("127.0.0.1:0")
+	require.NoError(t, err)
+	addr := ln.Addr().String()
+	taken, err := net.Listen("unix", "@tcpproxy/session/"+addr)
+	require.NoError(t, err)
+	defer taken.Close()
+	require.NoError(t, ln.Close()) // frees the port, not the name
+
+	logged := make(chan string, 16)
+	tr := channels.TransportLogging(channels.TCPTransport(), slog.New(messages(logged)))
+	ln, err = tr.Listen(addr)
+	if err != nil {
+		t.Skipf("port %s taken again meanwhile: %v", addr, err)
+	}
+	require.Contains(t, drain(logged), "same-host socket unavailable; proxies on this host will reach this one over TCP")
+	dialOver(t, channels.PlainTCPTransport(), accepting(t, ln), addr, &net.TCPConn{})
+}
+
+// drain returns the messages in ch now.
+func drain(ch <-chan string) []string {
+	var out []string
+	for {
+		select {
+		case m := <-ch:
+			out = append(out, m)
+		default:
+			return out
+		}
+	}
 }
 
 // A same-host connection that its dialer closes unused (it did not take
