@@ -30,8 +30,9 @@ type Transport interface {
 // control. The dialer takes the socket only when its owner runs as the
 // dialer's user or as root, so another user cannot squat the name, and
 // when it can give the socket a send buffer of sameHostMinSendBuffer; TLS,
-// when configured, authenticates the peer over either. The shortcut exists
-// on Linux only.
+// when configured, authenticates the peer over either. A Node gives the
+// transport its logger, which then warns when a socket found is not taken
+// or a listener's name is taken. The shortcut exists on Linux only.
 func TCPTransport() Transport { return tcpTransport{sameHost: sameHostSupported} }
 
 // PlainTCPTransport returns a Transport that always uses TCP, even to a
