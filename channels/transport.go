@@ -72,10 +72,11 @@ func (t tcpTransport) Listen(addr string) (net.Listener, error) {
 		// A name already taken (by a process that does not hold this TCP
 		// port) is left alone: dialers that do not trust its owner fall
 		// back to TCP.
-		ul, err := net.Listen("unix", sameHostName(ap))
+		name := sameHostName(ap)
+		ul, err := net.Listen("unix", name)
 		if err != nil {
 			t.warn("same-host socket unavailable; proxies on this host will reach this one over TCP",
-				"name", sameHostName(ap), "err", err)
+				"name", name, "err", err)
 			continue
 		}
 		local = append(local, ul)

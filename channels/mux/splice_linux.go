@@ -15,10 +15,9 @@ import (
 )
 
 // Zero-copy data movement with splice(2), for sessions over TCP or Unix
-// stream sockets whose
-// streams are joined to other kernel sockets (the proxy's legacy
-// connections). Bulk data then moves between the sockets as page
-// references through kernel pipes, never copied into this process:
+// stream sockets whose streams are joined to other kernel sockets (the
+// proxy's legacy connections). Bulk data then moves between the sockets as
+// page references through kernel pipes, never copied into this process:
 //
 //   - send: legacy socket → pipe (Stream.SpliceFrom), and the writer
 //     goroutine writes the frame header, then splices pipe → session socket;
