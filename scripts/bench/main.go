@@ -8,8 +8,9 @@
 // It installs socat and haproxy with apt-get when they are missing and it
 // runs as root, builds cmd/tcpproxy, and drives every path with its own Go
 // load generator against its own echo and sink servers (a child process).
-// Paths: direct TCP, socat, haproxy, two plain Go relays in a chain
-// (relay2, the floor of two-proxy designs), two `tcpproxy run` processes
+// Paths: direct TCP, socat, haproxy, one plain Go relay (relay1, the floor
+// of any proxy), two in a chain (relay2, the floor of two-proxy designs
+// over TCP), two `tcpproxy run` processes
 // request→reply (with sessions over the same-host Unix socket, and over
 // TCP) and duplex on the loopback network, and the client side on
 // the netstack networks: memory (a proxy in the bench process) and tun (in
@@ -85,7 +86,7 @@ func main() {
 	flag.IntVar(&o.idle, "idle", 10000, "memory: idle proxied connections held open")
 	flag.IntVar(&o.reps, "reps", 3, "repetitions; every figure is the median")
 	flag.DurationVar(&o.timeout, "timeout", 60*time.Second, "bound on each single measurement")
-	flag.StringVar(&o.paths, "paths", "direct,socat,haproxy,relay2,tcpproxy,tcpproxy-tcp,duplex,memory,tun", "paths to measure (comma-separated; relay2 is two plain Go relays in a chain, the floor of any two-proxy design; tcpproxy-tcp is tcpproxy with sessions over TCP instead of the same-host Unix socket)")
+	flag.StringVar(&o.paths, "paths", "direct,socat,haproxy,relay1,relay2,tcpproxy,tcpproxy-tcp,duplex,memory,tun", "paths to measure (comma-separated; relay1 is one plain Go relay, the floor of any proxy; relay2 is two in a chain, the floor of a two-proxy design whose proxies talk TCP; tcpproxy-tcp is tcpproxy with sessions over TCP instead of the same-host Unix socket)")
 	flag.StringVar(&o.out, "out", "bench/results.md", "results file, relative to the module root")
 	flag.BoolVar(&o.install, "install", true, "apt-get install socat and haproxy when missing (root only)")
 	flag.StringVar(&o.tests, "tests", "memory,bulk,latency,connect", "measurements to run (comma-separated)")
@@ -153,7 +154,7 @@ func run(ctx context.Context, o options, kids *children) error {
 	e := &env{dir: dir, binary: bin, srv: srv, kids: kids, timeout: o.timeout, fileLimit: fileLimit}
 
 	all := map[string]func(*env) *path{
-		"direct": directPath, "socat": socatPath, "haproxy": haproxyPath, "relay2": relayChainPath,
+		"direct": directPath, "socat": socatPath, "haproxy": haproxyPath, "relay1": relayPath, "relay2": relayChainPath,
 		"tcpproxy": tcpproxyPath, "tcpproxy-tcp": tcpproxyTCPPath, "duplex": duplexPath, "memory": memoryPath, "tun": tunPath,
 	}
 	var paths []*path
@@ -166,7 +167,7 @@ func run(ctx context.Context, o options, kids *children) error {
 		seen[k] = true
 		mk, ok := all[k]
 		if !ok {
-			return fmt.Errorf("-paths: unknown path %q (want direct, socat, haproxy, relay2, tcpproxy, tcpproxy-tcp, duplex, memory, tun)", k)
+			return fmt.Errorf("-paths: unknown path %q (want direct, socat, haproxy, relay1, relay2, tcpproxy, tcpproxy-tcp, duplex, memory, tun)", k)
 		}
 		p := mk(e)
 		if missing[k] {

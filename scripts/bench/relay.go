@@ -12,9 +12,10 @@ import (
 // relayMain is a relay process: for each LISTEN=TARGET argument it accepts
 // TCP connections on LISTEN and copies each, both ways, to a new
 // connection to TARGET (io.Copy, which splices on Linux), passing on FIN
-// and closing both on error. It runs until killed. Two of them in a chain
-// are the relayChainPath: two proxy processes and three kernel TCP
-// connections with nothing else, the floor of any two-proxy design.
+// and closing both on error. It runs until killed. One is the relayPath;
+// two in a chain are the relayChainPath: two proxy processes and three
+// kernel TCP connections with nothing else, the floor of any two-proxy
+// design whose proxies talk TCP.
 func relayMain(args []string) {
 	if len(args) == 0 {
 		fmt.Fprintln(os.Stderr, "usage: bench -relay LISTEN=TARGET...")
@@ -74,35 +75,63 @@ func relayCopy(dst, src *net.TCPConn) {
 	_ = dst.CloseWrite()
 }
 
+// relayPath is load generator → one relay → servers: one proxy process
+// and two kernel TCP connections joined by splice(2), the least any proxy
+// that terminates TCP can cost, which no two-process design can beat.
+func relayPath(e *env) *path {
+	return &path{
+		key: "relay1", name: "one Go relay (io.Copy, the floor of any proxy)",
+		memoryNote: "n/a (baseline)",
+		setup: func(ctx context.Context, p *path) error {
+			ports, err := freePorts(2)
+			if err != nil {
+				return err
+			}
+			echo, sink := fmt.Sprintf("127.0.0.1:%d", ports[0]), fmt.Sprintf("127.0.0.1:%d", ports[1])
+			if err := e.startRelay(p, "relay", echo, fmt.Sprintf("127.0.0.1:%d", e.srv.echoPort), sink, fmt.Sprintf("127.0.0.1:%d", e.srv.sinkPort)); err != nil {
+				return err
+			}
+			p.echo, p.sink = echo, sink
+			return e.waitReady(ctx, p)
+		},
+	}
+}
+
 // relayChainPath is load generator → relay A → relay B → servers.
 func relayChainPath(e *env) *path {
 	return &path{
 		key: "relay2", name: "two Go relays (io.Copy, no multiplexing)",
 		memoryNote: "n/a (baseline)",
 		setup: func(ctx context.Context, p *path) error {
-			exe, err := os.Executable()
-			if err != nil {
-				return err
-			}
 			ports, err := freePorts(4)
 			if err != nil {
 				return err
 			}
 			bEcho, bSink := fmt.Sprintf("127.0.0.1:%d", ports[0]), fmt.Sprintf("127.0.0.1:%d", ports[1])
 			aEcho, aSink := fmt.Sprintf("127.0.0.1:%d", ports[2]), fmt.Sprintf("127.0.0.1:%d", ports[3])
-			for _, r := range []struct{ name, echoFrom, echoTo, sinkFrom, sinkTo string }{
-				{"relay-b", bEcho, fmt.Sprintf("127.0.0.1:%d", e.srv.echoPort), bSink, fmt.Sprintf("127.0.0.1:%d", e.srv.sinkPort)},
-				{"relay-a", aEcho, bEcho, aSink, bSink},
-			} {
-				c, err := e.kids.start(fmt.Sprintf("%s-%d", r.name, e.rep), e.dir, exe, "-relay",
-					r.echoFrom+"="+r.echoTo, r.sinkFrom+"="+r.sinkTo)
-				if err != nil {
-					return err
-				}
-				p.procs = append(p.procs, c)
+			if err := e.startRelay(p, "relay-b", bEcho, fmt.Sprintf("127.0.0.1:%d", e.srv.echoPort), bSink, fmt.Sprintf("127.0.0.1:%d", e.srv.sinkPort)); err != nil {
+				return err
+			}
+			if err := e.startRelay(p, "relay-a", aEcho, bEcho, aSink, bSink); err != nil {
+				return err
 			}
 			p.echo, p.sink = aEcho, aSink
 			return e.waitReady(ctx, p)
 		},
 	}
+}
+
+// startRelay starts a relay process (this program with -relay) for p,
+// from echoFrom to echoTo and from sinkFrom to sinkTo.
+func (e *env) startRelay(p *path, name, echoFrom, echoTo, sinkFrom, sinkTo string) error {
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	c, err := e.kids.start(fmt.Sprintf("%s-%d", name, e.rep), e.dir, exe, "-relay", echoFrom+"="+echoTo, sinkFrom+"="+sinkTo)
+	if err != nil {
+		return err
+	}
+	p.procs = append(p.procs, c)
+	return nil
 }

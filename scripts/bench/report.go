@@ -278,6 +278,13 @@ func (r *results) tables(o options) string {
 	} else {
 		w("| tun network bulk ≥ 0.3× direct TCP | not measured (tun path skipped) | — |\n")
 	}
+	if r.has("relay1") && r.has(tp) {
+		// The bulk target read against what this machine allows any proxy.
+		f1, fN := r.ratio("relay1", "direct", "bulk1"), r.ratio("relay1", "direct", "bulkN")
+		p1, pN := r.ratio(tp, "relay1", "bulk1"), r.ratio(tp, "relay1", "bulkN")
+		w("\nThe floor: one splicing relay (`relay1`, one process, two TCP connections, nothing else) reaches %s direct TCP with 1 connection and %s with %d; "+
+			"tcpproxy request→reply, two processes, reaches %s and %s of the relay's throughput.\n", times(f1), times(fN), o.parallel, times(p1), times(pN))
+	}
 	return b.String()
 }
 
