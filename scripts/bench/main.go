@@ -74,6 +74,10 @@ func main() {
 		relayMain(os.Args[2:])
 		return
 	}
+	if len(os.Args) > 1 && os.Args[1] == "-tunrelay" {
+		tunRelayMain(os.Args[2:])
+		return
+	}
 	var o options
 	flag.IntVar(&o.sizeMiB, "size", 256, "bulk: MiB sent on each connection")
 	flag.IntVar(&o.parallel, "parallel", 8, "bulk: connections of the parallel run")
@@ -86,7 +90,7 @@ func main() {
 	flag.IntVar(&o.idle, "idle", 10000, "memory: idle proxied connections held open")
 	flag.IntVar(&o.reps, "reps", 3, "repetitions; every figure is the median")
 	flag.DurationVar(&o.timeout, "timeout", 60*time.Second, "bound on each single measurement")
-	flag.StringVar(&o.paths, "paths", "direct,socat,haproxy,relay1,relay2,tcpproxy,tcpproxy-tcp,duplex,memory,tun", "paths to measure (comma-separated; relay1 is one plain Go relay, the floor of any proxy; relay2 is two in a chain, the floor of a two-proxy design whose proxies talk TCP; tcpproxy-tcp is tcpproxy with sessions over TCP instead of the same-host Unix socket)")
+	flag.StringVar(&o.paths, "paths", "direct,socat,haproxy,relay1,relay2,tcpproxy,tcpproxy-tcp,duplex,memory,tun,tunrelay", "paths to measure (comma-separated; relay1 is one plain Go relay, the floor of any proxy; relay2 is two in a chain, the floor of a two-proxy design whose proxies talk TCP; tcpproxy-tcp is tcpproxy with sessions over TCP instead of the same-host Unix socket; tunrelay is one gVisor relay on a TUN device, the floor of a proxy on one)")
 	flag.StringVar(&o.out, "out", "bench/results.md", "results file, relative to the module root")
 	flag.BoolVar(&o.install, "install", true, "apt-get install socat and haproxy when missing (root only)")
 	flag.StringVar(&o.tests, "tests", "memory,bulk,latency,connect", "measurements to run (comma-separated)")
@@ -154,7 +158,7 @@ func run(ctx context.Context, o options, kids *children) error {
 	e := &env{dir: dir, binary: bin, srv: srv, kids: kids, timeout: o.timeout, fileLimit: fileLimit}
 
 	all := map[string]func(*env) *path{
-		"direct": directPath, "socat": socatPath, "haproxy": haproxyPath, "relay1": relayPath, "relay2": relayChainPath,
+		"direct": directPath, "socat": socatPath, "haproxy": haproxyPath, "relay1": relayPath, "relay2": relayChainPath, "tunrelay": tunRelayPath,
 		"tcpproxy": tcpproxyPath, "tcpproxy-tcp": tcpproxyTCPPath, "duplex": duplexPath, "memory": memoryPath, "tun": tunPath,
 	}
 	var paths []*path
@@ -167,7 +171,7 @@ func run(ctx context.Context, o options, kids *children) error {
 		seen[k] = true
 		mk, ok := all[k]
 		if !ok {
-			return fmt.Errorf("-paths: unknown path %q (want direct, socat, haproxy, relay1, relay2, tcpproxy, tcpproxy-tcp, duplex, memory, tun)", k)
+			return fmt.Errorf("-paths: unknown path %q (want direct, socat, haproxy, relay1, relay2, tcpproxy, tcpproxy-tcp, duplex, memory, tun, tunrelay)", k)
 		}
 		p := mk(e)
 		if missing[k] {

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -23,6 +24,7 @@ import (
 	"github.com/tcpproxy/tcpproxy/channels/membership"
 	"github.com/tcpproxy/tcpproxy/netstack"
 	"github.com/tcpproxy/tcpproxy/proxy"
+	"github.com/tcpproxy/tcpproxy/tun"
 )
 
 // The netstack paths put the client instance's legacy side in a gVisor
@@ -191,41 +193,10 @@ func tunPath(e *env) *path {
 		key: "tun", name: "tcpproxy request→reply (tun network, client side)", memory: true,
 		skip: tunUsable(),
 		setup: func(ctx context.Context, p *path) error {
-			var rnd [4]byte
-			_, _ = rand.Read(rnd[:])
-			ns := "tp-bench-" + hex.EncodeToString(rnd[:])
-			if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
-				return fmt.Errorf("ip netns add: %v: %s", err, out)
-			}
-			e.kids.atExit(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
-			var d *nsDialer
-			p.cleanup = func() {
-				if d != nil {
-					d.close()
-				}
-				_ = exec.Command("ip", "netns", "del", ns).Run()
-			}
-			if out, err := exec.Command("ip", "-n", ns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
-				return fmt.Errorf("ip link set lo up: %v: %s", err, out)
-			}
-			var err error
-			if d, err = newNSDialer(ns); err != nil {
-				return err
-			}
-			p.dial = d.dial
-			p.adminClient = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-				return d.dial(ctx, addr)
-			}}}
-			pre := []string{"ip", "netns", "exec", ns}
-			srvIP, err := nsServerIP()
+			pre, sp, err := e.nsSetup(p, "tunservers")
 			if err != nil {
 				return err
 			}
-			sp, err := startServersWith(e.kids, e.dir, fmt.Sprintf("tunservers-%d", e.rep), pre, []netip.Addr{srvIP})
-			if err != nil {
-				return err
-			}
-			p.cpuProcs = append(p.cpuProcs, sp.child)
 			// A fresh namespace: fixed ports are free.
 			if err := e.startNSServer(p, pre, "tunsrv", 7002, 7102, sp.echoPort, sp.sinkPort); err != nil {
 				return err
@@ -264,6 +235,122 @@ drainTimeout: 1s
 			return e.waitReady(ctx, p)
 		},
 	}
+}
+
+// tunRelayAddr is where the tun relay listens, in its gVisor stack.
+var tunRelayAddr = netip.MustParseAddr("127.1.0.1")
+
+// tunRelayPath is the floor of any proxy on a TUN device: one process
+// (this program with -tunrelay, in a namespace as for tunPath) whose gVisor
+// stack on a TUN takes the load generator's connections, each copied with
+// io.Copy to and from a kernel connection to the servers; no sessions, no
+// second process.
+func tunRelayPath(e *env) *path {
+	return &path{
+		key: "tunrelay", name: "one relay on a TUN (gVisor, io.Copy: the floor of a TUN proxy)",
+		memoryNote: "n/a (baseline)",
+		skip:       tunUsable(),
+		setup: func(ctx context.Context, p *path) error {
+			pre, sp, err := e.nsSetup(p, "tunrelayservers")
+			if err != nil {
+				return err
+			}
+			srvIP, err := nsServerIP()
+			if err != nil {
+				return err
+			}
+			exe, err := os.Executable()
+			if err != nil {
+				return err
+			}
+			p.echo = netip.AddrPortFrom(tunRelayAddr, uint16(sp.echoPort)).String()
+			p.sink = netip.AddrPortFrom(tunRelayAddr, uint16(sp.sinkPort)).String()
+			c, err := e.kids.start(fmt.Sprintf("tunrelay-%d", e.rep), e.dir, slices.Concat(pre, []string{exe, "-tunrelay",
+				p.echo + "=" + netip.AddrPortFrom(srvIP, uint16(sp.echoPort)).String(),
+				p.sink + "=" + netip.AddrPortFrom(srvIP, uint16(sp.sinkPort)).String()})...)
+			if err != nil {
+				return err
+			}
+			p.procs = append(p.procs, c)
+			return e.waitReady(ctx, p)
+		},
+	}
+}
+
+// nsSetup makes a network namespace for p's repetition (deleted by
+// p.cleanup), points p's load generator and admin client into it, and
+// starts the bench's servers in it on the netstack paths' server IP. It
+// returns the argv prefix that runs a command in the namespace.
+func (e *env) nsSetup(p *path, servers string) ([]string, *serverProc, error) {
+	var rnd [4]byte
+	_, _ = rand.Read(rnd[:])
+	ns := "tp-bench-" + hex.EncodeToString(rnd[:])
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		return nil, nil, fmt.Errorf("ip netns add: %v: %s", err, out)
+	}
+	e.kids.atExit(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
+	var d *nsDialer
+	p.cleanup = func() {
+		if d != nil {
+			d.close()
+		}
+		_ = exec.Command("ip", "netns", "del", ns).Run()
+	}
+	if out, err := exec.Command("ip", "-n", ns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
+		return nil, nil, fmt.Errorf("ip link set lo up: %v: %s", err, out)
+	}
+	var err error
+	if d, err = newNSDialer(ns); err != nil {
+		return nil, nil, err
+	}
+	p.dial = d.dial
+	p.adminClient = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		return d.dial(ctx, addr)
+	}}}
+	pre := []string{"ip", "netns", "exec", ns}
+	srvIP, err := nsServerIP()
+	if err != nil {
+		return nil, nil, err
+	}
+	sp, err := startServersWith(e.kids, e.dir, fmt.Sprintf("%s-%d", servers, e.rep), pre, []netip.Addr{srvIP})
+	if err != nil {
+		return nil, nil, err
+	}
+	p.cpuProcs = append(p.cpuProcs, sp.child)
+	return pre, sp, nil
+}
+
+// tunRelayMain is the tun relay process: for each LISTEN=TARGET argument
+// its gVisor stack on a new TUN device listens on LISTEN (a synthetic
+// address), and it copies each connection, both ways, to a new kernel
+// connection to TARGET, as relayMain does. It runs until killed.
+func tunRelayMain(args []string) {
+	if len(args) == 0 {
+		fmt.Fprintln(os.Stderr, "usage: bench -tunrelay LISTEN=TARGET...")
+		os.Exit(2)
+	}
+	raiseFileLimit(0)
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	network, err := netstack.NewTUN(netstack.Options{Logger: log}, tun.Config{Name: "tpbench1", Logger: log})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "tunrelay:", err)
+		os.Exit(1)
+	}
+	for _, a := range args {
+		listen, target, ok := strings.Cut(a, "=")
+		ap, err := netip.ParseAddrPort(listen)
+		if !ok || err != nil {
+			fmt.Fprintf(os.Stderr, "tunrelay: %q is not LISTEN=TARGET\n", a)
+			os.Exit(2)
+		}
+		ln, err := network.Listen(context.Background(), ap)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "tunrelay:", err)
+			os.Exit(1)
+		}
+		go relayServe(ln, target)
+	}
+	select {}
 }
 
 // nsDialer dials from inside a network namespace: a few goroutines, each

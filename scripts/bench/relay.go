@@ -53,10 +53,10 @@ func relayServe(ln net.Listener, target string) {
 			}
 			done := make(chan struct{})
 			go func() {
-				relayCopy(d.(*net.TCPConn), c.(*net.TCPConn))
+				relayCopy(d.(halfCloser), c.(halfCloser))
 				close(done)
 			}()
-			relayCopy(c.(*net.TCPConn), d.(*net.TCPConn))
+			relayCopy(c.(halfCloser), d.(halfCloser))
 			<-done
 			c.Close()
 			d.Close()
@@ -64,10 +64,31 @@ func relayServe(ln net.Listener, target string) {
 	}
 }
 
+// halfCloser is a connection that can send FIN: a *net.TCPConn, or a
+// gVisor connection of the tun relay.
+type halfCloser interface {
+	net.Conn
+	CloseWrite() error
+}
+
+// relayBuf is the copy buffer between a gVisor and a kernel connection,
+// as large as tcpproxy's bulk buffers.
+const relayBuf = 256 << 10
+
 // relayCopy copies src to dst, then half-closes dst; on an error it closes
-// both, which ends the other direction too.
-func relayCopy(dst, src *net.TCPConn) {
-	if _, err := io.Copy(dst, src); err != nil {
+// both, which ends the other direction too. Between kernel sockets it
+// splices (io.Copy); otherwise it copies through a buffer.
+func relayCopy(dst, src halfCloser) {
+	var err error
+	_, tcpDst := dst.(*net.TCPConn)
+	if _, tcpSrc := src.(*net.TCPConn); tcpSrc && tcpDst {
+		_, err = io.Copy(dst, src)
+	} else {
+		// Plain Reader and Writer: io.CopyBuffer would otherwise hand the
+		// work to a ReadFrom or WriteTo with their own 32 KiB buffers.
+		_, err = io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, make([]byte, relayBuf))
+	}
+	if err != nil {
 		dst.Close()
 		src.Close()
 		return

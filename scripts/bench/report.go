@@ -126,7 +126,9 @@ func (r *results) markdown(o options) string {
 	w("tcpproxy paths are two proxies joined by multiplexed sessions (channels/mux; two, the default), which take the same-host Unix socket (the default between proxies on one host) except on the path marked \"sessions over TCP\" (`transport.sameHost: tcp`, as between hosts): `tcpproxy run` processes on the loopback network ")
 	w("(request→reply with the default address ranges; duplex: a connect-mode impostor calling a bind-mode member), ")
 	w("and, for the netstack networks, a client instance whose legacy side is a gVisor stack (memory: in the bench process; ")
-	w("tun: `tcpproxy run` with network: tun in a network namespace of its own) calling a `tcpproxy run` server on loopback.\n\n")
+	w("tun: `tcpproxy run` with network: tun in a network namespace of its own) calling a `tcpproxy run` server on loopback. ")
+	w("The relays are floors that no proxy of their kind can beat: one plain Go relay (relay1: one process, two kernel TCP connections joined by splice), two in a chain (relay2: two processes talking TCP), ")
+	w("and one relay on a TUN device (tunrelay: one process whose gVisor stack takes the connections, copied to kernel connections with io.Copy).\n\n")
 	b.WriteString(r.tables(o))
 	if len(r.errs) > 0 {
 		w("\n### Errors\n\n")
@@ -284,6 +286,12 @@ func (r *results) tables(o options) string {
 		p1, pN := r.ratio(tp, "relay1", "bulk1"), r.ratio(tp, "relay1", "bulkN")
 		w("\nThe floor: one splicing relay (`relay1`, one process, two TCP connections, nothing else) reaches %s direct TCP with 1 connection and %s with %d; "+
 			"tcpproxy request→reply, two processes, reaches %s and %s of the relay's throughput.\n", times(f1), times(fN), o.parallel, times(p1), times(pN))
+	}
+	if r.has("tunrelay") && r.has("tun") {
+		f1, fN := r.ratio("tunrelay", "direct", "bulk1"), r.ratio("tunrelay", "direct", "bulkN")
+		p1, pN := r.ratio("tun", "tunrelay", "bulk1"), r.ratio("tun", "tunrelay", "bulkN")
+		w("\nThe floor on a TUN: one relay whose gVisor stack on a TUN device takes the connections (`tunrelay`, one process, io.Copy to kernel connections) reaches %s direct TCP with 1 connection and %s with %d; "+
+			"tcpproxy's tun path reaches %s and %s of its throughput.\n", times(f1), times(fN), o.parallel, times(p1), times(pN))
 	}
 	return b.String()
 }
