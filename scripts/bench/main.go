@@ -9,8 +9,9 @@
 // runs as root, builds cmd/tcpproxy, and drives every path with its own Go
 // load generator against its own echo and sink servers (a child process).
 // Paths: direct TCP, socat, haproxy, one plain Go relay (relay1, the floor
-// of any proxy), two in a chain (relay2, the floor of two-proxy designs
-// over TCP), two `tcpproxy run` processes
+// of any user-space proxy), two in a chain (relay2, the floor of two-proxy
+// designs over TCP), one gVisor relay on a TUN device (tunrelay, the floor
+// of a proxy on one), two `tcpproxy run` processes
 // request→reply (with sessions over the same-host Unix socket, and over
 // TCP) and duplex on the loopback network, and the client side on
 // the netstack networks: memory (a proxy in the bench process) and tun (in
@@ -90,7 +91,7 @@ func main() {
 	flag.IntVar(&o.idle, "idle", 10000, "memory: idle proxied connections held open")
 	flag.IntVar(&o.reps, "reps", 3, "repetitions; every figure is the median")
 	flag.DurationVar(&o.timeout, "timeout", 60*time.Second, "bound on each single measurement")
-	flag.StringVar(&o.paths, "paths", "direct,socat,haproxy,relay1,relay2,tcpproxy,tcpproxy-tcp,duplex,memory,tun,tunrelay", "paths to measure (comma-separated; relay1 is one plain Go relay, the floor of any proxy; relay2 is two in a chain, the floor of a two-proxy design whose proxies talk TCP; tcpproxy-tcp is tcpproxy with sessions over TCP instead of the same-host Unix socket; tunrelay is one gVisor relay on a TUN device, the floor of a proxy on one)")
+	flag.StringVar(&o.paths, "paths", "direct,socat,haproxy,relay1,relay2,tcpproxy,tcpproxy-tcp,duplex,memory,tun,tunrelay", "paths to measure (comma-separated; relay1 is one plain Go relay, the floor of any user-space proxy; relay2 is two in a chain, the floor of a two-proxy design whose proxies talk TCP; tcpproxy-tcp is tcpproxy with sessions over TCP instead of the same-host Unix socket; tunrelay is one gVisor relay on a TUN device, the floor of a proxy on one)")
 	flag.StringVar(&o.out, "out", "bench/results.md", "results file, relative to the module root")
 	flag.BoolVar(&o.install, "install", true, "apt-get install socat and haproxy when missing (root only)")
 	flag.StringVar(&o.tests, "tests", "memory,bulk,latency,connect", "measurements to run (comma-separated)")

@@ -240,14 +240,15 @@ drainTimeout: 1s
 // tunRelayAddr is where the tun relay listens, in its gVisor stack.
 var tunRelayAddr = netip.MustParseAddr("127.1.0.1")
 
-// tunRelayPath is the floor of any proxy on a TUN device: one process
-// (this program with -tunrelay, in a namespace as for tunPath) whose gVisor
-// stack on a TUN takes the load generator's connections, each copied with
-// io.Copy to and from a kernel connection to the servers; no sessions, no
+// tunRelayPath is the floor of a proxy on a TUN device: one process (this
+// program with -tunrelay, in a namespace as for tunPath) whose gVisor stack
+// on a TUN takes the load generator's connections, each copied through a
+// buffer to and from a kernel connection to the servers (one copy out of
+// gVisor, one into the kernel, as tcpproxy's client side); no sessions, no
 // second process.
 func tunRelayPath(e *env) *path {
 	return &path{
-		key: "tunrelay", name: "one relay on a TUN (gVisor, io.Copy: the floor of a TUN proxy)",
+		key: "tunrelay", name: "one relay on a TUN (gVisor, copying: the floor of a TUN proxy)",
 		memoryNote: "n/a (baseline)",
 		skip:       tunUsable(),
 		setup: func(ctx context.Context, p *path) error {

@@ -97,8 +97,9 @@ func relayCopy(dst, src halfCloser) {
 }
 
 // relayPath is load generator → one relay → servers: one proxy process
-// and two kernel TCP connections joined by splice(2), the least any proxy
-// that terminates TCP can cost, which no two-process design can beat.
+// and two kernel TCP connections joined by splice(2): the least CPU per
+// byte that a user-space proxy terminating TCP spends, which no
+// two-process design can undercut.
 func relayPath(e *env) *path {
 	return &path{
 		key: "relay1", name: "one Go relay (io.Copy, the floor of any proxy)",

@@ -127,8 +127,8 @@ func (r *results) markdown(o options) string {
 	w("(request→reply with the default address ranges; duplex: a connect-mode impostor calling a bind-mode member), ")
 	w("and, for the netstack networks, a client instance whose legacy side is a gVisor stack (memory: in the bench process; ")
 	w("tun: `tcpproxy run` with network: tun in a network namespace of its own) calling a `tcpproxy run` server on loopback. ")
-	w("The relays are floors that no proxy of their kind can beat: one plain Go relay (relay1: one process, two kernel TCP connections joined by splice), two in a chain (relay2: two processes talking TCP), ")
-	w("and one relay on a TUN device (tunrelay: one process whose gVisor stack takes the connections, copied to kernel connections with io.Copy).\n\n")
+	w("The relays are floors, the least CPU per byte a user-space proxy of their kind spends (so with 8 connections, where the CPUs are the limit, about the most throughput it can reach): one plain Go relay (relay1: one process, two kernel TCP connections joined by splice), two in a chain (relay2: two processes talking TCP), ")
+	w("and one relay on a TUN device (tunrelay: one process whose gVisor stack takes the connections, copied to kernel connections through a buffer, one copy out of gVisor and one into the kernel).\n\n")
 	b.WriteString(r.tables(o))
 	if len(r.errs) > 0 {
 		w("\n### Errors\n\n")
@@ -290,7 +290,7 @@ func (r *results) tables(o options) string {
 	if r.has("tunrelay") && r.has("tun") {
 		f1, fN := r.ratio("tunrelay", "direct", "bulk1"), r.ratio("tunrelay", "direct", "bulkN")
 		p1, pN := r.ratio("tun", "tunrelay", "bulk1"), r.ratio("tun", "tunrelay", "bulkN")
-		w("\nThe floor on a TUN: one relay whose gVisor stack on a TUN device takes the connections (`tunrelay`, one process, io.Copy to kernel connections) reaches %s direct TCP with 1 connection and %s with %d; "+
+		w("\nThe floor on a TUN: one relay whose gVisor stack on a TUN device takes the connections (`tunrelay`, one process, copying to kernel connections) reaches %s direct TCP with 1 connection and %s with %d; "+
 			"tcpproxy's tun path reaches %s and %s of its throughput.\n", times(f1), times(fN), o.parallel, times(p1), times(pN))
 	}
 	return b.String()
