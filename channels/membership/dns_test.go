@@ -175,7 +175,7 @@ func dnsMember(iid, addr string) channels.Member {
 func TestDNSSRV(t *testing.T) {
 	d := startFakeDNS(t)
 	d.setSRV(srvName, srv("web-1.web.mesh.test.", 7001), srv("web-0.web.mesh.test.", 7000))
-	logs := &logBuffer{}
+	logs := testLogs(t)
 	src := DNS(DNSConfig{
 		Name: "web.mesh.test.", Service: "tcpproxy",
 		Role: "web", Channels: map[string]uint16{"peers": 2380},
@@ -230,7 +230,7 @@ func TestDNSAddresses(t *testing.T) {
 	src := DNS(DNSConfig{
 		Name: "pods.mesh.test.", Port: 7000, Role: "web",
 		Channels: map[string]uint16{"peers": 2380},
-		Interval: 5 * time.Millisecond, Resolver: d.resolver(), Logger: (&logBuffer{}).logger(),
+		Interval: 5 * time.Millisecond, Resolver: d.resolver(), Logger: testLogs(t).logger(),
 	})
 	ch := watchSource(t, src)
 	assert.Equal(t, []channels.Member{

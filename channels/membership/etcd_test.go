@@ -33,7 +33,7 @@ func mustEtcd(t *testing.T, cfg EtcdConfig, self *channels.Member) *etcdSource {
 
 func TestEtcdJoinLeave(t *testing.T) {
 	e := startEtcd(t)
-	logs := &logBuffer{}
+	logs := testLogs(t)
 	// A long TTL: a leave seen within a few seconds comes from revoking
 	// the lease on shutdown, not from its expiry.
 	cfg := etcdConfig(e, 30*time.Second, logs)
@@ -62,7 +62,7 @@ func TestEtcdJoinLeave(t *testing.T) {
 
 func TestEtcdLeaseExpiry(t *testing.T) {
 	e := startEtcd(t)
-	logs := &logBuffer{}
+	logs := testLogs(t)
 	cfg := etcdConfig(e, 2*time.Second, logs)
 	watcher := watchSource(t, mustEtcd(t, cfg, nil))
 	waitList(t, watcher, 5*time.Second)
@@ -86,7 +86,7 @@ func TestEtcdLeaseExpiry(t *testing.T) {
 
 func TestEtcdRestart(t *testing.T) {
 	e := startEtcd(t)
-	logs := &logBuffer{}
+	logs := testLogs(t)
 	cfg := etcdConfig(e, 2*time.Second, logs)
 	cli := e.client(t)
 
@@ -129,7 +129,7 @@ func TestEtcdRestart(t *testing.T) {
 
 func TestEtcdCompactedResync(t *testing.T) {
 	e := startEtcd(t)
-	logs := &logBuffer{}
+	logs := testLogs(t)
 	cfg := etcdConfig(e, 2*time.Second, logs)
 	cli := e.client(t)
 	ctx := context.Background()
@@ -185,7 +185,7 @@ func TestEtcdCompactedResync(t *testing.T) {
 
 func TestEtcdMalformedValues(t *testing.T) {
 	e := startEtcd(t)
-	logs := &logBuffer{}
+	logs := testLogs(t)
 	cfg := etcdConfig(e, 2*time.Second, logs)
 	cli := e.client(t)
 	ctx := context.Background()
@@ -217,7 +217,7 @@ func TestEtcdMalformedValues(t *testing.T) {
 
 func TestEtcdSelfDeletedByOthers(t *testing.T) {
 	e := startEtcd(t)
-	logs := &logBuffer{}
+	logs := testLogs(t)
 	cfg := etcdConfig(e, 10*time.Second, logs)
 	cli := e.client(t)
 	ctx := context.Background()
@@ -277,7 +277,7 @@ func TestEtcdUnreachable(t *testing.T) {
 	a := member("a", 7001)
 	src, err := Etcd(EtcdConfig{
 		Endpoints: []string{"http://" + freeAddr(t)}, Prefix: testPrefix,
-		DialTimeout: 300 * time.Millisecond, Logger: (&logBuffer{}).logger(),
+		DialTimeout: 300 * time.Millisecond, Logger: testLogs(t).logger(),
 	}, &a)
 	require.NoError(t, err)
 	start := time.Now()

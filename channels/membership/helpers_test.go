@@ -167,6 +167,19 @@ func (b *logBuffer) String() string {
 	return b.buf.String()
 }
 
+// testLogs returns a log buffer whose contents the test prints if it
+// fails: a source's own account of a timing failure is the way to tell a
+// slow machine from a bug.
+func testLogs(t *testing.T) *logBuffer {
+	b := &logBuffer{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("the sources' log:\n%s", b.String())
+		}
+	})
+	return b
+}
+
 func (b *logBuffer) logger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(b, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
