@@ -267,10 +267,7 @@ func (s *Session) shutdown(cause error, sendGoAway bool, code uint32) {
 		}
 	}
 	close(s.done)
-	select {
-	case s.sendSignal <- struct{}{}:
-	default:
-	}
+	notify(s.sendSignal)
 	for _, st := range streams {
 		st.mu.Lock()
 		st.sessionEndedLocked(cause)

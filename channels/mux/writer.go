@@ -69,10 +69,7 @@ func (s *Session) pushLocked(f frame) error {
 		return errSendClosed
 	}
 	if len(s.queue) == 0 {
-		select {
-		case s.sendSignal <- struct{}{}:
-		default:
-		}
+		notify(s.sendSignal)
 	}
 	s.queue = append(s.queue, f)
 	return nil
@@ -236,10 +233,7 @@ func (s *Session) release(err error) {
 	wake := len(s.queue) > 0 || s.sendClosed || s.broken != nil
 	s.sendMu.Unlock()
 	if wake {
-		select {
-		case s.sendSignal <- struct{}{}:
-		default:
-		}
+		notify(s.sendSignal)
 	}
 }
 
