@@ -1,5 +1,7 @@
 package channels
 
+import "time"
+
 // Test hooks, compiled only into this package's tests.
 
 // NumSessions returns how many live sessions the node has with peer iid
@@ -30,4 +32,33 @@ func ActiveStreams(rc RequestChannel) map[string]int {
 		out[k] = v
 	}
 	return out
+}
+
+// SetRefusalLogInterval sets how often refusals are summed up in the log,
+// for nodes started afterwards; restore puts the default back.
+func SetRefusalLogInterval(d time.Duration) (restore func()) {
+	old := refusalLogInterval
+	refusalLogInterval = d
+	return func() { refusalLogInterval = old }
+}
+
+// MaxRefusalAddrs is how many addresses the refusal log tracks one by one.
+const MaxRefusalAddrs = maxRefusalAddrs
+
+// Retiring returns how many of the node's live sessions with peer iid are
+// retiring (Config.MaxSessionAge).
+func (n *Node) Retiring(iid string) int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	p := n.peers[iid]
+	if p == nil {
+		return 0
+	}
+	k := 0
+	for _, s := range p.sessions {
+		if !s.ys.IsClosed() && s.isRetiring() {
+			k++
+		}
+	}
+	return k
 }

@@ -29,13 +29,31 @@ func (n *Node) setMembers(list []Member) {
 		byIID[m.IID] = m
 	}
 	n.mu.Lock()
-	defer n.mu.Unlock()
 	if n.closed {
+		n.mu.Unlock()
 		return
 	}
 	n.members = memberState{known: true, byIID: byIID}
 	for _, d := range n.duplexes {
 		d.update(n.serving(d.name))
+	}
+	// Sessions whose peer is no longer the member it was authenticated
+	// as: it left, or its role or (without TLS) its address changed.
+	var stale []*session
+	for iid, p := range n.peers {
+		m, ok := byIID[iid]
+		for _, s := range p.sessions {
+			if !ok || !sameIdentity(m, s.member, s.auth) {
+				stale = append(stale, s)
+			}
+		}
+	}
+	n.mu.Unlock()
+	for _, s := range stale {
+		s.log.Info("closing session: the peer left the membership or changed its role or address")
+		if !n.spawn(func() { s.ys.Close() }) {
+			s.ys.Close()
+		}
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/membership"
 	"github.com/tcpproxy/tcpproxy/channels/mux"
 	"github.com/tcpproxy/tcpproxy/channels/wire"
 )
@@ -29,10 +30,18 @@ func rawDial(t *testing.T, tr channels.Transport, addr string) net.Conn {
 
 func TestHandshakeRefusals(t *testing.T) {
 	tr := channels.NewMemoryTransport()
-	b := startNode(t, baseConfig("b", tr, nil), func(n *channels.Node) {
+	b := startNode(t, baseConfig("b", tr, membership.Static(channels.Member{IID: "x", Role: "r"})), func(n *channels.Node) {
 		_, err := n.Reply("svc")
 		require.NoError(t, err)
 	})
+	refuse := func(t *testing.T, h wire.Hello, want string) {
+		c := rawDial(t, tr, b.Addr())
+		require.NoError(t, wire.WriteHello(c, h))
+		rp, err := wire.ReadReply(c)
+		require.NoError(t, err)
+		require.False(t, rp.Accepted)
+		assert.Contains(t, rp.Reason, want)
+	}
 
 	t.Run("accepted", func(t *testing.T) {
 		c := rawDial(t, tr, b.Addr())
@@ -44,12 +53,15 @@ func TestHandshakeRefusals(t *testing.T) {
 	})
 
 	t.Run("own iid", func(t *testing.T) {
-		c := rawDial(t, tr, b.Addr())
-		require.NoError(t, wire.WriteHello(c, wire.Hello{IID: "b"}))
-		rp, err := wire.ReadReply(c)
-		require.NoError(t, err)
-		require.False(t, rp.Accepted)
-		assert.Contains(t, rp.Reason, `"b" is the listener's own`)
+		refuse(t, wire.Hello{IID: "b"}, `"b" is the listener's own`)
+	})
+
+	t.Run("not a member", func(t *testing.T) {
+		refuse(t, wire.Hello{IID: "stranger", Role: "r"}, `instance "stranger" (role "r") is not a member`)
+	})
+
+	t.Run("not the member's role", func(t *testing.T) {
+		refuse(t, wire.Hello{IID: "x", Role: "admin"}, `instance "x" (role "admin"): the member's role is "r"`)
 	})
 
 	t.Run("other version", func(t *testing.T) {
@@ -78,11 +90,13 @@ func TestHandshakeRefusals(t *testing.T) {
 func TestBadStreamsAreReset(t *testing.T) {
 	tr := channels.NewMemoryTransport()
 	var reply channels.ReplyChannel
-	cfg := baseConfig("b", tr, nil)
+	cfg := baseConfig("b", tr, membership.Static(channels.Member{IID: "x"}))
 	cfg.HandshakeTimeout = 200 * time.Millisecond // for the truncated header
 	b := startNode(t, cfg, func(n *channels.Node) {
 		var err error
 		reply, err = n.Reply("svc")
+		require.NoError(t, err)
+		_, err = n.Duplex("ring")
 		require.NoError(t, err)
 	})
 	c := rawDial(t, tr, b.Addr())
@@ -111,9 +125,11 @@ func TestBadStreamsAreReset(t *testing.T) {
 	good := send(header(wire.StreamHeader{Channel: "svc", SourceIID: "x", SourcePort: 7}))
 	for name, first := range map[string][]byte{
 		"unknown channel": header(wire.StreamHeader{Channel: "nope", SourceIID: "x"}),
-		"spoofed source":  header(wire.StreamHeader{Channel: "svc", SourceIID: "b2"}),
-		"bad version":     {9, 3, 's', 'v', 'c'},
-		"empty channel":   {wire.Version, 0},
+		// x's handshake does not list ring: it is not in the group.
+		"duplex channel of another group": header(wire.StreamHeader{Channel: "ring", SourceIID: "x"}),
+		"spoofed source":                  header(wire.StreamHeader{Channel: "svc", SourceIID: "b2"}),
+		"bad version":                     {9, 3, 's', 'v', 'c'},
+		"empty channel":                   {wire.Version, 0},
 	} {
 		t.Run(name, func(t *testing.T) {
 			st := send(first)
