@@ -27,7 +27,7 @@ func (n *Node) dial(m Member) (s *session, err error) {
 	if m.Addr == "" {
 		return nil, fmt.Errorf("dial %s: member has no address", m.IID)
 	}
-	if ap, perr := netip.ParseAddrPort(m.Addr); perr == nil && !ap.Addr().Unmap().IsLoopback() && !n.plaintextAnywhere() {
+	if ap, perr := netip.ParseAddrPort(m.Addr); perr == nil && !ap.Addr().Unmap().IsLoopback() && n.plaintextLocalOnly() {
 		// Refuse before connecting: nothing would be sent anyway.
 		return nil, refused(RefusedPlaintext, fmt.Errorf("dial %s (%s): %w", m.IID, m.Addr, errPlaintext))
 	}
@@ -37,7 +37,7 @@ func (n *Node) dial(m Member) (s *session, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("dial %s (%s): %w", m.IID, m.Addr, err)
 	}
-	if !sameNamespace(raw) && !n.plaintextAnywhere() {
+	if !sameNamespace(raw) && n.plaintextLocalOnly() {
 		// A host name that resolved to another host's address.
 		raw.Close()
 		return nil, refused(RefusedPlaintext, fmt.Errorf("dial %s (%s, at %s): %w", m.IID, m.Addr, raw.RemoteAddr(), errPlaintext))
@@ -102,6 +102,10 @@ var errPlaintext = errors.New("no TLS for a session with a peer outside this net
 // plaintextAnywhere reports whether the node may hold sessions without
 // TLS with peers at any address.
 func (n *Node) plaintextAnywhere() bool { return n.cfg.Insecure && n.cfg.TLS == nil }
+
+// plaintextLocalOnly reports whether the node holds sessions without TLS,
+// and only with peers in its network namespace.
+func (n *Node) plaintextLocalOnly() bool { return !n.cfg.Insecure && n.cfg.TLS == nil }
 
 // sameNamespace reports whether c's peer is in this node's network
 // namespace: at a loopback address, on the same-host socket, or in this
@@ -226,7 +230,7 @@ func (n *Node) admit(ctx context.Context, raw, conn net.Conn, h wire.Hello) (Mem
 		// must also name the instance the handshake claims to be.
 		return Member{}, "", refused(RefusedIdentity, fmt.Errorf("handshake says %s but %v", claim, err))
 	}
-	if !isTLS && !sameNamespace(raw) && !n.plaintextAnywhere() {
+	if !isTLS && !sameNamespace(raw) && n.plaintextLocalOnly() {
 		return Member{}, "", refused(RefusedPlaintext, fmt.Errorf("%s: %w", claim, errPlaintext))
 	}
 	m, ok := n.member(h.IID)
@@ -249,7 +253,7 @@ func (n *Node) admit(ctx context.Context, raw, conn net.Conn, h wire.Hello) (Mem
 // member m: from this network namespace if m's address is here (or m has
 // none), else, on an Insecure node, from the IP of m's address.
 func (n *Node) admitPlaintext(ctx context.Context, raw net.Conn, m Member) (string, error) {
-	local := sameNamespace(raw) // else plaintextAnywhere: see admit
+	local := sameNamespace(raw) // else not plaintextLocalOnly: see admit
 	var ips []netip.Addr
 	if m.Addr != "" {
 		var err error

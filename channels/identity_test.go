@@ -88,7 +88,7 @@ func impostor(t *testing.T, c net.Conn, h wire.Hello, got *captured) (wire.Reply
 		return rp, err
 	}
 	require.NoError(t, c.SetDeadline(time.Time{}))
-	sess, err := mux.Server(c, mux.Config{Logger: slog.New(slog.DiscardHandler)})
+	sess, err := mux.Client(c, mux.Config{Logger: slog.New(slog.DiscardHandler)})
 	require.NoError(t, err)
 	done := make(chan struct{})
 	go func() {
@@ -278,4 +278,35 @@ func TestTLSImpostorsRefused(t *testing.T) {
 	sendThrough(t, req, reply, "srv", "cli", 6)
 	assert.Zero(t, got.get(), "streams sent to an impostor")
 	seen.wait(t, map[string]int{channels.RefusedTLS: 1, channels.RefusedIdentity: 1, channels.RefusedNotMember: 2})
+}
+
+// TestTLSAcrossHosts: with TLS, nodes on different hosts hold sessions
+// without Insecure, in both directions.
+func TestTLSAcrossHosts(t *testing.T) {
+	caFile, files := writeCerts(t, t.TempDir(), "cli", "srv")
+	mt := channels.NewMemoryTransport()
+	members := membership.Static(
+		channels.Member{IID: "cli", Role: "test", Addr: "10.0.0.1:7000"},
+		channels.Member{IID: "srv", Role: "test", Addr: "10.0.0.2:7000", Channels: map[string]uint16{"svc": 80}},
+	)
+	withTLS := func(c channels.Config) channels.Config {
+		f := files[c.IID]
+		var err error
+		c.TLS, err = channels.TLSConfigFromFiles(f[0], f[1], caFile)
+		require.NoError(t, err)
+		return c
+	}
+	var reply channels.ReplyChannel
+	startNode(t, withTLS(onHost("srv", mt, "10.0.0.2", members)), func(n *channels.Node) {
+		var err error
+		reply, err = n.Reply("svc")
+		require.NoError(t, err)
+	})
+	var req channels.RequestChannel
+	startNode(t, withTLS(onHost("cli", mt, "10.0.0.1", members)), func(n *channels.Node) {
+		var err error
+		req, err = n.Request("svc", "", nil)
+		require.NoError(t, err)
+	})
+	sendThrough(t, req, reply, "srv", "cli", 3)
 }
