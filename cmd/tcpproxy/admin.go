@@ -86,6 +86,9 @@ func (o *observer) onHandshake() func(string, bool, time.Duration, error) {
 func (o *observer) attach(in *instance) {
 	o.node.Store(in.node)
 	o.registry.MustRegister(metrics.NewCollector(in.proxy.IID(), in.proxy))
+	if in.creds != nil {
+		o.registry.MustRegister(metrics.NewCertificates(in.proxy.IID(), in.creds))
+	}
 }
 
 // adminMux serves Prometheus metrics at /metrics, liveness at /healthz,
