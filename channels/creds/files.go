@@ -76,6 +76,7 @@ func WatchFiles(cfg FilesConfig) (*Files, error) {
 		return nil, err
 	}
 	f.w = w
+	w.notify()
 	f.wg.Go(func() { w.run(f.done) })
 	return f, nil
 }
@@ -98,7 +99,8 @@ func (f *Files) Close() error {
 // ClientFiles are a client certificate and the CA bundle that verifies
 // servers by host name, loaded from PEM files and reloaded when they
 // change: the credentials of a client of a registry such as etcd, whose
-// certificates name hosts, not instances.
+// certificates name hosts, not instances. See TLSConfig for what follows
+// a rotation.
 type ClientFiles struct {
 	cur atomic.Pointer[clientCert]
 	w   *fileWatch
@@ -139,41 +141,33 @@ func LoadClientFiles(cfg FilesConfig) (*ClientFiles, error) {
 }
 
 // TLSConfig returns a client configuration that presents the current
-// certificate and verifies the server's chain and host name against the
-// current CA bundle, at each handshake.
+// certificate at each handshake, and verifies servers by the standard
+// rules (chain and host name) against the CA bundle current when it is
+// called: a server's host name is not known to a verification callback
+// when the server is dialed by IP address, so the bundle cannot follow
+// rotations behind crypto/tls's back. A client made from it at start
+// keeps that bundle; keep the old CA in it while the server's CA rotates.
 func (c *ClientFiles) TLSConfig() *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS12,
+		RootCAs:    c.cur.Load().roots,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			return &c.cur.Load().cert, nil
-		},
-		// The standard verification, against the bundle current at the
-		// handshake rather than the one at start.
-		InsecureSkipVerify: true,
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			if len(cs.PeerCertificates) == 0 {
-				return errors.New("server presented no certificate")
-			}
-			if cs.ServerName == "" {
-				return errors.New("no server name to verify the server's certificate against")
-			}
-			inter := x509.NewCertPool()
-			for _, ic := range cs.PeerCertificates[1:] {
-				inter.AddCert(ic)
-			}
-			_, err := cs.PeerCertificates[0].Verify(x509.VerifyOptions{
-				DNSName: cs.ServerName, Roots: c.cur.Load().roots, Intermediates: inter,
-			})
-			return err
 		},
 	}
 }
 
 // Run reloads the files when they change, until ctx ends.
-func (c *ClientFiles) Run(ctx context.Context) { c.w.run(ctx.Done()) }
+func (c *ClientFiles) Run(ctx context.Context) {
+	c.w.notify()
+	c.w.run(ctx.Done())
+}
 
 // Stats reports the certificate in use and the reloads so far.
 func (c *ClientFiles) Stats() Stats { return c.w.h.stats() }
+
+// newNotifier is fsnotify.NewWatcher; tests replace it to poll only.
+var newNotifier = fsnotify.NewWatcher
 
 // fileWatch reloads three files when they change. load parses their
 // contents and, when they are good, puts them in use and returns the
@@ -296,16 +290,25 @@ func (w *fileWatch) rewatch() {
 	}
 }
 
-// run watches the files and reloads them until stop is closed.
-func (w *fileWatch) run(stop <-chan struct{}) {
+// notify starts file-system notifications for the files; the goroutine
+// that then calls run owns them.
+func (w *fileWatch) notify() {
 	var err error
-	if w.fw, err = fsnotify.NewWatcher(); err != nil {
+	if w.fw, err = newNotifier(); err != nil {
 		w.h.log.Warn("cannot watch the TLS files; checking them by polling only", "every", w.poll, "err", err)
-	} else {
-		defer w.fw.Close()
 	}
 	w.watched = make(map[string]bool)
 	w.rewatch()
+}
+
+// run reloads the files when they change, until stop is closed; notify
+// must have been called.
+func (w *fileWatch) run(stop <-chan struct{}) {
+	if w.fw != nil {
+		defer w.fw.Close()
+	}
+	// A change between the first load and the first watch is not missed.
+	w.reload()
 	poll := time.NewTicker(w.poll)
 	defer poll.Stop()
 	quiet := time.NewTimer(settle)

@@ -75,7 +75,7 @@ func NewMaterial(cert tls.Certificate, roots []*x509.Certificate, spiffe *SPIFFE
 		m.bundle = x509bundle.FromX509Authorities(spiffe.TrustDomain(), roots)
 	}
 	var err error
-	if m.self, err = m.Identify(cert.Leaf); err != nil {
+	if m.self, err = m.Identify(m.cert.Leaf); err != nil {
 		return nil, fmt.Errorf("certificate: %w", err)
 	}
 	for _, usage := range []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth} {
@@ -135,6 +135,9 @@ func LoadMaterial(certFile, keyFile, caFile string, spiffe *SPIFFEMapping) (*Mat
 func MaterialFromSVID(svid *x509svid.SVID, bundles x509bundle.Source, spiffe *SPIFFEMapping) (*Material, error) {
 	if svid == nil || len(svid.Certificates) == 0 {
 		return nil, errors.New("no X.509 SVID")
+	}
+	if !svid.ID.MemberOf(spiffe.TrustDomain()) {
+		return nil, fmt.Errorf("SVID %s is not in trust domain %s", svid.ID, spiffe.TrustDomain().Name())
 	}
 	b, err := bundles.GetX509BundleForTrustDomain(spiffe.TrustDomain())
 	if err != nil {
