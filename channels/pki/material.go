@@ -2,12 +2,15 @@ package pki
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/binary"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -39,6 +42,8 @@ type Material struct {
 	spiffe *SPIFFEMapping     // nil: tcpproxy instance URIs
 	bundle *x509bundle.Bundle // the trust domain's roots, with spiffe
 	self   Identity
+
+	verified verifiedCache
 }
 
 // NewMaterial checks cert (chain and private key) and returns the material
@@ -232,31 +237,109 @@ func (m *Material) Identify(cert *x509.Certificate) (Identity, error) {
 // is the extended key usage the leaf must allow (server when dialing,
 // client when accepting); X.509 SVIDs are verified by go-spiffe's rules,
 // which leave key usage to the issuer.
+//
+// A chain verified once is remembered, within its validity, for as long
+// as the Material lives (the bundle cannot change under it): a peer that
+// reconnects, or resumes a TLS session, pays for hashing its chain rather
+// than for the signature checks.
 func (m *Material) Verify(chain []*x509.Certificate, usage x509.ExtKeyUsage) (Identity, error) {
 	if len(chain) == 0 {
 		return Identity{}, errors.New("peer presented no certificate")
 	}
+	now := time.Now()
+	key := verifiedKey(chain, usage)
+	if id, ok := m.verified.get(key, now); ok {
+		return id, nil
+	}
+	id, chains, err := m.verify(chain, usage)
+	if err != nil {
+		return Identity{}, err
+	}
+	m.verified.put(key, id, chains[0])
+	return id, nil
+}
+
+func (m *Material) verify(chain []*x509.Certificate, usage x509.ExtKeyUsage) (Identity, [][]*x509.Certificate, error) {
 	leaf := chain[0]
 	if m.spiffe != nil {
 		id, err := x509svid.IDFromCert(leaf)
 		if err != nil {
-			return Identity{}, fmt.Errorf("peer certificate %s is not an X.509 SVID: %w", describe(leaf), err)
+			return Identity{}, nil, fmt.Errorf("peer certificate %s is not an X.509 SVID: %w", describe(leaf), err)
 		}
 		// Name the trust domain in the error rather than the missing bundle.
 		if !id.MemberOf(m.spiffe.TrustDomain()) {
-			return Identity{}, fmt.Errorf("peer's SPIFFE ID %s is not in trust domain %s", id, m.spiffe.TrustDomain().Name())
+			return Identity{}, nil, fmt.Errorf("peer's SPIFFE ID %s is not in trust domain %s", id, m.spiffe.TrustDomain().Name())
 		}
-		if _, _, err := x509svid.Verify(chain, m.bundle); err != nil {
-			return Identity{}, fmt.Errorf("peer certificate %s: %w", id, err)
+		_, chains, err := x509svid.Verify(chain, m.bundle)
+		if err != nil {
+			return Identity{}, nil, fmt.Errorf("peer certificate %s: %w", id, err)
 		}
-		return m.spiffe.Identity(id)
+		got, err := m.spiffe.Identity(id)
+		return got, chains, err
 	}
 	inter := x509.NewCertPool()
 	for _, c := range chain[1:] {
 		inter.AddCert(c)
 	}
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: m.pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
-		return Identity{}, fmt.Errorf("peer certificate %s: %w", describe(leaf), err)
+	chains, err := leaf.Verify(x509.VerifyOptions{Roots: m.pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}})
+	if err != nil {
+		return Identity{}, nil, fmt.Errorf("peer certificate %s: %w", describe(leaf), err)
 	}
-	return IdentityOf(leaf)
+	got, err := IdentityOf(leaf)
+	return got, chains, err
+}
+
+// verifiedCap bounds the chains a Material remembers; when full, it
+// forgets them all. Only chains that verified are remembered, so filling
+// it takes many certificates from the mesh's own CAs.
+const verifiedCap = 1024
+
+// verifiedCache remembers chains that verified, with the instance they
+// name and the period in which every certificate of the chain is valid.
+type verifiedCache struct {
+	mu sync.Mutex
+	m  map[[sha256.Size]byte]verifiedChain
+}
+
+type verifiedChain struct {
+	id                  Identity
+	notBefore, notAfter time.Time
+}
+
+func verifiedKey(chain []*x509.Certificate, usage x509.ExtKeyUsage) [sha256.Size]byte {
+	h := sha256.New()
+	_ = binary.Write(h, binary.BigEndian, int64(usage))
+	for _, c := range chain {
+		_ = binary.Write(h, binary.BigEndian, uint64(len(c.Raw)))
+		h.Write(c.Raw)
+	}
+	return [sha256.Size]byte(h.Sum(nil))
+}
+
+func (c *verifiedCache) get(key [sha256.Size]byte, now time.Time) (Identity, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	v, ok := c.m[key]
+	if !ok || now.Before(v.notBefore) || now.After(v.notAfter) {
+		return Identity{}, false
+	}
+	return v.id, true
+}
+
+func (c *verifiedCache) put(key [sha256.Size]byte, id Identity, chain []*x509.Certificate) {
+	v := verifiedChain{id: id, notBefore: chain[0].NotBefore, notAfter: chain[0].NotAfter}
+	for _, cert := range chain[1:] {
+		if cert.NotBefore.After(v.notBefore) {
+			v.notBefore = cert.NotBefore
+		}
+		if cert.NotAfter.Before(v.notAfter) {
+			v.notAfter = cert.NotAfter
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil || len(c.m) >= verifiedCap {
+		c.m = make(map[[sha256.Size]byte]verifiedChain)
+	}
+	c.m[key] = v
 }
