@@ -102,8 +102,9 @@ func (f *Files) Close() error {
 // certificates name hosts, not instances. See TLSConfig for what follows
 // a rotation.
 type ClientFiles struct {
-	cur atomic.Pointer[clientCert]
-	w   *fileWatch
+	cur     atomic.Pointer[clientCert]
+	w       *fileWatch
+	running atomic.Bool
 }
 
 type clientCert struct {
@@ -157,8 +158,13 @@ func (c *ClientFiles) TLSConfig() *tls.Config {
 	}
 }
 
-// Run reloads the files when they change, until ctx ends.
+// Run reloads the files when they change, until ctx ends. A Run while
+// another runs returns at once.
 func (c *ClientFiles) Run(ctx context.Context) {
+	if !c.running.CompareAndSwap(false, true) {
+		return
+	}
+	defer c.running.Store(false)
 	c.w.notify()
 	c.w.run(ctx.Done())
 }

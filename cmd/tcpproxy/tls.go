@@ -95,6 +95,12 @@ func (s *spiffeConfig) socketAddr() string {
 	return s.Socket
 }
 
+// enabled says whether the section sets up mutual TLS between proxies
+// (from files or from the Workload API).
+func (t tlsConfig) enabled() bool {
+	return t.Cert != "" || (t.SPIFFE != nil && t.SPIFFE.Socket != "")
+}
+
 // transportCredentials loads the `tls:` section's credentials for
 // instance self, nil without TLS; they follow rotations until closed.
 func (t tlsConfig) transportCredentials(ctx context.Context, self pki.Identity, log *slog.Logger) (creds.Source, error) {
@@ -107,7 +113,9 @@ func (t tlsConfig) transportCredentials(ctx context.Context, self pki.Identity, 
 		}
 	}
 	switch {
-	case spiffe != nil && t.SPIFFE.Socket != "":
+	case !t.enabled():
+		return nil, nil
+	case t.Cert == "":
 		ctx, cancel := context.WithTimeout(ctx, workloadStartTimeout)
 		defer cancel()
 		src, err := creds.WatchWorkload(ctx, creds.WorkloadConfig{Addr: t.SPIFFE.socketAddr(), SPIFFE: spiffe, Options: opts})
@@ -115,7 +123,7 @@ func (t tlsConfig) transportCredentials(ctx context.Context, self pki.Identity, 
 			return nil, fmt.Errorf("tls.spiffe.socket: %w", err)
 		}
 		return src, nil
-	case t.Cert != "":
+	default:
 		src, err := creds.WatchFiles(creds.FilesConfig{
 			Cert: t.Cert, Key: t.Key, CA: t.CA, SPIFFE: spiffe, Poll: time.Duration(t.Poll), Options: opts,
 		})
@@ -124,7 +132,6 @@ func (t tlsConfig) transportCredentials(ctx context.Context, self pki.Identity, 
 		}
 		return src, nil
 	}
-	return nil, nil
 }
 
 // clientCredentials loads a registry client's certificate and CA bundle.
