@@ -44,10 +44,10 @@ func secret(t *testing.T, ca *pki.CA, spiffe *pki.SPIFFEMapping, iid string, cas
 	return sd
 }
 
-// client starts node iid with a request channel "svc" to member b and
-// the credentials given.
+// client starts node iid with a request channel "svc" to member b, over
+// TCP, with the credentials given.
 func client(t *testing.T, iid string, b *channels.Node, cr pki.Credentials) channels.RequestChannel {
-	cfg := baseConfig(iid, nil, membership.Static(member(b, "b", map[string]uint16{"svc": 80})))
+	cfg := baseConfig(iid, channels.PlainTCPTransport(), membership.Static(member(b, "b", map[string]uint16{"svc": 80})))
 	cfg.ListenAddr = ""
 	cfg.TLS = cr
 	var req channels.RequestChannel
@@ -85,7 +85,7 @@ func TestTLSRotationUnderTraffic(t *testing.T) {
 	ca1, ca2 := credstest.NewCA(t, "ca1"), credstest.NewCA(t, "ca2")
 	sdA, sdB := secret(t, ca1, nil, "a", ca1), secret(t, ca1, nil, "b", ca1)
 	credsA, credsB := watch(t, sdA, "a", nil), watch(t, sdB, "b", nil)
-	req, reply, _, b := pair(t, nil, func(c *channels.Config) {
+	req, reply, _, b := pair(t, channels.PlainTCPTransport(), func(c *channels.Config) {
 		if c.IID == "a" {
 			c.TLS = credsA
 		} else {
@@ -186,7 +186,7 @@ func TestTLSRotationUnderTraffic(t *testing.T) {
 // reached b).
 func TestTLSResumption(t *testing.T) {
 	ca, files := writeCerts(t, t.TempDir(), "a", "b")
-	req, reply, a, b := pair(t, nil, func(c *channels.Config) {
+	req, reply, a, b := pair(t, channels.PlainTCPTransport(), func(c *channels.Config) {
 		f := files[c.IID]
 		cr, err := channels.TLSConfigFromFiles(f[0], f[1], ca)
 		require.NoError(t, err)
@@ -233,7 +233,7 @@ func TestTLSSPIFFE(t *testing.T) {
 	spiffe, err := pki.NewSPIFFEMapping("example.org", "/ns/{role}/sa/{iid}")
 	require.NoError(t, err)
 	var bLog logBuffer
-	req, reply, _, b := pair(t, nil, func(c *channels.Config) {
+	req, reply, _, b := pair(t, channels.PlainTCPTransport(), func(c *channels.Config) {
 		c.TLS = watch(t, secret(t, ca, spiffe, c.IID, ca), c.IID, spiffe)
 		if c.IID == "b" {
 			c.Logger = slog.New(slog.NewTextHandler(&bLog, nil))

@@ -257,7 +257,9 @@ func (w *fileWatch) reload() {
 			return
 		}
 		if attempt >= 2 || (attempt > 0 && sum == lastSum) {
-			w.h.failed(hex.EncodeToString(sum[:])+err.Error(), w.explain(err))
+			// Keyed by content: the same files fail once, though the
+			// error may vary (a certificate valid "in 5m" and then "in 4m").
+			w.h.failed(hex.EncodeToString(sum[:]), w.explain(err))
 			return
 		}
 		lastSum = sum

@@ -106,7 +106,8 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 	return &instance{node: node, proxy: p, creds: tlsCreds}, nil
 }
 
-// stop drains the proxy for at most drain, then closes the node.
+// stop drains the proxy for at most drain, then closes the node and stops
+// following credential rotations.
 func (in *instance) stop(drain time.Duration) error {
 	ctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
