@@ -192,7 +192,7 @@ function chart(title, series, bytes, spanSec) {
   const s = svg('svg', { width: W, height: H + top + 12, viewBox: `0 0 ${W} ${H + top + 12}` });
   s.append(svg('line', { x1: 0, y1: top + H, x2: W, y2: top + H, class: 'axis' }));
   s.append(svg('text', { x: 2, y: 9 }, 'max ' + fmtRate(max, bytes)));
-  s.append(svg('text', { x: 2, y: top + H + 11 }, '−' + Math.round(spanSec / 60) + ' min'));
+  s.append(svg('text', { x: 2, y: top + H + 11 }, spanSec < 90 ? '−' + Math.round(spanSec) + ' s' : '−' + Math.round(spanSec / 60) + ' min'));
   s.append(svg('text', { x: W - 22, y: top + H + 11 }, 'now'));
   series.forEach((ser, k) => {
     const n = ser.v.length;
