@@ -243,27 +243,18 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
 	c := adminClient{addr: *admin}
+	path := "/api/status"
 	switch {
 	case *check:
-		body, err := c.get(ctx, "/readyz")
-		if err != nil {
-			return err
-		}
-		fmt.Fprint(stdout, body)
-		return nil
+		path = "/readyz"
 	case *live:
-		body, err := c.get(ctx, "/healthz")
-		if err != nil {
-			return err
-		}
-		fmt.Fprint(stdout, body)
-		return nil
+		path = "/healthz"
 	}
-	body, err := c.get(ctx, "/api/status")
+	body, err := c.get(ctx, path)
 	if err != nil {
 		return err
 	}
-	if *asJSON {
+	if *asJSON || *check || *live {
 		_, err := io.WriteString(stdout, body)
 		return err
 	}

@@ -47,25 +47,7 @@ func startStatusMesh(t *testing.T) *statusMesh {
 	apiPort, ringPort := freePort(t), freePort(t)
 	srvIP, err := proxy.BindIP(srvRanges, "srv-1")
 	require.NoError(t, err)
-	echo, err := net.Listen("tcp4", net.JoinHostPort(srvIP.String(), strconv.Itoa(apiPort)))
-	require.NoError(t, err)
-	var echoes sync.WaitGroup
-	echoes.Go(func() {
-		for {
-			c, err := echo.Accept()
-			if err != nil {
-				return
-			}
-			echoes.Go(func() {
-				defer c.Close()
-				_, _ = io.Copy(c, c)
-			})
-		}
-	})
-	t.Cleanup(func() {
-		echo.Close()
-		echoes.Wait()
-	})
+	serveEcho(t, net.JoinHostPort(srvIP.String(), strconv.Itoa(apiPort)))
 
 	m := &statusMesh{
 		srvAdmin: fmt.Sprintf("127.0.0.1:%d", freePort(t)),
@@ -114,7 +96,30 @@ drainTimeout: 2s
 	return m
 }
 
-// echo sends n random bytes through the request channel and checks that
+// serveEcho runs a legacy echo server on addr until the test ends.
+func serveEcho(t *testing.T, addr string) {
+	ln, err := net.Listen("tcp4", addr)
+	require.NoError(t, err)
+	var echoes sync.WaitGroup
+	echoes.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			echoes.Go(func() {
+				defer c.Close()
+				_, _ = io.Copy(c, c)
+			})
+		}
+	})
+	t.Cleanup(func() {
+		ln.Close()
+		echoes.Wait()
+	})
+}
+
+// echo sends n bytes through the request channel and checks that
 // the same bytes come back.
 func (m *statusMesh) echo(t *testing.T, n int) {
 	t.Helper()
