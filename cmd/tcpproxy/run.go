@@ -41,6 +41,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer) error {
 type instance struct {
 	node  *channels.Node
 	proxy *proxy.Proxy
+	cfg   *fileConfig
 }
 
 // startInstance builds and starts the mesh node and the proxy of cfg,
@@ -97,7 +98,7 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 		_ = node.Close()
 		return nil, err
 	}
-	return &instance{node: node, proxy: p}, nil
+	return &instance{node: node, proxy: p, cfg: cfg}, nil
 }
 
 // stop drains the proxy for at most drain, then closes the node.
