@@ -144,14 +144,9 @@ func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *sl
 			child.stop()
 		}
 	}()
-	// Start queued Ready and one Change per request and duplex channel;
-	// the program starts once all of them are in its environment.
-	initial := 1
-	for _, cc := range cfg.Channels {
-		if cc.Kind != proxy.KindReply {
-			initial++
-		}
-	}
+	// Start queued Ready, one Change per request and duplex channel, then
+	// Synced: the program starts once all of them are in its environment.
+	synced := false
 	events := in.proxy.Events()
 	for {
 		select {
@@ -193,15 +188,13 @@ func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *sl
 				child.env.ready(e)
 			case proxy.Change:
 				child.env.change(e)
-				if e.Kind == proxy.KindDuplex && initial <= 0 {
+				if e.Kind == proxy.KindDuplex && synced {
 					if err := child.membershipChanged(); err != nil {
 						log.Error("legacy program", "err", err)
 					}
 				}
-			default:
-				continue
-			}
-			if initial--; initial == 0 {
+			case proxy.Synced:
+				synced = true
 				if err := child.start(); err != nil {
 					_ = in.stop(drain)
 					return err
@@ -221,6 +214,8 @@ func logEvent(log *slog.Logger, e proxy.Event) {
 		} else {
 			log.Info("event change", "channel", e.Channel, "members", formatMembers(e.Members))
 		}
+	case proxy.Synced:
+		log.Info("event synced")
 	case proxy.Error:
 		log.Error("event error", "channel", e.Channel, "err", e.Err)
 	case proxy.Closed:
