@@ -468,7 +468,7 @@ func TestKubernetesManifestChecks(t *testing.T) {
 	}{
 		{"unknown field", sidecar, "replicas: 3", "replica: 3", `unknown field "spec.replica"`},
 		{"unknown cert-manager field", certs, "isCA: true", "isCa: true", `unknown field "spec.isCa"`},
-		{"config tcpproxy refuses", sidecar, "ttl: 10s", "ttl: 10 seconds", `duration "10 seconds"`},
+		{"config tcpproxy refuses", sidecar, "ttl: 10s", "ttl: 10 seconds", `members.etcd.ttl (line 13): "10 seconds" is not a duration`},
 		{"unknown config key", sidecar, "drainTimeout: 10s", "drainTimeOut: 10s", "drainTimeOut"},
 		{"variable not set", sidecar, "advertise: ${POD_IP}:7000", "advertise: ${NODE_IP}:7000", "${NODE_IP}, which the container's env does not set"},
 		{"another identity", sidecar, "?role=web", "?role=api", "do not name this instance, tcpproxy://instance/web-0?role=web"},
