@@ -277,6 +277,12 @@ func (n *Node) acceptLoop(ln net.Listener) {
 	}
 }
 
+// IID is the node's instance id.
+func (n *Node) IID() string { return n.cfg.IID }
+
+// Role is the node's role.
+func (n *Node) Role() string { return n.cfg.Role }
+
 // Addr returns the address the node listens on, or "" when it does not.
 func (n *Node) Addr() string {
 	n.mu.Lock()

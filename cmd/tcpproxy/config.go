@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
+	"reflect"
 	"regexp"
 	"strings"
 	"time"
@@ -121,17 +123,34 @@ type duration time.Duration
 func (d *duration) UnmarshalYAML(n *yaml.Node) error {
 	var s string
 	if err := n.Decode(&s); err != nil {
-		return fmt.Errorf("line %d: duration: %w", n.Line, err)
+		return &valueError{Line: n.Line, Value: n.Value, Want: "a duration such as 500ms, 5s or 1m"}
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return fmt.Errorf("line %d: duration %q: %w", n.Line, s, err)
+		return &valueError{Line: n.Line, Value: s, Want: "a duration such as 500ms, 5s or 1m (a number with a unit)"}
 	}
 	if v < 0 {
-		return fmt.Errorf("line %d: duration %q is negative", n.Line, s)
+		return &valueError{Line: n.Line, Value: s, Want: "a duration of zero or more"}
 	}
 	*d = duration(v)
 	return nil
+}
+
+// valueError is a value of a custom YAML type (a duration) that does not
+// parse; parseConfig names its path.
+type valueError struct {
+	Line  int
+	Value string
+	Want  string
+	Path  string // set by explainTypeErrors when it finds the value
+}
+
+func (e *valueError) Error() string {
+	where := fmt.Sprintf("line %d", e.Line)
+	if e.Path != "" {
+		where = fmt.Sprintf("%s (line %d)", e.Path, e.Line)
+	}
+	return fmt.Sprintf("%s: %q is not %s", where, e.Value, e.Want)
 }
 
 // loadConfig reads and validates a configuration file.
@@ -173,18 +192,42 @@ func expandEnv(data []byte) ([]byte, error) {
 var envRef = regexp.MustCompile(`\$\{[A-Za-z_][A-Za-z0-9_]*\}`)
 
 // parseConfig decodes strictly (unknown fields and duplicate keys are
-// errors) and validates.
+// errors, named by their path in the file) and validates.
 func parseConfig(data []byte) (*fileConfig, error) {
-	var cfg fileConfig
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(&cfg); err != nil {
+	var root yaml.Node
+	if err := yaml.NewDecoder(bytes.NewReader(data)).Decode(&root); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errEmptyConfig
+		}
 		return nil, err
+	}
+	if len(root.Content) == 0 || root.Content[0].Tag == "!!null" {
+		return nil, errEmptyConfig
+	}
+	if root.Content[0].Kind != yaml.MappingNode {
+		return nil, fmt.Errorf("line %d: the configuration must be a mapping of fields (iid: ..., listen: ...), not %s", root.Content[0].Line, yamlKind(root.Content[0]))
+	}
+	if errs := unknownFields(&root, reflect.TypeFor[fileConfig]()); len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	var cfg fileConfig
+	if err := root.Decode(&cfg); err != nil {
+		return nil, explainTypeErrors(&root, err)
 	}
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
 	return &cfg, nil
+}
+
+func yamlKind(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.SequenceNode:
+		return "a list"
+	case yaml.ScalarNode:
+		return fmt.Sprintf("the value %q", n.Value)
+	}
+	return "this"
 }
 
 func (c *fileConfig) validate() error {

@@ -79,16 +79,12 @@ func (m membersConfig) validate() error {
 // self is this instance as other members must see it: the channels it
 // serves and the transport address they dial.
 func (c *fileConfig) self() channels.Member {
-	m := channels.Member{IID: c.IID, Role: c.Role, Addr: c.Advertise, Channels: map[string]uint16{}}
-	if m.Addr == "" {
-		m.Addr = c.Listen
+	addr := c.Advertise
+	if addr == "" {
+		addr = c.Listen
 	}
-	for name, cc := range c.Channels {
-		if cc.Kind == proxy.KindReply || (cc.Kind == proxy.KindDuplex && cc.Mode != proxy.ModeConnect) {
-			m.Channels[name] = uint16(cc.Port)
-		}
-	}
-	return m
+	pc := proxy.Config{IID: c.IID, Role: c.Role, Channels: c.Channels}
+	return pc.Member(addr)
 }
 
 // membersFor builds the membership source cfg names.

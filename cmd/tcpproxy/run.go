@@ -42,6 +42,7 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer) error {
 type instance struct {
 	node  *channels.Node
 	proxy *proxy.Proxy
+	cfg   *fileConfig
 	creds creds.Source // nil without TLS
 }
 
@@ -103,7 +104,7 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 		_ = node.Close()
 		return nil, err
 	}
-	return &instance{node: node, proxy: p, creds: tlsCreds}, nil
+	return &instance{node: node, proxy: p, cfg: cfg, creds: tlsCreds}, nil
 }
 
 // stop drains the proxy for at most drain, then closes the node and stops
@@ -154,14 +155,9 @@ func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *sl
 			child.stop()
 		}
 	}()
-	// Start queued Ready and one Change per request and duplex channel;
-	// the program starts once all of them are in its environment.
-	initial := 1
-	for _, cc := range cfg.Channels {
-		if cc.Kind != proxy.KindReply {
-			initial++
-		}
-	}
+	// Start queued Ready, one Change per request and duplex channel, then
+	// Synced: the program starts once all of them are in its environment.
+	synced := false
 	events := in.proxy.Events()
 	for {
 		select {
@@ -203,15 +199,13 @@ func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *sl
 				child.env.ready(e)
 			case proxy.Change:
 				child.env.change(e)
-				if e.Kind == proxy.KindDuplex && initial <= 0 {
+				if e.Kind == proxy.KindDuplex && synced {
 					if err := child.membershipChanged(); err != nil {
 						log.Error("legacy program", "err", err)
 					}
 				}
-			default:
-				continue
-			}
-			if initial--; initial == 0 {
+			case proxy.Synced:
+				synced = true
 				if err := child.start(); err != nil {
 					_ = in.stop(drain)
 					return err
@@ -231,6 +225,8 @@ func logEvent(log *slog.Logger, e proxy.Event) {
 		} else {
 			log.Info("event change", "channel", e.Channel, "members", formatMembers(e.Members))
 		}
+	case proxy.Synced:
+		log.Info("event synced")
 	case proxy.Error:
 		log.Error("event error", "channel", e.Channel, "err", e.Err)
 	case proxy.Closed:

@@ -43,7 +43,7 @@ func TestTLSConfigErrors(t *testing.T) {
 		{"socket and files", files + spiffe("example.org", "/{iid}", ", socket: /run/agent.sock"), "tls.spiffe.socket: the SVID, its key and the trust bundle come from the Workload API; remove tls.cert"},
 		{"socket not a URI", spiffe("example.org", "/{iid}", ", socket: 'http://x'"), `tls.spiffe.socket: "http://x"`},
 		{"poll with socket", "poll: 1s, " + spiffe("example.org", "/{iid}", ", socket: /run/agent.sock"), "tls.poll: applies to files"},
-		{"unknown field", files + spiffe("example.org", "/{iid}", ", template: x"), "field template not found"},
+		{"unknown field", files + spiffe("example.org", "/{iid}", ", template: x"), "tls.spiffe.template (line 6): unknown field; expected one of idTemplate, socket, trustDomain"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := parseConfig([]byte(head + "tls: {" + tc.tls + "}\n"))
