@@ -21,6 +21,7 @@ import (
 type Node struct {
 	cfg Config
 	log *slog.Logger
+	tls *tlsState // nil without TLS
 
 	// ctx lives from NewNode to Close and bounds every goroutine the node
 	// owns (dials, handshakes, the membership watch).
@@ -61,6 +62,7 @@ func NewNode(cfg Config) (*Node, error) {
 	return &Node{
 		cfg:    cfg,
 		log:    log,
+		tls:    newTLSState(cfg.TLS),
 		ctx:    ctx,
 		cancel: cancel,
 		done:   make(chan struct{}),

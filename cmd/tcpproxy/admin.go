@@ -103,6 +103,9 @@ func (o *observer) attach(in *instance) {
 	o.node.Store(in.node)
 	o.instance.Store(in)
 	o.registry.MustRegister(metrics.NewCollector(in.proxy.IID(), in.proxy))
+	if in.creds != nil {
+		o.registry.MustRegister(metrics.NewCertificates(in.proxy.IID(), in.creds))
+	}
 }
 
 // channelStats returns the attached proxy's counters, nil before attach.

@@ -70,10 +70,37 @@ type transportConfig struct {
 	SameHost string `yaml:"sameHost"`
 }
 
+// tlsConfig is the `tls:` section (mutual TLS between proxies) and
+// members.etcd.tls (a client of etcd); see tls.go.
 type tlsConfig struct {
+	// Cert, Key and CA are PEM files: the certificate chain (leaf first),
+	// its private key, and the CA bundle peers must chain to (old and new
+	// CA together while a CA rotates). They are reloaded when they change.
 	Cert string `yaml:"cert"`
 	Key  string `yaml:"key"`
 	CA   string `yaml:"ca"`
+	// Poll is how often the files are re-read besides file-system
+	// notifications (default 1m).
+	Poll duration `yaml:"poll"`
+	// ExpiryWarning is how long before expiry the certificate in use is
+	// logged as expiring soon (default: 7 days, or a quarter of its
+	// lifetime if that is shorter).
+	ExpiryWarning duration `yaml:"expiryWarning"`
+	// SPIFFE names instances by SPIFFE ID (X.509 SVIDs) instead of
+	// tcpproxy URIs.
+	SPIFFE *spiffeConfig `yaml:"spiffe"`
+}
+
+type spiffeConfig struct {
+	// TrustDomain is the only trust domain accepted, e.g. example.org.
+	TrustDomain string `yaml:"trustDomain"`
+	// IDTemplate is the path of an instance's SPIFFE ID, with {iid} and
+	// optionally {role} as whole segments, e.g. /ns/{role}/sa/{iid}.
+	IDTemplate string `yaml:"idTemplate"`
+	// Socket, when set, is the SPIFFE Workload API endpoint (e.g.
+	// unix:///run/spire/sockets/agent.sock) that streams the SVID and the
+	// trust bundle, in place of cert, key and ca.
+	Socket string `yaml:"socket"`
 }
 
 type legacyConfig struct {
@@ -225,7 +252,7 @@ func (c *fileConfig) validate() error {
 	if err := c.Members.validate(); err != nil {
 		errs = append(errs, err)
 	}
-	if err := c.TLS.validate("tls"); err != nil {
+	if err := c.TLS.validateTransport(c.IID, c.Role); err != nil {
 		errs = append(errs, err)
 	}
 	if n := c.Transport.Sessions; n < 0 || n > channels.MaxSessionsPerPeer {

@@ -80,6 +80,7 @@ func FuzzParseConfig(f *testing.F) {
 	f.Add([]byte("iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: request, port: 1}\n"))
 	f.Add([]byte("iid: a\nrole: r\nlisten: x:1\nnetwork: tun\ntun: {name: t0, mtu: 9000}\nchannels:\n  p: {kind: duplex, port: 2, mode: connect}\n"))
 	f.Add([]byte("members: {etcd: {endpoints: [http://127.0.0.1:2379]}}\n"))
+	f.Add([]byte("iid: a\nrole: r\nlisten: x:1\ntls: {cert: c, key: k, ca: a, spiffe: {trustDomain: example.org, idTemplate: \"/ns/{role}/sa/{iid}\"}}\nchannels:\n  db: {kind: reply, port: 1}\n"))
 	f.Add([]byte("channels: {a: {kind: request, port: 65536}}"))
 	f.Add([]byte("{{{"))
 	f.Fuzz(func(t *testing.T, data []byte) {
