@@ -62,3 +62,11 @@ func (n *Node) Retiring(iid string) int {
 	}
 	return k
 }
+
+// SetMemberGrace sets how long handshakes from non-members wait for the
+// membership to list them, for nodes made afterwards.
+func SetMemberGrace(d time.Duration) (restore func()) {
+	old := memberGrace
+	memberGrace = d
+	return func() { memberGrace = old }
+}

@@ -2,8 +2,6 @@ package channels
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -47,19 +45,10 @@ func (n *Node) dial(m Member) (s *session, err error) {
 	conn := raw
 	var reply wire.Reply
 	err = guard(ctx, raw, func() error {
-		if n.cfg.TLS != nil {
-			cfg := n.cfg.TLS.Clone()
-			// Peers are authenticated by the identity in their certificate
-			// (chained to the mesh CA), not by host name: members are
-			// usually addressed by IP. verifyPeer does the full check.
-			cfg.InsecureSkipVerify = true
-			roots := n.cfg.TLS.RootCAs
-			cfg.VerifyConnection = func(cs tls.ConnectionState) error {
-				return verifyPeer(cs, roots, x509.ExtKeyUsageServerAuth, pki.Identity{IID: m.IID, Role: m.Role})
-			}
-			tc := tls.Client(raw, cfg)
-			if err := tc.HandshakeContext(ctx); err != nil {
-				return fmt.Errorf("tls: %w", err)
+		if n.tls != nil {
+			tc, err := n.tlsDial(ctx, raw, m)
+			if err != nil {
+				return err
 			}
 			conn = tc
 		}
@@ -88,7 +77,7 @@ func (n *Node) dial(m Member) (s *session, err error) {
 		return nil, fmt.Errorf("handshake with %s (%s): %w", m.IID, m.Addr, err)
 	}
 	s.member, s.auth = m, authDialed
-	if conn != raw {
+	if n.tls != nil {
 		s.auth = authTLS
 	}
 	return s, nil
@@ -101,11 +90,11 @@ var errPlaintext = errors.New("no TLS for a session with a peer outside this net
 
 // plaintextAnywhere reports whether the node may hold sessions without
 // TLS with peers at any address.
-func (n *Node) plaintextAnywhere() bool { return n.cfg.Insecure && n.cfg.TLS == nil }
+func (n *Node) plaintextAnywhere() bool { return n.cfg.Insecure && n.tls == nil }
 
 // plaintextLocalOnly reports whether the node holds sessions without TLS,
 // and only with peers in its network namespace.
-func (n *Node) plaintextLocalOnly() bool { return !n.cfg.Insecure && n.cfg.TLS == nil }
+func (n *Node) plaintextLocalOnly() bool { return !n.cfg.Insecure && n.tls == nil }
 
 // sameNamespace reports whether c's peer is in this node's network
 // namespace: at a loopback address, on the same-host socket, or in this
@@ -136,20 +125,20 @@ func (n *Node) serveConn(raw net.Conn) {
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.HandshakeTimeout)
 	conn := raw
 	var (
-		hello wire.Hello
-		m     Member
-		auth  string
-		stage = RefusedProtocol // what a failure of the exchange means
+		hello     wire.Hello
+		m         Member
+		auth      string
+		certified *pki.Identity     // the instance the TLS client's certificate names
+		stage     = RefusedProtocol // what a failure of the exchange means
 	)
 	err := guard(ctx, raw, func() error {
-		if n.cfg.TLS != nil {
+		if n.tls != nil {
 			stage = RefusedTLS
-			tc := tls.Server(raw, n.cfg.TLS)
-			if err := tc.HandshakeContext(ctx); err != nil {
-				return fmt.Errorf("tls: %w", err)
+			tc, id, err := n.tlsAccept(ctx, raw)
+			if err != nil {
+				return err
 			}
-			conn = tc
-			stage = RefusedProtocol
+			conn, certified, stage = tc, &id, RefusedProtocol
 		}
 		h, err := wire.ReadHello(conn)
 		if err != nil {
@@ -160,7 +149,7 @@ func (n *Node) serveConn(raw net.Conn) {
 			return err
 		}
 		hello = h
-		if m, auth, err = n.admit(ctx, raw, conn, h); err != nil {
+		if m, auth, err = n.admit(ctx, raw, certified, h); err != nil {
 			_ = wire.WriteReply(conn, wire.Reply{Reason: err.Error()})
 			return fmt.Errorf("%w: %w", errRefused, err)
 		}
@@ -214,26 +203,28 @@ func refusalReason(err error, stage string) string {
 	return stage
 }
 
-// admit decides whether the peer of conn (raw before TLS), which says it
-// is h, may hold a session: it must be a current member other than this
-// node, with the member's role, and be authenticated as that member, by
-// its certificate with TLS, else by where its connection comes from. It
-// returns the member and how it was authenticated, or a refusalError.
-func (n *Node) admit(ctx context.Context, raw, conn net.Conn, h wire.Hello) (Member, string, error) {
+// admit decides whether the peer of raw, which says it is h, may hold a
+// session: it must be a current member other than this node, with the
+// member's role, and be authenticated as that member: with TLS by its
+// certificate, which names certified, else by where its connection comes
+// from. It returns the member and how it was authenticated, or a
+// refusalError.
+func (n *Node) admit(ctx context.Context, raw net.Conn, certified *pki.Identity, h wire.Hello) (Member, string, error) {
 	claim := fmt.Sprintf("instance %q (role %q)", h.IID, h.Role)
 	if h.IID == n.cfg.IID {
 		return Member{}, "", refused(RefusedSelf, fmt.Errorf("instance id %q is the listener's own", h.IID))
 	}
-	isTLS, err := checkPeerCertificate(conn, pki.Identity{IID: h.IID, Role: h.Role})
-	if err != nil {
-		// The chain was verified by the TLS handshake; the certificate
-		// must also name the instance the handshake claims to be.
-		return Member{}, "", refused(RefusedIdentity, fmt.Errorf("handshake says %s but %v", claim, err))
+	isTLS := certified != nil
+	if isTLS {
+		// The certificate must name the instance the handshake claims.
+		if err := pki.Match(*certified, pki.Identity{IID: h.IID, Role: h.Role}); err != nil {
+			return Member{}, "", refused(RefusedIdentity, fmt.Errorf("handshake says %s but %v", claim, err))
+		}
 	}
 	if !isTLS && !sameNamespace(raw) && n.plaintextLocalOnly() {
 		return Member{}, "", refused(RefusedPlaintext, fmt.Errorf("%s: %w", claim, errPlaintext))
 	}
-	m, ok := n.member(h.IID)
+	m, ok := n.waitMember(ctx, h.IID)
 	switch {
 	case !ok:
 		return Member{}, "", refused(RefusedNotMember, fmt.Errorf("%s is not a member", claim))
@@ -251,9 +242,15 @@ func (n *Node) admit(ctx context.Context, raw, conn net.Conn, h wire.Hello) (Mem
 
 // admitPlaintext decides whether a connection without TLS comes from
 // member m: from this network namespace if m's address is here (or m has
-// none), else, on an Insecure node, from the IP of m's address.
+// none, or the connection is in this process), else, on an Insecure node,
+// from the IP of m's address.
 func (n *Node) admitPlaintext(ctx context.Context, raw net.Conn, m Member) (string, error) {
 	local := sameNamespace(raw) // else not plaintextLocalOnly: see admit
+	if local && raw.LocalAddr().Network() == "memory" {
+		// In this process: MemoryTransport addresses are names, not
+		// places.
+		return authSameHost, nil
+	}
 	var ips []netip.Addr
 	if m.Addr != "" {
 		var err error
@@ -294,38 +291,10 @@ func memberIPs(ctx context.Context, addr string) ([]netip.Addr, error) {
 	return ips, nil
 }
 
-// checkPeerCertificate checks that the certificate of a TLS peer, whose
-// chain the TLS handshake verified, names want. On a connection without
-// TLS it returns false and nil.
-func checkPeerCertificate(conn net.Conn, want pki.Identity) (isTLS bool, err error) {
-	tc, ok := conn.(*tls.Conn)
-	if !ok {
-		return false, nil
-	}
-	return true, pki.Check(tc.ConnectionState().PeerCertificates[0], want)
-}
-
 func (n *Node) observeHandshake(peer string, dialed bool, start time.Time, err error) {
 	if n.cfg.OnHandshake != nil {
 		n.cfg.OnHandshake(peer, dialed, time.Since(start), err)
 	}
-}
-
-// verifyPeer checks a dialed peer's certificate: it must chain to roots
-// for usage and name want.
-func verifyPeer(cs tls.ConnectionState, roots *x509.CertPool, usage x509.ExtKeyUsage, want pki.Identity) error {
-	if len(cs.PeerCertificates) == 0 {
-		return errors.New("peer presented no certificate")
-	}
-	inter := x509.NewCertPool()
-	for _, c := range cs.PeerCertificates[1:] {
-		inter.AddCert(c)
-	}
-	leaf := cs.PeerCertificates[0]
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
-		return fmt.Errorf("peer certificate: %w", err)
-	}
-	return pki.Check(leaf, want)
 }
 
 // guard runs f, an exchange on conn, within ctx: conn's deadline follows

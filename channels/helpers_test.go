@@ -81,7 +81,8 @@ func dialers(iids ...string) channels.Source {
 func pair(t testing.TB, tr channels.Transport, tune func(*channels.Config)) (channels.RequestChannel, channels.ReplyChannel, *channels.Node, *channels.Node) {
 	t.Helper()
 	var reply channels.ReplyChannel
-	cb := baseConfig("b", tr, dialers("a"))
+	// a dials b, and so do the nodes some tests add (c, d).
+	cb := baseConfig("b", tr, dialers("a", "c", "d"))
 	if tune != nil {
 		tune(&cb)
 	}

@@ -3,6 +3,7 @@ package channels_test
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -17,6 +18,7 @@ import (
 	"github.com/tcpproxy/tcpproxy/channels"
 	"github.com/tcpproxy/tcpproxy/channels/membership"
 	"github.com/tcpproxy/tcpproxy/channels/mux"
+	"github.com/tcpproxy/tcpproxy/channels/pki"
 	"github.com/tcpproxy/tcpproxy/channels/wire"
 )
 
@@ -138,6 +140,7 @@ func sendThrough(t *testing.T, req channels.RequestChannel, reply channels.Reply
 // claims to be each of them and to be a stranger: every claim is refused,
 // and all the client's streams reach the real server, none the impostor.
 func TestPlaintextImpostorsRefused(t *testing.T) {
+	defer channels.SetMemberGrace(0)() // strangers are refused at once
 	mt := channels.NewMemoryTransport()
 	svc := map[string]uint16{"svc": 80}
 	members := membership.Static(
@@ -228,20 +231,27 @@ func TestPlaintextAcrossHostsNeedsInsecure(t *testing.T) {
 // member, nor get in as a stranger; the client's streams all reach the
 // real server.
 func TestTLSImpostorsRefused(t *testing.T) {
+	defer channels.SetMemberGrace(0)() // strangers are refused at once
 	dir := t.TempDir()
 	caFile, files := writeCerts(t, dir, "cli", "srv", "evil")
 	otherDir := t.TempDir()
-	otherCA, otherFiles := writeCerts(t, otherDir, "srv")
-	tlsFor := func(f [2]string, ca string) *tls.Config {
-		c, err := channels.TLSConfigFromFiles(f[0], f[1], ca)
+	_, otherFiles := writeCerts(t, otherDir, "srv")
+	credsFor := func(f [2]string) pki.Credentials {
+		c, err := channels.TLSConfigFromFiles(f[0], f[1], caFile)
 		require.NoError(t, err)
 		return c
+	}
+	// The impostor presents a certificate and does not care who answers.
+	tlsFor := func(f [2]string) *tls.Config {
+		cert, err := tls.LoadX509KeyPair(f[0], f[1])
+		require.NoError(t, err)
+		return &tls.Config{Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true, MinVersion: tls.VersionTLS13}
 	}
 	tr := channels.PlainTCPTransport()
 	var seen refusals
 	var reply channels.ReplyChannel
 	srvCfg := baseConfig("srv", tr, dialers("cli"))
-	srvCfg.TLS, srvCfg.OnRefused = tlsFor(files["srv"], caFile), seen.add
+	srvCfg.TLS, srvCfg.OnRefused = credsFor(files["srv"]), seen.add
 	srv := startNode(t, srvCfg, func(n *channels.Node) {
 		var err error
 		reply, err = n.Reply("svc")
@@ -249,7 +259,7 @@ func TestTLSImpostorsRefused(t *testing.T) {
 	})
 	var req channels.RequestChannel
 	cliCfg := baseConfig("cli", tr, membership.Static(member(srv, "srv", map[string]uint16{"svc": 80})))
-	cliCfg.TLS, cliCfg.OnRefused = tlsFor(files["cli"], caFile), seen.add
+	cliCfg.TLS, cliCfg.OnRefused = credsFor(files["cli"]), seen.add
 	cli := startNode(t, cliCfg, func(n *channels.Node) {
 		var err error
 		req, err = n.Request("svc", "", nil)
@@ -264,14 +274,12 @@ func TestTLSImpostorsRefused(t *testing.T) {
 		to   string
 		h    wire.Hello
 	}{
-		{"another CA's certificate for srv", tlsFor(otherFiles["srv"], otherCA), cli.Addr(), srvHello},
-		{"the CA's certificate for evil, claiming srv", tlsFor(files["evil"], caFile), cli.Addr(), srvHello},
-		{"the CA's certificate for evil, at the client", tlsFor(files["evil"], caFile), cli.Addr(), wire.Hello{IID: "evil", Role: "test"}},
-		{"the CA's certificate for evil, at the server", tlsFor(files["evil"], caFile), srv.Addr(), wire.Hello{IID: "evil", Role: "test"}},
+		{"another CA's certificate for srv", tlsFor(otherFiles["srv"]), cli.Addr(), srvHello},
+		{"the CA's certificate for evil, claiming srv", tlsFor(files["evil"]), cli.Addr(), srvHello},
+		{"the CA's certificate for evil, at the client", tlsFor(files["evil"]), cli.Addr(), wire.Hello{IID: "evil", Role: "test"}},
+		{"the CA's certificate for evil, at the server", tlsFor(files["evil"]), srv.Addr(), wire.Hello{IID: "evil", Role: "test"}},
 	} {
-		cfg := tc.cfg.Clone()
-		cfg.InsecureSkipVerify = true // the impostor does not care who answers
-		c := tls.Client(rawDial(t, tr, tc.to), cfg)
+		c := tls.Client(rawDial(t, tr, tc.to), tc.cfg)
 		rp, err := impostor(t, c, tc.h, &got)
 		assert.True(t, err != nil || !rp.Accepted, "%s: accepted", tc.name)
 	}
@@ -280,33 +288,60 @@ func TestTLSImpostorsRefused(t *testing.T) {
 	seen.wait(t, map[string]int{channels.RefusedTLS: 1, channels.RefusedIdentity: 1, channels.RefusedNotMember: 2})
 }
 
-// TestTLSAcrossHosts: with TLS, nodes on different hosts hold sessions
-// without Insecure, in both directions.
-func TestTLSAcrossHosts(t *testing.T) {
-	caFile, files := writeCerts(t, t.TempDir(), "cli", "srv")
-	mt := channels.NewMemoryTransport()
-	members := membership.Static(
-		channels.Member{IID: "cli", Role: "test", Addr: "10.0.0.1:7000"},
-		channels.Member{IID: "srv", Role: "test", Addr: "10.0.0.2:7000", Channels: map[string]uint16{"svc": 80}},
-	)
-	withTLS := func(c channels.Config) channels.Config {
-		f := files[c.IID]
-		var err error
-		c.TLS, err = channels.TLSConfigFromFiles(f[0], f[1], caFile)
-		require.NoError(t, err)
-		return c
+// farTransport is TCP on loopback whose connections say they come from,
+// and go to, another host (192.0.2.1), as connections between hosts do.
+type farTransport struct{ channels.Transport }
+
+type farConn struct{ net.Conn }
+
+type farListener struct{ net.Listener }
+
+func (farConn) RemoteAddr() net.Addr { return &net.TCPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 7000} }
+
+func (l farListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
 	}
-	var reply channels.ReplyChannel
-	startNode(t, withTLS(onHost("srv", mt, "10.0.0.2", members)), func(n *channels.Node) {
-		var err error
-		reply, err = n.Reply("svc")
-		require.NoError(t, err)
-	})
-	var req channels.RequestChannel
-	startNode(t, withTLS(onHost("cli", mt, "10.0.0.1", members)), func(n *channels.Node) {
-		var err error
-		req, err = n.Request("svc", "", nil)
-		require.NoError(t, err)
-	})
-	sendThrough(t, req, reply, "srv", "cli", 3)
+	return farConn{c}, nil
+}
+
+func (f farTransport) Listen(addr string) (net.Listener, error) {
+	ln, err := f.Transport.Listen(addr)
+	if err != nil {
+		return nil, err
+	}
+	return farListener{ln}, nil
+}
+
+func (f farTransport) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	c, err := f.Transport.Dial(ctx, addr)
+	if err != nil {
+		return nil, err
+	}
+	return farConn{c}, nil
+}
+
+// TestTLSAcrossHosts: with TLS, nodes on different hosts hold sessions
+// without Insecure; without TLS they would not.
+func TestTLSAcrossHosts(t *testing.T) {
+	caFile, files := writeCerts(t, t.TempDir(), "a", "b")
+	for _, withTLS := range []bool{true, false} {
+		t.Run(fmt.Sprintf("tls=%v", withTLS), func(t *testing.T) {
+			req, reply, _, _ := pair(t, farTransport{channels.PlainTCPTransport()}, func(c *channels.Config) {
+				if withTLS {
+					f := files[c.IID]
+					var err error
+					c.TLS, err = channels.TLSConfigFromFiles(f[0], f[1], caFile)
+					require.NoError(t, err)
+				}
+			})
+			if !withTLS {
+				_, _, err := req.Open(context.Background(), channels.Header{})
+				require.ErrorContains(t, err, "no TLS for a session with a peer outside this network namespace")
+				return
+			}
+			sendThrough(t, req, reply, "b", "a", 3)
+		})
+	}
 }

@@ -2,15 +2,51 @@ package channels
 
 import (
 	"cmp"
+	"context"
 	"maps"
 	"slices"
 	"sync"
+	"time"
 )
 
 // memberState is the node's latest view of the mesh, guarded by Node.mu.
 type memberState struct {
 	known bool // a list has arrived (Start waits for the first)
 	byIID map[string]Member
+	// changed is closed when the next list is installed.
+	changed chan struct{}
+}
+
+// memberGrace is how long a handshake from an instance that is not (yet)
+// a member waits for a membership update that lists it, within the
+// handshake's time: an instance that just joined may dial before the
+// update reaches this node. (A variable for tests.)
+var memberGrace = time.Second
+
+// waitMember returns the member iid, waiting for it up to n.memberGrace
+// and no later than three quarters of the way to ctx's deadline, so that
+// a refusal can still be sent in time.
+func (n *Node) waitMember(ctx context.Context, iid string) (Member, bool) {
+	end := time.Now().Add(n.memberGrace)
+	if d, ok := ctx.Deadline(); ok && d.Add(-time.Until(d)/4).Before(end) {
+		end = d.Add(-time.Until(d) / 4)
+	}
+	timer := time.NewTimer(time.Until(end))
+	defer timer.Stop()
+	for {
+		n.mu.Lock()
+		m, ok := n.members.byIID[iid]
+		changed := n.members.changed
+		n.mu.Unlock()
+		if ok || !time.Now().Before(end) || changed == nil {
+			return m, ok
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+		case <-ctx.Done():
+		}
+	}
 }
 
 // setMembers installs a new member list and tells the duplex watchers whose
@@ -33,7 +69,10 @@ func (n *Node) setMembers(list []Member) {
 		n.mu.Unlock()
 		return
 	}
-	n.members = memberState{known: true, byIID: byIID}
+	if n.members.changed != nil {
+		close(n.members.changed)
+	}
+	n.members = memberState{known: true, byIID: byIID, changed: make(chan struct{})}
 	for _, d := range n.duplexes {
 		d.update(n.serving(d.name))
 	}

@@ -21,7 +21,10 @@ import (
 type Node struct {
 	cfg      Config
 	log      *slog.Logger
+	tls      *tlsState // nil without TLS
 	refusals *refusalLog
+	// memberGrace is memberGrace when the node was made.
+	memberGrace time.Duration
 
 	// ctx lives from NewNode to Close and bounds every goroutine the node
 	// owns (dials, handshakes, the membership watch).
@@ -60,15 +63,17 @@ func NewNode(cfg Config) (*Node, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Node{
-		cfg:      cfg,
-		log:      log,
-		refusals: newRefusalLog(log),
-		ctx:      ctx,
-		cancel:   cancel,
-		done:     make(chan struct{}),
-		queues:   make(map[string]chan Incoming),
-		names:    make(map[string]bool),
-		peers:    make(map[string]*peer),
+		cfg:         cfg,
+		log:         log,
+		tls:         newTLSState(cfg.TLS),
+		refusals:    newRefusalLog(log),
+		memberGrace: memberGrace,
+		ctx:         ctx,
+		cancel:      cancel,
+		done:        make(chan struct{}),
+		queues:      make(map[string]chan Incoming),
+		names:       make(map[string]bool),
+		peers:       make(map[string]*peer),
 	}, nil
 }
 
@@ -286,6 +291,12 @@ func (n *Node) acceptLoop(ln net.Listener) {
 		}
 	}
 }
+
+// IID is the node's instance id.
+func (n *Node) IID() string { return n.cfg.IID }
+
+// Role is the node's role.
+func (n *Node) Role() string { return n.cfg.Role }
 
 // Addr returns the address the node listens on, or "" when it does not.
 func (n *Node) Addr() string {

@@ -29,6 +29,7 @@ func rawDial(t *testing.T, tr channels.Transport, addr string) net.Conn {
 }
 
 func TestHandshakeRefusals(t *testing.T) {
+	defer channels.SetMemberGrace(0)() // strangers are refused at once
 	tr := channels.NewMemoryTransport()
 	b := startNode(t, baseConfig("b", tr, membership.Static(channels.Member{IID: "x", Role: "r"})), func(n *channels.Node) {
 		_, err := n.Reply("svc")
@@ -153,4 +154,28 @@ func TestBadStreamsAreReset(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "still fine", string(got))
 	require.NoError(t, in.Stream.Close())
+}
+
+// TestHandshakeWaitsForNewMember: an instance that dials before the
+// membership update listing it reaches the node is accepted once the
+// update arrives, within the handshake. (Without the wait, the node
+// refuses it in most runs: it looks the member up as soon as it has read
+// the hello, before the update.)
+func TestHandshakeWaitsForNewMember(t *testing.T) {
+	tr := channels.NewMemoryTransport()
+	members := membership.NewDynamic()
+	b := startNode(t, baseConfig("b", tr, members), func(n *channels.Node) {
+		_, err := n.Reply("svc")
+		require.NoError(t, err)
+	})
+	for i := range 20 {
+		iid := fmt.Sprintf("new-%d", i)
+		c := rawDial(t, tr, b.Addr())
+		// Over a pipe, the write returns once b has read the hello.
+		require.NoError(t, wire.WriteHello(c, wire.Hello{IID: iid, Role: "r"}))
+		members.Set(channels.Member{IID: iid, Role: "r"})
+		rp, err := wire.ReadReply(c)
+		require.NoError(t, err)
+		require.True(t, rp.Accepted, rp.Reason)
+	}
 }

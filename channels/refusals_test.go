@@ -78,6 +78,7 @@ func concurrently(n, width int, f func(i int)) {
 // streams from a member: the log gets a line for the first refusal and a
 // summary, the counters get every one.
 func TestRefusalFloodLogsBounded(t *testing.T) {
+	defer channels.SetMemberGrace(0)() // strangers are refused at once
 	defer channels.SetRefusalLogInterval(time.Hour)()
 	logs := &logLines{}
 	var seen refusals
@@ -161,6 +162,7 @@ func TestRefusalFloodLogsBounded(t *testing.T) {
 // TestRefusalLogTracksBoundedAddresses: refusals from many addresses give
 // at most a line per tracked address and one summary for the rest.
 func TestRefusalLogTracksBoundedAddresses(t *testing.T) {
+	defer channels.SetMemberGrace(0)() // strangers are refused at once
 	defer channels.SetRefusalLogInterval(time.Hour)()
 	logs := &logLines{}
 	var seen refusals

@@ -21,6 +21,7 @@ import (
 // loses its sessions, on the node it dialed and on the node it serves,
 // with its streams reset; it gets nothing through until it is back.
 func TestMemberRemovalClosesSessions(t *testing.T) {
+	defer channels.SetMemberGrace(0)() // strangers are refused at once
 	tr := channels.NewMemoryTransport()
 	bMembers := membership.NewDynamic(channels.Member{IID: "a", Role: "test"})
 	var reply channels.ReplyChannel

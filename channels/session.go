@@ -22,6 +22,7 @@ type session struct {
 	hello  wire.Hello      // the peer's handshake
 	offers map[string]bool // channels the peer serves
 	net    string          // the connection's network: tcp, unix, memory
+	info   sessionInfo     // for Status (status.go)
 	log    *slog.Logger
 	dialed bool      // this node dialed it
 	born   time.Time // when the handshake completed
@@ -65,6 +66,7 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 		hello:   h,
 		offers:  offers,
 		net:     network,
+		info:    newSessionInfo(conn, dialed),
 		log:     n.log.With("peer", h.IID, "net", network, "remote", conn.RemoteAddr().String()),
 		dialed:  dialed,
 		born:    time.Now(),

@@ -431,14 +431,11 @@ func TestHostileHostMutualTLS(t *testing.T) {
 	// they claim to be; the stranger presents the mesh CA's certificate
 	// for "evil", which is not a member.
 	m.evilTLS = func(c net.Conn, claim string) net.Conn {
-		dir, iid := otherCA, claim
+		dir := otherCA
 		if claim == "evil" {
 			dir = certs
 		}
-		cfg, err := channels.TLSConfigFromFiles(filepath.Join(dir, iid+".pem"), filepath.Join(dir, iid+"-key.pem"), filepath.Join(dir, "ca.pem"))
-		require.NoError(t, err)
-		cfg.InsecureSkipVerify = true // the attacker does not check who answers
-		return tls.Client(c, cfg)
+		return evilTLS(t, c, dir, claim)
 	}
 	m.checkAttacks(map[string]string{
 		"stranger at the cache":               `instance "evil" (role "client") is not a member`,
@@ -448,12 +445,7 @@ func TestHostileHostMutualTLS(t *testing.T) {
 	})
 
 	// The mesh CA's certificate for evil, claiming to be the client.
-	m.evilTLS = func(c net.Conn, _ string) net.Conn {
-		cfg, err := channels.TLSConfigFromFiles(filepath.Join(certs, "evil.pem"), filepath.Join(certs, "evil-key.pem"), filepath.Join(certs, "ca.pem"))
-		require.NoError(t, err)
-		cfg.InsecureSkipVerify = true
-		return tls.Client(c, cfg)
-	}
+	m.evilTLS = func(c net.Conn, _ string) net.Conn { return evilTLS(t, c, certs, "evil") }
 	a := m.handshake(m.cache, wire.Hello{IID: "cli-1", Role: "client"}, "cache")
 	assert.False(t, a.accepted)
 	assert.Contains(t, a.reason, `certificate is for instance "evil" (role "client"), not instance "cli-1"`)
@@ -461,4 +453,12 @@ func TestHostileHostMutualTLS(t *testing.T) {
 	out, err := m.redis("PING")
 	require.NoError(t, err)
 	require.Equal(t, "PONG", out)
+}
+
+// evilTLS runs TLS on c with the certificate of iid in dir, not checking
+// who answers, as an attacker would.
+func evilTLS(t *testing.T, c net.Conn, dir, iid string) net.Conn {
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, iid+".pem"), filepath.Join(dir, iid+"-key.pem"))
+	require.NoError(t, err)
+	return tls.Client(c, &tls.Config{Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
 }
