@@ -220,7 +220,7 @@ func sameIdentity(cur, member Member, auth string) bool {
 // dialed by this node and the peer is still a member: the peer then keeps
 // its SessionsPerPeer sessions.
 func (n *Node) replace(s *session) {
-	if !s.dialed {
+	if !s.info.dialed {
 		return // the peer dialed it, and replaces it if it needs to
 	}
 	n.mu.Lock()

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/tcpproxy/tcpproxy/channels"
@@ -263,6 +264,14 @@ func testMaxSessionAge(t *testing.T, tr channels.Transport) {
 	// The long stream still works; its session is retiring, not closed.
 	ping()
 	require.Positive(t, nodes["n1"].Retiring("n2"), "the long stream's session")
+	var retiring int
+	for _, s := range nodes["n1"].Status().Sessions {
+		if s.Retiring {
+			retiring++
+			assert.Contains(t, []string{"dialed", "same-host"}, s.Auth, "sessions without TLS on one host")
+		}
+	}
+	require.Positive(t, retiring, "Status shows the retiring session")
 	require.NoError(t, long.CloseWrite())
 	_, err = io.ReadAll(long)
 	require.NoError(t, err)

@@ -22,10 +22,8 @@ type session struct {
 	hello  wire.Hello      // the peer's handshake
 	offers map[string]bool // channels the peer serves
 	net    string          // the connection's network: tcp, unix, memory
-	info   sessionInfo     // for Status (status.go)
+	info   sessionInfo     // who dialed, when, the certificate's identity
 	log    *slog.Logger
-	dialed bool      // this node dialed it
-	born   time.Time // when the handshake completed
 	// member is the membership entry the peer was authenticated as, and
 	// auth how (authTLS, ...); set before the session is registered.
 	member Member
@@ -68,8 +66,6 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 		net:     network,
 		info:    newSessionInfo(conn, dialed),
 		log:     n.log.With("peer", h.IID, "net", network, "remote", conn.RemoteAddr().String()),
-		dialed:  dialed,
-		born:    time.Now(),
 		streams: make(map[*stream]struct{}),
 	}
 	s.openDone = sync.NewCond(&s.mu)
@@ -317,7 +313,7 @@ func (s *session) stopOpening() bool {
 
 // ageOut retires the session when it reaches Config.MaxSessionAge.
 func (s *session) ageOut() {
-	t := time.NewTimer(time.Until(s.born.Add(s.n.cfg.MaxSessionAge)))
+	t := time.NewTimer(time.Until(s.info.established.Add(s.n.cfg.MaxSessionAge)))
 	defer t.Stop()
 	select {
 	case <-t.C:
@@ -327,7 +323,7 @@ func (s *session) ageOut() {
 	if !s.stopOpening() {
 		return
 	}
-	s.log.Info("session retiring", "age", time.Since(s.born).Round(time.Millisecond), "max_age", s.n.cfg.MaxSessionAge)
+	s.log.Info("session retiring", "age", time.Since(s.info.established).Round(time.Millisecond), "max_age", s.n.cfg.MaxSessionAge)
 	s.n.replace(s)
 	if err := s.askPeerToRetire(); err != nil && !s.ys.IsClosed() {
 		// The session closes all the same once it has no stream left;
@@ -366,7 +362,7 @@ func (s *session) askPeerToRetire() error {
 func (s *session) retiredByPeer(ys *mux.Stream) {
 	defer ys.Close()
 	if s.stopOpening() {
-		s.log.Info("session retired by the peer", "age", time.Since(s.born).Round(time.Millisecond))
+		s.log.Info("session retired by the peer", "age", time.Since(s.info.established).Round(time.Millisecond))
 		s.n.replace(s)
 	}
 	_ = ys.SetDeadline(time.Now().Add(s.n.cfg.HandshakeTimeout))
@@ -394,6 +390,6 @@ func (s *session) closeWhenIdle() {
 		wait = min(2*wait, time.Second)
 		t.Reset(wait)
 	}
-	s.log.Info("retired session closed: no stream left", "age", time.Since(s.born).Round(time.Millisecond))
+	s.log.Info("retired session closed: no stream left", "age", time.Since(s.info.established).Round(time.Millisecond))
 	s.ys.Close()
 }
