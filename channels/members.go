@@ -86,6 +86,9 @@ func (n *Node) setMembers(list []Member) {
 				stale = append(stale, s)
 			}
 		}
+		if !ok && len(p.sessions) == 0 && p.dial == nil {
+			delete(n.peers, iid) // its backoff, if any, is moot
+		}
 	}
 	n.mu.Unlock()
 	for _, s := range stale {
