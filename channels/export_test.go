@@ -7,19 +7,24 @@ import "time"
 // NumSessions returns how many live sessions the node has with peer iid
 // (Sessions counts them for all peers).
 func (n *Node) NumSessions(iid string) int {
+	return n.countSessions(iid, func(*session) bool { return true })
+}
+
+// countSessions counts the live sessions with peer iid that match f.
+func (n *Node) countSessions(iid string, f func(*session) bool) int {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	p := n.peers[iid]
 	if p == nil {
 		return 0
 	}
-	live := 0
+	k := 0
 	for _, s := range p.sessions {
-		if !s.ys.IsClosed() {
-			live++
+		if !s.ys.IsClosed() && f(s) {
+			k++
 		}
 	}
-	return live
+	return k
 }
 
 // ActiveStreams returns a request channel's open-stream count per member.
@@ -48,19 +53,7 @@ const MaxRefusalAddrs = maxRefusalAddrs
 // Retiring returns how many of the node's live sessions with peer iid are
 // retiring (Config.MaxSessionAge).
 func (n *Node) Retiring(iid string) int {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	p := n.peers[iid]
-	if p == nil {
-		return 0
-	}
-	k := 0
-	for _, s := range p.sessions {
-		if !s.ys.IsClosed() && s.isRetiring() {
-			k++
-		}
-	}
-	return k
+	return n.countSessions(iid, (*session).isRetiring)
 }
 
 // SetMemberGrace sets how long handshakes from non-members wait for the

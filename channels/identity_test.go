@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"sync"
@@ -49,11 +50,7 @@ func (r *refusals) wait(t *testing.T, want map[string]int) {
 func (r *refusals) get() map[string]int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	out := make(map[string]int, len(r.by))
-	for k, v := range r.by {
-		out[k] = v
-	}
-	return out
+	return maps.Clone(r.by)
 }
 
 // onHost is a node config for a node on the host with address ip of mt,

@@ -3,7 +3,7 @@ package channels_test
 import (
 	"bytes"
 	"context"
-	"fmt"
+	"crypto/sha256"
 	"io"
 	"strings"
 	"sync"
@@ -131,29 +131,6 @@ func echo(t *testing.T, d channels.DuplexChannel, wg *sync.WaitGroup) {
 	})
 }
 
-// roundTrip sends payload on s, half-closes, and checks the echo.
-func roundTripOn(s channels.Stream, payload []byte) error {
-	errc := make(chan error, 1)
-	go func() {
-		_, err := s.Write(payload)
-		if err == nil {
-			err = s.CloseWrite()
-		}
-		errc <- err
-	}()
-	got, err := io.ReadAll(s)
-	if werr := <-errc; werr != nil {
-		return fmt.Errorf("write: %w", werr)
-	}
-	if err != nil {
-		return fmt.Errorf("read: %w", err)
-	}
-	if !bytes.Equal(got, payload) {
-		return fmt.Errorf("echo differs: %d bytes back of %d", len(got), len(payload))
-	}
-	return nil
-}
-
 // TestMaxSessionAgeRotatesWithoutLoss runs streams both ways between two
 // duplex members whose sessions live 100ms: sessions are replaced many
 // times over, and no stream fails, including one that lives across every
@@ -243,7 +220,8 @@ func testMaxSessionAge(t *testing.T, tr channels.Transport) {
 				for i := 0; handshakes.Load() < start+10 && ctx.Err() == nil; i++ {
 					s, err := duplex[from].Open(ctx, to, channels.Header{SourcePort: uint16(i)})
 					if err == nil {
-						err = roundTripOn(s, payload)
+						// echo sends it back
+						err = exchange(s, payload, sha256.Sum256(payload))
 						s.Close()
 					}
 					if err != nil {
