@@ -40,8 +40,10 @@ type Config struct {
 	// address, or when its connection comes from the IP of X's address.
 	// Insecure has no effect when TLS is set.
 	Insecure bool
-	// Members publishes the mesh; nil means nobody (a node that only
-	// accepts streams still works).
+	// Members publishes the mesh; nil means nobody. Sessions are held
+	// only with members, so every instance that dials this node must be
+	// listed, with its role (an instance that never listens, without an
+	// address), dialing clients included.
 	Members Source
 	// Logger receives the node's logs; nil means slog.Default().
 	Logger *slog.Logger
