@@ -29,8 +29,21 @@ type Config struct {
 	// credentials, with the same checks. See TLSConfigFromFiles and
 	// package channels/creds.
 	TLS pki.Credentials
-	// Members publishes the mesh; nil means nobody (a node that only
-	// accepts streams still works).
+	// Insecure allows sessions without TLS with peers at any address. By
+	// default a node without TLS holds plaintext sessions only with peers
+	// in its own network namespace (loopback addresses, the same-host
+	// socket, MemoryTransport), and refuses to dial or accept any other:
+	// without TLS nothing proves who is at the other end of a connection
+	// from another host. Set it only where the network between the nodes
+	// is private and already encrypted (a WireGuard mesh, for instance).
+	// A peer is then trusted to be member X when this node dialed X's
+	// address, or when its connection comes from the IP of X's address.
+	// Insecure has no effect when TLS is set.
+	Insecure bool
+	// Members publishes the mesh; nil means nobody. Sessions are held
+	// only with members, so every instance that dials this node must be
+	// listed, with its role (an instance that never listens, without an
+	// address), dialing clients included.
 	Members Source
 	// Logger receives the node's logs; nil means slog.Default().
 	Logger *slog.Logger
@@ -63,11 +76,22 @@ type Config struct {
 	// AcceptBacklog is the per-channel queue of accepted streams waiting
 	// for Accept (default 128); when full, new streams are reset.
 	AcceptBacklog int
+	// MaxSessionAge, when positive, retires sessions older than this: a
+	// retired session takes no new streams (a new session, with a fresh
+	// handshake and the credentials of the day, takes them), and it is
+	// closed once the streams it carries have ended, so no stream is cut
+	// because of its age. Zero keeps sessions for as long as they work.
+	MaxSessionAge time.Duration
 
 	// OnHandshake, when set, is called after every session handshake, as
 	// dialer (dialed) or listener, with its duration and outcome (metrics).
 	// It must not block.
 	OnHandshake func(peer string, dialed bool, d time.Duration, err error)
+	// OnRefused, when set, is called for every session and every stream
+	// the node refuses, with the reason (metrics: unlike the logs, which
+	// aggregate refusals per remote address, it sees each one). It must
+	// not block.
+	OnRefused func(Refusal)
 }
 
 // Defaults.
@@ -107,6 +131,7 @@ func (c Config) withDefaults() (Config, error) {
 	}{
 		{"DialTimeout", c.DialTimeout}, {"HandshakeTimeout", c.HandshakeTimeout},
 		{"KeepAliveInterval", c.KeepAliveInterval}, {"BackoffMin", c.BackoffMin}, {"BackoffMax", c.BackoffMax},
+		{"MaxSessionAge", c.MaxSessionAge},
 	} {
 		if d.v < 0 {
 			bad("%s %v is negative", d.name, d.v)

@@ -26,8 +26,11 @@ func requestReply(ctx context.Context) error {
 	transport := channels.NewMemoryTransport()
 	quiet := slog.New(slog.DiscardHandler)
 
+	// Sessions are taken only from members: the cache node knows web-1,
+	// which dials it and does not listen.
 	cache, err := channels.NewNode(channels.Config{
 		IID: "cache-1", Role: "cache", ListenAddr: "cache-1:7000", Transport: transport, Logger: quiet,
+		Members: membership.Static(channels.Member{IID: "web-1", Role: "web"}),
 	})
 	if err != nil {
 		return err

@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
+	"os"
+	"slices"
 	"time"
 
 	"github.com/tcpproxy/tcpproxy/channels/pki"
@@ -22,11 +25,20 @@ func (n *Node) dial(m Member) (s *session, err error) {
 	if m.Addr == "" {
 		return nil, fmt.Errorf("dial %s: member has no address", m.IID)
 	}
+	if ap, perr := netip.ParseAddrPort(m.Addr); perr == nil && !ap.Addr().Unmap().IsLoopback() && n.plaintextLocalOnly() {
+		// Refuse before connecting: nothing would be sent anyway.
+		return nil, refused(RefusedPlaintext, fmt.Errorf("dial %s (%s): %w", m.IID, m.Addr, errPlaintext))
+	}
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.DialTimeout)
 	raw, err := n.cfg.Transport.Dial(ctx, m.Addr)
 	cancel()
 	if err != nil {
 		return nil, fmt.Errorf("dial %s (%s): %w", m.IID, m.Addr, err)
+	}
+	if !sameNamespace(raw) && n.plaintextLocalOnly() {
+		// A host name that resolved to another host's address.
+		raw.Close()
+		return nil, refused(RefusedPlaintext, fmt.Errorf("dial %s (%s, at %s): %w", m.IID, m.Addr, raw.RemoteAddr(), errPlaintext))
 	}
 	ctx, cancel = context.WithTimeout(n.ctx, n.cfg.HandshakeTimeout)
 	defer cancel()
@@ -50,9 +62,11 @@ func (n *Node) dial(m Member) (s *session, err error) {
 	if err == nil {
 		switch {
 		case !reply.Accepted:
-			err = fmt.Errorf("%w: %s", errRefused, reply.Reason)
+			err = refused(RefusedPeer, fmt.Errorf("%w: %s", errRefused, reply.Reason))
 		case reply.Hello.IID != m.IID:
-			err = fmt.Errorf("expected instance %q at %s but found %q", m.IID, m.Addr, reply.Hello.IID)
+			err = refused(RefusedIdentity, fmt.Errorf("expected instance %q at %s but found %q", m.IID, m.Addr, reply.Hello.IID))
+		case m.Role != "" && reply.Hello.Role != m.Role:
+			err = refused(RefusedIdentity, fmt.Errorf("expected instance %q at %s to have role %q but it says %q", m.IID, m.Addr, m.Role, reply.Hello.Role))
 		}
 	}
 	if err == nil {
@@ -62,8 +76,47 @@ func (n *Node) dial(m Member) (s *session, err error) {
 		conn.Close()
 		return nil, fmt.Errorf("handshake with %s (%s): %w", m.IID, m.Addr, err)
 	}
+	s.member, s.auth = m, authDialed
+	if n.tls != nil {
+		s.auth = authTLS
+	}
 	return s, nil
 }
+
+// errPlaintext explains a plaintext session refused because of where the
+// peer is.
+var errPlaintext = errors.New("no TLS for a session with a peer outside this network namespace " +
+	"(configure TLS, or Insecure where the network is private and encrypted)")
+
+// plaintextAnywhere reports whether the node may hold sessions without
+// TLS with peers at any address.
+func (n *Node) plaintextAnywhere() bool { return n.cfg.Insecure && n.tls == nil }
+
+// plaintextLocalOnly reports whether the node holds sessions without TLS,
+// and only with peers in its network namespace.
+func (n *Node) plaintextLocalOnly() bool { return !n.cfg.Insecure && n.tls == nil }
+
+// sameNamespace reports whether c's peer is in this node's network
+// namespace: at a loopback address, on the same-host socket, or in this
+// process (MemoryTransport).
+func sameNamespace(c net.Conn) bool {
+	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return ta.AddrPort().Addr().Unmap().IsLoopback()
+	}
+	switch c.LocalAddr().Network() {
+	case "unix", "memory":
+		return true
+	}
+	return false
+}
+
+// How a session's peer was authenticated (session.auth).
+const (
+	authTLS      = "tls"       // by its certificate
+	authDialed   = "dialed"    // plaintext: this node dialed the member's address
+	authAddress  = "address"   // plaintext: it came from the member's address
+	authSameHost = "same-host" // plaintext: it came from this network namespace, as the member's address says
+)
 
 // serveConn runs the listener's side of the handshake on an accepted
 // connection and then serves the session.
@@ -71,15 +124,21 @@ func (n *Node) serveConn(raw net.Conn) {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.HandshakeTimeout)
 	conn := raw
-	var hello wire.Hello
+	var (
+		hello     wire.Hello
+		m         Member
+		auth      string
+		certified *pki.Identity     // the instance the TLS client's certificate names
+		stage     = RefusedProtocol // what a failure of the exchange means
+	)
 	err := guard(ctx, raw, func() error {
-		var certified *pki.Identity // the instance the TLS client's certificate names
 		if n.tls != nil {
+			stage = RefusedTLS
 			tc, id, err := n.tlsAccept(ctx, raw)
 			if err != nil {
 				return err
 			}
-			conn, certified = tc, &id
+			conn, certified, stage = tc, &id, RefusedProtocol
 		}
 		h, err := wire.ReadHello(conn)
 		if err != nil {
@@ -89,20 +148,11 @@ func (n *Node) serveConn(raw net.Conn) {
 			}
 			return err
 		}
-		if h.IID == n.cfg.IID {
-			reason := fmt.Sprintf("instance id %q is the listener's own", h.IID)
-			_ = wire.WriteReply(conn, wire.Reply{Reason: reason})
-			return fmt.Errorf("%w: %s", errRefused, reason)
-		}
-		if certified != nil {
-			// The certificate must name the instance the handshake claims.
-			if err := pki.Match(*certified, pki.Identity{IID: h.IID, Role: h.Role}); err != nil {
-				reason := fmt.Sprintf("handshake says instance %q (role %q) but %v", h.IID, h.Role, err)
-				_ = wire.WriteReply(conn, wire.Reply{Reason: reason})
-				return fmt.Errorf("%w: %s", errRefused, reason)
-			}
-		}
 		hello = h
+		if m, auth, err = n.admit(ctx, raw, certified, h); err != nil {
+			_ = wire.WriteReply(conn, wire.Reply{Reason: err.Error()})
+			return fmt.Errorf("%w: %w", errRefused, err)
+		}
 		return wire.WriteReply(conn, wire.Reply{Accepted: true, Hello: n.hello})
 	})
 	cancel()
@@ -116,22 +166,129 @@ func (n *Node) serveConn(raw net.Conn) {
 	}
 	var s *session
 	if err == nil {
-		s, err = n.newSession(conn, hello, false)
+		if s, err = n.newSession(conn, hello, false); err == nil {
+			s.member, s.auth = m, auth
+		}
 	}
 	n.observeHandshake(hello.IID, false, start, err)
 	if err != nil {
 		conn.Close()
 		if n.ctx.Err() == nil {
-			n.log.Warn("incoming session failed", "err", fmt.Errorf("handshake from %s: %w", raw.RemoteAddr(), err))
+			n.refuse(raw.RemoteAddr(), Refusal{Reason: refusalReason(err, stage), Claimed: hello.IID,
+				Err: fmt.Errorf("handshake from %s: %w", raw.RemoteAddr(), err)})
 		}
 		return
 	}
-	if !n.addSession(s) {
+	if err := n.addSession(s); err != nil {
 		s.ys.Close()
+		if !errors.Is(err, ErrClosed) {
+			n.refuse(raw.RemoteAddr(), Refusal{Reason: refusalReason(err, stage), Claimed: hello.IID, Err: err})
+		}
 		return
 	}
-	s.log.Info("session up", "dialed", false)
+	s.log.Info("session up", "dialed", false, "auth", auth)
 	s.serve()
+}
+
+// refusalReason classifies a failed handshake: by the reason it was
+// refused with, else as a timeout, else as a failure of stage.
+func refusalReason(err error, stage string) string {
+	var re *refusalError
+	switch {
+	case errors.As(err, &re):
+		return re.reason
+	case errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, context.DeadlineExceeded):
+		return RefusedTimeout
+	}
+	return stage
+}
+
+// admit decides whether the peer of raw, which says it is h, may hold a
+// session: it must be a current member other than this node, with the
+// member's role, and be authenticated as that member: with TLS by its
+// certificate, which names certified, else by where its connection comes
+// from. It returns the member and how it was authenticated, or a
+// refusalError.
+func (n *Node) admit(ctx context.Context, raw net.Conn, certified *pki.Identity, h wire.Hello) (Member, string, error) {
+	claim := fmt.Sprintf("instance %q (role %q)", h.IID, h.Role)
+	if h.IID == n.cfg.IID {
+		return Member{}, "", refused(RefusedSelf, fmt.Errorf("instance id %q is the listener's own", h.IID))
+	}
+	isTLS := certified != nil
+	if isTLS {
+		// The certificate must name the instance the handshake claims.
+		if err := pki.Match(*certified, pki.Identity{IID: h.IID, Role: h.Role}); err != nil {
+			return Member{}, "", refused(RefusedIdentity, fmt.Errorf("handshake says %s but %v", claim, err))
+		}
+	}
+	if !isTLS && !sameNamespace(raw) && n.plaintextLocalOnly() {
+		return Member{}, "", refused(RefusedPlaintext, fmt.Errorf("%s: %w", claim, errPlaintext))
+	}
+	m, ok := n.waitMember(ctx, h.IID)
+	switch {
+	case !ok:
+		return Member{}, "", refused(RefusedNotMember, fmt.Errorf("%s is not a member", claim))
+	case m.Role != "" && m.Role != h.Role:
+		return Member{}, "", refused(RefusedRole, fmt.Errorf("%s: the member's role is %q", claim, m.Role))
+	case isTLS:
+		return m, authTLS, nil
+	}
+	auth, err := n.admitPlaintext(ctx, raw, m)
+	if err != nil {
+		return Member{}, "", fmt.Errorf("%s: %w", claim, err)
+	}
+	return m, auth, nil
+}
+
+// admitPlaintext decides whether a connection without TLS comes from
+// member m: from this network namespace if m's address is here (or m has
+// none, or the connection is in this process), else, on an Insecure node,
+// from the IP of m's address.
+func (n *Node) admitPlaintext(ctx context.Context, raw net.Conn, m Member) (string, error) {
+	local := sameNamespace(raw) // else not plaintextLocalOnly: see admit
+	if local && raw.LocalAddr().Network() == "memory" {
+		// In this process: MemoryTransport addresses are names, not
+		// places.
+		return authSameHost, nil
+	}
+	var ips []netip.Addr
+	if m.Addr != "" {
+		var err error
+		if ips, err = memberIPs(ctx, m.Addr); err != nil {
+			return "", refused(RefusedAddress, fmt.Errorf("member address: %w", err))
+		}
+	}
+	if local {
+		if len(ips) == 0 || slices.ContainsFunc(ips, netip.Addr.IsLoopback) {
+			return authSameHost, nil
+		}
+		return "", refused(RefusedAddress, fmt.Errorf("connection from this host, but the member's address %s is another host's", m.Addr))
+	}
+	from := raw.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap() // !local: a TCP address
+	if slices.Contains(ips, from) {
+		return authAddress, nil
+	}
+	return "", refused(RefusedAddress, fmt.Errorf("connection from %s, not from the member's address %s", from, m.Addr))
+}
+
+// memberIPs returns the IPs of a member's address (host:port), resolving
+// a host name.
+func memberIPs(ctx context.Context, addr string) ([]netip.Addr, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	if ip, err := netip.ParseAddr(host); err == nil {
+		return []netip.Addr{ip.Unmap()}, nil
+	}
+	ips, err := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+	if err != nil {
+		return nil, err
+	}
+	for i, ip := range ips {
+		ips[i] = ip.Unmap()
+	}
+	return ips, nil
 }
 
 func (n *Node) observeHandshake(peer string, dialed bool, start time.Time, err error) {

@@ -66,12 +66,23 @@ func member(n *channels.Node, iid string, chans map[string]uint16) channels.Memb
 	return channels.Member{IID: iid, Role: "test", Addr: n.Addr(), Channels: chans}
 }
 
+// dialers is the membership of a node that only the nodes iids (role
+// "test", no address: they do not listen) dial.
+func dialers(iids ...string) channels.Source {
+	var ms []channels.Member
+	for _, iid := range iids {
+		ms = append(ms, channels.Member{IID: iid, Role: "test"})
+	}
+	return membership.Static(ms...)
+}
+
 // pair starts a server node "b" with a reply channel "svc" and a client
 // node "a" with a request channel "svc" targeting it, over tr.
 func pair(t testing.TB, tr channels.Transport, tune func(*channels.Config)) (channels.RequestChannel, channels.ReplyChannel, *channels.Node, *channels.Node) {
 	t.Helper()
 	var reply channels.ReplyChannel
-	cb := baseConfig("b", tr, nil)
+	// a dials b, and so do the nodes some tests add (c, d).
+	cb := baseConfig("b", tr, dialers("a", "c", "d"))
 	if tune != nil {
 		tune(&cb)
 	}

@@ -2,15 +2,51 @@ package channels
 
 import (
 	"cmp"
+	"context"
 	"maps"
 	"slices"
 	"sync"
+	"time"
 )
 
 // memberState is the node's latest view of the mesh, guarded by Node.mu.
 type memberState struct {
 	known bool // a list has arrived (Start waits for the first)
 	byIID map[string]Member
+	// changed is closed when the next list is installed.
+	changed chan struct{}
+}
+
+// memberGrace is how long a handshake from an instance that is not (yet)
+// a member waits for a membership update that lists it, within the
+// handshake's time: an instance that just joined may dial before the
+// update reaches this node. (A variable for tests.)
+var memberGrace = time.Second
+
+// waitMember returns the member iid, waiting for it up to n.memberGrace
+// and no later than three quarters of the way to ctx's deadline, so that
+// a refusal can still be sent in time.
+func (n *Node) waitMember(ctx context.Context, iid string) (Member, bool) {
+	end := time.Now().Add(n.memberGrace)
+	if d, ok := ctx.Deadline(); ok && d.Add(-time.Until(d)/4).Before(end) {
+		end = d.Add(-time.Until(d) / 4)
+	}
+	timer := time.NewTimer(time.Until(end))
+	defer timer.Stop()
+	for {
+		n.mu.Lock()
+		m, ok := n.members.byIID[iid]
+		changed := n.members.changed
+		n.mu.Unlock()
+		if ok || !time.Now().Before(end) || changed == nil {
+			return m, ok
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+		case <-ctx.Done():
+		}
+	}
 }
 
 // setMembers installs a new member list and tells the duplex watchers whose
@@ -29,13 +65,37 @@ func (n *Node) setMembers(list []Member) {
 		byIID[m.IID] = m
 	}
 	n.mu.Lock()
-	defer n.mu.Unlock()
 	if n.closed {
+		n.mu.Unlock()
 		return
 	}
-	n.members = memberState{known: true, byIID: byIID}
+	if n.members.changed != nil {
+		close(n.members.changed)
+	}
+	n.members = memberState{known: true, byIID: byIID, changed: make(chan struct{})}
 	for _, d := range n.duplexes {
 		d.update(n.serving(d.name))
+	}
+	// Sessions whose peer is no longer the member it was authenticated
+	// as: it left, or its role or (without TLS) its address changed.
+	var stale []*session
+	for iid, p := range n.peers {
+		m, ok := byIID[iid]
+		for _, s := range p.sessions {
+			if !ok || !sameIdentity(m, s.member, s.auth) {
+				stale = append(stale, s)
+			}
+		}
+		if !ok && len(p.sessions) == 0 && p.dial == nil {
+			delete(n.peers, iid) // its backoff, if any, is moot
+		}
+	}
+	n.mu.Unlock()
+	for _, s := range stale {
+		s.log.Info("closing session: the peer left the membership or changed its role or address")
+		if !n.spawn(func() { s.ys.Close() }) {
+			s.ys.Close()
+		}
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 	"sync"
 	"syscall"
@@ -18,6 +19,7 @@ type MemoryTransport struct {
 	mu        sync.Mutex
 	listeners map[string]*memListener
 	nextPort  int
+	nextConn  int // ephemeral ports of connections made through From
 }
 
 // NewMemoryTransport returns an empty in-process transport.
@@ -50,6 +52,28 @@ func (t *MemoryTransport) Listen(addr string) (net.Listener, error) {
 // Dial connects to the listener at addr, or fails with "connection refused"
 // when there is none.
 func (t *MemoryTransport) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	return t.dial(ctx, addr, nil)
+}
+
+// From returns a view of t for a node on a host with address ip: the
+// connections it dials appear to the listener to come from ip (a
+// *net.TCPAddr with an ephemeral port), and to the dialer to go to the
+// listener's address as a *net.TCPAddr when that is an ip:port. Tests
+// place nodes on distinct hosts with it, without a network.
+func (t *MemoryTransport) From(ip netip.Addr) Transport { return memHost{t: t, ip: ip} }
+
+type memHost struct {
+	t  *MemoryTransport
+	ip netip.Addr
+}
+
+func (h memHost) Listen(addr string) (net.Listener, error) { return h.t.Listen(addr) }
+
+func (h memHost) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	return h.t.dial(ctx, addr, &h.ip)
+}
+
+func (t *MemoryTransport) dial(ctx context.Context, addr string, from *netip.Addr) (net.Conn, error) {
 	t.mu.Lock()
 	l := t.listeners[addr]
 	t.mu.Unlock()
@@ -58,10 +82,20 @@ func (t *MemoryTransport) Dial(ctx context.Context, addr string) (net.Conn, erro
 		return nil, refused
 	}
 	client, server := net.Pipe()
-	local := memAddr(fmt.Sprintf("memory-client-%p", client))
+	var local, remote net.Addr = memAddr(fmt.Sprintf("memory-client-%p", client)), l.addr
+	if from != nil {
+		t.mu.Lock()
+		t.nextConn++
+		port := 32768 + t.nextConn%28232
+		t.mu.Unlock()
+		local = net.TCPAddrFromAddrPort(netip.AddrPortFrom(*from, uint16(port)))
+		if ap, err := netip.ParseAddrPort(addr); err == nil {
+			remote = net.TCPAddrFromAddrPort(ap)
+		}
+	}
 	select {
 	case l.conns <- &memConn{Conn: server, local: l.addr, remote: local}:
-		return &memConn{Conn: client, local: local, remote: l.addr}, nil
+		return &memConn{Conn: client, local: local, remote: remote}, nil
 	case <-l.done:
 		client.Close()
 		server.Close()
@@ -105,7 +139,7 @@ func (l *memListener) Addr() net.Addr { return l.addr }
 // memConn gives a pipe end meaningful addresses for logs.
 type memConn struct {
 	net.Conn
-	local, remote memAddr
+	local, remote net.Addr
 }
 
 func (c *memConn) LocalAddr() net.Addr  { return c.local }

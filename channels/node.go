@@ -19,9 +19,12 @@ import (
 // Sessions to other nodes are dialed lazily, on the first Open to a member,
 // and reused for every later stream in either direction.
 type Node struct {
-	cfg Config
-	log *slog.Logger
-	tls *tlsState // nil without TLS
+	cfg      Config
+	log      *slog.Logger
+	tls      *tlsState // nil without TLS
+	refusals *refusalLog
+	// memberGrace is memberGrace when the node was made.
+	memberGrace time.Duration
 
 	// ctx lives from NewNode to Close and bounds every goroutine the node
 	// owns (dials, handshakes, the membership watch).
@@ -60,15 +63,17 @@ func NewNode(cfg Config) (*Node, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Node{
-		cfg:    cfg,
-		log:    log,
-		tls:    newTLSState(cfg.TLS),
-		ctx:    ctx,
-		cancel: cancel,
-		done:   make(chan struct{}),
-		queues: make(map[string]chan Incoming),
-		names:  make(map[string]bool),
-		peers:  make(map[string]*peer),
+		cfg:         cfg,
+		log:         log,
+		tls:         newTLSState(cfg.TLS),
+		refusals:    newRefusalLog(log),
+		memberGrace: memberGrace,
+		ctx:         ctx,
+		cancel:      cancel,
+		done:        make(chan struct{}),
+		queues:      make(map[string]chan Incoming),
+		names:       make(map[string]bool),
+		peers:       make(map[string]*peer),
 	}, nil
 }
 
@@ -140,6 +145,9 @@ func checkChannelName(what, name string) error {
 	if name == "" {
 		return fmt.Errorf("channel %s is empty", what)
 	}
+	if name == retireChannel {
+		return fmt.Errorf("channel %s %q is reserved", what, name)
+	}
 	if len(name) > wire.MaxNameLen {
 		return fmt.Errorf("channel %s length %d exceeds %d", what, len(name), wire.MaxNameLen)
 	}
@@ -177,6 +185,13 @@ func (n *Node) Start(ctx context.Context) error {
 }
 
 func (n *Node) start(ctx context.Context) error {
+	if n.plaintextAnywhere() {
+		n.log.Warn("insecure: sessions without TLS with peers at any address; " +
+			"anyone who can reach this node or its peers can read and alter them")
+	}
+	if !n.spawn(func() { n.refusals.run(n.done) }) {
+		return ErrClosed
+	}
 	if n.cfg.ListenAddr != "" {
 		ln, err := n.cfg.Transport.Listen(n.cfg.ListenAddr)
 		if err != nil {

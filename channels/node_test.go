@@ -84,7 +84,7 @@ func TestOpenWithoutMembers(t *testing.T) {
 func TestRestartPeer(t *testing.T) {
 	tr := channels.NewMemoryTransport()
 	startB := func(addr string) (*channels.Node, channels.ReplyChannel) {
-		cfg := baseConfig("b", tr, nil)
+		cfg := baseConfig("b", tr, dialers("a"))
 		cfg.ListenAddr = addr
 		n, err := channels.NewNode(cfg)
 		require.NoError(t, err)
@@ -171,7 +171,7 @@ func testRestartPeer(t *testing.T, tr channels.Transport) {
 	require.ErrorIs(t, err, channels.ErrStreamReset, "a lost session resets its streams")
 	sessionsGone(t, a, "b")
 
-	cfg := baseConfig("b", tr, nil)
+	cfg := baseConfig("b", tr, dialers("a"))
 	cfg.ListenAddr = addr
 	startNode(t, cfg, func(n *channels.Node) {
 		var err error
@@ -196,7 +196,7 @@ func TestBalancing(t *testing.T) {
 	var members []channels.Member
 	replies := map[string]channels.ReplyChannel{}
 	for _, iid := range []string{"s1", "s2", "s3"} {
-		n := startNode(t, baseConfig(iid, tr, nil), func(n *channels.Node) {
+		n := startNode(t, baseConfig(iid, tr, dialers("c")), func(n *channels.Node) {
 			r, err := n.Reply("svc")
 			require.NoError(t, err)
 			replies[iid] = r
@@ -265,7 +265,7 @@ func TestBalancing(t *testing.T) {
 func TestFailoverToAnotherMember(t *testing.T) {
 	tr := channels.NewMemoryTransport()
 	var reply channels.ReplyChannel
-	up := startNode(t, baseConfig("up", tr, nil), func(n *channels.Node) {
+	up := startNode(t, baseConfig("up", tr, dialers("c")), func(n *channels.Node) {
 		var err error
 		reply, err = n.Reply("svc")
 		require.NoError(t, err)

@@ -36,13 +36,14 @@ type dialCall struct {
 	err  error
 }
 
-// live returns the open session carrying the fewest streams (the newest
-// of those tied), and how many sessions are open.
+// live returns the open, not retiring session carrying the fewest
+// streams (the newest of those tied), and how many such sessions there
+// are.
 func (p *peer) live() (best *session, open int) {
 	least := 0
 	for i := len(p.sessions) - 1; i >= 0; i-- {
 		s := p.sessions[i]
-		if s.ys.IsClosed() {
+		if s.ys.IsClosed() || s.isRetiring() {
 			continue
 		}
 		open++
@@ -58,10 +59,11 @@ func (p *peer) live() (best *session, open int) {
 func (n *Node) openTo(ctx context.Context, m Member, h Header, release func()) (Stream, error) {
 	wh := wire.StreamHeader{Channel: h.Channel, SourceIID: h.SourceIID, SourcePort: h.SourcePort, TargetPort: h.TargetPort}
 	var err error
-	// A session can die between the lookup and the open; then the next
-	// round dials a fresh one. Two rounds suffice: a session that dies
-	// right after its own dial means the peer is going away.
-	for range 2 {
+	// A session can die or start retiring between the lookup and the
+	// open; then the next round finds another or dials a fresh one. Three
+	// rounds suffice: a session that dies right after its own dial means
+	// the peer is going away.
+	for range 3 {
 		var s *session
 		if s, err = n.sessionTo(ctx, m); err != nil {
 			return nil, err
@@ -70,7 +72,7 @@ func (n *Node) openTo(ctx context.Context, m Member, h Header, release func()) (
 		if st, err = s.open(ctx, wh, release); err == nil {
 			return st, nil
 		}
-		if !s.ys.IsClosed() {
+		if !s.ys.IsClosed() && !errors.Is(err, errRetiring) {
 			return nil, err
 		}
 	}
@@ -125,12 +127,20 @@ func (n *Node) sessionTo(ctx context.Context, m Member) (*session, error) {
 // session for as long as it lives.
 func (n *Node) runDial(p *peer, m Member, call *dialCall) {
 	s, err := n.dial(m)
+	var re *refusalError
+	if errors.As(err, &re) && n.cfg.OnRefused != nil {
+		n.cfg.OnRefused(Refusal{Dialed: true, Reason: re.reason, Remote: m.Addr, Claimed: m.IID, Err: err})
+	}
 	n.mu.Lock()
 	p.dial = nil
+	cur, ok := n.members.byIID[m.IID]
+	var discard *session
 	switch {
 	case err == nil && n.closed:
-		s.ys.Close()
-		s, err = nil, ErrClosed
+		discard, s, err = s, nil, ErrClosed
+	case err == nil && (!ok || !sameIdentity(cur, m, s.auth)):
+		// The membership changed while we dialed: no fault of the peer's.
+		discard, s, err = s, nil, fmt.Errorf("dial %s (%s): the member changed or left meanwhile", m.IID, m.Addr)
 	case err == nil:
 		p.sessions = append(p.sessions, s)
 		p.failures, p.retryAt, p.lastErr = 0, time.Time{}, nil
@@ -150,10 +160,13 @@ func (n *Node) runDial(p *peer, m Member, call *dialCall) {
 		n.log.Warn("dial failed", "peer", m.IID, "addr", m.Addr, "err", err, "failures", p.failures, "retry_in", delay)
 	}
 	n.mu.Unlock()
+	if discard != nil {
+		discard.ys.Close()
+	}
 	call.s, call.err = s, err
 	close(call.done)
 	if s != nil {
-		s.log.Info("session up", "addr", m.Addr, "dialed", true)
+		s.log.Info("session up", "addr", m.Addr, "dialed", true, "auth", s.auth)
 		s.serve()
 	}
 }
@@ -170,24 +183,59 @@ func (n *Node) backoff(failures int) time.Duration {
 	return d/2 + rand.N(d/2+1)
 }
 
-// addSession registers a session the peer dialed. It reports false when
-// the node is closed.
-func (n *Node) addSession(s *session) bool {
+// addSession registers a session the peer dialed, after checking that
+// the member it was admitted as has not changed since. It fails with
+// ErrClosed when the node is closed.
+func (n *Node) addSession(s *session) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if n.closed {
-		return false
+		return ErrClosed
 	}
-	p := n.peers[s.hello.IID]
+	iid := s.hello.IID
+	if cur, ok := n.members.byIID[iid]; !ok || !sameIdentity(cur, s.member, s.auth) {
+		return refused(RefusedNotMember, fmt.Errorf("%w: member %q changed or left during the handshake", errRefused, iid))
+	}
+	p := n.peers[iid]
 	if p == nil {
 		p = &peer{}
-		n.peers[s.hello.IID] = p
+		n.peers[iid] = p
 	}
 	p.sessions = append(p.sessions, s)
 	// The peer just reached us, so it is up: dial it again at once if
 	// needed rather than wait out an old backoff.
 	p.failures, p.retryAt, p.lastErr = 0, time.Time{}, nil
-	return true
+	return nil
+}
+
+// sameIdentity reports whether a session authenticated (by auth) as
+// member was still authenticated as cur, the member's entry now: the
+// role must be the same and, without TLS, where the peer was authenticated
+// by its address, the address too.
+func sameIdentity(cur, member Member, auth string) bool {
+	return cur.Role == member.Role && (auth == authTLS || cur.Addr == member.Addr)
+}
+
+// replace dials a session to stand in for s, which is retiring, if s was
+// dialed by this node and the peer is still a member: the peer then keeps
+// its SessionsPerPeer sessions.
+func (n *Node) replace(s *session) {
+	if !s.info.dialed {
+		return // the peer dialed it, and replaces it if it needs to
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	m, ok := n.members.byIID[s.hello.IID]
+	p := n.peers[s.hello.IID]
+	if n.closed || !ok || p == nil || p.dial != nil {
+		return
+	}
+	if _, open := p.live(); open >= n.cfg.SessionsPerPeer {
+		return
+	}
+	call := &dialCall{done: make(chan struct{})}
+	p.dial = call
+	n.wg.Go(func() { n.runDial(p, m, call) }) // under n.mu and not closed: see spawn
 }
 
 // removeSession forgets a session that ended.

@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/membership"
 	"github.com/tcpproxy/tcpproxy/channels/mux"
 	"github.com/tcpproxy/tcpproxy/channels/wire"
 )
@@ -28,11 +29,20 @@ func rawDial(t *testing.T, tr channels.Transport, addr string) net.Conn {
 }
 
 func TestHandshakeRefusals(t *testing.T) {
+	defer channels.SetMemberGrace(0)() // strangers are refused at once
 	tr := channels.NewMemoryTransport()
-	b := startNode(t, baseConfig("b", tr, nil), func(n *channels.Node) {
+	b := startNode(t, baseConfig("b", tr, membership.Static(channels.Member{IID: "x", Role: "r"})), func(n *channels.Node) {
 		_, err := n.Reply("svc")
 		require.NoError(t, err)
 	})
+	refuse := func(t *testing.T, h wire.Hello, want string) {
+		c := rawDial(t, tr, b.Addr())
+		require.NoError(t, wire.WriteHello(c, h))
+		rp, err := wire.ReadReply(c)
+		require.NoError(t, err)
+		require.False(t, rp.Accepted)
+		assert.Contains(t, rp.Reason, want)
+	}
 
 	t.Run("accepted", func(t *testing.T) {
 		c := rawDial(t, tr, b.Addr())
@@ -44,12 +54,15 @@ func TestHandshakeRefusals(t *testing.T) {
 	})
 
 	t.Run("own iid", func(t *testing.T) {
-		c := rawDial(t, tr, b.Addr())
-		require.NoError(t, wire.WriteHello(c, wire.Hello{IID: "b"}))
-		rp, err := wire.ReadReply(c)
-		require.NoError(t, err)
-		require.False(t, rp.Accepted)
-		assert.Contains(t, rp.Reason, `"b" is the listener's own`)
+		refuse(t, wire.Hello{IID: "b"}, `"b" is the listener's own`)
+	})
+
+	t.Run("not a member", func(t *testing.T) {
+		refuse(t, wire.Hello{IID: "stranger", Role: "r"}, `instance "stranger" (role "r") is not a member`)
+	})
+
+	t.Run("not the member's role", func(t *testing.T) {
+		refuse(t, wire.Hello{IID: "x", Role: "admin"}, `instance "x" (role "admin"): the member's role is "r"`)
 	})
 
 	t.Run("other version", func(t *testing.T) {
@@ -78,11 +91,13 @@ func TestHandshakeRefusals(t *testing.T) {
 func TestBadStreamsAreReset(t *testing.T) {
 	tr := channels.NewMemoryTransport()
 	var reply channels.ReplyChannel
-	cfg := baseConfig("b", tr, nil)
+	cfg := baseConfig("b", tr, membership.Static(channels.Member{IID: "x"}))
 	cfg.HandshakeTimeout = 200 * time.Millisecond // for the truncated header
 	b := startNode(t, cfg, func(n *channels.Node) {
 		var err error
 		reply, err = n.Reply("svc")
+		require.NoError(t, err)
+		_, err = n.Duplex("ring")
 		require.NoError(t, err)
 	})
 	c := rawDial(t, tr, b.Addr())
@@ -111,9 +126,11 @@ func TestBadStreamsAreReset(t *testing.T) {
 	good := send(header(wire.StreamHeader{Channel: "svc", SourceIID: "x", SourcePort: 7}))
 	for name, first := range map[string][]byte{
 		"unknown channel": header(wire.StreamHeader{Channel: "nope", SourceIID: "x"}),
-		"spoofed source":  header(wire.StreamHeader{Channel: "svc", SourceIID: "b2"}),
-		"bad version":     {9, 3, 's', 'v', 'c'},
-		"empty channel":   {wire.Version, 0},
+		// x's handshake does not list ring: it is not in the group.
+		"duplex channel of another group": header(wire.StreamHeader{Channel: "ring", SourceIID: "x"}),
+		"spoofed source":                  header(wire.StreamHeader{Channel: "svc", SourceIID: "b2"}),
+		"bad version":                     {9, 3, 's', 'v', 'c'},
+		"empty channel":                   {wire.Version, 0},
 	} {
 		t.Run(name, func(t *testing.T) {
 			st := send(first)
@@ -137,4 +154,28 @@ func TestBadStreamsAreReset(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "still fine", string(got))
 	require.NoError(t, in.Stream.Close())
+}
+
+// TestHandshakeWaitsForNewMember: an instance that dials before the
+// membership update listing it reaches the node is accepted once the
+// update arrives, within the handshake. (Without the wait, the node
+// refuses it in most runs: it looks the member up as soon as it has read
+// the hello, before the update.)
+func TestHandshakeWaitsForNewMember(t *testing.T) {
+	tr := channels.NewMemoryTransport()
+	members := membership.NewDynamic()
+	b := startNode(t, baseConfig("b", tr, members), func(n *channels.Node) {
+		_, err := n.Reply("svc")
+		require.NoError(t, err)
+	})
+	for i := range 20 {
+		iid := fmt.Sprintf("new-%d", i)
+		c := rawDial(t, tr, b.Addr())
+		// Over a pipe, the write returns once b has read the hello.
+		require.NoError(t, wire.WriteHello(c, wire.Hello{IID: iid, Role: "r"}))
+		members.Set(channels.Member{IID: iid, Role: "r"})
+		rp, err := wire.ReadReply(c)
+		require.NoError(t, err)
+		require.True(t, rp.Accepted, rp.Reason)
+	}
 }

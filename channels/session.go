@@ -2,7 +2,9 @@ package channels
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -20,12 +22,22 @@ type session struct {
 	hello  wire.Hello      // the peer's handshake
 	offers map[string]bool // channels the peer serves
 	net    string          // the connection's network: tcp, unix, memory
-	info   sessionInfo     // for Status (status.go)
+	info   sessionInfo     // who dialed, when, the certificate's identity
 	log    *slog.Logger
+	// member is the membership entry the peer was authenticated as, and
+	// auth how (authTLS, ...); set before the session is registered.
+	member Member
+	auth   string
 
 	mu      sync.Mutex
 	done    bool
 	streams map[*stream]struct{} // outgoing streams not yet finished
+	// retiring is set once the session takes no new outgoing streams
+	// (retire); opening counts the opens in progress, which retire waits
+	// for (openDone is signalled when it drops to zero).
+	retiring bool
+	opening  int
+	openDone *sync.Cond
 }
 
 func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, error) {
@@ -46,7 +58,7 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 	}
 	// net says whether the session took the same-host Unix socket.
 	network := conn.LocalAddr().Network()
-	return &session{
+	s := &session{
 		n:       n,
 		ys:      ys,
 		hello:   h,
@@ -55,7 +67,9 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 		info:    newSessionInfo(conn, dialed),
 		log:     n.log.With("peer", h.IID, "net", network, "remote", conn.RemoteAddr().String()),
 		streams: make(map[*stream]struct{}),
-	}, nil
+	}
+	s.openDone = sync.NewCond(&s.mu)
+	return s, nil
 }
 
 // muxConfig returns the multiplexer settings for a new session.
@@ -85,6 +99,9 @@ func (n *Node) muxConfig() mux.Config {
 
 // serve accepts the peer's streams until the session ends.
 func (s *session) serve() {
+	if s.n.cfg.MaxSessionAge > 0 {
+		s.n.spawn(s.ageOut)
+	}
 	var err error
 	for {
 		var ys *mux.Stream
@@ -116,36 +133,74 @@ func (s *session) serve() {
 // handleStream reads an incoming stream's header and queues the stream on
 // its channel. Anything wrong resets this stream only.
 func (s *session) handleStream(ys *mux.Stream) {
-	fail := func(err error) {
-		s.log.Warn("rejecting stream", "err", fmt.Errorf("stream %d from %s: %w", ys.ID(), s.hello.IID, err))
+	var wh wire.StreamHeader
+	fail := func(reason string, err error) {
+		s.n.refuse(s.ys.RemoteAddr(), Refusal{Stream: true, Reason: reason, Claimed: s.hello.IID,
+			Err: fmt.Errorf("stream %d from %s (channel %q): %w", ys.ID(), s.hello.IID, wh.Channel, err)})
 		ys.Reset()
 	}
 	_ = ys.SetReadDeadline(time.Now().Add(s.n.cfg.HandshakeTimeout))
 	wh, err := wire.ReadStreamHeader(ys)
 	if err != nil {
-		fail(err)
+		fail(refusalReason(err, RefusedProtocol), err)
 		return
 	}
 	_ = ys.SetReadDeadline(time.Time{})
 	if wh.SourceIID != s.hello.IID {
-		fail(fmt.Errorf("header names source %q but the session is with %q", wh.SourceIID, s.hello.IID))
+		fail(RefusedSource, fmt.Errorf("header names source %q but the session is with %q", wh.SourceIID, s.hello.IID))
+		return
+	}
+	if wh.Channel == retireChannel {
+		s.retiredByPeer(ys)
 		return
 	}
 	q := s.n.queues[wh.Channel] // read-only after Start
 	if q == nil {
-		fail(fmt.Errorf("no reply or duplex channel %q on this node", wh.Channel))
+		fail(RefusedChannel, fmt.Errorf("no reply or duplex channel %q on this node", wh.Channel))
+		return
+	}
+	peer, err := s.n.mayUse(s, wh.Channel)
+	if err != nil {
+		fail(RefusedForbidden, err)
 		return
 	}
 	inc := Incoming{
 		Stream: newStream(ys, nil),
 		Header: Header{Channel: wh.Channel, SourceIID: wh.SourceIID, SourcePort: wh.SourcePort, TargetPort: wh.TargetPort},
-		Peer:   s.n.peerMember(s.hello),
+		Peer:   peer,
 	}
 	select {
 	case q <- inc:
 	default:
-		fail(fmt.Errorf("channel %q: accept backlog of %d streams is full", wh.Channel, cap(q)))
+		fail(RefusedBacklog, fmt.Errorf("channel %q: accept backlog of %d streams is full", wh.Channel, cap(q)))
 	}
+}
+
+// mayUse decides whether the peer of s may open a stream on channel name,
+// one this node serves, and returns its membership entry. Any current
+// member may open streams on a reply channel: membership does not say who
+// requests what, so the mesh's membership is the boundary. A duplex
+// channel takes streams only from the members of its group, which have
+// the channel too (their handshake lists it).
+func (n *Node) mayUse(s *session, name string) (Member, error) {
+	m, ok := n.member(s.hello.IID)
+	if !ok {
+		return Member{}, fmt.Errorf("%q is no longer a member", s.hello.IID)
+	}
+	if n.isDuplex(name) && !s.offers[name] {
+		return Member{}, fmt.Errorf("%q is not in the group of duplex channel %q (its handshake does not list it)", s.hello.IID, name)
+	}
+	return m, nil
+}
+
+// isDuplex reports whether name is a duplex channel of this node.
+func (n *Node) isDuplex(name string) bool {
+	for _, d := range n.duplexes { // read-only after Start
+		if d.name == name {
+			return true
+		}
+	}
+	return false
 }
 
 // open opens a stream and writes its header. release is called when the
@@ -154,6 +209,10 @@ func (s *session) open(ctx context.Context, h wire.StreamHeader, release func())
 	if !s.offers[h.Channel] {
 		return nil, fmt.Errorf("peer %s does not serve channel %q", s.hello.IID, h.Channel)
 	}
+	if !s.beginOpen() {
+		return nil, errRetiring
+	}
+	defer s.endOpen()
 	ys, err := s.ys.OpenStream(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("open stream to %s: %w", s.hello.IID, err)
@@ -193,15 +252,144 @@ func (s *session) untrack(st *stream) {
 	delete(s.streams, st)
 }
 
-// peerMember describes the peer of a session: its membership entry when
-// known, else what its handshake said (ports unknown, no address).
-func (n *Node) peerMember(h wire.Hello) Member {
-	if m, ok := n.member(h.IID); ok {
-		return m
+// Retiring a session (Config.MaxSessionAge) without cutting a stream: the
+// node that retires it stops opening streams on it, asks the peer to do
+// the same, and closes it once it carries no stream. The request is a
+// stream on retireChannel, a name no channel can have; the peer answers
+// by closing its side of that stream once it stopped opening streams on
+// the session. Stream opens go out in order on a session, so when the
+// answer arrives every stream either side will ever open on the session
+// is known to both, and a session with none left can close.
+
+// retireChannel is the stream header channel of a retirement request.
+const retireChannel = "\x00retire"
+
+// errRetiring is returned by open on a retiring session; openTo then
+// looks for another.
+var errRetiring = errors.New("session retiring")
+
+// beginOpen counts an open in progress, unless the session is retiring or
+// done.
+func (s *session) beginOpen() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.retiring || s.done {
+		return false
 	}
-	m := Member{IID: h.IID, Role: h.Role, Channels: make(map[string]uint16, len(h.Channels))}
-	for _, c := range h.Channels {
-		m.Channels[c] = 0
+	s.opening++
+	return true
+}
+
+func (s *session) endOpen() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.opening--; s.opening == 0 {
+		s.openDone.Broadcast()
 	}
-	return m
+}
+
+// isRetiring reports whether the session takes no new outgoing streams.
+func (s *session) isRetiring() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.retiring
+}
+
+// stopOpening marks the session retiring and waits for the opens in
+// progress, whose stream openings are then queued on the session. It
+// reports false if the session was retiring already.
+func (s *session) stopOpening() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.retiring {
+		return false
+	}
+	s.retiring = true
+	for s.opening > 0 {
+		s.openDone.Wait()
+	}
+	return true
+}
+
+// ageOut retires the session when it reaches Config.MaxSessionAge.
+func (s *session) ageOut() {
+	t := time.NewTimer(time.Until(s.info.established.Add(s.n.cfg.MaxSessionAge)))
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-s.ys.CloseChan():
+		return
+	}
+	if !s.stopOpening() {
+		return
+	}
+	s.log.Info("session retiring", "age", time.Since(s.info.established).Round(time.Millisecond), "max_age", s.n.cfg.MaxSessionAge)
+	s.n.replace(s)
+	if err := s.askPeerToRetire(); err != nil && !s.ys.IsClosed() {
+		// The session closes all the same once it has no stream left;
+		// a stream the peer opens at that instant would be reset.
+		s.log.Warn("peer did not confirm the session's retirement", "err", err)
+	}
+	s.closeWhenIdle()
+}
+
+// askPeerToRetire sends the retirement request and waits for the answer.
+func (s *session) askPeerToRetire() error {
+	ctx, cancel := context.WithTimeout(s.n.ctx, s.n.cfg.HandshakeTimeout)
+	defer cancel()
+	ys, err := s.ys.OpenStream(ctx)
+	if err != nil {
+		return err
+	}
+	defer ys.Close()
+	_ = ys.SetDeadline(time.Now().Add(s.n.cfg.HandshakeTimeout))
+	stop := context.AfterFunc(s.n.ctx, func() { ys.Reset() })
+	defer stop()
+	if err := wire.WriteStreamHeader(ys, wire.StreamHeader{Channel: retireChannel, SourceIID: s.n.cfg.IID}); err != nil {
+		return err
+	}
+	if err := ys.CloseWrite(); err != nil {
+		return err
+	}
+	if _, err := ys.Read(make([]byte, 1)); err != io.EOF {
+		return fmt.Errorf("retirement answer: %w", err)
+	}
+	return nil
+}
+
+// retiredByPeer answers the peer's retirement request on ys: once this
+// node opens no more streams on the session, it closes its side of ys.
+func (s *session) retiredByPeer(ys *mux.Stream) {
+	defer ys.Close()
+	if s.stopOpening() {
+		s.log.Info("session retired by the peer", "age", time.Since(s.info.established).Round(time.Millisecond))
+		s.n.replace(s)
+	}
+	_ = ys.SetDeadline(time.Now().Add(s.n.cfg.HandshakeTimeout))
+	if _, err := ys.Read(make([]byte, 1)); err != io.EOF { // the request's end
+		ys.Reset()
+		return
+	}
+	_ = ys.CloseWrite()
+}
+
+// closeWhenIdle closes the session once no stream is open on it, either
+// way, checking at growing intervals up to a second.
+func (s *session) closeWhenIdle() {
+	wait := 5 * time.Millisecond
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for s.ys.NumStreams() > 0 {
+		select {
+		case <-t.C:
+		case <-s.ys.CloseChan():
+			return
+		case <-s.n.ctx.Done():
+			return
+		}
+		wait = min(2*wait, time.Second)
+		t.Reset(wait)
+	}
+	s.log.Info("retired session closed: no stream left", "age", time.Since(s.info.established).Round(time.Millisecond))
+	s.ys.Close()
 }

@@ -16,12 +16,14 @@ type Status struct {
 	Addr string
 	// TLS says that sessions run mutual TLS.
 	TLS bool
+	// Insecure says that sessions without TLS are allowed with peers at
+	// any address (Config.Insecure, without TLS).
+	Insecure bool
 	// Members is the latest member list, sorted by IID, with how this
 	// node reaches each one.
 	Members []MemberStatus
 	// Sessions are the live sessions, sorted by peer and then by age
-	// (oldest first). Peers that are not members (requesters of a reply
-	// channel under a membership that lists only servers) appear here too.
+	// (oldest first); each peer is a member.
 	Sessions []SessionStatus
 	// Channels are the channels registered on the node, sorted by name.
 	Channels []ChannelStatus
@@ -72,6 +74,14 @@ type SessionStatus struct {
 	// URI SAN (tcpproxy://instance/... or spiffe://...), else its subject
 	// common name; "" on a plaintext session.
 	Identity string
+	// Auth is how the peer was authenticated as its member: "tls" (its
+	// certificate), or without TLS "dialed" (this node dialed the
+	// member's address), "address" (it came from the member's address,
+	// Config.Insecure) or "same-host" (from this network namespace).
+	Auth string
+	// Retiring says the session takes no new streams and closes once its
+	// streams end (Config.MaxSessionAge).
+	Retiring bool
 	// Established is when the handshake completed.
 	Established time.Time
 	// RTT is the smoothed round-trip time of the keepalive pings; 0 until
@@ -121,7 +131,7 @@ func newSessionInfo(conn net.Conn, dialed bool) sessionInfo {
 // Status returns a snapshot of the node.
 func (n *Node) Status() Status {
 	n.mu.Lock()
-	st := Status{IID: n.cfg.IID, Role: n.cfg.Role, TLS: n.cfg.TLS != nil}
+	st := Status{IID: n.cfg.IID, Role: n.cfg.Role, TLS: n.cfg.TLS != nil, Insecure: n.plaintextAnywhere()}
 	if n.ln != nil {
 		st.Addr = n.ln.Addr().String()
 	}
@@ -176,6 +186,7 @@ func (n *Node) Status() Status {
 			Peer: s.hello.IID, Role: s.hello.Role, Net: s.net,
 			LocalAddr: s.ys.LocalAddr().String(), RemoteAddr: s.ys.RemoteAddr().String(),
 			Dialed: s.info.dialed, Identity: s.info.identity, Established: s.info.established,
+			Auth: s.auth, Retiring: s.isRetiring(),
 			RTT: ms.RTT, BytesSent: ms.BytesSent, BytesReceived: ms.BytesReceived, Streams: ms.Streams,
 		})
 	}

@@ -31,7 +31,7 @@ func TestNodeStatus(t *testing.T) {
 		c.KeepAliveInterval = 50 * time.Millisecond // RTT measured soon
 	}
 	var reply channels.ReplyChannel
-	cb := baseConfig("b", channels.PlainTCPTransport(), nil)
+	cb := baseConfig("b", channels.PlainTCPTransport(), dialers("a"))
 	withTLS(&cb)
 	b := startNode(t, cb, func(n *channels.Node) {
 		var err error
@@ -103,6 +103,9 @@ func TestNodeStatus(t *testing.T) {
 		assert.Equal(c, "tcp", s.Net)
 		assert.True(c, s.Dialed)
 		assert.Equal(c, "tcpproxy://instance/b?role=test", s.Identity)
+		assert.Equal(c, "tls", s.Auth)
+		assert.False(c, s.Retiring)
+		assert.False(c, st.Insecure)
 		assert.Equal(c, b.Addr(), s.RemoteAddr)
 		assert.Positive(c, s.RTT)
 		assert.WithinDuration(c, time.Now(), s.Established, time.Minute)
@@ -134,7 +137,8 @@ func TestNodeStatus(t *testing.T) {
 func ExampleNode_Status() {
 	tr := channels.NewMemoryTransport()
 	quiet := slog.New(slog.DiscardHandler)
-	server, _ := channels.NewNode(channels.Config{IID: "db-1", Role: "db", ListenAddr: "db-1:7000", Transport: tr, Logger: quiet})
+	server, _ := channels.NewNode(channels.Config{IID: "db-1", Role: "db", ListenAddr: "db-1:7000", Transport: tr, Logger: quiet,
+		Members: membership.Static(channels.Member{IID: "web-1", Role: "web"})})
 	reply, _ := server.Reply("sql")
 	client, _ := channels.NewNode(channels.Config{IID: "web-1", Role: "web", Transport: tr, Logger: quiet, SessionsPerPeer: 1, Members: membership.Static(
 		channels.Member{IID: "db-1", Role: "db", Addr: "db-1:7000", Channels: map[string]uint16{"sql": 5432}},

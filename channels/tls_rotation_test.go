@@ -229,6 +229,9 @@ func TestTLSResumption(t *testing.T) {
 // trust domain, or outside the template, is refused with that reason,
 // even though its certificate is from the same CA.
 func TestTLSSPIFFE(t *testing.T) {
+	// Refusals from one address after the first are logged in a summary
+	// per interval: make it short, the test waits for each reason.
+	defer channels.SetRefusalLogInterval(10 * time.Millisecond)()
 	ca := credstest.NewCA(t, "spiffe ca")
 	spiffe, err := pki.NewSPIFFEMapping("example.org", "/ns/{role}/sa/{iid}")
 	require.NoError(t, err)

@@ -43,8 +43,11 @@ func twoProxies(ctx context.Context) error {
 		IID: "cache-1", Role: "cache",
 		Channels:   map[string]proxy.ChannelConfig{"cache": {Kind: proxy.KindReply, Port: 6379}},
 		Addressing: ranges(211),
-		Node:       channels.Config{ListenAddr: "127.0.0.1:0"},
-		Logger:     quiet,
+		// A proxy takes sessions from members only: web-1 dials it (and
+		// does not listen, so it has no address).
+		Node: channels.Config{ListenAddr: "127.0.0.1:0",
+			Members: membership.Static(channels.Member{IID: "web-1", Role: "web"})},
+		Logger: quiet,
 	})
 	if err != nil {
 		return err

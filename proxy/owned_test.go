@@ -29,8 +29,9 @@ func TestProxyOwnsWhatItMade(t *testing.T) {
 		IID: "s-1", Role: "s",
 		Channels:   map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindReply, Port: 7000}},
 		Addressing: ranges(221),
-		Node:       channels.Config{ListenAddr: "127.0.0.1:0"},
-		Logger:     quiet,
+		Node: channels.Config{ListenAddr: "127.0.0.1:0",
+			Members: membership.Static(channels.Member{IID: "c-1", Role: "c"})},
+		Logger: quiet,
 	})
 	require.NoError(t, err)
 	serverEvents := proxytest.Record(server.Events())

@@ -98,6 +98,14 @@ func (o *observer) onHandshake() func(string, bool, time.Duration, error) {
 	return o.transport.ObserveHandshake
 }
 
+// onRefused is the node's refusal hook; nil for a nil observer.
+func (o *observer) onRefused() func(channels.Refusal) {
+	if o == nil {
+		return nil
+	}
+	return o.transport.ObserveRefusal
+}
+
 // attach adds a started instance's counters and status.
 func (o *observer) attach(in *instance) {
 	o.node.Store(in.node)

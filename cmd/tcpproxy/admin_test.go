@@ -10,6 +10,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/tcpproxy/tcpproxy/channels"
 )
 
 func TestAdminValidation(t *testing.T) {
@@ -22,7 +24,7 @@ func TestAdminValidation(t *testing.T) {
 	_, err := parseConfig([]byte("iid: a\nrole: r\nlisten: x:1\nadmin: 0.0.0.0:6060\nchannels:\n  db: {kind: reply, port: 1}\n"))
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "127.0.0.1 only")
-	cfg, err := parseConfig([]byte("iid: a\nrole: r\nlisten: x:1\nadmin: 127.0.0.1:6060\nchannels:\n  db: {kind: reply, port: 1}\n"))
+	cfg, err := parseConfig([]byte("iid: a\nrole: r\nlisten: 127.0.0.1:1\nadmin: 127.0.0.1:6060\nchannels:\n  db: {kind: reply, port: 1}\n"))
 	require.NoError(t, err)
 	assert.Equal(t, "127.0.0.1:6060", cfg.Admin)
 }
@@ -66,4 +68,37 @@ func TestAdminHealthAndReadiness(t *testing.T) {
 	o.ready.Store(true)
 	assert.Equal(t, http.StatusOK, status("/readyz"))
 	assert.Equal(t, http.StatusOK, status("/metrics"))
+}
+
+// TestAdminSecurityMetrics: /metrics shows whether the transport is
+// insecure and counts refusals by side and reason, each from 0.
+func TestAdminSecurityMetrics(t *testing.T) {
+	o := newObserver("t")
+	srv := httptest.NewServer(adminMux(o))
+	defer srv.Close()
+	scrape := func() string {
+		resp, err := http.Get(srv.URL + "/metrics")
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		require.NoError(t, err)
+		return string(body)
+	}
+	m := scrape()
+	assert.Contains(t, m, `tcpproxy_transport_insecure{iid="t"} 0`)
+	assert.Contains(t, m, `tcpproxy_handshake_refused_total{iid="t",reason="not_member",side="accept"} 0`)
+	assert.Contains(t, m, `tcpproxy_stream_refused_total{iid="t",reason="forbidden"} 0`)
+
+	o.transport.SetInsecure(true)
+	on := o.onRefused()
+	for range 3 {
+		on(channels.Refusal{Reason: channels.RefusedNotMember})
+	}
+	on(channels.Refusal{Dialed: true, Reason: channels.RefusedPlaintext})
+	on(channels.Refusal{Stream: true, Reason: channels.RefusedForbidden})
+	m = scrape()
+	assert.Contains(t, m, `tcpproxy_transport_insecure{iid="t"} 1`)
+	assert.Contains(t, m, `tcpproxy_handshake_refused_total{iid="t",reason="not_member",side="accept"} 3`)
+	assert.Contains(t, m, `tcpproxy_handshake_refused_total{iid="t",reason="plaintext",side="dial"} 1`)
+	assert.Contains(t, m, `tcpproxy_stream_refused_total{iid="t",reason="forbidden"} 1`)
 }

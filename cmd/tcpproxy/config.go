@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"reflect"
@@ -15,6 +16,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/membership"
 	"github.com/tcpproxy/tcpproxy/proxy"
 )
 
@@ -68,6 +70,15 @@ type transportConfig struct {
 	// (default) over a Unix domain socket when the peer offers one in
 	// this network namespace, falling back to TCP; "tcp" always over TCP.
 	SameHost string `yaml:"sameHost"`
+	// Insecure allows sessions without TLS with proxies on other hosts,
+	// for networks that are private and already encrypted (WireGuard):
+	// a peer is then taken to be the member whose address it dials from.
+	// Without tls and without it, only loopback addresses are allowed.
+	Insecure bool `yaml:"insecure"`
+	// MaxSessionAge, when set, replaces sessions older than this (new
+	// handshake, new certificates); the old one closes once its
+	// connections have ended.
+	MaxSessionAge duration `yaml:"maxSessionAge"`
 }
 
 // tlsConfig is the `tls:` section (mutual TLS between proxies) and
@@ -263,6 +274,9 @@ func (c *fileConfig) validate() error {
 	default:
 		errs = append(errs, fmt.Errorf("transport.sameHost: %q is not unix or tcp", c.Transport.SameHost))
 	}
+	if err := c.checkPlaintext(c.Members.Static); err != nil {
+		errs = append(errs, err)
+	}
 	switch c.Legacy.OnChange {
 	case "", "ignore", "restart":
 	default:
@@ -303,4 +317,77 @@ func (c *fileConfig) addressing() (proxy.Addressing, error) {
 		}
 	}
 	return a, a.Validate()
+}
+
+// hasTLS reports whether sessions run over TLS.
+func (c *fileConfig) hasTLS() bool { return c.TLS.enabled() }
+
+// checkPlaintext refuses a configuration whose sessions would run without
+// TLS, and without transport.insecure, on addresses other hosts can reach:
+// its listen or advertise address, or those of members.
+func (c *fileConfig) checkPlaintext(members []channels.Member) error {
+	if c.Transport.Insecure && c.hasTLS() {
+		return errors.New("transport.insecure: sessions run over tls, which insecure would not change; remove one of them")
+	}
+	if c.hasTLS() || c.Transport.Insecure {
+		return nil
+	}
+	var exposed []string
+	for _, a := range []struct{ what, addr string }{{"listen", c.Listen}, {"advertise", c.Advertise}} {
+		if a.addr != "" && !loopbackAddr(a.addr) {
+			exposed = append(exposed, fmt.Sprintf("%s %s", a.what, a.addr))
+		}
+	}
+	for _, m := range members {
+		if m.IID != c.IID && m.Addr != "" && !loopbackAddr(m.Addr) {
+			exposed = append(exposed, fmt.Sprintf("member %s at %s", m.IID, m.Addr))
+		}
+	}
+	if len(exposed) == 0 {
+		return nil
+	}
+	if len(exposed) > 3 {
+		exposed = append(exposed[:3], fmt.Sprintf("and %d more", len(exposed)-3))
+	}
+	return fmt.Errorf("transport: sessions between proxies would run without TLS on addresses that other hosts can reach (%s), "+
+		"where anyone who reaches them could pass for a member. Configure tls (cert, key and ca; "+
+		"`tcpproxy certs -dir certs IID:ROLE...` makes a CA and instance certificates), "+
+		"or set transport.insecure: true if the network between the proxies is private and already encrypted (WireGuard, IPsec)",
+		strings.Join(exposed, ", "))
+}
+
+// loopbackAddr reports whether addr (host:port) is on a loopback address:
+// a loopback IP or localhost. An address without host listens on every
+// interface.
+func loopbackAddr(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
+}
+
+// checkMembersFile applies checkPlaintext to the members in the members
+// file as it is at start. A file that cannot be read or parsed is left to
+// the membership source to report.
+func (c *fileConfig) checkMembersFile() error {
+	if c.Members.File == "" {
+		return nil
+	}
+	data, err := os.ReadFile(c.Members.File)
+	if err != nil {
+		return nil
+	}
+	members, err := membership.Parse(data)
+	if err != nil {
+		return nil
+	}
+	if err := c.checkPlaintext(members); err != nil {
+		return fmt.Errorf("members file %s: %w", c.Members.File, err)
+	}
+	return nil
 }

@@ -1,6 +1,11 @@
 package main
 
 import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -100,4 +105,59 @@ func TestExpandEnv(t *testing.T) {
 	assert.Equal(t, "iid: web-7\nrole: $notexpanded\n", string(out))
 	_, err = expandEnv([]byte("iid: ${TP_TEST_UNSET_1}${TP_TEST_UNSET_2}"))
 	require.ErrorContains(t, err, "environment variables not set: TP_TEST_UNSET_1, TP_TEST_UNSET_2")
+}
+
+// TestPlaintextAcrossHostsRefused: a configuration whose sessions would
+// run in plaintext on addresses other hosts reach is refused, with both
+// ways out; loopback-only configurations and explicit choices are not.
+func TestPlaintextAcrossHostsRefused(t *testing.T) {
+	const chans = "channels:\n  db: {kind: reply, port: 1}\n"
+	for _, tc := range []struct {
+		name, yaml, want string
+	}{
+		{"listen on every interface", "listen: 0.0.0.0:7000\n", "(listen 0.0.0.0:7000)"},
+		{"listen on a host address", "listen: 10.0.0.1:7000\n", "(listen 10.0.0.1:7000)"},
+		{"listen without host", "listen: :7000\n", "(listen :7000)"},
+		{"advertise", "listen: 127.0.0.1:7000\nadvertise: 10.0.0.1:7000\n", "(advertise 10.0.0.1:7000)"},
+		{"host name", "listen: proxy.example:7000\n", "(listen proxy.example:7000)"},
+		{"static member", "listen: 127.0.0.1:7000\nmembers: {static: [{iid: b, role: r, addr: \"10.0.0.2:7000\"}]}\n", "(member b at 10.0.0.2:7000)"},
+		{"insecure with tls", "listen: 127.0.0.1:7000\ntransport: {insecure: true}\ntls: {cert: c, key: k, ca: a}\n", "transport.insecure: sessions run over tls"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := parseConfig([]byte("iid: a\nrole: r\n" + tc.yaml + chans))
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), tc.want)
+			if !strings.Contains(tc.name, "tls") {
+				assert.Contains(t, err.Error(), "Configure tls")
+				assert.Contains(t, err.Error(), "tcpproxy certs")
+				assert.Contains(t, err.Error(), "transport.insecure: true")
+			}
+		})
+	}
+	for _, ok := range []string{
+		"listen: 127.0.0.1:7000\nmembers: {static: [{iid: b, role: r, addr: \"127.0.0.2:7000\"}, {iid: a, role: r, addr: \"10.0.0.1:7000\"}]}\n",
+		"listen: localhost:7000\n",
+		"listen: \"[::1]:7000\"\n",
+		"listen: 0.0.0.0:7000\ntransport: {insecure: true}\n",
+		"listen: 0.0.0.0:7000\ntls: {cert: c, key: k, ca: a}\n",
+	} {
+		_, err := parseConfig([]byte("iid: a\nrole: r\n" + ok + chans))
+		assert.NoError(t, err, ok)
+	}
+}
+
+// TestRunRefusesPlaintextMembersFile: `run` refuses a members file with
+// members on other hosts when sessions would be plaintext.
+func TestRunRefusesPlaintextMembersFile(t *testing.T) {
+	dir := t.TempDir()
+	members := filepath.Join(dir, "members.yaml")
+	require.NoError(t, os.WriteFile(members, []byte("members:\n  - {iid: b, role: r, addr: \"10.0.0.2:7000\"}\n"), 0o600))
+	cfg := filepath.Join(dir, "a.yaml")
+	require.NoError(t, os.WriteFile(cfg, []byte(fmt.Sprintf("iid: a\nrole: r\nlisten: 127.0.0.1:0\nmembers: {file: %s}\nchannels:\n  db: {kind: reply, port: 1}\n", members)), 0o600))
+	var out, errOut bytes.Buffer
+	code := realMain([]string{"run", "-config", cfg}, &out, &errOut)
+	require.Equal(t, 1, code, errOut.String())
+	assert.Contains(t, errOut.String(), "(member b at 10.0.0.2:7000)")
+	assert.Contains(t, errOut.String(), "tcpproxy certs")
+	assert.Contains(t, errOut.String(), "transport.insecure: true")
 }

@@ -131,7 +131,10 @@ func twoInstances(t *testing.T, name string, port int) (serverCfg, clientCfg str
 // per instance iid.
 func twoInstancesIn(t *testing.T, dir, name string, port int, extra map[string]string) (serverCfg, clientCfg string) {
 	sPort, cPort := freePort(t), freePort(t)
-	members := fmt.Sprintf("members:\n  - {iid: srv-1, role: server, addr: \"127.0.0.1:%d\", channels: {%s: %d}}\n", sPort, name, port)
+	// Every instance is a member, the client too: a proxy takes sessions
+	// only from members.
+	members := fmt.Sprintf("members:\n  - {iid: srv-1, role: server, addr: \"127.0.0.1:%d\", channels: {%s: %d}}\n"+
+		"  - {iid: cli-1, role: client, addr: \"127.0.0.1:%d\"}\n", sPort, name, port, cPort)
 	membersPath := filepath.Join(dir, "members.yaml")
 	require.NoError(t, os.WriteFile(membersPath, []byte(members), 0o600))
 	write := func(file, body string) string {

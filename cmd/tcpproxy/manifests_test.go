@@ -472,7 +472,7 @@ func TestKubernetesManifestChecks(t *testing.T) {
 		{"unknown config key", sidecar, "drainTimeout: 10s", "drainTimeOut: 10s", "drainTimeOut"},
 		{"variable not set", sidecar, "advertise: ${POD_IP}:7000", "advertise: ${NODE_IP}:7000", "${NODE_IP}, which the container's env does not set"},
 		{"another identity", sidecar, "?role=web", "?role=api", "do not name this instance, tcpproxy://instance/web-0?role=web"},
-		{"plaintext", sidecar, "    tls:\n      cert: /var/run/tcpproxy/tls/tls.crt\n      key: /var/run/tcpproxy/tls/tls.key\n      ca: /var/run/tcpproxy/tls/ca.crt\n    members:", "    members:", "sessions would run in plaintext"},
+		{"plaintext", sidecar, "    tls:\n      cert: /var/run/tcpproxy/tls/tls.crt\n      key: /var/run/tcpproxy/tls/tls.key\n      ca: /var/run/tcpproxy/tls/ca.crt\n    members:", "    members:", "sessions between proxies would run without TLS"},
 		{"probe on the node", sidecar, "readinessProbe:\n            exec: {command: [tcpproxy, status, -check, -admin, \"127.0.0.1:9090\"]}",
 			"readinessProbe:\n            httpGet: {path: /readyz, port: 9090, host: 127.0.0.1}", "asks the node, not the pod"},
 		{"probe elsewhere", sidecar, "status, -live, -admin, \"127.0.0.1:9090\"", "status, -live, -admin, \"127.0.0.1:9091\"", "livenessProbe asks 127.0.0.1:9091"},

@@ -16,7 +16,9 @@ import (
 )
 
 // membersConfig is the `members:` section: exactly one of file, static,
-// etcd or dns (none: nobody, a node that only accepts).
+// etcd or dns (none: nobody, and then no other proxy is accepted). Every
+// instance that dials this one must be listed: sessions are taken only
+// from members.
 type membersConfig struct {
 	// File is a members YAML file, watched for changes.
 	File string `yaml:"file"`

@@ -30,6 +30,9 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if err := cfg.checkMembersFile(); err != nil {
+		return fmt.Errorf("config %s: %w", *configPath, err)
+	}
 	level, _ := parseLevel(cfg.Log.Level) // validated
 	if *verbose {
 		level = slog.LevelDebug
@@ -83,6 +86,9 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 		HandshakeTimeout:  time.Duration(cfg.Transport.HandshakeTimeout),
 		SessionsPerPeer:   cfg.Transport.Sessions,
 		Transport:         transport,
+		Insecure:          cfg.Transport.Insecure,
+		MaxSessionAge:     time.Duration(cfg.Transport.MaxSessionAge),
+		OnRefused:         obs.onRefused(),
 	})
 	if err != nil {
 		return nil, err
@@ -129,6 +135,7 @@ func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *sl
 	}
 	defer network.Close()
 	obs := newObserver(cfg.IID)
+	obs.transport.SetInsecure(cfg.Transport.Insecure && !cfg.hasTLS())
 	if cfg.Admin != "" {
 		stopAdmin, err := startAdmin(cfg.Admin, log, obs)
 		if err != nil {

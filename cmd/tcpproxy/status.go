@@ -45,7 +45,9 @@ type instanceReport struct {
 	Version string `json:"version"`
 	// Listen is the transport address other proxies dial.
 	Listen string `json:"listen,omitempty"`
-	// Transport is "mtls" (mutual TLS) or "plaintext".
+	// Transport is "mtls" (mutual TLS), "plaintext" (sessions without
+	// TLS, with proxies in this network namespace only) or "insecure"
+	// (without TLS, with proxies anywhere: transport.insecure).
 	Transport     string    `json:"transport"`
 	Started       time.Time `json:"started"`
 	UptimeSeconds float64   `json:"uptimeSeconds"`
@@ -109,7 +111,8 @@ type sessionReport struct {
 	Local  string `json:"local"`
 	Remote string `json:"remote"`
 	Dialed bool   `json:"dialed"`
-	// Identity is the peer's TLS identity, or "plaintext".
+	// Identity is the peer's TLS identity, or "plaintext, " and how the
+	// peer was taken for its member (dialed, address, same-host).
 	Identity      string    `json:"identity"`
 	Established   time.Time `json:"established"`
 	AgeSeconds    float64   `json:"ageSeconds"`
@@ -134,8 +137,11 @@ func (o *observer) report(now time.Time) statusReport {
 	if cfg.Network != "" {
 		r.Instance.Network = cfg.Network
 	}
-	if st.TLS {
+	switch {
+	case st.TLS:
 		r.Instance.Transport = "mtls"
+	case st.Insecure:
+		r.Instance.Transport = "insecure"
 	}
 	ipOf := func(iid string) string {
 		if ip, ok := p.LookupInstanceIP(iid); ok {
@@ -156,7 +162,8 @@ func (o *observer) report(now time.Time) statusReport {
 	for _, s := range st.Sessions {
 		id := s.Identity
 		if id == "" {
-			id = "plaintext"
+			// How the plaintext peer was taken for its member.
+			id = "plaintext, " + s.Auth
 		}
 		r.Sessions = append(r.Sessions, sessionReport{
 			Peer: s.Peer, Role: s.Role, Net: s.Net, Local: s.LocalAddr, Remote: s.RemoteAddr, Dialed: s.Dialed,

@@ -62,6 +62,9 @@ func TestTUNUnmodifiedRedisCLI(t *testing.T) {
 role: server
 listen: 127.0.0.1:7002
 addressing: {instanceRange: 127.20.0.0/16, requestRange: 127.21.0.0/16}
+members:
+  static:
+    - {iid: cli-1, role: client, addr: "127.0.0.1:7001"}
 channels:
   cache: {kind: reply, port: 16379}
 drainTimeout: 2s

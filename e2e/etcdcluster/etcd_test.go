@@ -176,6 +176,7 @@ channels:
   peers:  {kind: duplex, port: %d, mode: both}
   client: {kind: duplex, port: %d, mode: both}
 legacy: {onChange: ignore, stopTimeout: 15s}
+transport: {insecure: true}
 drainTimeout: 10s
 log: {level: %s}
 `, m.iid, m.Addr, transportPort, membersPath, peerPort, clientPort, proxybin.LogLevel())

@@ -211,6 +211,7 @@ members: {file: %s}
 channels:
   api: %s
   ring: {kind: duplex, port: %d, mode: both}
+transport: {insecure: true}
 drainTimeout: 2s
 log: {level: %s}
 `, h.spec.iid, h.spec.role, h.Addr, transportPort, h.c.members, api, ringPort, proxybin.LogLevel())

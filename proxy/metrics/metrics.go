@@ -10,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/tcpproxy/tcpproxy/channels"
 	"github.com/tcpproxy/tcpproxy/proxy"
 )
 
@@ -82,9 +83,21 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 
 // Transport holds the metrics of the sessions between proxies.
 type Transport struct {
-	handshakes *prometheus.HistogramVec
-	sessions   *prometheus.Desc
-	count      func() map[string]int
+	handshakes     *prometheus.HistogramVec
+	refused        *prometheus.CounterVec
+	streamsRefused *prometheus.CounterVec
+	insecure       prometheus.Gauge
+	sessions       *prometheus.Desc
+	count          func() map[string]int
+}
+
+// refusalReasons are the reasons whose refusal counters are reported from
+// the start, at 0, by side: the reasons each side can see.
+var refusalReasons = map[string][]string{
+	"accept": {channels.RefusedTimeout, channels.RefusedProtocol, channels.RefusedTLS, channels.RefusedIdentity,
+		channels.RefusedSelf, channels.RefusedNotMember, channels.RefusedRole, channels.RefusedPlaintext, channels.RefusedAddress},
+	"dial":   {channels.RefusedPlaintext, channels.RefusedIdentity, channels.RefusedPeer},
+	"stream": {channels.RefusedTimeout, channels.RefusedProtocol, channels.RefusedSource, channels.RefusedChannel, channels.RefusedForbidden, channels.RefusedBacklog},
 }
 
 // sessionNets are the networks whose session gauge is always reported,
@@ -96,18 +109,66 @@ var sessionNets = []string{"tcp", "unix"}
 // (channels.Node.SessionsByNet).
 func NewTransport(iid string, sessions func() map[string]int) *Transport {
 	labels := prometheus.Labels{"iid": iid}
-	return &Transport{
+	t := &Transport{
 		handshakes: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:        "tcpproxy_handshake_seconds",
 			Help:        "Session handshakes (TCP or TLS connect and tcpproxy hello) by side (dial or accept) and result (ok or error).",
 			ConstLabels: labels,
 			Buckets:     prometheus.ExponentialBuckets(0.0005, 2, 14), // 0.5 ms .. 4 s
 		}, []string{"side", "result"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name:        "tcpproxy_handshake_refused_total",
+			Help:        "Sessions refused, by side (accept: a peer dialed; dial: this proxy dialed) and reason (see the security documentation).",
+			ConstLabels: labels,
+		}, []string{"side", "reason"}),
+		streamsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name:        "tcpproxy_stream_refused_total",
+			Help:        "Streams from peers refused (reset), by reason.",
+			ConstLabels: labels,
+		}, []string{"reason"}),
+		insecure: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name:        "tcpproxy_transport_insecure",
+			Help:        "1 when sessions without TLS are allowed with proxies on other hosts (transport.insecure), else 0.",
+			ConstLabels: labels,
+		}),
 		sessions: prometheus.NewDesc("tcpproxy_sessions",
 			"Live sessions with other proxies, by the network they run over (tcp, or unix: the same-host socket).",
 			[]string{"net"}, labels),
 		count: sessions,
 	}
+	for side, reasons := range refusalReasons {
+		for _, r := range reasons {
+			if side == "stream" {
+				t.streamsRefused.WithLabelValues(r)
+			} else {
+				t.refused.WithLabelValues(side, r)
+			}
+		}
+	}
+	return t
+}
+
+// ObserveRefusal counts one refused session or stream; it fits
+// channels.Config.OnRefused.
+func (t *Transport) ObserveRefusal(r channels.Refusal) {
+	switch {
+	case r.Stream:
+		t.streamsRefused.WithLabelValues(r.Reason).Inc()
+	case r.Dialed:
+		t.refused.WithLabelValues("dial", r.Reason).Inc()
+	default:
+		t.refused.WithLabelValues("accept", r.Reason).Inc()
+	}
+}
+
+// SetInsecure reports whether sessions without TLS are allowed with
+// proxies on other hosts.
+func (t *Transport) SetInsecure(insecure bool) {
+	v := 0.0
+	if insecure {
+		v = 1
+	}
+	t.insecure.Set(v)
 }
 
 // ObserveHandshake records one handshake; it fits channels.Config.OnHandshake.
@@ -125,12 +186,18 @@ func (t *Transport) ObserveHandshake(_ string, dialed bool, d time.Duration, err
 // Describe implements prometheus.Collector.
 func (t *Transport) Describe(ch chan<- *prometheus.Desc) {
 	t.handshakes.Describe(ch)
+	t.refused.Describe(ch)
+	t.streamsRefused.Describe(ch)
+	t.insecure.Describe(ch)
 	ch <- t.sessions
 }
 
 // Collect implements prometheus.Collector.
 func (t *Transport) Collect(ch chan<- prometheus.Metric) {
 	t.handshakes.Collect(ch)
+	t.refused.Collect(ch)
+	t.streamsRefused.Collect(ch)
+	t.insecure.Collect(ch)
 	live := t.count()
 	nets := slices.Clone(sessionNets)
 	for n := range live {

@@ -59,6 +59,12 @@ role: bench-server
 listen: 127.0.0.1:%d
 admin: 127.0.0.1:%d
 addressing: {instanceRange: %s, requestRange: %s}
+# Sessions are taken from members only: the clients of the netstack paths
+# (the memory one runs in the bench process and does not listen).
+members:
+  static:
+    - {iid: bench-mcli, role: bench-client}
+    - {iid: bench-tcli, role: bench-client, addr: "127.0.0.1:7001"}
 channels:
   echo: {kind: reply, port: %d}
   sink: {kind: reply, port: %d}
