@@ -119,8 +119,19 @@ const (
 )
 
 // serveConn runs the listener's side of the handshake on an accepted
-// connection and then serves the session.
+// connection, which acceptLoop counted in n.admission, and then serves the
+// session.
 func (n *Node) serveConn(raw net.Conn) {
+	s := n.acceptSession(raw)
+	n.admission.release(raw.RemoteAddr())
+	if s != nil {
+		s.serve()
+	}
+}
+
+// acceptSession runs the listener's side of the handshake on raw and
+// returns the session registered, or nil.
+func (n *Node) acceptSession(raw net.Conn) *session {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.HandshakeTimeout)
 	conn := raw
@@ -162,7 +173,7 @@ func (n *Node) serveConn(raw net.Conn) {
 		// attempted, so none failed.
 		conn.Close()
 		n.log.Debug("same-host connection closed unused by its dialer")
-		return
+		return nil
 	}
 	var s *session
 	if err == nil {
@@ -177,17 +188,17 @@ func (n *Node) serveConn(raw net.Conn) {
 			n.refuse(raw.RemoteAddr(), Refusal{Reason: refusalReason(err, stage), Claimed: hello.IID,
 				Err: fmt.Errorf("handshake from %s: %w", raw.RemoteAddr(), err)})
 		}
-		return
+		return nil
 	}
 	if err := n.addSession(s); err != nil {
 		s.ys.Close()
 		if !errors.Is(err, ErrClosed) {
 			n.refuse(raw.RemoteAddr(), Refusal{Reason: refusalReason(err, stage), Claimed: hello.IID, Err: err})
 		}
-		return
+		return nil
 	}
 	s.log.Info("session up", "dialed", false, "auth", auth)
-	s.serve()
+	return s
 }
 
 // refusalReason classifies a failed handshake: by the reason it was

@@ -43,7 +43,7 @@ func (r *refusals) add(x channels.Refusal) {
 func (r *refusals) wait(t *testing.T, want map[string]int) {
 	t.Helper()
 	require.Eventually(t, func() bool { return assert.ObjectsAreEqual(want, r.get()) },
-		5*time.Second, 5*time.Millisecond, "refusals: want %v", want)
+		5*time.Second, 5*time.Millisecond, "refusals: want %v, got %v", want, r.get())
 	assert.Equal(t, want, r.get())
 }
 

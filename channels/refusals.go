@@ -66,6 +66,11 @@ const (
 	RefusedForbidden = "forbidden"
 	// RefusedBacklog: the channel's accept backlog is full.
 	RefusedBacklog = "backlog"
+	// RefusedOverload: a connection closed at once because too many
+	// handshakes are in progress, in all or from its address
+	// (Config.MaxHandshakes, MaxHandshakesPerIP), or a session beyond
+	// the most one member may hold with this node.
+	RefusedOverload = "overload"
 )
 
 // refusalError is an error with the reason it is reported under.

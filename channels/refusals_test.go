@@ -87,6 +87,7 @@ func TestRefusalFloodLogsBounded(t *testing.T) {
 	cfg.Logger = slog.New(logs)
 	cfg.HandshakeTimeout = 300 * time.Millisecond
 	cfg.OnRefused = seen.add
+	cfg.MaxHandshakes = 2000 // more than the idle connections at once: none refused for that
 	b, err := channels.NewNode(cfg)
 	require.NoError(t, err)
 	_, err = b.Reply("svc")
@@ -170,6 +171,7 @@ func TestRefusalLogTracksBoundedAddresses(t *testing.T) {
 	cfg := onHost("b", mt, "10.1.0.1", membership.Static())
 	cfg.Logger = slog.New(logs)
 	cfg.OnRefused = seen.add
+	cfg.MaxHandshakes = 2000 // handshakes that ended may not have been counted out yet
 	b, err := channels.NewNode(cfg)
 	require.NoError(t, err)
 	require.NoError(t, b.Start(context.Background()))

@@ -374,7 +374,7 @@ func (m *secMesh) checkAttacks(wantReason map[string]string) {
 		var sum float64
 		text := m.metrics(m.cache)
 		for _, r := range []string{channels.RefusedTimeout, channels.RefusedProtocol, channels.RefusedTLS, channels.RefusedIdentity,
-			channels.RefusedNotMember, channels.RefusedAddress, channels.RefusedPlaintext} {
+			channels.RefusedNotMember, channels.RefusedAddress, channels.RefusedPlaintext, channels.RefusedOverload} {
 			sum += metric(text, "tcpproxy_handshake_refused_total", `side="accept"`, `reason="`+r+`"`)
 		}
 		return sum
