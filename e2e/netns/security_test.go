@@ -4,6 +4,7 @@ package netns
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -53,9 +54,13 @@ type secMesh struct {
 	cache, cli, evil *ns.Host
 	procs            []*proxybin.Process
 	// insecure sets transport.insecure; tls is each proxy's tls line, by
-	// iid, when set.
-	insecure bool
-	tls      map[string]string
+	// iid, when set; handshakeTimeout is transport.handshakeTimeout
+	// (default 1s).
+	insecure         bool
+	tls              map[string]string
+	handshakeTimeout string
+	// cmds start each proxy again, by index in procs.
+	cmds []func() *exec.Cmd
 	// evilTLS, when set, wraps the attacker's connections in TLS.
 	evilTLS func(c net.Conn, claim string) net.Conn
 }
@@ -110,10 +115,10 @@ admin: 127.0.0.1:%d
 members: {file: %s}
 channels:
   cache: %s
-transport: {handshakeTimeout: 1s, insecure: %v}
+transport: {handshakeTimeout: %s, insecure: %v}
 %sdrainTimeout: 2s
 log: {level: %s}
-`, iid, role, h.Addr, transportPort, secAdminPort, filepath.Join(m.dir, "members.yaml"), channel, m.insecure, m.tls[iid], proxybin.LogLevel())
+`, iid, role, h.Addr, transportPort, secAdminPort, filepath.Join(m.dir, "members.yaml"), channel, cmp.Or(m.handshakeTimeout, "1s"), m.insecure, m.tls[iid], proxybin.LogLevel())
 		p := filepath.Join(m.dir, iid+".yaml")
 		require.NoError(t, os.WriteFile(p, []byte(cfg), 0o644))
 		return p
@@ -130,8 +135,10 @@ log: {level: %s}
 		{m.cli, "cli-1", []string{"run", "-config", cliCfg}},
 	} {
 		p := proxybin.NewProcess(s.name, filepath.Join(m.dir, s.name+".log"))
-		require.NoError(t, p.Start(s.h.Command(m.bin, s.args...)))
+		cmd := func() *exec.Cmd { return s.h.Command(m.bin, s.args...) }
+		require.NoError(t, p.Start(cmd()))
 		m.procs = append(m.procs, p)
+		m.cmds = append(m.cmds, cmd)
 	}
 	t.Cleanup(func() {
 		for _, p := range m.procs {
@@ -410,21 +417,7 @@ func TestHostileHostInsecure(t *testing.T) {
 // for another iid; neither gets it in.
 func TestHostileHostMutualTLS(t *testing.T) {
 	m := newSecMesh(t)
-	certs := filepath.Join(m.dir, "certs")
-	otherCA := filepath.Join(m.dir, "other-ca")
-	for _, c := range []struct {
-		dir string
-		ids []string
-	}{
-		{certs, []string{"cache-1:cache", "cli-1:client", "evil:client"}},
-		{otherCA, []string{"cache-1:cache", "cli-1:client"}},
-	} {
-		out, err := exec.Command(m.bin, append([]string{"certs", "-dir", c.dir}, c.ids...)...).CombinedOutput()
-		require.NoError(t, err, "%s", out)
-	}
-	for _, iid := range []string{"cache-1", "cli-1"} {
-		m.tls[iid] = fmt.Sprintf("tls: {cert: %s/%s.pem, key: %s/%s-key.pem, ca: %s/ca.pem}\n", certs, iid, certs, iid, certs)
-	}
+	certs, otherCA := m.withTLS()
 	m.start()
 	assert.Equal(t, 0.0, metric(m.metrics(m.cache), "tcpproxy_transport_insecure"))
 	// The impostors present the other CA's certificate for the member
@@ -453,6 +446,28 @@ func TestHostileHostMutualTLS(t *testing.T) {
 	out, err := m.redis("PING")
 	require.NoError(t, err)
 	require.Equal(t, "PONG", out)
+}
+
+// withTLS makes certificates for the members and for "evil" from the
+// mesh's CA (in certs), and for the members from another CA (in otherCA),
+// and configures the proxies with theirs.
+func (m *secMesh) withTLS() (certs, otherCA string) {
+	certs = filepath.Join(m.dir, "certs")
+	otherCA = filepath.Join(m.dir, "other-ca")
+	for _, c := range []struct {
+		dir string
+		ids []string
+	}{
+		{certs, []string{"cache-1:cache", "cli-1:client", "evil:client"}},
+		{otherCA, []string{"cache-1:cache", "cli-1:client"}},
+	} {
+		out, err := exec.Command(m.bin, append([]string{"certs", "-dir", c.dir}, c.ids...)...).CombinedOutput()
+		require.NoError(m.t, err, "%s", out)
+	}
+	for _, iid := range []string{"cache-1", "cli-1"} {
+		m.tls[iid] = fmt.Sprintf("tls: {cert: %s/%s.pem, key: %s/%s-key.pem, ca: %s/ca.pem}\n", certs, iid, certs, iid, certs)
+	}
+	return certs, otherCA
 }
 
 // evilTLS runs TLS on c with the certificate of iid in dir, not checking
