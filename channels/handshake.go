@@ -241,14 +241,47 @@ func (n *Node) admit(ctx context.Context, raw net.Conn, certified *pki.Identity,
 		return Member{}, "", refused(RefusedNotMember, fmt.Errorf("%s is not a member", claim))
 	case m.Role != "" && m.Role != h.Role:
 		return Member{}, "", refused(RefusedRole, fmt.Errorf("%s: the member's role is %q", claim, m.Role))
-	case isTLS:
-		return m, authTLS, nil
 	}
-	auth, err := n.admitPlaintext(ctx, raw, m)
+	auth := authTLS
+	if !isTLS {
+		var err error
+		if auth, err = n.admitPlaintext(ctx, raw, m); err != nil {
+			return Member{}, "", fmt.Errorf("%s: %w", claim, err)
+		}
+	}
+	n.mu.Lock()
+	err := n.roomLocked(h.IID)
+	n.mu.Unlock()
 	if err != nil {
-		return Member{}, "", fmt.Errorf("%s: %w", claim, err)
+		return Member{}, "", err
 	}
 	return m, auth, nil
+}
+
+// maxAcceptedSessions bounds the sessions one member holds with a node
+// that the member dialed, retiring ones included. A node dials at most
+// MaxSessionsPerPeer sessions to a peer, and a retired one closes once
+// its streams have ended: four times that leaves room for several
+// generations of retired sessions still carrying streams. Each session is
+// a connection and three goroutines, so a member that dials without end
+// would otherwise exhaust them.
+const maxAcceptedSessions = 4 * MaxSessionsPerPeer
+
+// roomLocked refuses (RefusedOverload) another session dialed by member
+// iid when it holds maxAcceptedSessions already. n.mu must be held.
+func (n *Node) roomLocked(iid string) error {
+	k := 0
+	if p := n.peers[iid]; p != nil {
+		for _, s := range p.sessions {
+			if !s.info.dialed {
+				k++
+			}
+		}
+	}
+	if k >= maxAcceptedSessions {
+		return refused(RefusedOverload, fmt.Errorf("member %q already holds %d sessions it dialed, the most a member may", iid, k))
+	}
+	return nil
 }
 
 // admitPlaintext decides whether a connection without TLS comes from

@@ -196,6 +196,9 @@ func (n *Node) addSession(s *session) error {
 	if cur, ok := n.members.byIID[iid]; !ok || !sameIdentity(cur, s.member, s.auth) {
 		return refused(RefusedNotMember, fmt.Errorf("%w: member %q changed or left during the handshake", errRefused, iid))
 	}
+	if err := n.roomLocked(iid); err != nil {
+		return err
+	}
 	p := n.peers[iid]
 	if p == nil {
 		p = &peer{}

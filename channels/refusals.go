@@ -69,7 +69,7 @@ const (
 	// RefusedOverload: a connection closed at once because too many
 	// handshakes are in progress, in all or from its address
 	// (Config.MaxHandshakes, MaxHandshakesPerIP), or a session beyond
-	// the most one member may hold with this node.
+	// the 64 that one member may dial to this node.
 	RefusedOverload = "overload"
 )
 

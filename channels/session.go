@@ -29,6 +29,10 @@ type session struct {
 	member Member
 	auth   string
 
+	// headerSlots holds a token for each incoming stream whose header is
+	// being read (see maxPendingHeaders).
+	headerSlots chan struct{}
+
 	mu      sync.Mutex
 	done    bool
 	streams map[*stream]struct{} // outgoing streams not yet finished
@@ -67,6 +71,8 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 		info:    newSessionInfo(conn, dialed),
 		log:     n.log.With("peer", h.IID, "net", network, "remote", conn.RemoteAddr().String()),
 		streams: make(map[*stream]struct{}),
+
+		headerSlots: make(chan struct{}, maxPendingHeaders),
 	}
 	s.openDone = sync.NewCond(&s.mu)
 	return s, nil
@@ -108,6 +114,12 @@ func (s *session) serve() {
 		if ys, err = s.ys.AcceptStream(context.Background()); err != nil {
 			break
 		}
+		select {
+		case s.headerSlots <- struct{}{}:
+		case <-s.ys.CloseChan():
+			ys.Reset()
+			continue // AcceptStream fails next
+		}
 		if !s.n.spawn(func() { s.handleStream(ys) }) {
 			ys.Reset()
 			break
@@ -130,6 +142,14 @@ func (s *session) serve() {
 	}
 }
 
+// maxPendingHeaders bounds the incoming streams of a session whose header
+// is being read, each a goroutine for up to Config.HandshakeTimeout: while
+// that many wait, serve takes no more from the multiplexer, whose accept
+// backlog then holds them. A peer that runs this package sends the header
+// in a stream's first frame, so its streams wait only to be scheduled; one
+// that sends headers slowly, or never, holds up only its own session.
+const maxPendingHeaders = 256
+
 // handleStream reads an incoming stream's header and queues the stream on
 // its channel. Anything wrong resets this stream only.
 func (s *session) handleStream(ys *mux.Stream) {
@@ -141,6 +161,7 @@ func (s *session) handleStream(ys *mux.Stream) {
 	}
 	_ = ys.SetReadDeadline(time.Now().Add(s.n.cfg.HandshakeTimeout))
 	wh, err := wire.ReadStreamHeader(ys)
+	<-s.headerSlots
 	if err != nil {
 		fail(refusalReason(err, RefusedProtocol), err)
 		return
