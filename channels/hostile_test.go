@@ -6,7 +6,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"runtime"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -14,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/membership"
 	"github.com/tcpproxy/tcpproxy/channels/mux"
 	"github.com/tcpproxy/tcpproxy/channels/wire"
 )
@@ -180,4 +184,105 @@ func TestSessionChurnLeaksNothing(t *testing.T) {
 	require.Eventually(t, func() bool { return b.NumSessions("x") == 0 && len(b.Status().Sessions) == 0 }, 5*time.Second, 5*time.Millisecond)
 	require.Eventually(t, func() bool { return goroutinesIn(ours+".")+goroutinesIn(ours+"/mux.") == before }, 5*time.Second, 5*time.Millisecond,
 		"the node's goroutines")
+}
+
+// retirer is a hostile member's listener: it accepts every session,
+// resets the streams it is sent, and at once asks the dialer to retire
+// the session, which it then keeps open.
+type retirer struct {
+	ln       net.Listener
+	accepted atomic.Int64
+	wg       sync.WaitGroup
+}
+
+func newRetirer(t *testing.T, tr channels.Transport, addr string) *retirer {
+	ln, err := tr.Listen(addr)
+	require.NoError(t, err)
+	r := &retirer{ln: ln}
+	r.wg.Go(func() {
+		var sessions []*mux.Session
+		defer func() {
+			for _, s := range sessions {
+				s.Close()
+			}
+		}()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			r.accepted.Add(1)
+			if s := r.serve(c); s != nil {
+				sessions = append(sessions, s)
+			}
+		}
+	})
+	t.Cleanup(func() { ln.Close(); r.wg.Wait() })
+	return r
+}
+
+func (r *retirer) serve(c net.Conn) *mux.Session {
+	if _, err := wire.ReadHello(c); err != nil {
+		c.Close()
+		return nil
+	}
+	if wire.WriteReply(c, wire.Reply{Accepted: true, Hello: wire.Hello{IID: "y", Role: "test", Channels: []string{"svc"}}}) != nil {
+		c.Close()
+		return nil
+	}
+	sess, err := mux.Server(c, mux.Config{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		c.Close()
+		return nil
+	}
+	r.wg.Go(func() {
+		for {
+			st, err := sess.AcceptStream(context.Background())
+			if err != nil {
+				return
+			}
+			st.Reset()
+		}
+	})
+	r.wg.Go(func() {
+		st, err := sess.OpenStream(context.Background())
+		if err != nil {
+			return
+		}
+		h, _ := wire.AppendStreamHeader(nil, wire.StreamHeader{Channel: "\x00retire", SourceIID: "y"})
+		if _, err := st.Write(h); err == nil && st.CloseWrite() == nil {
+			_, _ = io.Copy(io.Discard, st) // the answer
+		}
+		st.Close()
+	})
+	return sess
+}
+
+// TestPeerRetiringEverySession: a member that asks to retire every
+// session the node dials to it at once does not make the node dial it
+// again and again, and the node closes the retired sessions once idle
+// rather than wait for the member to.
+func TestPeerRetiringEverySession(t *testing.T) {
+	tr := channels.NewMemoryTransport()
+	y := newRetirer(t, tr, "y:1")
+	cfg := baseConfig("b", tr, membership.Static(channels.Member{IID: "y", Role: "test", Addr: "y:1", Channels: map[string]uint16{"svc": 1}}))
+	cfg.ListenAddr = ""
+	var req channels.RequestChannel
+	b := startNode(t, cfg, func(n *channels.Node) {
+		var err error
+		req, err = n.Request("svc", "", nil)
+		require.NoError(t, err)
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, _, err := req.Open(ctx, channels.Header{})
+	require.NoError(t, err)
+	s.Close()
+	require.Eventually(t, func() bool { return y.accepted.Load() >= 2 }, 5*time.Second, time.Millisecond,
+		"the node dials SessionsPerPeer sessions")
+	assert.Never(t, func() bool { return y.accepted.Load() > 2 }, 300*time.Millisecond, time.Millisecond,
+		"sessions dialed to a member that retires them at once")
+	t.Logf("%d sessions dialed", y.accepted.Load())
+	require.Eventually(t, func() bool { return b.NumSessions("y") == 0 }, 5*time.Second, time.Millisecond,
+		"the retired sessions close once idle")
 }

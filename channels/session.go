@@ -380,18 +380,28 @@ func (s *session) askPeerToRetire() error {
 
 // retiredByPeer answers the peer's retirement request on ys: once this
 // node opens no more streams on the session, it closes its side of ys.
+// Then it closes the session once idle, as the peer does: a peer that
+// asked and kept the session open would otherwise hold it for ever. It
+// does not dial a replacement (the next stream to the peer dials one if
+// need be), so that a peer retiring every session at once does not make
+// this node dial it again and again.
 func (s *session) retiredByPeer(ys *mux.Stream) {
-	defer ys.Close()
-	if s.stopOpening() {
+	// Not first: retiring already, and closed once idle by whoever
+	// started it (this node's ageOut, or an earlier request).
+	first := s.stopOpening()
+	if first {
 		s.log.Info("session retired by the peer", "age", time.Since(s.info.established).Round(time.Millisecond))
-		s.n.replace(s)
 	}
 	_ = ys.SetDeadline(time.Now().Add(s.n.cfg.HandshakeTimeout))
 	if _, err := ys.Read(make([]byte, 1)); err != io.EOF { // the request's end
 		ys.Reset()
-		return
+	} else {
+		_ = ys.CloseWrite()
+		ys.Close()
 	}
-	_ = ys.CloseWrite()
+	if first {
+		s.closeWhenIdle()
+	}
 }
 
 // closeWhenIdle closes the session once no stream is open on it, either
