@@ -160,7 +160,7 @@ func TestSessionChurnLeaksNothing(t *testing.T) {
 	// The node's goroutines (package channels and its multiplexer), not
 	// the test's.
 	const ours = "github.com/tcpproxy/tcpproxy/channels"
-	before := goroutinesIn(ours + ".") + goroutinesIn(ours+"/mux.")
+	before := goroutinesIn(ours+".") + goroutinesIn(ours+"/mux.")
 	h, err := wire.AppendStreamHeader(nil, wire.StreamHeader{Channel: "svc", SourceIID: "x"})
 	require.NoError(t, err)
 	for range 300 {
