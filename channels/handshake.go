@@ -197,7 +197,9 @@ func (n *Node) acceptSession(raw net.Conn) *session {
 		}
 		return nil
 	}
-	s.log.Info("session up", "dialed", false, "auth", auth)
+	if n.sessions.allow(s.hello.IID, true) {
+		s.log.Info("session up", "dialed", false, "auth", auth)
+	}
 	return s
 }
 

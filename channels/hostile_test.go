@@ -144,11 +144,16 @@ func TestSessionsPerMemberBounded(t *testing.T) {
 
 // TestSessionChurnLeaksNothing: a member that dials, opens a stream and
 // hangs up, again and again, with a handshake listing every channel it
-// may, leaves no goroutine, session or peer behind.
+// may, leaves no goroutine, session or peer behind, and a bounded number
+// of log lines.
 func TestSessionChurnLeaksNothing(t *testing.T) {
+	defer channels.SetRefusalLogInterval(time.Hour)()
 	tr := channels.NewMemoryTransport()
 	var reply channels.ReplyChannel
-	b := startNode(t, baseConfig("b", tr, dialers("x")), func(n *channels.Node) {
+	logs := &logLines{info: true}
+	cfg := baseConfig("b", tr, dialers("x"))
+	cfg.Logger = slog.New(logs)
+	b := startNode(t, cfg, func(n *channels.Node) {
 		var err error
 		reply, err = n.Reply("svc")
 		require.NoError(t, err)
@@ -161,6 +166,7 @@ func TestSessionChurnLeaksNothing(t *testing.T) {
 	// the test's.
 	const ours = "github.com/tcpproxy/tcpproxy/channels"
 	before := goroutinesIn(ours+".") + goroutinesIn(ours+"/mux.")
+	require.Positive(t, before)
 	h, err := wire.AppendStreamHeader(nil, wire.StreamHeader{Channel: "svc", SourceIID: "x"})
 	require.NoError(t, err)
 	for range 300 {
@@ -182,8 +188,13 @@ func TestSessionChurnLeaksNothing(t *testing.T) {
 		sess.Close()
 	}
 	require.Eventually(t, func() bool { return b.NumSessions("x") == 0 && len(b.Status().Sessions) == 0 }, 5*time.Second, 5*time.Millisecond)
+	// A line per session up and closed at first, the rest summed up.
+	const burst = 2 * channels.MaxSessionsPerPeer
+	assert.Equal(t, burst, logs.count("session up")+logs.count("session closed"))
 	require.Eventually(t, func() bool { return goroutinesIn(ours+".")+goroutinesIn(ours+"/mux.") == before }, 5*time.Second, 5*time.Millisecond,
 		"the node's goroutines")
+	require.NoError(t, b.Close())
+	assert.Equal(t, 1, logs.count("sessions up and closed again"))
 }
 
 // retirer is a hostile member's listener: it accepts every session,

@@ -23,6 +23,7 @@ type Node struct {
 	log      *slog.Logger
 	tls      *tlsState // nil without TLS
 	refusals *refusalLog
+	sessions *sessionLog // lines of sessions up and closed
 	// admission bounds the handshakes in progress on accepted
 	// connections.
 	admission *admission
@@ -70,6 +71,7 @@ func NewNode(cfg Config) (*Node, error) {
 		log:         log,
 		tls:         newTLSState(cfg.TLS),
 		refusals:    newRefusalLog(log),
+		sessions:    newSessionLog(log),
 		admission:   newAdmission(cfg.MaxHandshakes, cfg.MaxHandshakesPerIP),
 		memberGrace: memberGrace,
 		ctx:         ctx,
@@ -193,7 +195,7 @@ func (n *Node) start(ctx context.Context) error {
 		n.log.Warn("insecure: sessions without TLS with peers at any address; " +
 			"anyone who can reach this node or its peers can read and alter them")
 	}
-	if !n.spawn(func() { n.refusals.run(n.done) }) {
+	if !n.spawn(func() { n.refusals.run(n.done, n.sessions) }) {
 		return ErrClosed
 	}
 	if n.cfg.ListenAddr != "" {

@@ -172,7 +172,9 @@ func (n *Node) runDial(p *peer, m Member, call *dialCall) {
 	call.s, call.err = s, err
 	close(call.done)
 	if s != nil {
-		s.log.Info("session up", "addr", m.Addr, "dialed", true, "auth", s.auth)
+		if n.sessions.allow(m.IID, true) {
+			s.log.Info("session up", "addr", m.Addr, "dialed", true, "auth", s.auth)
+		}
 		s.serve()
 	}
 }

@@ -20,13 +20,16 @@ import (
 )
 
 // logLines records the messages of the log records at warning level and
-// above.
+// above, or with info set at info level and above.
 type logLines struct {
+	info bool
 	mu   sync.Mutex
 	msgs []string
 }
 
-func (h *logLines) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (h *logLines) Enabled(_ context.Context, l slog.Level) bool {
+	return l >= slog.LevelWarn || h.info && l >= slog.LevelInfo
+}
 func (h *logLines) WithAttrs([]slog.Attr) slog.Handler           { return h }
 func (h *logLines) WithGroup(string) slog.Handler                { return h }
 func (h *logLines) Handle(_ context.Context, r slog.Record) error {

@@ -137,7 +137,7 @@ func (s *session) serve() {
 	for st := range streams {
 		st.finish()
 	}
-	if s.n.ctx.Err() == nil {
+	if s.n.ctx.Err() == nil && s.n.sessions.allow(s.hello.IID, false) {
 		s.log.Info("session closed", "err", err)
 	}
 }
