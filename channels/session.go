@@ -389,7 +389,7 @@ func (s *session) retiredByPeer(ys *mux.Stream) {
 	// Not first: retiring already, and closed once idle by whoever
 	// started it (this node's ageOut, or an earlier request).
 	first := s.stopOpening()
-	if first {
+	if first && s.n.sessions.allow(s.hello.IID, false) {
 		s.log.Info("session retired by the peer", "age", time.Since(s.info.established).Round(time.Millisecond))
 	}
 	_ = ys.SetDeadline(time.Now().Add(s.n.cfg.HandshakeTimeout))
