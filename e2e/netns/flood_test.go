@@ -5,14 +5,12 @@ package netns
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"regexp"
@@ -110,6 +108,11 @@ func TestHandshakeFlood(t *testing.T) {
 	}
 	require.Eventually(t, func() bool { return refused() == float64(st.reached()) }, 10*time.Second, 50*time.Millisecond,
 		"refusals counted: %v, want %d", refused(), st.reached())
+	// Nothing is left behind.
+	require.Eventually(t, func() bool {
+		u := m.usage(m.cache, cache.Pid())
+		return u.fds <= base.fds && u.goroutines <= base.goroutines
+	}, 10*time.Second, 50*time.Millisecond, "after the flood: %v, %v before", m.usage(m.cache, cache.Pid()), base)
 	log := string(cache.ReadLog())
 	assert.NotContains(t, log, "too many open files")
 	assert.Equal(t, 1, countMatches(log, `msg="session refused".*remote=`+m.evil.Addr.String()+`:`), "one line for the first refusal")
@@ -127,9 +130,7 @@ func (m *secMesh) usage(h *ns.Host, pid int) usage {
 	if ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid)); err == nil {
 		u.fds = len(ents)
 	}
-	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
-		DialContext: func(_ context.Context, _, addr string) (net.Conn, error) { return h.Dial(addr, 5*time.Second) },
-	}}
+	client := m.adminClient(h)
 	resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/debug/vars", secAdminPort))
 	if err != nil {
 		return u

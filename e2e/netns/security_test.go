@@ -257,15 +257,23 @@ func (m *secMesh) handshake(to *ns.Host, hello wire.Hello, channel string) *atta
 // metrics reads a proxy's /metrics from inside its host.
 func (m *secMesh) metrics(h *ns.Host) string {
 	t := m.t
-	client := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
-		DialContext: func(_ context.Context, _, addr string) (net.Conn, error) { return h.Dial(addr, 5*time.Second) },
-	}}
+	client := m.adminClient(h)
 	resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", secAdminPort))
 	require.NoError(t, err)
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
 	require.NoError(t, err)
 	return string(body)
+}
+
+// adminClient returns an HTTP client of the admin endpoints in host h.
+// It keeps no connection open: the flood test counts the proxy's file
+// descriptors.
+func (m *secMesh) adminClient(h *ns.Host) *http.Client {
+	return &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DisableKeepAlives: true,
+		DialContext:       func(_ context.Context, _, addr string) (net.Conn, error) { return h.Dial(addr, 5*time.Second) },
+	}}
 }
 
 // metric returns the value of the series named by prefix (name and
