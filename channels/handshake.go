@@ -314,6 +314,9 @@ func (n *Node) admitPlaintext(ctx context.Context, raw net.Conn, m Member) (stri
 	if slices.Contains(ips, from) {
 		return authAddress, nil
 	}
+	if m.Addr == "" {
+		return "", refused(RefusedAddress, fmt.Errorf("connection from %s, but the member has no address to check it against (list it with the address it dials from, or use TLS)", from))
+	}
 	return "", refused(RefusedAddress, fmt.Errorf("connection from %s, not from the member's address %s", from, m.Addr))
 }
 
