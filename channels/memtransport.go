@@ -249,10 +249,17 @@ func newMemBuffer(size int) *memBuffer {
 	return &memBuffer{size: size, changed: make(chan struct{})}
 }
 
-// waitLocked returns a channel that is closed on the next change.
-func (b *memBuffer) waitLocked() <-chan struct{} {
+// waitUnlock unlocks b and waits for its next change, the deadline d or
+// done, whichever comes first; the caller looks again.
+func (b *memBuffer) waitUnlock(d *memDeadline, done <-chan struct{}) {
 	b.waited = true
-	return b.changed
+	changed := b.changed
+	b.mu.Unlock()
+	select {
+	case <-changed:
+	case <-d.expired():
+	case <-done:
+	}
 }
 
 // wakeLocked wakes every waiter.
@@ -264,9 +271,9 @@ func (b *memBuffer) wakeLocked() {
 	}
 }
 
-// ready reports why an operation cannot proceed before it looks at the
+// memReady reports why an operation cannot proceed before it looks at the
 // buffer: its end is closed, or its deadline has passed.
-func ready(d *memDeadline, done <-chan struct{}) error {
+func memReady(d *memDeadline, done <-chan struct{}) error {
 	select {
 	case <-done:
 		return net.ErrClosed
@@ -283,7 +290,7 @@ func ready(d *memDeadline, done <-chan struct{}) error {
 // read copies buffered bytes into p, waiting for some when there are none.
 func (b *memBuffer) read(p []byte, d *memDeadline, done <-chan struct{}) (int, error) {
 	for {
-		if err := ready(d, done); err != nil {
+		if err := memReady(d, done); err != nil {
 			return 0, err
 		}
 		b.mu.Lock()
@@ -305,13 +312,7 @@ func (b *memBuffer) read(p []byte, d *memDeadline, done <-chan struct{}) (int, e
 			b.mu.Unlock()
 			return 0, nil
 		}
-		changed := b.waitLocked()
-		b.mu.Unlock()
-		select {
-		case <-changed:
-		case <-d.expired():
-		case <-done:
-		}
+		b.waitUnlock(d, done)
 	}
 }
 
@@ -319,7 +320,7 @@ func (b *memBuffer) read(p []byte, d *memDeadline, done <-chan struct{}) (int, e
 func (b *memBuffer) write(p []byte, d *memDeadline, done <-chan struct{}) (int, error) {
 	written := 0
 	for {
-		if err := ready(d, done); err != nil {
+		if err := memReady(d, done); err != nil {
 			return written, err
 		}
 		b.mu.Lock()
@@ -350,13 +351,7 @@ func (b *memBuffer) write(p []byte, d *memDeadline, done <-chan struct{}) (int, 
 			b.mu.Unlock()
 			continue
 		}
-		changed := b.waitLocked()
-		b.mu.Unlock()
-		select {
-		case <-changed:
-		case <-d.expired():
-		case <-done:
-		}
+		b.waitUnlock(d, done)
 	}
 }
 
