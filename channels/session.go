@@ -29,6 +29,7 @@ type session struct {
 
 func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, error) {
 	cfg := n.muxConfig()
+	conn = sessionConn(conn) // TLS: records batched, see tlsconn.go
 	var ys *mux.Session
 	var err error
 	if dialed {
