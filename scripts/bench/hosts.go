@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -42,6 +43,7 @@ var (
 type netns struct {
 	name string
 	dial *nsDialer // sockets made inside it, for the load generator
+	once sync.Once // deletes it
 }
 
 // pre is the argv prefix that runs a command inside the namespace; `ip
@@ -71,11 +73,12 @@ func (e *env) newNetns(p *path, role string) (*netns, error) {
 		return nil, err
 	}
 	del := func() {
-		if n.dial != nil {
-			n.dial.close()
-			n.dial = nil
-		}
-		deleteNetns(n.name)
+		n.once.Do(func() {
+			if n.dial != nil {
+				n.dial.close()
+			}
+			deleteNetns(n.name)
+		})
 	}
 	e.kids.atExit(del)
 	p.addCleanup(del)

@@ -48,6 +48,7 @@ type options struct {
 	connWorkers int
 	idle        int
 	reps        int
+	sameReps    int
 	timeout     time.Duration
 	paths       string
 	out         string
@@ -85,14 +86,15 @@ func main() {
 	var o options
 	flag.IntVar(&o.sizeMiB, "size", 256, "bulk: MiB sent on each connection")
 	flag.IntVar(&o.parallel, "parallel", 8, "bulk: connections of the parallel run")
-	flag.IntVar(&o.requests, "requests", 10000, "latency: requests of the single client")
+	flag.IntVar(&o.requests, "requests", 5000, "latency: requests of the single client")
 	flag.IntVar(&o.clients, "clients", 64, "latency: concurrent clients of the loaded run")
-	flag.IntVar(&o.requestsPer, "requests-per-client", 1000, "latency: requests per client of the loaded run")
+	flag.IntVar(&o.requestsPer, "requests-per-client", 500, "latency: requests per client of the loaded run")
 	flag.IntVar(&o.msgSize, "msg", 64, "latency and connections: request and reply size in bytes")
-	flag.IntVar(&o.conns, "conns", 10000, "connection rate: connections made (connect, one request, close)")
+	flag.IntVar(&o.conns, "conns", 5000, "connection rate: connections made (connect, one request, close)")
 	flag.IntVar(&o.connWorkers, "conn-workers", 16, "connection rate: concurrent connecting clients")
 	flag.IntVar(&o.idle, "idle", 10000, "memory: idle proxied connections held open (same-host tcpproxy paths)")
-	flag.IntVar(&o.reps, "reps", 3, "repetitions; every figure is the median")
+	flag.IntVar(&o.reps, "reps", 3, "repetitions of the cross-host paths; every figure is the median")
+	flag.IntVar(&o.sameReps, "same-reps", 1, "repetitions of the same-host paths (the cross-host ones lead; this keeps the whole run near 10 minutes)")
 	flag.DurationVar(&o.timeout, "timeout", 60*time.Second, "bound on each single measurement")
 	flag.StringVar(&o.paths, "paths", strings.Join(append(slices.Clone(crossPaths), samePaths...), ","), "paths to measure (comma-separated); x-* span two hosts (network namespaces joined by veth), the others one: "+pathHelp)
 	flag.StringVar(&o.out, "out", "bench/results.md", "results file, relative to the module root")
@@ -110,6 +112,7 @@ func main() {
 		quick := map[string]func(){
 			"paths":               func() { o.paths = strings.Join(crossPaths, ",") },
 			"reps":                func() { o.reps = 1 },
+			"same-reps":           func() { o.sameReps = 1 },
 			"size":                func() { o.sizeMiB = 128 },
 			"requests":            func() { o.requests = 2000 },
 			"requests-per-client": func() { o.requestsPer = 200 },
@@ -146,7 +149,7 @@ func main() {
 }
 
 func run(ctx context.Context, o options, kids *children) error {
-	if o.reps < 1 || o.parallel < 1 || o.clients < 1 || o.requests < 1 || o.requestsPer < 1 ||
+	if o.reps < 1 || o.sameReps < 1 || o.parallel < 1 || o.clients < 1 || o.requests < 1 || o.requestsPer < 1 ||
 		o.msgSize < 1 || o.conns < 1 || o.connWorkers < 1 || o.idle < 0 || o.sizeMiB < 1 {
 		return errors.New("every count and size must be positive (-idle may be 0 to skip memory)")
 	}
@@ -215,13 +218,14 @@ func run(ctx context.Context, o options, kids *children) error {
 		paths = append(paths, p)
 	}
 
-	res := newResults(paths, o.reps)
+	reps := max(o.reps, o.sameReps)
+	res := newResults(paths, reps)
 	res.loadStart = loadavg()
 	res.suite = e.suite.name
 	start := time.Now()
-	for rep := range o.reps {
+	for rep := range reps {
 		e.rep, res.cur = rep, rep
-		if slices.ContainsFunc(paths, func(p *path) bool { return p.cross && p.skip == "" }) {
+		if rep < o.reps && slices.ContainsFunc(paths, func(p *path) bool { return p.cross && p.skip == "" }) {
 			// The floor of mutual TLS: the cipher's own cost, measured
 			// between the paths so that it sees the same machine.
 			v, err := sealOpenCost(e.suite, 512<<20)
@@ -232,13 +236,13 @@ func run(ctx context.Context, o options, kids *children) error {
 			}
 		}
 		for _, p := range paths {
-			if p.skip != "" {
+			if p.skip != "" || (p.cross && rep >= o.reps) || (!p.cross && rep >= o.sameReps) {
 				continue
 			}
 			if srv.child.exited() {
 				return fmt.Errorf("the server process exited: %v\n%s", srv.child.err, srv.child.tail())
 			}
-			log.Printf("repetition %d/%d: %s", rep+1, o.reps, p.name)
+			log.Printf("repetition %d/%d: %s", rep+1, reps, p.name)
 			measurePath(ctx, e, o, p, res)
 		}
 	}
@@ -282,6 +286,9 @@ func run(ctx context.Context, o options, kids *children) error {
 // measurePath runs one repetition of every measurement on p, with p's
 // processes started fresh.
 func measurePath(ctx context.Context, e *env, o options, p *path, res *results) {
+	if p.tests != "" {
+		o.tests = p.tests
+	}
 	if p.setup != nil {
 		if err := p.setup(ctx, p); err != nil {
 			log.Printf("%s: setup: %v", p.name, err)

@@ -169,13 +169,21 @@ func memoryPath(e *env) *path {
 	}
 }
 
-// tunUsable says why the tun path cannot run here, or "".
+// tunUsable says why the tun paths cannot run here, or "".
 func tunUsable() string {
-	if os.Geteuid() != 0 {
-		return "needs root (a network namespace and a TUN device)"
+	if s := nsUsable(); s != "" {
+		return s
 	}
 	if _, err := os.Stat("/dev/net/tun"); err != nil {
 		return "no /dev/net/tun"
+	}
+	return ""
+}
+
+// nsUsable says why the paths in network namespaces cannot run here, or "".
+func nsUsable() string {
+	if os.Geteuid() != 0 {
+		return "needs root (network namespaces)"
 	}
 	if _, err := exec.LookPath("ip"); err != nil {
 		return "no ip command (iproute2)"

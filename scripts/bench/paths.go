@@ -45,6 +45,9 @@ type path struct {
 	skip string
 	// cross says the path spans two hosts (the cross-host table).
 	cross bool
+	// tests, when set, replaces -tests for this path (floors measured for
+	// bulk only).
+	tests string
 	// memory reports whether RSS per idle connection is measured.
 	memory bool
 	// memoryNote is shown instead of a memory figure when memory is false.

@@ -142,7 +142,7 @@ func (r *results) markdown(o options) string {
 	w("- Go: %s\n", goVersion())
 	w("- Load average (1, 5, 15 min): %s at start, %s at end; the machine is shared, so figures are noisy\n", r.loadStart, r.loadEnd)
 	w("- Flags: `%s`\n", flagLine())
-	w("- Every figure is the median of %d repetitions; each repetition runs every path back to back, starting the proxies afresh, and a ratio is the median of the ratios within each repetition, which cancels much of a shared machine's drift. Total time %v.\n\n", o.reps, r.elapsed.Round(time.Second))
+	w("- Every figure is the median of %d repetitions (same-host paths: %d); each repetition runs every path back to back, starting the proxies afresh, and a ratio is the median of the ratios within each repetition, which cancels much of a shared machine's drift. Total time %v.\n\n", o.reps, o.sameReps, r.elapsed.Round(time.Second))
 	if r.anyCross() {
 		b.WriteString(r.crossTables(o))
 	}

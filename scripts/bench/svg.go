@@ -14,7 +14,7 @@ import (
 // external assets.
 
 const (
-	svgLabelW = 210 // path names
+	svgLabelW = 200 // path names
 	svgPanelW = 330 // each panel's bar area
 	svgGap    = 50  // between the panels
 	svgRowH   = 34
@@ -79,12 +79,12 @@ var svgTemplate = template.Must(template.New("svg").Parse(`<svg xmlns="http://ww
 <line x1="{{.P2X}}" y1="{{$.BY}}" x2="{{.P2X}}" y2="66" stroke="#999999"/>
 <rect x="{{.P1X}}" y="{{.BY}}" width="10" height="10" fill="#9aa5b1" transform="translate(0,22)"/>
 <text x="{{.P1X}}" y="{{.BY}}" dx="14" dy="31">{{index .Legend1 0}}</text>
-<rect x="{{.P1X}}" y="{{.BY}}" width="10" height="10" fill="#52606d" transform="translate(120,22)"/>
-<text x="{{.P1X}}" y="{{.BY}}" dx="134" dy="31">{{index .Legend1 1}}</text>
+<rect x="{{.P1X}}" y="{{.BY}}" width="10" height="10" fill="#52606d" transform="translate(150,22)"/>
+<text x="{{.P1X}}" y="{{.BY}}" dx="164" dy="31">{{index .Legend1 1}}</text>
 <rect x="{{.P2X}}" y="{{.BY}}" width="10" height="10" fill="#9aa5b1" transform="translate(0,22)"/>
 <text x="{{.P2X}}" y="{{.BY}}" dx="14" dy="31">{{index .Legend2 0}}</text>
-<rect x="{{.P2X}}" y="{{.BY}}" width="10" height="10" fill="#52606d" transform="translate(120,22)"/>
-<text x="{{.P2X}}" y="{{.BY}}" dx="134" dy="31">{{index .Legend2 1}}</text>
+<rect x="{{.P2X}}" y="{{.BY}}" width="10" height="10" fill="#52606d" transform="translate(150,22)"/>
+<text x="{{.P2X}}" y="{{.BY}}" dx="164" dy="31">{{index .Legend2 1}}</text>
 </svg>
 `))
 
@@ -135,20 +135,20 @@ func (r *results) svg(o options) string {
 	maxT, maxC = niceMax(maxT), niceMax(maxC)
 	c := svgChart{
 		Title:   "tcpproxy across two hosts: throughput and CPU per GiB",
-		Sub:     fmt.Sprintf("go run ./scripts/bench, %s, load %s; medians of %d runs; grey: without tcpproxy", time.Now().UTC().Format("2006-01-02"), r.loadStart, r.reps),
+		Sub:     fmt.Sprintf("go run ./scripts/bench, %s, load %s; medians of %d runs; grey: without tcpproxy", time.Now().UTC().Format("2006-01-02"), r.loadStart, o.reps),
 		P1X:     svgLabelW,
 		P2X:     svgLabelW + svgPanelW + svgGap,
 		PanelW:  svgPanelW,
 		Head1:   "Throughput, MiB/s (higher is better)",
 		Head2:   fmt.Sprintf("CPU s per GiB, %d connections (lower is better)", o.parallel),
-		Legend1: [2]string{"1 connection", fmt.Sprintf("%d connections", o.parallel)},
-		Legend2: [2]string{"machine", "proxies"},
+		Legend1: [2]string{"1 connection (light)", fmt.Sprintf("%d connections (dark)", o.parallel)},
+		Legend2: [2]string{"machine (light)", "proxies (dark)"},
 	}
 	c.W = c.P2X + svgPanelW + 60
 	for i, p := range rows {
 		y := float64(svgTop + i*svgRowH)
-		row := svgRow{Name: p.name, Y: y + 16, Shade: i%2 == 1}
-		tcp := strings.HasPrefix(p.key, "x-tcpproxy") || p.key == "x-mtls" || strings.HasPrefix(p.key, "x-tun")
+		row := svgRow{Name: shortName(p.key), Y: y + 16, Shade: i%2 == 1}
+		tcp := tcpproxyKeys[p.key]
 		light, dark := "#9aa5b1", "#52606d"
 		if tcp {
 			light, dark = "#7cb3f0", "#1f6fc5"

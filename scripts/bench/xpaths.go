@@ -47,7 +47,7 @@ const (
 // xPath is a cross-host path: setup gets the two hosts and the servers.
 func xPath(key, name string, setup func(ctx context.Context, p *path, h *hostPair, sp *serverProc) error, extraIPs ...netip.Addr) func(*env) *path {
 	return func(e *env) *path {
-		p := &path{key: key, name: name, cross: true, skip: tunUsable(), memoryNote: "n/a"}
+		p := &path{key: key, name: name, cross: true, skip: nsUsable(), memoryNote: "n/a"}
 		p.setup = func(ctx context.Context, p *path) error {
 			h, sp, err := e.newHostPair(p, xAdminA, xAdminB, extraIPs...)
 			if err != nil {
@@ -82,7 +82,7 @@ func xRelayPath(tls bool) func(*env) *path {
 		key, name = "x-relay2-tls", "two Go relays, mutual TLS between them (floor)"
 	}
 	return func(e *env) *path {
-		return xPath(key, name, func(_ context.Context, p *path, h *hostPair, sp *serverProc) error {
+		p := xPath(key, name, func(_ context.Context, p *path, h *hostPair, sp *serverProc) error {
 			var in, out []string
 			if tls {
 				c := e.certs
@@ -102,6 +102,10 @@ func xRelayPath(tls bool) func(*env) *path {
 			frontAddrs(p)
 			return nil
 		})(e)
+		if tls {
+			p.tests = "bulk" // a floor of CPU per byte
+		}
+		return p
 	}
 }
 
@@ -109,7 +113,7 @@ func xRelayPath(tls bool) func(*env) *path {
 // tun relay (one gVisor stack on a TUN, copying to kernel connections) on
 // A, a plain relay on B.
 func xTUNRelayPath(e *env) *path {
-	return xPath("x-tunrelay", "gVisor relay on a TUN + Go relay (floor of a TUN client)", func(_ context.Context, p *path, h *hostPair, sp *serverProc) error {
+	p := xPath("x-tunrelay", "gVisor relay on a TUN + Go relay (floor of a TUN client)", func(_ context.Context, p *path, h *hostPair, sp *serverProc) error {
 		if err := e.startRelayIn(p, h.b, "relay-b", nil,
 			hostPort(hostBAddr, xMidEcho), fmt.Sprintf("127.0.0.1:%d", sp.echoPort),
 			hostPort(hostBAddr, xMidSink), fmt.Sprintf("127.0.0.1:%d", sp.sinkPort)); err != nil {
@@ -129,6 +133,11 @@ func xTUNRelayPath(e *env) *path {
 		p.procs = append(p.procs, c)
 		return nil
 	})(e)
+	p.tests = "bulk"
+	if p.skip == "" {
+		p.skip = tunUsable()
+	}
+	return p
 }
 
 // startRelayIn starts a relay process (this program with -relay and
@@ -268,7 +277,7 @@ func xStunnelPath(e *env) *path {
 func xTCPProxyPath(key, name string, mtls, tunA, tunB bool) func(*env) *path {
 	srvIP, _ := proxy.NewInstanceAllocator(proxy.DefaultInstanceRange).Add("bench-srv")
 	return func(e *env) *path {
-		return xPath(key, name, func(_ context.Context, p *path, h *hostPair, sp *serverProc) error {
+		p := xPath(key, name, func(_ context.Context, p *path, h *hostPair, sp *serverProc) error {
 			reqIPs, err := proxy.RequestIPs(proxy.DefaultRequestRange, []string{"echo", "sink"})
 			if err != nil {
 				return err
@@ -302,6 +311,10 @@ func xTCPProxyPath(key, name string, mtls, tunA, tunB bool) func(*env) *path {
 			p.sink = netip.AddrPortFrom(reqIPs["sink"], uint16(spt)).String()
 			return nil
 		}, srvIP)(e)
+		if (tunA || tunB) && p.skip == "" {
+			p.skip = tunUsable()
+		}
+		return p
 	}
 }
 
