@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -20,7 +21,7 @@ import (
 
 // tlsPair returns the two ends of a mutual TLS connection over TCP
 // loopback, each tls.Conn over what wrap makes of its TCP connection.
-func tlsPair(t *testing.T, wrap func(net.Conn) net.Conn) (client, server *tls.Conn) {
+func tlsPair(t testing.TB, wrap func(net.Conn) net.Conn) (client, server *tls.Conn) {
 	t.Helper()
 	dir := t.TempDir()
 	ca, err := pki.NewCA("test CA", time.Hour)
@@ -186,4 +187,49 @@ func TestRecordConnReadDeadline(t *testing.T) {
 	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
 	rc := server.NetConn().(*recordConn)
 	require.Nil(t, rc.buf)
+}
+
+// benchTLS moves b.N chunks of 256 KiB (the proxy's buffer) over a TLS
+// connection on TCP loopback, written through write and read by the other
+// end; it reports cpu-s/GiB, the process's CPU time per GiB.
+func benchTLS(b *testing.B, wrap func(net.Conn) net.Conn, write func(*tls.Conn) net.Conn) {
+	client, server := tlsPair(b, wrap)
+	w := write(client)
+	chunk := make([]byte, 256<<10)
+	done := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(io.Discard, server)
+		done <- err
+	}()
+	b.SetBytes(int64(len(chunk)))
+	cpu0 := processCPU(b)
+	b.ResetTimer()
+	for range b.N {
+		if _, err := w.Write(chunk); err != nil {
+			b.Fatal(err)
+		}
+	}
+	require.NoError(b, client.CloseWrite())
+	require.NoError(b, <-done)
+	b.StopTimer()
+	gib := float64(b.N) * float64(len(chunk)) / (1 << 30)
+	b.ReportMetric((processCPU(b)-cpu0).Seconds()/gib, "cpu-s/GiB")
+}
+
+// BenchmarkTLSConn is the baseline: crypto/tls as it comes, a system call
+// per record both ways.
+func BenchmarkTLSConn(b *testing.B) {
+	benchTLS(b, func(c net.Conn) net.Conn { return c }, func(c *tls.Conn) net.Conn { return c })
+}
+
+// BenchmarkTLSSessionConn is a session's TLS connection: records gathered
+// per Write and read ahead.
+func BenchmarkTLSSessionConn(b *testing.B) {
+	benchTLS(b, func(c net.Conn) net.Conn { return newRecordConn(c) }, func(c *tls.Conn) net.Conn { return sessionConn(c) })
+}
+
+func processCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	require.NoError(b, syscall.Getrusage(syscall.RUSAGE_SELF, &ru))
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

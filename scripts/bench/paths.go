@@ -16,10 +16,10 @@ import (
 // The paths, in the order of the tables: the cross-host ones first (the
 // deployment topology), then the same-host ones.
 var (
-	crossPaths = []string{"x-direct", "x-relay2", "x-haproxy", "x-tcpproxy", "x-tunrelay", "x-tun", "x-tun2", "x-relay2-tls", "x-haproxy-tls", "x-stunnel", "x-mtls"}
+	crossPaths = []string{"x-direct", "x-relay2", "x-haproxy", "x-tcpproxy", "x-tunrelay", "x-tun", "x-tun2", "x-relay2-copy", "x-relay2-tls", "x-haproxy-tls", "x-stunnel", "x-mtls"}
 	samePaths  = []string{"direct", "socat", "haproxy", "relay1", "relay2", "tcpproxy", "tcpproxy-tcp", "duplex", "memory", "tun", "tunrelay"}
 	allPaths   = map[string]func(*env) *path{
-		"x-direct": xDirectPath, "x-relay2": xRelayPath(false), "x-relay2-tls": xRelayPath(true), "x-tunrelay": xTUNRelayPath, "x-haproxy": xHaproxyPath(false), "x-haproxy-tls": xHaproxyPath(true),
+		"x-direct": xDirectPath, "x-relay2": xRelayPath(false, false), "x-relay2-tls": xRelayPath(true, false), "x-relay2-copy": xRelayPath(false, true), "x-tunrelay": xTUNRelayPath, "x-haproxy": xHaproxyPath(false), "x-haproxy-tls": xHaproxyPath(true),
 		"x-stunnel":  xStunnelPath,
 		"x-tcpproxy": xTCPProxyPath("x-tcpproxy", "tcpproxy, plaintext sessions", false, false, false),
 		"x-mtls":     xTCPProxyPath("x-mtls", "tcpproxy, mutual TLS sessions", true, false, false),

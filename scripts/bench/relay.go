@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -32,6 +33,7 @@ func relayMain(args []string) {
 	fs := flag.NewFlagSet("relay", flag.ExitOnError)
 	tlsIn := fs.String("tls-in", "", "CERT,KEY,CA: accepted connections are mutual TLS")
 	tlsOut := fs.String("tls-out", "", "CERT,KEY,CA: connections made are mutual TLS")
+	fs.BoolVar(&relayNoSplice, "copy", false, "copy through a buffer rather than splice")
 	_ = fs.Parse(args)
 	if fs.NArg() == 0 {
 		fmt.Fprintln(os.Stderr, "usage: bench -relay [-tls-in CERT,KEY,CA] [-tls-out CERT,KEY,CA] LISTEN=TARGET...")
@@ -153,14 +155,15 @@ func relayServe(ln net.Listener, dial func() (halfCloser, error), wrapIn func(ne
 // in one write(2): tls.Conn hands each record (at most 16 KiB) to the
 // connection below with a Write of its own, a system call and a TCP push
 // each; gatherConn collects them during the Write, which then sends them
-// together.
+// together. It also reads ahead, many records per read(2), as tcpproxy's
+// sessions do.
 type tlsRelayConn struct {
 	*tls.Conn
 	raw *gatherConn
 }
 
 func newTLSRelayConn(c net.Conn, mk func(net.Conn) *tls.Conn) (*tlsRelayConn, error) {
-	g := &gatherConn{Conn: c}
+	g := &gatherConn{Conn: c, r: bufio.NewReaderSize(c, relayBuf)}
 	tc := mk(g)
 	_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
 	if err := tc.Handshake(); err != nil {
@@ -183,10 +186,13 @@ func (c *tlsRelayConn) Write(p []byte) (int, error) {
 // gatherConn is the connection under a tlsRelayConn.
 type gatherConn struct {
 	net.Conn
+	r      *bufio.Reader
 	mu     sync.Mutex // the reading side may write too (alerts)
 	gather bool
 	buf    []byte
 }
+
+func (g *gatherConn) Read(p []byte) (int, error) { return g.r.Read(p) }
 
 func (g *gatherConn) start() {
 	g.mu.Lock()
@@ -223,6 +229,9 @@ type halfCloser interface {
 	CloseWrite() error
 }
 
+// relayNoSplice makes relayCopy copy between kernel sockets too (-copy).
+var relayNoSplice bool
+
 // relayBuf is the copy buffer between a gVisor and a kernel connection,
 // as large as tcpproxy's bulk buffers.
 const relayBuf = 256 << 10
@@ -233,7 +242,7 @@ const relayBuf = 256 << 10
 func relayCopy(dst, src halfCloser) {
 	var err error
 	_, tcpDst := dst.(*net.TCPConn)
-	if _, tcpSrc := src.(*net.TCPConn); tcpSrc && tcpDst {
+	if _, tcpSrc := src.(*net.TCPConn); tcpSrc && tcpDst && !relayNoSplice {
 		_, err = io.Copy(dst, src)
 	} else {
 		// Plain Reader and Writer: io.CopyBuffer would otherwise hand the

@@ -191,6 +191,7 @@ func (r *results) crossTargets(o options) string {
 	}
 	cipherRow(fmt.Sprintf("CPU/GiB mutual TLS adds over plaintext ≤ 1.3× sealing+opening a GiB (%s)", r.suite), "x-mtls", "x-tcpproxy", atMost(1.3))
 	cipherRow("floor: what TLS adds to two Go relays (crypto/tls, records batched), × the cipher", "x-relay2-tls", "x-relay2", reported)
+	cipherRow("floor: what copying through user space (no cipher) adds to two Go relays, × the cipher", "x-relay2-copy", "x-relay2", reported)
 	ratioRow("mutual TLS bulk ≥ 1.4× the haproxy TLS pair", "x-mtls", "x-haproxy-tls", atLeast(1.4), "bulk1", "bulkN")
 	ratioRow("mutual TLS bulk ≥ 1.4× the stunnel pair", "x-mtls", "x-stunnel", atLeast(1.4), "bulk1", "bulkN")
 	ratioRow("TUN client CPU/GiB ≤ 1.1× the loopback client", "x-tun", "x-tcpproxy", atMost(1.1), "bulk1_mcpu", "bulkN_mcpu", "bulk1_pcpu", "bulkN_pcpu")
@@ -272,6 +273,7 @@ func shortName(key string) string {
 		"x-tcpproxy": "tcpproxy", "x-tun": "tcpproxy, client on TUN", "x-tun2": "tcpproxy, TUN both ends",
 		"x-haproxy-tls": "haproxy pair, TLS", "x-stunnel": "stunnel pair", "x-mtls": "tcpproxy, mutual TLS",
 		"x-relay2-tls": "two Go relays, TLS (floor)", "x-tunrelay": "gVisor relay on TUN (floor)",
+		"x-relay2-copy": "two Go relays, copying (floor)",
 	}[key]
 }
 

@@ -75,15 +75,22 @@ func xDirectPath(e *env) *path {
 	})(e)
 }
 
-// xRelayPath is a relay on each host; with tls, mutual TLS between them.
-func xRelayPath(tls bool) func(*env) *path {
+// xRelayPath is a relay on each host; with tls, mutual TLS between them;
+// with copying, through a buffer rather than splicing.
+func xRelayPath(tls, copying bool) func(*env) *path {
 	key, name := "x-relay2", "two Go relays (io.Copy), the floor"
-	if tls {
+	switch {
+	case tls:
 		key, name = "x-relay2-tls", "two Go relays, mutual TLS between them (floor)"
+	case copying:
+		key, name = "x-relay2-copy", "two Go relays copying through a buffer (floor)"
 	}
 	return func(e *env) *path {
 		p := xPath(key, name, func(_ context.Context, p *path, h *hostPair, sp *serverProc) error {
 			var in, out []string
+			if copying {
+				in, out = []string{"-copy"}, []string{"-copy"}
+			}
 			if tls {
 				c := e.certs
 				in = []string{"-tls-in", strings.Join([]string{c.cert("bench-srv"), c.key("bench-srv"), c.ca}, ",")}
@@ -102,7 +109,7 @@ func xRelayPath(tls bool) func(*env) *path {
 			frontAddrs(p)
 			return nil
 		})(e)
-		if tls {
+		if tls || copying {
 			p.tests = "bulk" // a floor of CPU per byte
 		}
 		return p
