@@ -1,7 +1,6 @@
 package channels_test
 
 import (
-	"context"
 	"io"
 	"net"
 	"syscall"
@@ -94,24 +93,6 @@ func BenchmarkStreamThroughputTLS(b *testing.B) {
 // BenchmarkDirectTCPThroughput is the baseline: a plain TCP connection on
 // loopback with the same writes.
 func BenchmarkDirectTCPThroughput(b *testing.B) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(b, err)
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			close(accepted)
-			return
-		}
-		accepted <- c
-	}()
-	var d net.Dialer
-	c, err := d.DialContext(context.Background(), "tcp", ln.Addr().String())
-	require.NoError(b, err)
-	defer c.Close()
-	server, ok := <-accepted
-	require.True(b, ok)
-	defer server.Close()
+	c, server := tcpConns(b)
 	benchWrite(b, c.(*net.TCPConn), drainTo(server))
 }

@@ -1,4 +1,4 @@
-package channels
+package channels_test
 
 import (
 	"bytes"
@@ -7,46 +7,51 @@ import (
 	"io"
 	"net"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/tcpproxy/tcpproxy/channels/pki"
+	"github.com/tcpproxy/tcpproxy/channels"
 )
+
+// tcpConns returns both ends of a TCP connection on loopback.
+func tcpConns(t testing.TB) (dialed, accepted net.Conn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	ch := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		ch <- c
+	}()
+	dialed, err = net.Dial("tcp", ln.Addr().String())
+	require.NoError(t, err)
+	accepted = <-ch
+	require.NotNil(t, accepted)
+	t.Cleanup(func() {
+		dialed.Close()
+		accepted.Close()
+	})
+	return dialed, accepted
+}
 
 // tlsPair returns the two ends of a mutual TLS connection over TCP
 // loopback, each tls.Conn over what wrap makes of its TCP connection.
 func tlsPair(t testing.TB, wrap func(net.Conn) net.Conn) (client, server *tls.Conn) {
 	t.Helper()
-	dir := t.TempDir()
-	ca, err := pki.NewCA("test CA", time.Hour)
-	require.NoError(t, err)
-	require.NoError(t, ca.Save(dir))
+	ca, files := writeCerts(t, t.TempDir(), "c", "s")
 	cfgs := map[string]*tls.Config{}
-	for _, iid := range []string{"c", "s"} {
-		cert, key, err := ca.WriteInstance(dir, pki.Identity{IID: iid, Role: "test"}, nil, time.Hour)
+	for name, f := range files {
+		cfg, err := channels.TLSConfigFromFiles(f[0], f[1], ca)
 		require.NoError(t, err)
-		cfgs[iid], err = TLSConfigFromFiles(cert, key, filepath.Join(dir, "ca.pem"))
-		require.NoError(t, err)
+		cfgs[name] = cfg
 	}
-	cfgs["c"].InsecureSkipVerify = true // no host name; the chain is checked by the server side here
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	raw, err := net.Dial("tcp", ln.Addr().String())
-	require.NoError(t, err)
-	sraw := <-accepted
-	require.NotNil(t, sraw)
+	cfgs["c"].InsecureSkipVerify = true // no host name; the server side checks the chain
+	raw, sraw := tcpConns(t)
 	client, server = tls.Client(wrap(raw), cfgs["c"]), tls.Server(wrap(sraw), cfgs["s"])
 	t.Cleanup(func() {
 		client.Close()
@@ -82,20 +87,19 @@ func randomBytes(t *testing.T, n int) []byte {
 func TestTLSSessionConnGathersRecords(t *testing.T) {
 	var counter *writeCounter
 	client, server := tlsPair(t, func(c net.Conn) net.Conn {
-		if counter == nil {
+		if counter == nil { // the client's, made first
 			counter = &writeCounter{Conn: c}
-			return newRecordConn(counter)
+			return channels.NewRecordConn(counter)
 		}
-		return newRecordConn(c)
+		return channels.NewRecordConn(c)
 	})
-	sc := sessionConn(client)
-	require.IsType(t, &tlsSessionConn{}, sc)
+	sc := channels.SessionConn(client)
+	require.True(t, channels.IsTLSSessionConn(sc))
 	msg := randomBytes(t, 256<<10)
 	got := make(chan []byte, 1)
 	go func() {
 		b := make([]byte, len(msg))
-		_, err := io.ReadFull(server, b)
-		if err != nil {
+		if _, err := io.ReadFull(server, b); err != nil {
 			b = nil
 		}
 		got <- b
@@ -119,47 +123,42 @@ func TestTLSSessionConnGathersRecords(t *testing.T) {
 // TestRecordConnReadsAhead: records that wait in the socket are read with
 // one read(2) for many of them.
 func TestRecordConnReadsAhead(t *testing.T) {
-	var reader *recordConn
-	client, server := tlsPair(t, func(c net.Conn) net.Conn {
-		rc := newRecordConn(c)
-		reader = rc // the server's, made last
-		return rc
-	})
-	require.NotNil(t, reader.rc, "a TCP connection reads through its RawConn")
+	client, server := tlsPair(t, channels.NewRecordConn)
+	require.True(t, channels.RecordConnReadsRaw(server.NetConn()), "a TCP connection reads through its RawConn")
 	msg := randomBytes(t, 200<<10) // 13 records, one write
-	_, err := sessionConn(client).Write(msg)
+	_, err := channels.SessionConn(client).Write(msg)
 	require.NoError(t, err)
-	before := reader.readCalls
+	before, _ := channels.RecordConnReads(server)
 	got := make([]byte, len(msg))
 	_, err = io.ReadFull(server, got)
 	require.NoError(t, err)
 	require.True(t, bytes.Equal(msg, got), "bytes differ")
-	require.LessOrEqual(t, reader.readCalls-before, 4, "read(2)s for 13 records")
-	require.Nil(t, reader.buf, "the read-ahead buffer goes back to the pool once drained")
+	after, holding := channels.RecordConnReads(server)
+	require.LessOrEqual(t, after-before, 4, "reads for 13 records")
+	require.False(t, holding, "the read-ahead buffer goes back to the pool once drained")
 }
 
 // TestTLSSessionConnBothWays moves data both ways at once, in writes of
 // every size, and ends each direction with close_notify.
 func TestTLSSessionConnBothWays(t *testing.T) {
-	client, server := tlsPair(t, func(c net.Conn) net.Conn { return newRecordConn(c) })
-	ends := []net.Conn{sessionConn(client), sessionConn(server)}
+	client, server := tlsPair(t, channels.NewRecordConn)
+	ends := []net.Conn{channels.SessionConn(client), channels.SessionConn(server)}
 	data := [][]byte{randomBytes(t, 3<<20), randomBytes(t, 2<<20+12345)}
 	var wg sync.WaitGroup
 	got := make([][]byte, 2)
 	errs := make([]error, 4)
 	for i := range ends {
 		wg.Go(func() {
-			w := ends[i]
 			d := data[i]
 			for size := 1; len(d) > 0; size = size*3 + 7 {
 				k := min(len(d), size%(600<<10)+1)
-				if _, err := w.Write(d[:k]); err != nil {
+				if _, err := ends[i].Write(d[:k]); err != nil {
 					errs[i] = err
 					return
 				}
 				d = d[k:]
 			}
-			errs[i] = w.(*tlsSessionConn).CloseWrite()
+			errs[i] = ends[i].(interface{ CloseWrite() error }).CloseWrite()
 		})
 		wg.Go(func() {
 			var b bytes.Buffer
@@ -178,58 +177,30 @@ func TestTLSSessionConnBothWays(t *testing.T) {
 }
 
 // TestRecordConnReadDeadline: a read deadline ends a read that waits with
-// os.ErrDeadlineExceeded, as on the socket itself, and the buffer is not
-// held while waiting.
+// os.ErrDeadlineExceeded, as on the socket itself, and no buffer is held
+// while waiting.
 func TestRecordConnReadDeadline(t *testing.T) {
-	_, server := tlsPair(t, func(c net.Conn) net.Conn { return newRecordConn(c) })
+	_, server := tlsPair(t, channels.NewRecordConn)
 	require.NoError(t, server.SetReadDeadline(time.Now().Add(50*time.Millisecond)))
 	_, err := server.Read(make([]byte, 10))
 	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
-	rc := server.NetConn().(*recordConn)
-	require.Nil(t, rc.buf)
+	_, holding := channels.RecordConnReads(server)
+	require.False(t, holding)
 }
 
-// benchTLS moves b.N chunks of 256 KiB (the proxy's buffer) over a TLS
-// connection on TCP loopback, written through write and read by the other
-// end; it reports cpu-s/GiB, the process's CPU time per GiB.
-func benchTLS(b *testing.B, wrap func(net.Conn) net.Conn, write func(*tls.Conn) net.Conn) {
-	client, server := tlsPair(b, wrap)
-	w := write(client)
-	chunk := make([]byte, 256<<10)
-	done := make(chan error, 1)
-	go func() {
-		_, err := io.Copy(io.Discard, server)
-		done <- err
-	}()
-	b.SetBytes(int64(len(chunk)))
-	cpu0 := processCPU(b)
-	b.ResetTimer()
-	for range b.N {
-		if _, err := w.Write(chunk); err != nil {
-			b.Fatal(err)
-		}
-	}
-	require.NoError(b, client.CloseWrite())
-	require.NoError(b, <-done)
-	b.StopTimer()
-	gib := float64(b.N) * float64(len(chunk)) / (1 << 30)
-	b.ReportMetric((processCPU(b)-cpu0).Seconds()/gib, "cpu-s/GiB")
-}
-
-// BenchmarkTLSConn is the baseline: crypto/tls as it comes, a system call
-// per record both ways.
+// BenchmarkTLSConn is the baseline of BenchmarkTLSSessionConn: crypto/tls
+// as it comes, a system call per record both ways, on TCP loopback.
 func BenchmarkTLSConn(b *testing.B) {
-	benchTLS(b, func(c net.Conn) net.Conn { return c }, func(c *tls.Conn) net.Conn { return c })
+	client, server := tlsPair(b, func(c net.Conn) net.Conn { return c })
+	benchWrite(b, client, drainTo(server))
 }
 
-// BenchmarkTLSSessionConn is a session's TLS connection: records gathered
-// per Write and read ahead.
+// BenchmarkTLSSessionConn is a session's TLS connection: the records of a
+// Write gathered, and read ahead.
 func BenchmarkTLSSessionConn(b *testing.B) {
-	benchTLS(b, func(c net.Conn) net.Conn { return newRecordConn(c) }, func(c *tls.Conn) net.Conn { return sessionConn(c) })
-}
-
-func processCPU(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	require.NoError(b, syscall.Getrusage(syscall.RUSAGE_SELF, &ru))
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	client, server := tlsPair(b, channels.NewRecordConn)
+	benchWrite(b, channels.SessionConn(client).(interface {
+		io.Writer
+		CloseWrite() error
+	}), drainTo(server))
 }
