@@ -222,6 +222,7 @@ func run(ctx context.Context, o options, kids *children) error {
 	res := newResults(paths, reps)
 	res.loadStart = loadavg()
 	res.suite = e.suite.name
+	res.plaintextTransport = e.plaintextTransport
 	start := time.Now()
 	for rep := range reps {
 		e.rep, res.cur = rep, rep
