@@ -1,12 +1,12 @@
 package channels
 
 import (
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"time"
 
+	"github.com/tcpproxy/tcpproxy/channels/pki"
 	"github.com/tcpproxy/tcpproxy/channels/wire"
 )
 
@@ -20,10 +20,15 @@ type Config struct {
 	ListenAddr string
 	// Transport carries sessions; nil means TCP.
 	Transport Transport
-	// TLS, when non-nil, runs mutual TLS on every session, as server and as
-	// client (see TLSConfigFromFiles). When ServerName is empty, the host of
-	// the member's address is verified.
-	TLS *tls.Config
+	// TLS, when set, runs mutual TLS 1.3 on every session. Each new
+	// handshake presents TLS.Current()'s certificate, as server and as
+	// client, and verifies the peer's against its CA bundle: a dialed peer
+	// must be the member dialed, an accepted one the instance (and role)
+	// its handshake claims. Sessions already up are not disturbed when the
+	// credentials rotate. Reconnects resume TLS sessions of the same
+	// credentials, with the same checks. See TLSConfigFromFiles and
+	// package channels/creds.
+	TLS pki.Credentials
 	// Members publishes the mesh; nil means nobody (a node that only
 	// accepts streams still works).
 	Members Source
@@ -116,8 +121,8 @@ func (c Config) withDefaults() (Config, error) {
 	if c.MaxStreamWindow != 0 && c.MaxStreamWindow < minStreamWindow {
 		bad("MaxStreamWindow %d is below the protocol minimum %d", c.MaxStreamWindow, minStreamWindow)
 	}
-	if c.TLS != nil && len(c.TLS.Certificates) == 0 && c.TLS.GetCertificate == nil && c.TLS.GetClientCertificate == nil {
-		bad("TLS config has no certificate (mutual TLS needs one on both sides)")
+	if c.TLS != nil && c.TLS.Current() == nil {
+		bad("TLS credentials have no certificate (mutual TLS needs one on both sides)")
 	}
 	def := func(d *time.Duration, v time.Duration) {
 		if *d == 0 {

@@ -2,8 +2,6 @@ package channels
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -35,19 +33,10 @@ func (n *Node) dial(m Member) (s *session, err error) {
 	conn := raw
 	var reply wire.Reply
 	err = guard(ctx, raw, func() error {
-		if n.cfg.TLS != nil {
-			cfg := n.cfg.TLS.Clone()
-			// Peers are authenticated by the identity in their certificate
-			// (chained to the mesh CA), not by host name: members are
-			// usually addressed by IP. verifyPeer does the full check.
-			cfg.InsecureSkipVerify = true
-			roots := n.cfg.TLS.RootCAs
-			cfg.VerifyConnection = func(cs tls.ConnectionState) error {
-				return verifyPeer(cs, roots, x509.ExtKeyUsageServerAuth, pki.Identity{IID: m.IID, Role: m.Role})
-			}
-			tc := tls.Client(raw, cfg)
-			if err := tc.HandshakeContext(ctx); err != nil {
-				return fmt.Errorf("tls: %w", err)
+		if n.tls != nil {
+			tc, err := n.tlsDial(ctx, raw, m)
+			if err != nil {
+				return err
 			}
 			conn = tc
 		}
@@ -84,12 +73,13 @@ func (n *Node) serveConn(raw net.Conn) {
 	conn := raw
 	var hello wire.Hello
 	err := guard(ctx, raw, func() error {
-		if n.cfg.TLS != nil {
-			tc := tls.Server(raw, n.cfg.TLS)
-			if err := tc.HandshakeContext(ctx); err != nil {
-				return fmt.Errorf("tls: %w", err)
+		var certified *pki.Identity // the instance the TLS client's certificate names
+		if n.tls != nil {
+			tc, id, err := n.tlsAccept(ctx, raw)
+			if err != nil {
+				return err
 			}
-			conn = tc
+			conn, certified = tc, &id
 		}
 		h, err := wire.ReadHello(conn)
 		if err != nil {
@@ -104,10 +94,9 @@ func (n *Node) serveConn(raw net.Conn) {
 			_ = wire.WriteReply(conn, wire.Reply{Reason: reason})
 			return fmt.Errorf("%w: %s", errRefused, reason)
 		}
-		if tc, ok := conn.(*tls.Conn); ok {
-			// The chain was verified by the TLS handshake; the certificate
-			// must also name the instance the handshake claims to be.
-			if err := pki.Check(tc.ConnectionState().PeerCertificates[0], pki.Identity{IID: h.IID, Role: h.Role}); err != nil {
+		if certified != nil {
+			// The certificate must name the instance the handshake claims.
+			if err := pki.Match(*certified, pki.Identity{IID: h.IID, Role: h.Role}); err != nil {
 				reason := fmt.Sprintf("handshake says instance %q (role %q) but %v", h.IID, h.Role, err)
 				_ = wire.WriteReply(conn, wire.Reply{Reason: reason})
 				return fmt.Errorf("%w: %s", errRefused, reason)
@@ -149,23 +138,6 @@ func (n *Node) observeHandshake(peer string, dialed bool, start time.Time, err e
 	if n.cfg.OnHandshake != nil {
 		n.cfg.OnHandshake(peer, dialed, time.Since(start), err)
 	}
-}
-
-// verifyPeer checks a dialed peer's certificate: it must chain to roots
-// for usage and name want.
-func verifyPeer(cs tls.ConnectionState, roots *x509.CertPool, usage x509.ExtKeyUsage, want pki.Identity) error {
-	if len(cs.PeerCertificates) == 0 {
-		return errors.New("peer presented no certificate")
-	}
-	inter := x509.NewCertPool()
-	for _, c := range cs.PeerCertificates[1:] {
-		inter.AddCert(c)
-	}
-	leaf := cs.PeerCertificates[0]
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
-		return fmt.Errorf("peer certificate: %w", err)
-	}
-	return pki.Check(leaf, want)
 }
 
 // guard runs f, an exchange on conn, within ctx: conn's deadline follows

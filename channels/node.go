@@ -21,6 +21,7 @@ import (
 type Node struct {
 	cfg Config
 	log *slog.Logger
+	tls *tlsState // nil without TLS
 
 	// ctx lives from NewNode to Close and bounds every goroutine the node
 	// owns (dials, handshakes, the membership watch).
@@ -65,6 +66,7 @@ func NewNode(cfg Config) (*Node, error) {
 	return &Node{
 		cfg:    cfg,
 		log:    log,
+		tls:    newTLSState(cfg.TLS),
 		ctx:    ctx,
 		cancel: cancel,
 		done:   make(chan struct{}),
@@ -278,6 +280,12 @@ func (n *Node) acceptLoop(ln net.Listener) {
 		}
 	}
 }
+
+// IID is the node's instance id.
+func (n *Node) IID() string { return n.cfg.IID }
+
+// Role is the node's role.
+func (n *Node) Role() string { return n.cfg.Role }
 
 // Addr returns the address the node listens on, or "" when it does not.
 func (n *Node) Addr() string {

@@ -20,6 +20,7 @@ type session struct {
 	hello  wire.Hello      // the peer's handshake
 	offers map[string]bool // channels the peer serves
 	net    string          // the connection's network: tcp, unix, memory
+	info   sessionInfo     // for Status (status.go)
 	log    *slog.Logger
 
 	mu      sync.Mutex
@@ -52,6 +53,7 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 		hello:   h,
 		offers:  offers,
 		net:     network,
+		info:    newSessionInfo(conn, dialed),
 		log:     n.log.With("peer", h.IID, "net", network, "remote", conn.RemoteAddr().String()),
 		streams: make(map[*stream]struct{}),
 	}, nil

@@ -83,6 +83,13 @@ const DefaultMaxConnections = 16384
 // *channels.Node implements it. Channels are registered by New, so the
 // mesh must not have been started yet.
 type Mesh interface {
+	// IID and Role are the identity the mesh presents to its peers; they
+	// must be the proxy's.
+	IID() string
+	Role() string
+	// Addr is the transport address the mesh listens on, or "" when it
+	// only dials.
+	Addr() string
 	Request(name, target string, b channels.Balancer) (channels.RequestChannel, error)
 	Reply(name string) (channels.ReplyChannel, error)
 	Duplex(name string) (channels.DuplexChannel, error)
@@ -90,21 +97,50 @@ type Mesh interface {
 
 // Config is everything a Proxy needs: the original's
 // TcpProxy(iid, role, channels) plus where sockets live and how streams
-// travel.
+// travel. Only IID, Role and Channels are required.
 type Config struct {
 	IID      string
 	Role     string
 	Channels map[string]ChannelConfig
 	// Addressing gives the synthetic ranges; zero value = defaults.
 	Addressing Addressing
-	// Network is where the legacy program's sockets live.
+	// Network is where the legacy program's sockets live. Nil means host
+	// sockets on 127.0.0.0/8 (NewLoopback), owned by the proxy.
 	Network Network
-	// Mesh carries streams to other proxies.
+	// Mesh carries streams to other proxies. Nil means the proxy builds a
+	// channels.Node from Node and owns it: Start starts it and Shutdown
+	// closes it. A Mesh given here belongs to the caller, who starts it
+	// after New and closes it after Shutdown.
 	Mesh Mesh
+	// Node configures the node the proxy builds when Mesh is nil: where it
+	// listens (ListenAddr), the membership (Members), TLS, the transport
+	// (default TCP) and session tuning. Its IID and Role may be left empty
+	// (the proxy's are used) but must not differ from the proxy's.
+	Node channels.Config
+	// Advertise is the transport address other proxies dial to reach this
+	// one, when it differs from the address the mesh listens on (a
+	// wildcard listen address, NAT). Self reports it.
+	Advertise string
 	// DialTimeout bounds connecting to the legacy server (default 5s).
 	DialTimeout time.Duration
 	// Logger receives the proxy's logs (default slog.Default()).
 	Logger *slog.Logger
+}
+
+// Member is this instance's entry in the membership, as the other proxies
+// must see it: its iid and role, the transport address addr they dial, and
+// the legacy port of every channel it serves (reply channels, and duplex
+// channels that bind). Membership sources that publish the instance (a
+// registry, a members file) take it from here; Proxy.Self fills in the
+// address.
+func (c *Config) Member(addr string) channels.Member {
+	m := channels.Member{IID: c.IID, Role: c.Role, Addr: addr, Channels: make(map[string]uint16)}
+	for name, cc := range c.Channels {
+		if cc.Kind == KindReply || cc.binds() {
+			m.Channels[name] = uint16(cc.Port)
+		}
+	}
+	return m
 }
 
 // MaxNameLen bounds iids, roles and channel names; the wire format
@@ -234,11 +270,12 @@ func (c *Config) Validate() error {
 	if err := c.Addressing.Validate(); err != nil {
 		errs = append(errs, err)
 	}
-	if c.Network == nil {
-		errs = append(errs, errors.New("no network configured"))
-	}
-	if c.Mesh == nil {
-		errs = append(errs, errors.New("no mesh configured"))
+	if c.Mesh != nil {
+		if iid, role := c.Mesh.IID(), c.Mesh.Role(); iid != c.IID || role != c.Role {
+			errs = append(errs, fmt.Errorf("the mesh is instance %q (role %q) but the proxy is %q (role %q)", iid, role, c.IID, c.Role))
+		}
+	} else if (c.Node.IID != "" && c.Node.IID != c.IID) || (c.Node.Role != "" && c.Node.Role != c.Role) {
+		errs = append(errs, fmt.Errorf("Node is instance %q (role %q) but the proxy is %q (role %q)", c.Node.IID, c.Node.Role, c.IID, c.Role))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("proxy config: %w", err)

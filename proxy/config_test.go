@@ -48,7 +48,24 @@ func TestConfigValidateReportsEverything(t *testing.T) {
 	}}
 	err := cfg.Validate()
 	require.Error(t, err)
-	for _, want := range []string{"iid is empty", "role is empty", `channel "a": missing port`, `channel "b": unknown kind`, "no network", "no mesh"} {
+	for _, want := range []string{"iid is empty", "role is empty", `channel "a": missing port`, `channel "b": unknown kind`} {
 		assert.Contains(t, err.Error(), want)
 	}
+}
+
+func TestConfigMember(t *testing.T) {
+	cfg := Config{IID: "etcd-1", Role: "etcd", Channels: map[string]ChannelConfig{
+		"client": {Kind: KindReply, Port: 2379},
+		"peers":  {Kind: KindDuplex, Port: 2380},
+		"bound":  {Kind: KindDuplex, Port: 7001, Mode: ModeBind},
+		"caller": {Kind: KindDuplex, Port: 7002, Mode: ModeConnect},
+		"db":     {Kind: KindRequest, Port: 5432},
+	}}
+	m := cfg.Member("10.0.0.5:7000")
+	assert.Equal(t, "etcd-1", m.IID)
+	assert.Equal(t, "etcd", m.Role)
+	assert.Equal(t, "10.0.0.5:7000", m.Addr)
+	// Only what other instances can open streams to: reply channels and
+	// duplex channels that bind.
+	assert.Equal(t, map[string]uint16{"client": 2379, "peers": 2380, "bound": 7001}, m.Channels)
 }

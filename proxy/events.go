@@ -6,8 +6,8 @@ import (
 	"sync"
 )
 
-// Event is one of Ready, Change, Error or Closed, delivered in order on
-// Proxy.Events.
+// Event is one of Ready, Change, Synced, Error or Closed, delivered in
+// order on Proxy.Events.
 type Event interface{ event() }
 
 // Ready says the proxy is up: legacy servers (reply, duplex bind) bind on
@@ -60,11 +60,17 @@ func (e Error) Error() string {
 
 func (e Error) Unwrap() error { return e.Err }
 
+// Synced follows Ready and the first Change of every request and duplex
+// channel, once: the initial state is complete, so a legacy program can be
+// started with every address it needs, and every later Change is a change.
+type Synced struct{}
+
 // Closed is the last event: Shutdown has drained and released everything.
 type Closed struct{}
 
 func (Ready) event()  {}
 func (Change) event() {}
+func (Synced) event() {}
 func (Error) event()  {}
 func (Closed) event() {}
 

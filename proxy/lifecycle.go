@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -161,8 +162,9 @@ func (k *conn) kill() {
 // Listening false for each request channel), stops taking streams from the
 // mesh, waits for open connections to finish until ctx ends, resets those
 // still open, waits for every goroutine it started and sends Closed. It
-// returns ctx's error if connections had to be reset. Network and Mesh are
-// not closed: they belong to the caller.
+// returns ctx's error if connections had to be reset. It closes the
+// network and the mesh if New made them; those given in Config belong to
+// the caller, who closes them after Shutdown.
 func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.mu.Lock()
 	switch p.state {
@@ -170,9 +172,13 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 		p.state = stateClosed
 		close(p.shutdown)
 		p.mu.Unlock()
+		err := p.closeOwned()
+		if err != nil {
+			p.emit(Error{Err: err})
+		}
 		p.emit(Closed{})
 		p.flushEvents(ctx)
-		return nil
+		return err
 	case stateClosing, stateClosed:
 		p.mu.Unlock()
 		select {
@@ -214,6 +220,10 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 		err = fmt.Errorf("shutdown: reset %d connections still open: %w", n, ctx.Err())
 		p.log.Warn("drain deadline passed", "reset", n)
 		<-drained
+	}
+	if cerr := p.closeOwned(); cerr != nil {
+		p.emit(Error{Err: cerr})
+		err = errors.Join(err, cerr)
 	}
 
 	p.mu.Lock()

@@ -12,7 +12,44 @@
 //	                 that member
 //
 // Its lifecycle is New, Start, then Shutdown; Events delivers Ready, Change,
-// Error and finally Closed, in order.
+// Synced, Error and finally Closed, in order.
+//
+// # Typical usage
+//
+// One instance, serving a Redis on its reply channel "cache" and calling a
+// database through its request channel "db", with the members listed in a
+// watched file and mutual TLS between proxies:
+//
+//	creds, err := channels.TLSConfigFromFiles("cache-1.pem", "cache-1-key.pem", "ca.pem")
+//	...
+//	p, err := proxy.New(proxy.Config{
+//		IID:  "cache-1",
+//		Role: "cache",
+//		Channels: map[string]proxy.ChannelConfig{
+//			"cache": {Kind: proxy.KindReply, Port: 6379},
+//			"db":    {Kind: proxy.KindRequest, Port: 5432},
+//		},
+//		Node: channels.Config{
+//			ListenAddr: "0.0.0.0:7000",
+//			Members:    membership.File("/etc/tcpproxy/members.yaml", 0),
+//			TLS:        creds,
+//		},
+//	})
+//	...
+//	if err := p.Start(ctx); err != nil { ... }
+//	for e := range p.Events() {
+//		switch e := e.(type) {
+//		case proxy.Ready:   // start redis-server --bind e.BindIP --port 6379
+//		case proxy.Change:  // request channel "db": connect to e.IP:e.Port
+//		case proxy.Synced:  // the initial state is complete
+//		case proxy.Error:   // log it
+//		}
+//	}
+//
+// and, to stop, p.Shutdown(ctx), which drains the connections and closes
+// the network and the node the proxy made; Events ends with Closed. The
+// lower-level pieces (a channels.Node given as Mesh, a netstack.Network
+// given as Network) stay available for those who build them themselves.
 package proxy
 
 import (
@@ -43,6 +80,11 @@ type Proxy struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	loops  sync.WaitGroup
+
+	// ownNetwork and ownNode are what New made because Config left them
+	// out: the proxy starts and closes them.
+	ownNetwork bool
+	ownNode    *channels.Node
 
 	mu       sync.Mutex
 	state    int // stateNew, stateRunning, stateClosing, stateClosed
@@ -84,9 +126,11 @@ type impostor struct {
 }
 
 // New validates cfg, assigns addresses and registers every channel with
-// the mesh. Start the mesh after New and before or after Start: streams
-// arriving before Start wait in the mesh.
-func New(cfg Config) (*Proxy, error) {
+// the mesh. When cfg gives no Network or no Mesh, New makes them (host
+// sockets, a channels.Node configured by cfg.Node) and the proxy owns
+// them. A Mesh given in cfg is the caller's to start, after New and
+// before or after Start: streams arriving before Start wait in the mesh.
+func New(cfg Config) (_ *Proxy, err error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -104,10 +148,30 @@ func New(cfg Config) (*Proxy, error) {
 		conns:    make(map[*conn]struct{}),
 		shutdown: make(chan struct{}),
 	}
-	var err error
 	if p.bindIP, err = p.alloc.Add(cfg.IID); err != nil {
 		return nil, fmt.Errorf("bind address: %w", err)
 	}
+	if p.cfg.Network == nil {
+		p.cfg.Network, p.ownNetwork = NewLoopback(), true
+	}
+	if p.cfg.Mesh == nil {
+		nc := cfg.Node
+		nc.IID, nc.Role = cfg.IID, cfg.Role
+		if nc.Logger == nil {
+			nc.Logger = cfg.Logger
+		}
+		if p.ownNode, err = channels.NewNode(nc); err != nil {
+			p.closeOwned()
+			return nil, err
+		}
+		p.cfg.Mesh = p.ownNode
+	}
+	defer func() {
+		if err != nil {
+			p.closeOwned()
+		}
+	}()
+	cfg = p.cfg
 	var reqNames []string
 	for name, cc := range cfg.Channels {
 		if cc.Kind == KindRequest {
@@ -155,6 +219,33 @@ func cmpString(a, b string) int {
 // IID is the instance id.
 func (p *Proxy) IID() string { return p.cfg.IID }
 
+// Self is this instance's membership entry (see Config.Member), with
+// Config.Advertise as its address, or else the address the mesh listens
+// on; that is known once Start has started a mesh the proxy owns.
+func (p *Proxy) Self() channels.Member {
+	addr := p.cfg.Advertise
+	if addr == "" {
+		addr = p.cfg.Mesh.Addr()
+	}
+	return p.cfg.Member(addr)
+}
+
+// closeOwned closes the node and the network that New made.
+func (p *Proxy) closeOwned() error {
+	var errs []error
+	if p.ownNode != nil {
+		if err := p.ownNode.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close node: %w", err))
+		}
+	}
+	if p.ownNetwork {
+		if err := p.cfg.Network.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close network: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // BindIP is the instance's own IP, where legacy servers bind.
 func (p *Proxy) BindIP() netip.Addr { return p.bindIP }
 
@@ -192,13 +283,14 @@ func (p *Proxy) emit(e Event) {
 	p.events.push(e)
 }
 
-// Start opens every request listener and the first set of duplex
-// impostors, sends Ready and a Change per request and duplex channel, and
-// starts serving. ctx bounds only the start itself; the proxy runs until
-// Shutdown. If a listener cannot be opened, Start releases everything it
-// opened, sends the error as an Error event followed by Closed, and
-// returns it; Shutdown is then only needed to release Events' goroutine
-// when nobody reads Events.
+// Start starts the mesh if the proxy owns it (which waits for the first
+// member list), opens every request listener and the first set of duplex
+// impostors, sends Ready, a Change per request and duplex channel and
+// Synced, and starts serving. ctx bounds only the start itself; the proxy
+// runs until Shutdown. If the mesh or a listener cannot be started, Start
+// releases everything it opened, sends the error as an Error event
+// followed by Closed, and returns it; Shutdown is then only needed to
+// release Events' goroutine when nobody reads Events.
 func (p *Proxy) Start(ctx context.Context) error {
 	p.mu.Lock()
 	if p.state != stateNew {
@@ -208,6 +300,15 @@ func (p *Proxy) Start(ctx context.Context) error {
 	p.state = stateRunning
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.mu.Unlock()
+
+	if p.ownNode != nil {
+		if err := p.ownNode.Start(ctx); err != nil {
+			err = fmt.Errorf("start mesh: %w", err)
+			p.emit(Error{Err: err})
+			p.abortStart()
+			return err
+		}
+	}
 
 	for _, cs := range p.chans {
 		if cs.cfg.Kind != KindRequest {
@@ -270,6 +371,7 @@ func (p *Proxy) Start(ctx context.Context) error {
 	for _, c := range changes {
 		p.emit(c)
 	}
+	p.emit(Synced{})
 	p.log.Info("proxy ready", "bindIP", p.bindIP, "role", p.cfg.Role)
 	return nil
 }
@@ -284,6 +386,9 @@ func (p *Proxy) abortStart() {
 		p.closeImpostors(cs)
 	}
 	p.loops.Wait()
+	if err := p.closeOwned(); err != nil {
+		p.emit(Error{Err: err})
+	}
 	p.mu.Lock()
 	p.state = stateClosed
 	p.mu.Unlock()

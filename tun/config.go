@@ -102,3 +102,32 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	return c, nil
 }
+
+// Cleaned is what Cleanup removed.
+type Cleaned struct {
+	// Device is true when the TUN device still existed and was deleted.
+	Device bool
+	// Rules and Routes count the policy rules and the routes of the
+	// device's table that were deleted.
+	Rules, Routes int
+	// LocalRuleRestored is true when the `local` rule was moved back to
+	// priority 0.
+	LocalRuleRestored bool
+}
+
+// Nothing reports whether Cleanup found nothing to remove.
+func (c Cleaned) Nothing() bool { return c == Cleaned{} }
+
+func (c Cleaned) String() string {
+	if c.Nothing() {
+		return "nothing to clean up"
+	}
+	s := fmt.Sprintf("removed %d rules and %d routes", c.Rules, c.Routes)
+	if c.Device {
+		s = "deleted the device, " + s
+	}
+	if c.LocalRuleRestored {
+		s += ", moved the local rule back to priority 0"
+	}
+	return s
+}

@@ -263,7 +263,8 @@ func (d *Device) Close() error {
 		d.closed.Store(true)
 		var errs []error
 		if d.nl != nil {
-			errs = append(errs, d.routing.undo())
+			_, err := d.routing.undo()
+			errs = append(errs, err)
 		}
 		if err := d.dev.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("tun: close device %s: %w", d.cfg.Name, err))
@@ -282,20 +283,23 @@ func (d *Device) Close() error {
 // thread's network namespace when its process died without Close: its
 // rules and table and, unless another device of this package is active,
 // the moved local rule; and the device itself if it still exists. It is
-// idempotent.
-func Cleanup(name string) error {
+// idempotent, and says what it removed.
+func Cleanup(name string) (Cleaned, error) {
 	if name == "" {
 		name = DefaultName
 	}
 	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
-		return fmt.Errorf("tun: cleanup %s: netlink: %w", name, err)
+		return Cleaned{}, fmt.Errorf("tun: cleanup %s: netlink: %w", name, err)
 	}
 	defer h.Close()
-	errs := []error{routing{nl: h, table: Table(name)}.undo()}
+	c, err := routing{nl: h, table: Table(name)}.undo()
+	errs := []error{err}
 	if link, lerr := h.LinkByName(name); lerr == nil {
 		if _, ok := link.(*netlink.Tuntap); ok {
-			if err := h.LinkDel(link); err != nil {
+			if err := h.LinkDel(link); err == nil {
+				c.Device = true
+			} else {
 				errs = append(errs, fmt.Errorf("tun: delete device %s: %w", name, err))
 			}
 		}
@@ -304,7 +308,7 @@ func Cleanup(name string) error {
 		if errors.Is(err, os.ErrPermission) {
 			err = fmt.Errorf("%w: %w", ErrUnavailable, err)
 		}
-		return fmt.Errorf("tun: cleanup %s: %w", name, err)
+		return c, fmt.Errorf("tun: cleanup %s: %w", name, err)
 	}
-	return nil
+	return c, nil
 }

@@ -17,7 +17,7 @@ func Create(Config) (*Device, error) {
 }
 
 // Cleanup has nothing to do off Linux.
-func Cleanup(string) error { return nil }
+func Cleanup(string) (Cleaned, error) { return Cleaned{}, nil }
 
 func (*Device) Name() string                           { return "" }
 func (*Device) MTU() int                               { return 0 }

@@ -167,20 +167,32 @@ func TestCleanupAfterCrash(t *testing.T) {
 	ns.Do(func() { dev, err = tun.Create(tun.Config{Logger: quiet, Name: name, Local: []netip.Addr{bindIP}}) })
 	require.NoError(t, err)
 
-	// As if the process had died: the routing stays, Cleanup removes it.
-	for range 2 {
-		ns.Do(func() { err = tun.Cleanup(name) })
+	// As if the process had died: the routing stays, Cleanup removes it
+	// and says so; a second Cleanup finds nothing left.
+	var cleaned tun.Cleaned
+	for i := range 2 {
+		ns.Do(func() { cleaned, err = tun.Cleanup(name) })
 		require.NoError(t, err)
 		s := readState(t, ns, name)
 		assert.Equal(t, before.localRulePrefs, s.localRulePrefs)
 		assert.Zero(t, s.tableRules)
 		assert.Empty(t, s.tableRoutes)
+		if i == 0 {
+			assert.True(t, cleaned.Device, "the device is deleted")
+			assert.Positive(t, cleaned.Rules)
+			assert.Positive(t, cleaned.Routes)
+			assert.True(t, cleaned.LocalRuleRestored)
+			assert.False(t, cleaned.Nothing())
+		} else {
+			assert.True(t, cleaned.Nothing(), "second cleanup: %v", cleaned)
+		}
 	}
 	require.NoError(t, dev.Close(), "Close after Cleanup")
 
 	// Cleanup of a namespace that never had a device is a no-op.
-	ns.Do(func() { err = tun.Cleanup("never-made") })
+	ns.Do(func() { cleaned, err = tun.Cleanup("never-made") })
 	require.NoError(t, err)
+	assert.Equal(t, "nothing to clean up", cleaned.String())
 }
 
 func TestTwoDevicesShareTheLocalRule(t *testing.T) {

@@ -149,17 +149,20 @@ func (r routing) moveLocalRule() error {
 // this package still routes through the namespace, puts the local rule
 // back at priority 0. It is idempotent and keeps going after errors,
 // returning them joined.
-func (r routing) undo() error {
+func (r routing) undo() (Cleaned, error) {
 	var errs []error
+	var c Cleaned
 	rules, lerr := r.nl.RuleList(unix.AF_INET)
 	if lerr != nil {
-		return fmt.Errorf("tun: list rules: %w", lerr)
+		return c, fmt.Errorf("tun: list rules: %w", lerr)
 	}
 	others := false
 	for _, rule := range rules {
 		switch {
 		case rule.Table == r.table:
-			if err := r.nl.RuleDel(&rule); err != nil && !errors.Is(err, unix.ENOENT) {
+			if err := r.nl.RuleDel(&rule); err == nil {
+				c.Rules++
+			} else if !errors.Is(err, unix.ENOENT) {
 				errs = append(errs, fmt.Errorf("tun: delete rule %v: %w", rule, err))
 			}
 		case rule.Protocol == routeProtocol && rule.Table != unix.RT_TABLE_LOCAL:
@@ -173,12 +176,16 @@ func (r routing) undo() error {
 			errs = append(errs, lerr)
 		default:
 			if !atZero {
-				if err := r.nl.RuleAdd(localRule(0)); err != nil && !errors.Is(err, unix.EEXIST) {
+				if err := r.nl.RuleAdd(localRule(0)); err == nil {
+					c.LocalRuleRestored = true
+				} else if !errors.Is(err, unix.EEXIST) {
 					errs = append(errs, fmt.Errorf("tun: add rule pref 0 lookup local: %w", err))
 				}
 			}
 			if moved {
-				if err := r.nl.RuleDel(localRule(LocalRulePriority)); err != nil && !errors.Is(err, unix.ENOENT) {
+				if err := r.nl.RuleDel(localRule(LocalRulePriority)); err == nil {
+					c.LocalRuleRestored = true
+				} else if !errors.Is(err, unix.ENOENT) {
 					errs = append(errs, fmt.Errorf("tun: delete rule pref %d lookup local: %w", LocalRulePriority, err))
 				}
 			}
@@ -189,9 +196,11 @@ func (r routing) undo() error {
 		errs = append(errs, fmt.Errorf("tun: list routes of table %d: %w", r.table, lerr))
 	}
 	for _, route := range routes {
-		if err := r.nl.RouteDel(&route); err != nil && !errors.Is(err, unix.ESRCH) {
+		if err := r.nl.RouteDel(&route); err == nil {
+			c.Routes++
+		} else if !errors.Is(err, unix.ESRCH) {
 			errs = append(errs, fmt.Errorf("tun: delete route %v: %w", route, err))
 		}
 	}
-	return errors.Join(errs...)
+	return c, errors.Join(errs...)
 }

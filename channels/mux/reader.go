@@ -77,6 +77,7 @@ func (r *reader) run() error {
 		}
 		h := decodeHeader(hb[:])
 		r.s.framesIn.Add(1)
+		r.s.counters.frameIn(h)
 		if h.version != protoVersion {
 			return protocolError("unsupported version in frame (%v)", h)
 		}

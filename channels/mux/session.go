@@ -41,6 +41,7 @@ type Session struct {
 
 	rtt      atomic.Int64  // smoothed round-trip time in ns; 0 until measured
 	framesIn atomic.Uint64 // frames received, the keepalive's sign of life
+	counters counters      // stream bytes each way (stats.go)
 	// Frames that skipped a goroutine hand-off: written by their stream's
 	// goroutine (writeDirect), and received ones that the reader spliced
 	// on to WriteTo's socket (deliverLocked). Tests read them.

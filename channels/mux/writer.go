@@ -270,7 +270,11 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 		// shutdown shortened the deadline just before ours replaced it.
 		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
 	}
-	return s.bw.write(batch)
+	err := s.bw.write(batch)
+	if err == nil {
+		s.counters.batchOut(batch)
+	}
+	return err
 }
 
 // batchWriter encodes a batch of frames and writes it in as few writes as

@@ -1,15 +1,23 @@
 // Package pki ties TLS certificates to tcpproxy instances.
 //
-// An instance certificate names its instance in a URI SAN,
+// An instance certificate names its instance in a URI SAN, either
+// tcpproxy's own
 //
 //	tcpproxy://instance/<iid>?role=<role>
 //
-// (iid path-escaped, role query-escaped). With mutual TLS a node accepts a
-// session only when the peer's certificate chains to the mesh CA and names
-// the iid and role the peer declares in its handshake (and, when dialing,
-// the member it meant to reach), so a certificate cannot be used to
-// impersonate another instance. The package also makes a development CA
-// and instance certificates (`tcpproxy certs`).
+// (iid path-escaped, role query-escaped), or a SPIFFE ID that a
+// SPIFFEMapping turns into an iid and role, so that X.509 SVIDs from SPIRE
+// or cert-manager's csi-driver-spiffe serve unchanged. With mutual TLS a
+// node accepts a session only when the peer's certificate chains to the
+// mesh CA bundle and names the iid and role the peer declares in its
+// handshake (and, when dialing, the member it meant to reach), so a
+// certificate cannot be used to impersonate another instance.
+//
+// Material is one generation of an instance's credentials (its
+// certificate, the CA bundle and the naming scheme); Credentials hand out
+// the current one, so that certificates rotate without a restart. The
+// package also makes a development CA and instance certificates
+// (`tcpproxy certs`).
 package pki
 
 import (
@@ -66,14 +74,22 @@ func IdentityOf(cert *x509.Certificate) (Identity, error) {
 	return Identity{}, fmt.Errorf("certificate %q names %d tcpproxy instances; want exactly one", cert.Subject.CommonName, len(found))
 }
 
-// Check verifies that cert names want; an empty want.Role matches any role.
+// Check verifies that cert's tcpproxy URI names want (see Match).
 func Check(cert *x509.Certificate, want Identity) error {
 	got, err := IdentityOf(cert)
 	if err != nil {
 		return err
 	}
-	if got.IID != want.IID || (want.Role != "" && got.Role != want.Role) {
-		return fmt.Errorf("certificate is for %s, not %s", got, want)
+	return Match(got, want)
+}
+
+// Match checks that certified, the instance a verified certificate names,
+// is want. Roles are compared when both state one: a dialer may not know a
+// member's role, and a SPIFFE ID template without {role} attests only the
+// instance.
+func Match(certified, want Identity) error {
+	if certified.IID != want.IID || (certified.Role != "" && want.Role != "" && certified.Role != want.Role) {
+		return fmt.Errorf("certificate is for %s, not %s", certified, want)
 	}
 	return nil
 }
@@ -110,24 +126,54 @@ func NewCA(name string, validity time.Duration) (*CA, error) {
 	return &CA{Cert: cert, Key: key}, nil
 }
 
-// Issue makes a certificate for id, usable as TLS server and client,
-// valid for validity. hosts (DNS names or IPs) are added as SANs for tools
-// that check host names; tcpproxy itself checks only the identity.
+// Issue makes a certificate for id, named by its tcpproxy URI, usable as
+// TLS server and client, valid for validity. hosts (DNS names or IPs) are
+// added as SANs for tools that check host names; tcpproxy itself checks
+// only the identity.
 func (ca *CA) Issue(id Identity, hosts []string, validity time.Duration) (certPEM, keyPEM []byte, err error) {
+	now := time.Now()
+	return ca.IssueCert(CertSpec{URI: id.URI(), Name: id.IID, Unit: id.Role, Hosts: hosts, NotBefore: now.Add(-time.Minute), NotAfter: now.Add(validity)})
+}
+
+// IssueSVID makes an X.509 SVID for id, named by its SPIFFE ID under m,
+// like Issue otherwise.
+func (ca *CA) IssueSVID(m *SPIFFEMapping, id Identity, hosts []string, validity time.Duration) (certPEM, keyPEM []byte, err error) {
+	sid, err := m.ID(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	now := time.Now()
+	return ca.IssueCert(CertSpec{URI: sid.URL(), Name: id.IID, Unit: id.Role, Hosts: hosts, NotBefore: now.Add(-time.Minute), NotAfter: now.Add(validity)})
+}
+
+// CertSpec is what IssueCert puts in a certificate.
+type CertSpec struct {
+	URI                 *url.URL // the identity: the only URI SAN
+	Name, Unit          string   // subject common name and organizational unit
+	Hosts               []string // DNS names or IPs
+	NotBefore, NotAfter time.Time
+}
+
+// IssueCert makes a leaf certificate by spec, usable as TLS server and
+// client, with a new ECDSA P-256 key (PKCS #8).
+func (ca *CA) IssueCert(spec CertSpec) (certPEM, keyPEM []byte, err error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return nil, nil, fmt.Errorf("key for %s: %w", id, err)
+		return nil, nil, fmt.Errorf("key for %s: %w", spec.URI, err)
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: id.IID, OrganizationalUnit: []string{id.Role}},
-		NotBefore:    time.Now().Add(-time.Minute),
-		NotAfter:     time.Now().Add(validity),
+		Subject:      pkix.Name{CommonName: spec.Name},
+		NotBefore:    spec.NotBefore,
+		NotAfter:     spec.NotAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		URIs:         []*url.URL{id.URI()},
+		URIs:         []*url.URL{spec.URI},
 	}
-	for _, h := range hosts {
+	if spec.Unit != "" {
+		tmpl.Subject.OrganizationalUnit = []string{spec.Unit}
+	}
+	for _, h := range spec.Hosts {
 		if ip := net.ParseIP(h); ip != nil {
 			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
 		} else {
@@ -136,14 +182,14 @@ func (ca *CA) Issue(id Identity, hosts []string, validity time.Duration) (certPE
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
 	if err != nil {
-		return nil, nil, fmt.Errorf("certificate for %s: %w", id, err)
+		return nil, nil, fmt.Errorf("certificate for %s: %w", spec.URI, err)
 	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		return nil, nil, err
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), nil
+		pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), nil
 }
 
 // CertPEM is the CA certificate in PEM.
@@ -196,6 +242,19 @@ func (ca *CA) WriteInstance(dir string, id Identity, hosts []string, validity ti
 	if err != nil {
 		return "", "", err
 	}
+	return writePair(dir, id, certPEM, keyPEM)
+}
+
+// WriteSVID is WriteInstance for an X.509 SVID under m.
+func (ca *CA) WriteSVID(dir string, m *SPIFFEMapping, id Identity, hosts []string, validity time.Duration) (certFile, keyFile string, err error) {
+	certPEM, keyPEM, err := ca.IssueSVID(m, id, hosts, validity)
+	if err != nil {
+		return "", "", err
+	}
+	return writePair(dir, id, certPEM, keyPEM)
+}
+
+func writePair(dir string, id Identity, certPEM, keyPEM []byte) (certFile, keyFile string, err error) {
 	base := strings.NewReplacer("/", "_", string(filepath.Separator), "_").Replace(id.IID)
 	certFile, keyFile = filepath.Join(dir, base+".pem"), filepath.Join(dir, base+"-key.pem")
 	if err := os.WriteFile(certFile, certPEM, 0o644); err != nil {

@@ -55,3 +55,46 @@ func TestSaveLoadCA(t *testing.T) {
 	_, err = LoadCA(t.TempDir())
 	require.ErrorContains(t, err, "load CA")
 }
+
+// TestVerifiedChainsRemembered: a chain that verified is not verified
+// again while it is valid, per usage; one that failed is, every time.
+func TestVerifiedChainsRemembered(t *testing.T) {
+	ca, err := NewCA("ca", time.Hour)
+	require.NoError(t, err)
+	load := func(id Identity, caPEM []byte) *Material {
+		certPEM, keyPEM, err := ca.Issue(id, nil, time.Hour)
+		require.NoError(t, err)
+		m, err := ParseMaterial(certPEM, keyPEM, caPEM, nil)
+		require.NoError(t, err)
+		return m
+	}
+	m := load(Identity{IID: "a", Role: "r"}, ca.CertPEM())
+	peer := load(Identity{IID: "b", Role: "r"}, ca.CertPEM()).Chain()
+	got, err := m.Verify(peer, x509.ExtKeyUsageClientAuth)
+	require.NoError(t, err)
+	assert.Equal(t, Identity{IID: "b", Role: "r"}, got)
+	key := verifiedKey(peer, x509.ExtKeyUsageClientAuth)
+	now := time.Now()
+	id, ok := m.verified.get(key, now)
+	require.True(t, ok)
+	assert.Equal(t, got, id)
+	_, ok = m.verified.get(verifiedKey(peer, x509.ExtKeyUsageServerAuth), now)
+	assert.False(t, ok, "remembered per usage")
+	_, ok = m.verified.get(key, peer[0].NotAfter.Add(time.Second))
+	assert.False(t, ok, "not past the chain's expiry")
+	_, ok = m.verified.get(key, ca.Cert.NotAfter.Add(time.Second))
+	assert.False(t, ok, "not past the CA's expiry")
+
+	other, err := NewCA("other", time.Hour)
+	require.NoError(t, err)
+	certPEM, keyPEM, err := other.Issue(Identity{IID: "x", Role: "r"}, nil, time.Hour)
+	require.NoError(t, err)
+	stranger, err := ParseMaterial(certPEM, keyPEM, other.CertPEM(), nil)
+	require.NoError(t, err)
+	before := len(m.verified.m)
+	for range 2 {
+		_, err = m.Verify(stranger.Chain(), x509.ExtKeyUsageClientAuth)
+		require.ErrorContains(t, err, "unknown authority")
+	}
+	assert.Len(t, m.verified.m, before, "failures are not remembered")
+}

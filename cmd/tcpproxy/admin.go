@@ -11,6 +11,8 @@ import (
 	"net/http/pprof"
 	"net/netip"
 	"runtime"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -19,6 +21,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/cmd/tcpproxy/statuspage"
+	"github.com/tcpproxy/tcpproxy/proxy"
 	"github.com/tcpproxy/tcpproxy/proxy/metrics"
 )
 
@@ -53,24 +57,36 @@ type adminVars struct {
 }
 
 // observer is what the admin endpoint reports about the instance: its
-// metrics registry and whether it is ready. It exists before the instance
-// does, so that a failing start is visible too.
+// metrics registry, whether it is ready, and its status. It exists before
+// the instance does, so that a failing start is visible too.
 type observer struct {
+	iid       string
+	started   time.Time
 	registry  *prometheus.Registry
 	transport *metrics.Transport
 	node      atomic.Pointer[channels.Node]
+	instance  atomic.Pointer[instance]
 	ready     atomic.Bool
+	// history holds the channels' recent counters for the status page;
+	// nil until startAdmin starts sampling.
+	history *sampler
 }
 
 func newObserver(iid string) *observer {
-	o := &observer{registry: prometheus.NewRegistry()}
+	o := &observer{iid: iid, started: time.Now(), registry: prometheus.NewRegistry()}
 	o.transport = metrics.NewTransport(iid, func() map[string]int {
 		if n := o.node.Load(); n != nil {
 			return n.SessionsByNet()
 		}
 		return nil
 	})
-	o.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), o.transport)
+	mesh := metrics.NewMesh(iid, func() (channels.Status, bool) {
+		if n := o.node.Load(); n != nil {
+			return n.Status(), true
+		}
+		return channels.Status{}, false
+	})
+	o.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), o.transport, mesh)
 	return o
 }
 
@@ -82,18 +98,35 @@ func (o *observer) onHandshake() func(string, bool, time.Duration, error) {
 	return o.transport.ObserveHandshake
 }
 
-// attach adds a started instance's counters.
+// attach adds a started instance's counters and status.
 func (o *observer) attach(in *instance) {
 	o.node.Store(in.node)
+	o.instance.Store(in)
 	o.registry.MustRegister(metrics.NewCollector(in.proxy.IID(), in.proxy))
+	if in.creds != nil {
+		o.registry.MustRegister(metrics.NewCertificates(in.proxy.IID(), in.creds))
+	}
 }
 
-// adminMux serves Prometheus metrics at /metrics, liveness at /healthz,
-// readiness (the proxy sent Ready and is not shutting down) at /readyz,
-// net/http/pprof under /debug/pprof/ and a JSON goroutine count and
-// memory summary at /debug/vars.
-func adminMux(o *observer) *http.ServeMux {
+// channelStats returns the attached proxy's counters, nil before attach.
+func (o *observer) channelStats() []proxy.ChannelStats {
+	if in := o.instance.Load(); in != nil {
+		return in.proxy.Stats()
+	}
+	return nil
+}
+
+// adminMux serves the status page at /, its data at /api/status,
+// Prometheus metrics at /metrics, liveness at /healthz, readiness (the
+// proxy sent Ready and is not shutting down) at /readyz, net/http/pprof
+// under /debug/pprof/ and a JSON goroutine count and memory summary at
+// /debug/vars. It answers only requests addressed to an IP address or
+// localhost (see localOnly).
+func adminMux(o *observer) http.Handler {
 	mux := http.NewServeMux()
+	mux.Handle("GET /{$}", statuspage.Handler())
+	mux.Handle("GET /static/", statuspage.Handler())
+	mux.HandleFunc("GET /api/status", o.serveStatus)
 	mux.Handle("/metrics", promhttp.HandlerFor(o.registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
@@ -122,7 +155,26 @@ func adminMux(o *observer) *http.ServeMux {
 			Sys: ms.Sys, NumGC: ms.NumGC,
 		})
 	})
-	return mux
+	return localOnly(mux)
+}
+
+// localOnly refuses requests whose Host is a name other than localhost.
+// The endpoint listens on 127.0.0.1 only, but a web page in the operator's
+// browser could still reach it through a name it controls that resolves to
+// 127.0.0.1 (DNS rebinding) and read the status or profiles; such a
+// request carries that name as its Host.
+func localOnly(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host := r.Host
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
+		if _, err := netip.ParseAddr(strings.Trim(host, "[]")); err != nil && host != "localhost" {
+			http.Error(w, "admin endpoint: use http://127.0.0.1:PORT/ or http://localhost:PORT/", http.StatusMisdirectedRequest)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 // startAdmin serves the admin endpoint on addr (validated) until the
@@ -133,18 +185,21 @@ func startAdmin(addr string, log *slog.Logger, o *observer) (stop func(), err er
 		return nil, fmt.Errorf("admin listen %s: %w", addr, err)
 	}
 	srv := &http.Server{Handler: adminMux(o), ReadHeaderTimeout: 5 * time.Second}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
+	o.history = newSampler(historyEvery)
+	var wg sync.WaitGroup
+	stopSampling := make(chan struct{})
+	wg.Go(func() { o.history.run(o.channelStats, stopSampling) })
+	wg.Go(func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.Warn("admin endpoint stopped", "err", err)
 		}
-	}()
-	log.Info("admin endpoint listening", "addr", ln.Addr().String())
+	})
+	log.Info("admin endpoint listening", "addr", ln.Addr().String(), "status", "http://"+ln.Addr().String()+"/")
 	return func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		_ = srv.Shutdown(ctx)
-		<-done
+		close(stopSampling)
+		wg.Wait()
 	}, nil
 }

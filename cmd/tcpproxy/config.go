@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
+	"reflect"
 	"regexp"
 	"strings"
 	"time"
@@ -68,10 +70,37 @@ type transportConfig struct {
 	SameHost string `yaml:"sameHost"`
 }
 
+// tlsConfig is the `tls:` section (mutual TLS between proxies) and
+// members.etcd.tls (a client of etcd); see tls.go.
 type tlsConfig struct {
+	// Cert, Key and CA are PEM files: the certificate chain (leaf first),
+	// its private key, and the CA bundle peers must chain to (old and new
+	// CA together while a CA rotates). They are reloaded when they change.
 	Cert string `yaml:"cert"`
 	Key  string `yaml:"key"`
 	CA   string `yaml:"ca"`
+	// Poll is how often the files are re-read besides file-system
+	// notifications (default 1m).
+	Poll duration `yaml:"poll"`
+	// ExpiryWarning is how long before expiry the certificate in use is
+	// logged as expiring soon (default: 7 days, or a quarter of its
+	// lifetime if that is shorter).
+	ExpiryWarning duration `yaml:"expiryWarning"`
+	// SPIFFE names instances by SPIFFE ID (X.509 SVIDs) instead of
+	// tcpproxy URIs.
+	SPIFFE *spiffeConfig `yaml:"spiffe"`
+}
+
+type spiffeConfig struct {
+	// TrustDomain is the only trust domain accepted, e.g. example.org.
+	TrustDomain string `yaml:"trustDomain"`
+	// IDTemplate is the path of an instance's SPIFFE ID, with {iid} and
+	// optionally {role} as whole segments, e.g. /ns/{role}/sa/{iid}.
+	IDTemplate string `yaml:"idTemplate"`
+	// Socket, when set, is the SPIFFE Workload API endpoint (e.g.
+	// unix:///run/spire/sockets/agent.sock) that streams the SVID and the
+	// trust bundle, in place of cert, key and ca.
+	Socket string `yaml:"socket"`
 }
 
 type legacyConfig struct {
@@ -94,17 +123,34 @@ type duration time.Duration
 func (d *duration) UnmarshalYAML(n *yaml.Node) error {
 	var s string
 	if err := n.Decode(&s); err != nil {
-		return fmt.Errorf("line %d: duration: %w", n.Line, err)
+		return &valueError{Line: n.Line, Value: n.Value, Want: "a duration such as 500ms, 5s or 1m"}
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return fmt.Errorf("line %d: duration %q: %w", n.Line, s, err)
+		return &valueError{Line: n.Line, Value: s, Want: "a duration such as 500ms, 5s or 1m (a number with a unit)"}
 	}
 	if v < 0 {
-		return fmt.Errorf("line %d: duration %q is negative", n.Line, s)
+		return &valueError{Line: n.Line, Value: s, Want: "a duration of zero or more"}
 	}
 	*d = duration(v)
 	return nil
+}
+
+// valueError is a value of a custom YAML type (a duration) that does not
+// parse; parseConfig names its path.
+type valueError struct {
+	Line  int
+	Value string
+	Want  string
+	Path  string // set by explainTypeErrors when it finds the value
+}
+
+func (e *valueError) Error() string {
+	where := fmt.Sprintf("line %d", e.Line)
+	if e.Path != "" {
+		where = fmt.Sprintf("%s (line %d)", e.Path, e.Line)
+	}
+	return fmt.Sprintf("%s: %q is not %s", where, e.Value, e.Want)
 }
 
 // loadConfig reads and validates a configuration file.
@@ -146,18 +192,42 @@ func expandEnv(data []byte) ([]byte, error) {
 var envRef = regexp.MustCompile(`\$\{[A-Za-z_][A-Za-z0-9_]*\}`)
 
 // parseConfig decodes strictly (unknown fields and duplicate keys are
-// errors) and validates.
+// errors, named by their path in the file) and validates.
 func parseConfig(data []byte) (*fileConfig, error) {
-	var cfg fileConfig
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(&cfg); err != nil {
+	var root yaml.Node
+	if err := yaml.NewDecoder(bytes.NewReader(data)).Decode(&root); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errEmptyConfig
+		}
 		return nil, err
+	}
+	if len(root.Content) == 0 || root.Content[0].Tag == "!!null" {
+		return nil, errEmptyConfig
+	}
+	if root.Content[0].Kind != yaml.MappingNode {
+		return nil, fmt.Errorf("line %d: the configuration must be a mapping of fields (iid: ..., listen: ...), not %s", root.Content[0].Line, yamlKind(root.Content[0]))
+	}
+	if errs := unknownFields(&root, reflect.TypeFor[fileConfig]()); len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	var cfg fileConfig
+	if err := root.Decode(&cfg); err != nil {
+		return nil, explainTypeErrors(&root, err)
 	}
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
 	return &cfg, nil
+}
+
+func yamlKind(n *yaml.Node) string {
+	switch n.Kind {
+	case yaml.SequenceNode:
+		return "a list"
+	case yaml.ScalarNode:
+		return fmt.Sprintf("the value %q", n.Value)
+	}
+	return "this"
 }
 
 func (c *fileConfig) validate() error {
@@ -182,7 +252,7 @@ func (c *fileConfig) validate() error {
 	if err := c.Members.validate(); err != nil {
 		errs = append(errs, err)
 	}
-	if err := c.TLS.validate("tls"); err != nil {
+	if err := c.TLS.validateTransport(c.IID, c.Role); err != nil {
 		errs = append(errs, err)
 	}
 	if n := c.Transport.Sessions; n < 0 || n > channels.MaxSessionsPerPeer {

@@ -35,23 +35,31 @@ func TestParseConfigErrors(t *testing.T) {
 	for _, tc := range []struct {
 		name, yaml, want string
 	}{
-		{"unknown field", "iid: a\nrole: r\nlisten: x:1\nchanels: {}\n", "field chanels not found"},
+		{"unknown field", "iid: a\nrole: r\nlisten: x:1\nchanels: {}\n", "chanels (line 4): unknown field; expected one of addressing, admin,"},
+		{"unknown nested field", "iid: a\nrole: r\nlisten: x:1\nchannels:\n  cache: {kind: reply, prot: 1}\n", "channels.cache.prot (line 5): unknown field; expected one of balancer, idleTimeout, kind,"},
+		{"unknown field in a list", "iid: a\nrole: r\nlisten: x:1\nmembers:\n  static:\n    - {iid: b, adr: x}\n", "members.static[0].adr (line 6): unknown field"},
+		{"empty file", "", "the file is empty or holds only comments"},
+		{"comments only", "# iid: a\n\n# role: r\n", "the file is empty or holds only comments"},
+		{"a list", "- iid: a\n", "the configuration must be a mapping of fields"},
 		{"duplicate channel", "iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: request, port: 1}\n  db: {kind: reply, port: 2}\n", `mapping key "db" already defined`},
 		{"bad port", "iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: request, port: 99999}\n", "port 99999 out of range"},
-		{"port not a number", "iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: request, port: http}\n", "cannot unmarshal"},
+		{"port not a number", "iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: request, port: http}\n", `channels.db.port (line 5): "http" is not a whole number`},
+		{"port too large for a member", "iid: a\nrole: r\nlisten: x:1\nmembers:\n  static:\n    - {iid: b, channels: {db: 70000}}\n", `members.static[0].channels.db (line 6): "70000" is not a whole number from 0 to 65535`},
 		{"mode on reply", "iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: reply, port: 1, mode: bind}\n", `mode "bind" is only for duplex`},
 		{"network", "iid: a\nrole: r\nlisten: x:1\nnetwork: ethernet\nchannels:\n  db: {kind: reply, port: 1}\n", `network: unknown "ethernet"`},
 		{"no listen", "iid: a\nrole: r\nchannels:\n  db: {kind: reply, port: 1}\n", "listen: missing"},
 		{"no iid", "role: r\nlisten: x:1\nchannels:\n  db: {kind: reply, port: 1}\n", "iid is empty"},
 		{"no channels", "iid: a\nrole: r\nlisten: x:1\n", "no channels configured"},
 		{"half tls", "iid: a\nrole: r\nlisten: x:1\ntls: {cert: a.pem}\nchannels:\n  db: {kind: reply, port: 1}\n", "cert, key and ca are all needed"},
-		{"bad duration", "iid: a\nrole: r\nlisten: x:1\ndrainTimeout: soon\nchannels:\n  db: {kind: reply, port: 1}\n", `duration "soon"`},
+		{"bad duration", "iid: a\nrole: r\nlisten: x:1\ndrainTimeout: soon\nchannels:\n  db: {kind: reply, port: 1}\n", `drainTimeout (line 4): "soon" is not a duration such as 500ms`},
+		{"negative duration", "iid: a\nrole: r\nlisten: x:1\ntransport: {keepAlive: -1s}\nchannels:\n  db: {kind: reply, port: 1}\n", `transport.keepAlive (line 4): "-1s" is not a duration of zero or more`},
 		{"bad range", "iid: a\nrole: r\nlisten: x:1\naddressing: {instanceRange: 10.0.0.0/16}\nchannels:\n  db: {kind: reply, port: 1}\n", "not an IPv4 prefix inside 127.0.0.0/8"},
 		{"bad signal", "iid: a\nrole: r\nlisten: x:1\nlegacy: {onChange: SIGFOO}\nchannels:\n  db: {kind: reply, port: 1}\n", `"SIGFOO" is not ignore, restart or a signal`},
 		{"both members", "iid: a\nrole: r\nlisten: x:1\nmembers: {file: m.yaml, static: [{iid: b}]}\nchannels:\n  db: {kind: reply, port: 1}\n", "give one of file, static, etcd or dns"},
 		{"sessions", "iid: a\nrole: r\nlisten: x:1\ntransport: {sessions: 17}\nchannels:\n  db: {kind: reply, port: 1}\n", "transport.sessions: 17 is outside 1..16"},
 		{"sameHost", "iid: a\nrole: r\nlisten: x:1\ntransport: {sameHost: pipe}\nchannels:\n  db: {kind: reply, port: 1}\n", `transport.sameHost: "pipe" is not unix or tcp`},
 		{"not yaml", "{{{", "did not find expected"},
+		{"list for a mapping", "iid: a\nrole: r\nlisten: x:1\nchannels: [db]\n", "line 4: a list is not a mapping of names to values"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := parseConfig([]byte(tc.yaml))
@@ -72,6 +80,7 @@ func FuzzParseConfig(f *testing.F) {
 	f.Add([]byte("iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: request, port: 1}\n"))
 	f.Add([]byte("iid: a\nrole: r\nlisten: x:1\nnetwork: tun\ntun: {name: t0, mtu: 9000}\nchannels:\n  p: {kind: duplex, port: 2, mode: connect}\n"))
 	f.Add([]byte("members: {etcd: {endpoints: [http://127.0.0.1:2379]}}\n"))
+	f.Add([]byte("iid: a\nrole: r\nlisten: x:1\ntls: {cert: c, key: k, ca: a, spiffe: {trustDomain: example.org, idTemplate: \"/ns/{role}/sa/{iid}\"}}\nchannels:\n  db: {kind: reply, port: 1}\n"))
 	f.Add([]byte("channels: {a: {kind: request, port: 65536}}"))
 	f.Add([]byte("{{{"))
 	f.Fuzz(func(t *testing.T, data []byte) {

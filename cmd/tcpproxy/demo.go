@@ -249,12 +249,7 @@ func (d *demo) add(ctx context.Context, iid, role string, chans map[string]proxy
 			n.evMu.Unlock()
 		}
 	}()
-	m := channels.Member{IID: iid, Role: role, Addr: in.node.Addr(), Channels: map[string]uint16{}}
-	for name, cc := range chans {
-		if cc.Kind != proxy.KindRequest {
-			m.Channels[name] = uint16(cc.Port)
-		}
-	}
+	m := in.proxy.Self()
 	d.mu.Lock()
 	d.nodes = append(d.nodes, n)
 	d.published = append(d.published, m)
@@ -375,6 +370,8 @@ func (n *demoNode) eventSummary() string {
 			} else {
 				parts = append(parts, fmt.Sprintf("change(%d members)", len(e.Members)))
 			}
+		case proxy.Synced:
+			parts = append(parts, "synced")
 		case proxy.Error:
 			parts = append(parts, "error")
 		case proxy.Closed:

@@ -477,25 +477,7 @@ func TestTwoProcessesPeerKilledResets(t *testing.T) {
 	const port = 17070
 	srvIP, err := proxy.NewInstanceAllocator(proxy.DefaultInstanceRange).Add("srv-1")
 	require.NoError(t, err)
-	ln, err := net.Listen("tcp4", net.JoinHostPort(srvIP.String(), strconv.Itoa(port)))
-	require.NoError(t, err)
-	var echoes sync.WaitGroup
-	echoes.Go(func() { // the legacy server: echo
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			echoes.Go(func() {
-				defer c.Close()
-				_, _ = io.Copy(c, c)
-			})
-		}
-	})
-	t.Cleanup(func() {
-		ln.Close()
-		echoes.Wait()
-	})
+	serveEcho(t, net.JoinHostPort(srvIP.String(), strconv.Itoa(port))) // the legacy server
 
 	serverCfg, clientCfg := twoInstances(t, "echo", port)
 	server := startProc(t, nil, "run", "-config", serverCfg)

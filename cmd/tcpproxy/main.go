@@ -2,6 +2,7 @@
 //
 //	tcpproxy demo                                 a whole mesh in one process
 //	tcpproxy run -config file.yaml [-- cmd args]  one instance, optionally with its legacy program
+//	tcpproxy status [-admin 127.0.0.1:9090] [-json | -check | -live]
 //	tcpproxy certs -dir DIR IID:ROLE...          development CA and instance certificates
 //	tcpproxy version
 package main
@@ -41,6 +42,8 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		err = cmdRun(ctx, args[1:], stderr)
 	case "demo":
 		err = cmdDemo(ctx, args[1:], stdout, stderr)
+	case "status":
+		err = cmdStatus(ctx, args[1:], stdout, stderr)
 	case "certs":
 		err = cmdCerts(args[1:], stdout, stderr)
 	case "tun":
@@ -77,6 +80,8 @@ func usage(w io.Writer) {
 	fmt.Fprint(w, `usage:
   tcpproxy demo [-v]                               run a small mesh in one process and show it working
   tcpproxy run -config FILE [-- COMMAND ARGS...]   run one proxy instance (and its legacy program)
+  tcpproxy status [-admin ADDR] [-json]            show a running instance: members, sessions, channels
+  tcpproxy status -check | -live                   readiness or liveness of a running instance (exit status)
   tcpproxy certs [-dir DIR] IID:ROLE...             make a development CA and instance certificates for mutual TLS
   tcpproxy tun cleanup [-name NAME]                remove a crashed network: tun instance's device and routing
   tcpproxy version

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/creds"
 	"github.com/tcpproxy/tcpproxy/channels/membership"
 	"github.com/tcpproxy/tcpproxy/proxy"
 )
@@ -66,7 +66,7 @@ func (m membersConfig) validate() error {
 		if len(m.Etcd.Endpoints) == 0 {
 			return errors.New("members.etcd: endpoints are missing")
 		}
-		if err := m.Etcd.TLS.validate("members.etcd.tls"); err != nil {
+		if err := m.Etcd.TLS.validateClient("members.etcd.tls"); err != nil {
 			return err
 		}
 	}
@@ -76,26 +76,15 @@ func (m membersConfig) validate() error {
 	return nil
 }
 
-func (t tlsConfig) validate(field string) error {
-	if (t.Cert != "" || t.Key != "" || t.CA != "") && (t.Cert == "" || t.Key == "" || t.CA == "") {
-		return fmt.Errorf("%s: cert, key and ca are all needed for mutual TLS", field)
-	}
-	return nil
-}
-
 // self is this instance as other members must see it: the channels it
 // serves and the transport address they dial.
 func (c *fileConfig) self() channels.Member {
-	m := channels.Member{IID: c.IID, Role: c.Role, Addr: c.Advertise, Channels: map[string]uint16{}}
-	if m.Addr == "" {
-		m.Addr = c.Listen
+	addr := c.Advertise
+	if addr == "" {
+		addr = c.Listen
 	}
-	for name, cc := range c.Channels {
-		if cc.Kind == proxy.KindReply || (cc.Kind == proxy.KindDuplex && cc.Mode != proxy.ModeConnect) {
-			m.Channels[name] = uint16(cc.Port)
-		}
-	}
-	return m
+	pc := proxy.Config{IID: c.IID, Role: c.Role, Channels: c.Channels}
+	return pc.Member(addr)
 }
 
 // membersFor builds the membership source cfg names.
@@ -116,11 +105,13 @@ func membersFor(cfg *fileConfig, log *slog.Logger) (channels.Source, error) {
 			}
 			ec.Password = strings.TrimSpace(string(pw))
 		}
+		var files *creds.ClientFiles
 		if m.Etcd.TLS.Cert != "" {
 			var err error
-			if ec.TLS, err = clientTLS(m.Etcd.TLS); err != nil {
+			if files, err = m.Etcd.TLS.clientCredentials(log); err != nil {
 				return nil, fmt.Errorf("members.etcd.tls: %w", err)
 			}
+			ec.TLS = files.TLSConfig()
 		}
 		var self *channels.Member
 		if m.Etcd.Register == nil || *m.Etcd.Register {
@@ -130,7 +121,11 @@ func membersFor(cfg *fileConfig, log *slog.Logger) (channels.Source, error) {
 			}
 			self = &s
 		}
-		return membership.Etcd(ec, self)
+		src, err := membership.Etcd(ec, self)
+		if err != nil || files == nil {
+			return src, err
+		}
+		return reloadingSource{src, files}, nil
 	case m.DNS != nil:
 		return membership.DNS(membership.DNSConfig{
 			Name: m.DNS.Name, Service: m.DNS.Service, Proto: m.DNS.Proto, Port: m.DNS.Port,
@@ -138,13 +133,4 @@ func membersFor(cfg *fileConfig, log *slog.Logger) (channels.Source, error) {
 		}), nil
 	}
 	return membership.Static(m.Static...), nil
-}
-
-// clientTLS is a client certificate and CA for a registry.
-func clientTLS(t tlsConfig) (*tls.Config, error) {
-	cfg, err := channels.TLSConfigFromFiles(t.Cert, t.Key, t.CA)
-	if err != nil {
-		return nil, err
-	}
-	return &tls.Config{Certificates: cfg.Certificates, RootCAs: cfg.RootCAs, MinVersion: tls.VersionTLS12}, nil
 }

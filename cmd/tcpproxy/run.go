@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -11,6 +10,8 @@ import (
 	"time"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/creds"
+	"github.com/tcpproxy/tcpproxy/channels/pki"
 	"github.com/tcpproxy/tcpproxy/proxy"
 )
 
@@ -41,6 +42,8 @@ func cmdRun(ctx context.Context, args []string, stderr io.Writer) error {
 type instance struct {
 	node  *channels.Node
 	proxy *proxy.Proxy
+	cfg   *fileConfig
+	creds creds.Source // nil without TLS
 }
 
 // startInstance builds and starts the mesh node and the proxy of cfg,
@@ -55,13 +58,17 @@ func startInstance(ctx context.Context, cfg *fileConfig, network proxy.Network, 
 
 // startInstanceWith is startInstance with the membership given.
 // obs, when not nil, receives the instance's metrics.
-func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Network, src channels.Source, log *slog.Logger, obs *observer) (*instance, error) {
-	var tlsCfg *tls.Config
-	if cfg.TLS.Cert != "" {
-		var err error
-		if tlsCfg, err = channels.TLSConfigFromFiles(cfg.TLS.Cert, cfg.TLS.Key, cfg.TLS.CA); err != nil {
-			return nil, err
-		}
+func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Network, src channels.Source, log *slog.Logger, obs *observer) (_ *instance, err error) {
+	tlsCreds, err := cfg.TLS.transportCredentials(ctx, pki.Identity{IID: cfg.IID, Role: cfg.Role}, log)
+	if err != nil {
+		return nil, err
+	}
+	if tlsCreds != nil {
+		defer func() {
+			if err != nil {
+				_ = tlsCreds.Close()
+			}
+		}()
 	}
 	transport := channels.TCPTransport()
 	if cfg.Transport.SameHost == "tcp" {
@@ -69,7 +76,7 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 	}
 	node, err := channels.NewNode(channels.Config{
 		IID: cfg.IID, Role: cfg.Role, ListenAddr: cfg.Listen,
-		TLS: tlsCfg, Members: src, Logger: log,
+		TLS: tlsCreds, Members: src, Logger: log,
 		KeepAliveInterval: time.Duration(cfg.Transport.KeepAlive),
 		OnHandshake:       obs.onHandshake(),
 		DialTimeout:       time.Duration(cfg.Transport.DialTimeout),
@@ -97,15 +104,20 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 		_ = node.Close()
 		return nil, err
 	}
-	return &instance{node: node, proxy: p}, nil
+	return &instance{node: node, proxy: p, cfg: cfg, creds: tlsCreds}, nil
 }
 
-// stop drains the proxy for at most drain, then closes the node.
+// stop drains the proxy for at most drain, then closes the node and stops
+// following credential rotations.
 func (in *instance) stop(drain time.Duration) error {
 	ctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
 	err := in.proxy.Shutdown(ctx)
-	return errors.Join(err, in.node.Close())
+	err = errors.Join(err, in.node.Close())
+	if in.creds != nil {
+		err = errors.Join(err, in.creds.Close())
+	}
+	return err
 }
 
 // runInstance runs one proxy until ctx ends, with the legacy program
@@ -143,14 +155,9 @@ func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *sl
 			child.stop()
 		}
 	}()
-	// Start queued Ready and one Change per request and duplex channel;
-	// the program starts once all of them are in its environment.
-	initial := 1
-	for _, cc := range cfg.Channels {
-		if cc.Kind != proxy.KindReply {
-			initial++
-		}
-	}
+	// Start queued Ready, one Change per request and duplex channel, then
+	// Synced: the program starts once all of them are in its environment.
+	synced := false
 	events := in.proxy.Events()
 	for {
 		select {
@@ -192,15 +199,13 @@ func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *sl
 				child.env.ready(e)
 			case proxy.Change:
 				child.env.change(e)
-				if e.Kind == proxy.KindDuplex && initial <= 0 {
+				if e.Kind == proxy.KindDuplex && synced {
 					if err := child.membershipChanged(); err != nil {
 						log.Error("legacy program", "err", err)
 					}
 				}
-			default:
-				continue
-			}
-			if initial--; initial == 0 {
+			case proxy.Synced:
+				synced = true
 				if err := child.start(); err != nil {
 					_ = in.stop(drain)
 					return err
@@ -220,6 +225,8 @@ func logEvent(log *slog.Logger, e proxy.Event) {
 		} else {
 			log.Info("event change", "channel", e.Channel, "members", formatMembers(e.Members))
 		}
+	case proxy.Synced:
+		log.Info("event synced")
 	case proxy.Error:
 		log.Error("event error", "channel", e.Channel, "err", e.Err)
 	case proxy.Closed:

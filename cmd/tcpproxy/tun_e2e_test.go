@@ -1,9 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"io"
+	"log/slog"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -16,6 +19,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tcpproxy/tcpproxy/proxy"
+	"github.com/tcpproxy/tcpproxy/tun"
+	"github.com/tcpproxy/tcpproxy/tun/tuntest"
 )
 
 // TestTUNUnmodifiedRedisCLI: inside a network namespace made for the
@@ -115,4 +120,23 @@ drainTimeout: 2s
 	require.NoError(t, err)
 	assert.Contains(t, string(rules), "0:\tfrom all lookup local", "local rule restored at priority 0")
 	server.stop(t)
+}
+
+func TestTUNCleanupSaysWhatItDid(t *testing.T) {
+	ns := tuntest.New(t)
+	var out bytes.Buffer
+	var dev *tun.Device
+	var err error
+	ns.Do(func() { dev, err = tun.Create(tun.Config{Name: "tpclean", Logger: slog.New(slog.DiscardHandler)}) })
+	require.NoError(t, err)
+	defer dev.Close()
+
+	ns.Do(func() { err = cmdTUN([]string{"cleanup", "-name", "tpclean"}, &out, io.Discard) })
+	require.NoError(t, err)
+	assert.Contains(t, out.String(), "cleaned up TUN device tpclean: deleted the device, removed")
+
+	out.Reset()
+	ns.Do(func() { err = cmdTUN([]string{"cleanup", "-name", "tpclean"}, &out, io.Discard) })
+	require.NoError(t, err)
+	assert.Contains(t, out.String(), "nothing to clean up: no TUN device tpclean")
 }

@@ -22,9 +22,14 @@ func cmdTUN(args []string, stdout, stderr io.Writer) error {
 	if err := fs.Parse(args[1:]); err != nil {
 		return err
 	}
-	if err := tun.Cleanup(*name); err != nil {
+	cleaned, err := tun.Cleanup(*name)
+	if err != nil {
 		return fmt.Errorf("cleanup %s: %w", *name, err)
 	}
-	fmt.Fprintf(stdout, "cleaned up TUN device %s and its routing\n", *name)
+	if cleaned.Nothing() {
+		fmt.Fprintf(stdout, "nothing to clean up: no TUN device %s and none of its routing in this network namespace\n", *name)
+		return nil
+	}
+	fmt.Fprintf(stdout, "cleaned up TUN device %s: %v\n", *name, cleaned)
 	return nil
 }

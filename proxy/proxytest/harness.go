@@ -114,12 +114,7 @@ func (c *Cluster) Add(iid, role string, chans map[string]proxy.ChannelConfig) *N
 	require.NoError(t, p.Start(ctx))
 	t.Cleanup(func() { c.Stop(iid) })
 
-	m := channels.Member{IID: iid, Role: role, Addr: mesh.Addr(), Channels: map[string]uint16{}}
-	for name, cc := range chans {
-		if cc.Kind == proxy.KindReply || (cc.Kind == proxy.KindDuplex && cc.Mode != proxy.ModeConnect) {
-			m.Channels[name] = uint16(cc.Port)
-		}
-	}
+	m := p.Self()
 	n.member = m
 	c.mu.Lock()
 	c.nodes[iid] = n

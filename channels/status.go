@@ -1,0 +1,196 @@
+package channels
+
+import (
+	"cmp"
+	"crypto/tls"
+	"net"
+	"slices"
+	"time"
+)
+
+// Status is a snapshot of a node for status pages: the members it knows,
+// its sessions and its channels.
+type Status struct {
+	IID, Role string
+	// Addr is where the node listens; "" when it does not.
+	Addr string
+	// TLS says that sessions run mutual TLS.
+	TLS bool
+	// Members is the latest member list, sorted by IID, with how this
+	// node reaches each one.
+	Members []MemberStatus
+	// Sessions are the live sessions, sorted by peer and then by age
+	// (oldest first). Peers that are not members (requesters of a reply
+	// channel under a membership that lists only servers) appear here too.
+	Sessions []SessionStatus
+	// Channels are the channels registered on the node, sorted by name.
+	Channels []ChannelStatus
+}
+
+// Member states in MemberStatus.State.
+const (
+	// MemberSelf is the node itself.
+	MemberSelf = "self"
+	// MemberUp: at least one session with the member is open.
+	MemberUp = "up"
+	// MemberConnecting: the first session is being dialed.
+	MemberConnecting = "connecting"
+	// MemberBackoff: the last dials failed; the next waits until RetryAt.
+	MemberBackoff = "backoff"
+	// MemberIdle: no session; one is dialed with the first stream, or the
+	// member dials this node.
+	MemberIdle = "idle"
+)
+
+// MemberStatus is one member and the node's sessions with it.
+type MemberStatus struct {
+	Member
+	// State is one of MemberSelf, MemberUp, MemberConnecting,
+	// MemberBackoff and MemberIdle.
+	State string
+	// Sessions is how many sessions with the member are open.
+	Sessions int
+	// Failures counts the dials that failed in a row, LastError says why
+	// the last one failed, and RetryAt is when the next may start.
+	Failures  int
+	LastError string
+	RetryAt   time.Time
+}
+
+// SessionStatus describes one live session.
+type SessionStatus struct {
+	// Peer and Role are what the peer's handshake said (and, with TLS,
+	// its certificate proved).
+	Peer, Role string
+	// Net is the network the session runs over: tcp, unix (the same-host
+	// socket) or memory.
+	Net                   string
+	LocalAddr, RemoteAddr string
+	// Dialed says this node dialed the session; otherwise it accepted it.
+	Dialed bool
+	// Identity is the identity in the peer's TLS certificate: its first
+	// URI SAN (tcpproxy://instance/... or spiffe://...), else its subject
+	// common name; "" on a plaintext session.
+	Identity string
+	// Established is when the handshake completed.
+	Established time.Time
+	// RTT is the smoothed round-trip time of the keepalive pings; 0 until
+	// the first was answered.
+	RTT time.Duration
+	// BytesSent and BytesReceived count stream data both ways, without the
+	// multiplexer's framing.
+	BytesSent, BytesReceived uint64
+	// Streams is how many streams are open on the session.
+	Streams int
+}
+
+// ChannelStatus describes one channel registered on the node.
+type ChannelStatus struct {
+	Name string
+	// Kind is request, reply or duplex.
+	Kind string
+	// Target is, for a request channel, the channel it opens on its
+	// members.
+	Target string
+	// Members are the IIDs of the remote members that a request channel
+	// sends to (those serving Target) or a duplex channel's members;
+	// empty for a reply channel, which only accepts.
+	Members []string
+}
+
+// sessionInfo is what a session knows from its start.
+type sessionInfo struct {
+	dialed      bool
+	established time.Time
+	identity    string
+}
+
+func newSessionInfo(conn net.Conn, dialed bool) sessionInfo {
+	info := sessionInfo{dialed: dialed, established: time.Now()}
+	if tc, ok := conn.(*tls.Conn); ok {
+		if certs := tc.ConnectionState().PeerCertificates; len(certs) > 0 {
+			info.identity = certs[0].Subject.CommonName
+			if len(certs[0].URIs) > 0 {
+				info.identity = certs[0].URIs[0].String()
+			}
+		}
+	}
+	return info
+}
+
+// Status returns a snapshot of the node.
+func (n *Node) Status() Status {
+	n.mu.Lock()
+	st := Status{IID: n.cfg.IID, Role: n.cfg.Role, TLS: n.cfg.TLS != nil}
+	if n.ln != nil {
+		st.Addr = n.ln.Addr().String()
+	}
+	var sessions []*session
+	for iid, m := range n.members.byIID {
+		ms := MemberStatus{Member: m, State: MemberIdle}
+		p := n.peers[iid]
+		switch {
+		case iid == n.cfg.IID:
+			ms.State = MemberSelf
+		case p == nil:
+		default:
+			_, ms.Sessions = p.live()
+			ms.Failures, ms.RetryAt = p.failures, p.retryAt
+			if p.lastErr != nil {
+				ms.LastError = p.lastErr.Error()
+			}
+			switch {
+			case ms.Sessions > 0:
+				ms.State = MemberUp
+			case p.dial != nil:
+				ms.State = MemberConnecting
+			case p.failures > 0:
+				ms.State = MemberBackoff
+			}
+		}
+		st.Members = append(st.Members, ms)
+	}
+	for _, p := range n.peers {
+		sessions = append(sessions, p.sessions...)
+	}
+	for _, r := range n.requests {
+		st.Channels = append(st.Channels, ChannelStatus{Name: r.name, Kind: "request", Target: r.target, Members: iids(n.serving(r.target))})
+	}
+	for _, d := range n.duplexes {
+		st.Channels = append(st.Channels, ChannelStatus{Name: d.name, Kind: "duplex", Members: iids(n.serving(d.name))})
+	}
+	for name := range n.queues {
+		if !slices.ContainsFunc(n.duplexes, func(d *duplexChannel) bool { return d.name == name }) {
+			st.Channels = append(st.Channels, ChannelStatus{Name: name, Kind: "reply"})
+		}
+	}
+	n.mu.Unlock()
+
+	// Counters are read outside n.mu: NumStreams takes the session's lock.
+	for _, s := range sessions {
+		if s.ys.IsClosed() {
+			continue
+		}
+		ms := s.ys.Stats()
+		st.Sessions = append(st.Sessions, SessionStatus{
+			Peer: s.hello.IID, Role: s.hello.Role, Net: s.net,
+			LocalAddr: s.ys.LocalAddr().String(), RemoteAddr: s.ys.RemoteAddr().String(),
+			Dialed: s.info.dialed, Identity: s.info.identity, Established: s.info.established,
+			RTT: ms.RTT, BytesSent: ms.BytesSent, BytesReceived: ms.BytesReceived, Streams: ms.Streams,
+		})
+	}
+	slices.SortFunc(st.Members, func(a, b MemberStatus) int { return cmp.Compare(a.IID, b.IID) })
+	slices.SortFunc(st.Sessions, func(a, b SessionStatus) int {
+		return cmp.Or(cmp.Compare(a.Peer, b.Peer), a.Established.Compare(b.Established))
+	})
+	slices.SortFunc(st.Channels, func(a, b ChannelStatus) int { return cmp.Compare(a.Name, b.Name) })
+	return st
+}
+
+func iids(ms []Member) []string {
+	out := make([]string, len(ms))
+	for i, m := range ms {
+		out[i] = m.IID
+	}
+	return out
+}

@@ -1,0 +1,89 @@
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tcpproxy/tcpproxy/channels"
+)
+
+// Mesh reports the mesh as one node sees it, read from the node's status
+// at scrape time: sessions, streams and round-trip time per peer, and
+// members by how they are reached.
+type Mesh struct {
+	status func() (channels.Status, bool)
+
+	sessions *prometheus.Desc
+	streams  *prometheus.Desc
+	rtt      *prometheus.Desc
+	members  *prometheus.Desc
+}
+
+// memberStates are always reported, at 0 when no member is in them, so
+// that dashboards and alerts see the series.
+var memberStates = []string{channels.MemberSelf, channels.MemberUp, channels.MemberConnecting, channels.MemberBackoff, channels.MemberIdle}
+
+// NewMesh returns the mesh metrics of instance iid; status returns the
+// node's status (channels.Node.Status), or false while there is no node.
+func NewMesh(iid string, status func() (channels.Status, bool)) *Mesh {
+	labels := prometheus.Labels{"iid": iid}
+	return &Mesh{
+		status: status,
+		sessions: prometheus.NewDesc("tcpproxy_peer_sessions",
+			"Live sessions with each peer, by the network they run over (tcp, or unix: the same-host socket).",
+			[]string{"peer", "net"}, labels),
+		streams: prometheus.NewDesc("tcpproxy_peer_streams",
+			"Streams open on the sessions with each peer.", []string{"peer"}, labels),
+		rtt: prometheus.NewDesc("tcpproxy_peer_rtt_seconds",
+			"Round-trip time to each peer, smoothed from the sessions' keepalive pings (mean over its sessions).",
+			[]string{"peer"}, labels),
+		members: prometheus.NewDesc("tcpproxy_mesh_members",
+			"Members of the mesh by how this instance reaches them: self, up (a session is open), connecting, backoff (the last dials failed) or idle (no session needed yet).",
+			[]string{"state"}, labels),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (m *Mesh) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{m.sessions, m.streams, m.rtt, m.members} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (m *Mesh) Collect(ch chan<- prometheus.Metric) {
+	st, ok := m.status()
+	if !ok {
+		return
+	}
+	type peerNet struct{ peer, net string }
+	sessions := make(map[peerNet]int)
+	streams := make(map[string]int)
+	rttSum, rttN := make(map[string]float64), make(map[string]int)
+	for _, s := range st.Sessions {
+		sessions[peerNet{s.Peer, s.Net}]++
+		streams[s.Peer] += s.Streams
+		if s.RTT > 0 {
+			rttSum[s.Peer] += s.RTT.Seconds()
+			rttN[s.Peer]++
+		}
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	for k, n := range sessions {
+		gauge(m.sessions, float64(n), k.peer, k.net)
+	}
+	for peer, n := range streams {
+		gauge(m.streams, float64(n), peer)
+	}
+	for peer, sum := range rttSum {
+		gauge(m.rtt, sum/float64(rttN[peer]), peer)
+	}
+	byState := make(map[string]int, len(memberStates))
+	for _, mb := range st.Members {
+		byState[mb.State]++
+	}
+	for _, s := range memberStates {
+		gauge(m.members, float64(byState[s]), s)
+	}
+}

@@ -1,0 +1,57 @@
+package metrics
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/require"
+
+	"github.com/tcpproxy/tcpproxy/channels"
+)
+
+func TestMesh(t *testing.T) {
+	st := channels.Status{
+		Members: []channels.MemberStatus{
+			{Member: channels.Member{IID: "a"}, State: channels.MemberSelf},
+			{Member: channels.Member{IID: "b"}, State: channels.MemberUp},
+			{Member: channels.Member{IID: "c"}, State: channels.MemberBackoff},
+		},
+		Sessions: []channels.SessionStatus{
+			{Peer: "b", Net: "unix", RTT: 2 * time.Millisecond, Streams: 3},
+			{Peer: "b", Net: "unix", RTT: 4 * time.Millisecond, Streams: 1},
+			{Peer: "d", Net: "tcp"}, // RTT not measured yet
+		},
+	}
+	have := true
+	reg := prometheus.NewPedanticRegistry()
+	require.NoError(t, reg.Register(NewMesh("a", func() (channels.Status, bool) { return st, have })))
+	want := `
+# HELP tcpproxy_mesh_members Members of the mesh by how this instance reaches them: self, up (a session is open), connecting, backoff (the last dials failed) or idle (no session needed yet).
+# TYPE tcpproxy_mesh_members gauge
+tcpproxy_mesh_members{iid="a",state="backoff"} 1
+tcpproxy_mesh_members{iid="a",state="connecting"} 0
+tcpproxy_mesh_members{iid="a",state="idle"} 0
+tcpproxy_mesh_members{iid="a",state="self"} 1
+tcpproxy_mesh_members{iid="a",state="up"} 1
+# HELP tcpproxy_peer_rtt_seconds Round-trip time to each peer, smoothed from the sessions' keepalive pings (mean over its sessions).
+# TYPE tcpproxy_peer_rtt_seconds gauge
+tcpproxy_peer_rtt_seconds{iid="a",peer="b"} 0.003
+# HELP tcpproxy_peer_sessions Live sessions with each peer, by the network they run over (tcp, or unix: the same-host socket).
+# TYPE tcpproxy_peer_sessions gauge
+tcpproxy_peer_sessions{iid="a",net="tcp",peer="d"} 1
+tcpproxy_peer_sessions{iid="a",net="unix",peer="b"} 2
+# HELP tcpproxy_peer_streams Streams open on the sessions with each peer.
+# TYPE tcpproxy_peer_streams gauge
+tcpproxy_peer_streams{iid="a",peer="b"} 4
+tcpproxy_peer_streams{iid="a",peer="d"} 0
+`
+	require.NoError(t, testutil.GatherAndCompare(reg, strings.NewReader(want)))
+
+	have = false // no node (yet, or any more): no series
+	n, err := testutil.GatherAndCount(reg)
+	require.NoError(t, err)
+	require.Zero(t, n)
+}
