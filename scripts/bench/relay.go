@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"flag"
 	"fmt"
 	"io"
@@ -13,8 +12,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/tcpproxy/tcpproxy/channels"
 )
 
 // relayMain is a relay process: for each LISTEN=TARGET argument it accepts
@@ -40,10 +37,10 @@ func relayMain(args []string) {
 		os.Exit(2)
 	}
 	raiseFileLimit(0)
-	inCfg, err := relayTLSConfig(*tlsIn)
+	inCfg, err := relayTLSConfig(*tlsIn, true)
 	if err == nil {
 		var outCfg *tls.Config
-		if outCfg, err = relayTLSConfig(*tlsOut); err == nil {
+		if outCfg, err = relayTLSConfig(*tlsOut, false); err == nil {
 			for _, a := range fs.Args() {
 				err = relayListen(a, inCfg, outCfg)
 				if err != nil {
@@ -59,7 +56,9 @@ func relayMain(args []string) {
 	select {}
 }
 
-func relayTLSConfig(files string) (*tls.Config, error) {
+// relayTLSConfig is the configuration of -tls-in (server) or -tls-out
+// (client) given as CERT,KEY,CA.
+func relayTLSConfig(files string, server bool) (*tls.Config, error) {
 	if files == "" {
 		return nil, nil
 	}
@@ -67,21 +66,11 @@ func relayTLSConfig(files string) (*tls.Config, error) {
 	if len(f) != 3 {
 		return nil, fmt.Errorf("%q is not CERT,KEY,CA", files)
 	}
-	cfg, err := channels.TLSConfigFromFiles(f[0], f[1], f[2])
-	if err != nil {
-		return nil, err
+	cli, srv, err := benchTLSConfigs(f[0], f[1], f[2])
+	if server {
+		return srv, err
 	}
-	cfg.InsecureSkipVerify = true // the chain is checked below, as tcpproxy does; no host names
-	pool := cfg.RootCAs
-	cfg.VerifyPeerCertificate = func(raw [][]byte, _ [][]*x509.Certificate) error {
-		leaf, err := x509.ParseCertificate(raw[0])
-		if err != nil {
-			return err
-		}
-		_, err = leaf.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
-		return err
-	}
-	return cfg, nil
+	return cli, err
 }
 
 func relayListen(arg string, inCfg, outCfg *tls.Config) error {
