@@ -157,6 +157,7 @@ func (r *results) crossTargets(o options) string {
 	// A nil ok marks rows that state a figure without a target.
 	var reported func(float64) bool
 	ratioRow := func(label, key, base string, ok func(float64) bool, metrics ...string) {
+		floor := strings.HasPrefix(label, "floor:")
 		if !r.has(key) || !r.has(base) {
 			w("| %s | not measured | — |\n", label)
 			return
@@ -166,11 +167,14 @@ func (r *results) crossTargets(o options) string {
 		for _, m := range metrics {
 			v := r.ratio(key, base, m)
 			vs = append(vs, v)
-			parts = append(parts, strings.TrimSpace(metricLabel(m, n, o.clients)+" "+cpuLabel(m)+" "+times(v)))
+			parts = append(parts, joinNonEmpty(metricLabel(m, n, o.clients), cpuLabel(m), times(v)))
 		}
 		met := "(reported)"
-		if ok != nil {
+		switch {
+		case ok != nil:
 			met = verdict(ok, vs...)
+		case floor:
+			met = "(floor)"
 		}
 		w("| %s | %s | %s |\n", label, strings.Join(parts, ", "), met)
 	}
@@ -185,7 +189,7 @@ func (r *results) crossTargets(o options) string {
 			for _, c := range []string{"_pcpu", "_mcpu"} {
 				v := r.addedOverCipher(key, base, m+c)
 				vs = append(vs, v)
-				parts = append(parts, fmt.Sprintf("%s %s %s", metricLabel(m, n, o.clients), cpuLabel(c), times(v)))
+				parts = append(parts, joinNonEmpty(metricLabel(m, n, o.clients), cpuLabel(c), times(v)))
 			}
 		}
 		met := "(floor)"
@@ -209,6 +213,17 @@ func (r *results) crossTargets(o options) string {
 	ratioRow("plaintext bulk ≥ 1.0× the floor", "x-tcpproxy", floorKey, atLeast(1), "bulk1", "bulkN")
 	ratioRow("plaintext bulk ≥ 1.4× the haproxy pair", "x-tcpproxy", "x-haproxy", atLeast(1.4), "bulk1", "bulkN")
 	return b.String()
+}
+
+// joinNonEmpty joins the non-empty parts with spaces.
+func joinNonEmpty(parts ...string) string {
+	var out []string
+	for _, p := range parts {
+		if p != "" {
+			out = append(out, p)
+		}
+	}
+	return strings.Join(out, " ")
 }
 
 // cpuLabel names the CPU clock of a metric (or its suffix), if any.
