@@ -1,24 +1,33 @@
-// Command bench measures tcpproxy against direct TCP, a socat relay and
-// haproxy in TCP mode, side by side on this machine, and writes a markdown
-// table to bench/results.md:
+// Command bench measures tcpproxy against direct TCP, plain relays (the
+// floors), haproxy, stunnel and socat, side by side on this machine, and
+// writes bench/results.md, a chart of the cross-host results
+// (bench/results.svg) and a short summary for the README
+// (bench/summary.md):
 //
-//	go run ./scripts/bench            # full run, about 6 minutes on 2 CPUs
+//	go run ./scripts/bench            # full run, about 10 minutes on 2 CPUs
+//	go run ./scripts/bench -quick     # a short development run, cross-host only
 //	go run ./scripts/bench -h         # sizes, counts, repetitions, paths
 //
-// It installs socat and haproxy with apt-get when they are missing and it
-// runs as root, builds cmd/tcpproxy, and drives every path with its own Go
-// load generator against its own echo and sink servers (a child process).
-// Paths: direct TCP, socat, haproxy, one plain Go relay (relay1, the floor
-// of any user-space proxy), two in a chain (relay2, the floor of two-proxy
-// designs over TCP), one gVisor relay on a TUN device (tunrelay, the floor
-// of a proxy on one), two `tcpproxy run` processes
-// request→reply (with sessions over the same-host Unix socket, and over
-// TCP) and duplex on the loopback network, and the client side on
-// the netstack networks: memory (a proxy in the bench process) and tun (in
-// a network namespace made for each repetition and deleted after it; root
-// only). Only 127.0.0.0/8 is used; every load loop is bounded in count and
-// time; every child process is killed and every namespace deleted at the
-// end, also on error or Ctrl-C.
+// The cross-host paths (x-*) are the deployment topology: two network
+// namespaces joined by a veth pair, the load generator and the client-side
+// proxy on one, the server-side proxy and the bench's servers on the
+// other: direct TCP, two relays (splicing: the floor; copying; and with
+// mutual TLS), an haproxy pair (plain and with mutual TLS), a stunnel pair,
+// a gVisor relay on a TUN (the TUN floor), and tcpproxy with plaintext
+// sessions, mutual TLS, the client on network: tun, and tun on both hosts.
+// Every repetition also measures what sealing and opening a GiB costs with
+// the cipher suite tcpproxy's TLS negotiates. The same-host paths follow:
+// direct TCP, socat, haproxy, one and two plain Go relays, a gVisor relay
+// on a TUN, and tcpproxy request→reply (same-host socket, and TCP), duplex,
+// and the memory and tun networks.
+//
+// It installs socat, haproxy and stunnel4 with apt-get when they are
+// missing and it runs as root, builds cmd/tcpproxy, and drives every path
+// with its own Go load generator against its own echo and sink servers (a
+// child process). Only 127.0.0.0/8 and addresses inside the namespaces it
+// makes are used; every load loop is bounded in count and time; every
+// child process is killed and every namespace deleted at the end, also on
+// error or Ctrl-C, and a later run deletes what a killed one left.
 package main
 
 import (
