@@ -198,10 +198,6 @@ func run(ctx context.Context, o options, kids *children) error {
 	e := &env{dir: dir, binary: bin, srv: srv, kids: kids, timeout: o.timeout, fileLimit: fileLimit}
 
 	sweepNamespaces()
-	e.plaintextTransport = plaintextTransportBlock(root)
-	if e.plaintextTransport == "" {
-		log.Printf("this build has no transport.insecure: plaintext sessions between hosts run without it")
-	}
 	if e.certs, err = makeCerts(bin, dir); err != nil {
 		return err
 	}
@@ -231,7 +227,6 @@ func run(ctx context.Context, o options, kids *children) error {
 	res := newResults(paths, reps)
 	res.loadStart = loadavg()
 	res.suite = e.suite.name
-	res.plaintextTransport = e.plaintextTransport
 	start := time.Now()
 	for rep := range reps {
 		e.rep, res.cur = rep, rep

@@ -122,9 +122,6 @@ type env struct {
 	// tcpproxy negotiates with them.
 	certs *certFiles
 	suite tlsSuite
-	// plaintextTransport is the transport block of tcpproxy's plaintext
-	// sessions between hosts.
-	plaintextTransport string
 }
 
 func (e *env) waitReady(ctx context.Context, p *path) error {

@@ -29,9 +29,6 @@ type results struct {
 	// repetition.
 	suite  string
 	cipher []float64
-	// plaintextTransport is the transport block of the plaintext
-	// cross-host sessions ("" when the build has no transport.insecure).
-	plaintextTransport string
 }
 
 func (r *results) addCipher(v float64) {

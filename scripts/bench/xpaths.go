@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
 
 	"github.com/tcpproxy/tcpproxy/proxy"
@@ -302,7 +301,7 @@ func xTCPProxyPath(key, name string, mtls, tunA, tunB bool) func(*env) *path {
 					c := e.certs
 					in.extra += fmt.Sprintf("tls: {cert: %s, key: %s, ca: %s}\n", c.cert(in.iid), c.key(in.iid), c.ca)
 				} else {
-					in.transport = e.plaintextTransport
+					in.transport = insecureTransport
 				}
 			}
 			if tunA {
@@ -325,31 +324,10 @@ func xTCPProxyPath(key, name string, mtls, tunA, tunB bool) func(*env) *path {
 	}
 }
 
-// plaintextTransportBlock is the transport block of plaintext sessions
-// between hosts. tcpproxy requires an explicit opt-in for plaintext
-// sessions to a non-loopback address (transport.insecure) where the build
-// knows that setting; insecureSupported looks for it in the source.
-func plaintextTransportBlock(root string) string {
-	if insecureSupported(root) {
-		return "transport: {insecure: true}\n"
-	}
-	return ""
-}
-
-var insecureField = regexp.MustCompile("yaml:\"insecure\"")
-
-func insecureSupported(root string) bool {
-	files, _ := filepath.Glob(filepath.Join(root, "cmd", "tcpproxy", "*.go"))
-	for _, f := range files {
-		if strings.HasSuffix(f, "_test.go") {
-			continue
-		}
-		if b, err := os.ReadFile(f); err == nil && insecureField.Match(b) {
-			return true
-		}
-	}
-	return false
-}
+// insecureTransport is the transport block of plaintext sessions between
+// hosts: tcpproxy refuses them to non-loopback addresses without this
+// explicit opt-in.
+const insecureTransport = "transport: {insecure: true}\n"
 
 // certFiles are the certificates of the TLS paths, made once per run with
 // `tcpproxy certs` for bench-cli and bench-srv.
