@@ -332,23 +332,25 @@ func (b *memBuffer) write(p []byte, d *memDeadline, done <-chan struct{}) (int, 
 			b.mu.Unlock()
 			return written, syscall.EPIPE
 		}
-		if written == len(p) {
-			b.mu.Unlock()
-			return written, nil
-		}
-		if b.n < b.size {
-			if b.ring == nil {
-				b.ring = make([]byte, b.size)
+		if b.n < b.size || len(p) == 0 {
+			if k := min(b.size-b.n, len(p)-written); k > 0 {
+				if b.ring == nil {
+					b.ring = make([]byte, b.size)
+				}
+				end := (b.start + b.n) % b.size
+				if m := copy(b.ring[end:], p[written:written+k]); m < k {
+					copy(b.ring, p[written+m:written+k])
+				}
+				b.n += k
+				written += k
+				b.wakeLocked()
 			}
-			k := min(b.size-b.n, len(p)-written)
-			end := (b.start + b.n) % b.size
-			if m := copy(b.ring[end:], p[written:written+k]); m < k {
-				copy(b.ring, p[written+m:written+k])
-			}
-			b.n += k
-			written += k
-			b.wakeLocked()
 			b.mu.Unlock()
+			// Done once all of p is buffered, whatever the reader does
+			// next (it may take the bytes and close at once).
+			if written == len(p) {
+				return written, nil
+			}
 			continue
 		}
 		b.waitUnlock(d, done)

@@ -192,3 +192,24 @@ func TestMemoryTransportTLS(t *testing.T) {
 		assert.Equal(t, "tcpproxy://instance/a?role=test", ss.Identity)
 	}
 }
+
+// TestMemoryTransportWriteThenPeerCloses: a Write whose bytes are all
+// buffered succeeds, even when the peer reads them and closes before the
+// Write returns (a server refusing a handshake at once).
+func TestMemoryTransportWriteThenPeerCloses(t *testing.T) {
+	tr := channels.NewMemoryTransport()
+	for i := range 2000 {
+		c1, c2, stop, err := memPipe(tr)
+		require.NoError(t, err)
+		read := make(chan error, 1)
+		go func() {
+			_, err := io.ReadFull(c2, make([]byte, 5))
+			c2.Close()
+			read <- err
+		}()
+		_, err = c1.Write([]byte("hello"))
+		require.NoError(t, err, "write %d", i)
+		require.NoError(t, <-read)
+		stop()
+	}
+}
