@@ -64,6 +64,8 @@ import (
 	"time"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+
+	"github.com/tcpproxy/tcpproxy/internal/defaults"
 )
 
 // Proxy is one instance's proxy. Create it with New.
@@ -136,7 +138,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 	}
 	cfg.Addressing = cfg.Addressing.WithDefaults()
 	if cfg.DialTimeout <= 0 {
-		cfg.DialTimeout = 5 * time.Second
+		cfg.DialTimeout = defaults.DialTimeout
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
