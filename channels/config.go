@@ -8,6 +8,8 @@ import (
 
 	"github.com/tcpproxy/tcpproxy/channels/pki"
 	"github.com/tcpproxy/tcpproxy/channels/wire"
+
+	"github.com/tcpproxy/tcpproxy/internal/defaults"
 )
 
 // Config configures a Node. The zero value of every optional field selects
@@ -108,7 +110,7 @@ type Config struct {
 
 // Defaults.
 const (
-	DefaultDialTimeout        = 5 * time.Second
+	DefaultDialTimeout        = defaults.DialTimeout
 	DefaultHandshakeTimeout   = 5 * time.Second
 	DefaultKeepAliveInterval  = 15 * time.Second
 	DefaultSessionsPerPeer    = 2

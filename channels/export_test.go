@@ -1,6 +1,10 @@
 package channels
 
-import "time"
+import (
+	"crypto/tls"
+	"net"
+	"time"
+)
 
 // Test hooks, compiled only into this package's tests.
 
@@ -63,3 +67,25 @@ func SetMemberGrace(d time.Duration) (restore func()) {
 	memberGrace = d
 	return func() { memberGrace = old }
 }
+
+// NewRecordConn wraps c as a node's TLS transport does.
+func NewRecordConn(c net.Conn) net.Conn { return newRecordConn(c) }
+
+// SessionConn is what a session runs over, given its connection.
+func SessionConn(c net.Conn) net.Conn { return sessionConn(c) }
+
+// IsTLSSessionConn reports whether c batches its records.
+func IsTLSSessionConn(c net.Conn) bool {
+	_, ok := c.(*tlsSessionConn)
+	return ok
+}
+
+// RecordConnReads returns the reads that reached the socket under the
+// TLS connection tc, and whether it holds a read-ahead buffer.
+func RecordConnReads(tc *tls.Conn) (reads int, holding bool) {
+	rc := tc.NetConn().(*recordConn)
+	return rc.readCalls, rc.buf != nil
+}
+
+// RecordConnReadsRaw reports whether c reads through its RawConn.
+func RecordConnReadsRaw(c net.Conn) bool { return c.(*recordConn).rc != nil }

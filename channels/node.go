@@ -65,6 +65,10 @@ func NewNode(cfg Config) (*Node, error) {
 	if lt, ok := cfg.Transport.(loggingTransport); ok {
 		cfg.Transport = lt.withLogger(log)
 	}
+	if cfg.TLS != nil {
+		// The TLS data path: see tlsconn.go (and sessionConn in newSession).
+		cfg.Transport = tlsTransport{cfg.Transport}
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Node{
 		cfg:         cfg,

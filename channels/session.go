@@ -48,10 +48,11 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 	cfg := n.muxConfig()
 	var ys *mux.Session
 	var err error
+	sc := sessionConn(conn) // TLS: records batched, see tlsconn.go
 	if dialed {
-		ys, err = mux.Client(conn, cfg)
+		ys, err = mux.Client(sc, cfg)
 	} else {
-		ys, err = mux.Server(conn, cfg)
+		ys, err = mux.Server(sc, cfg)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("start session: %w", err)

@@ -195,6 +195,10 @@ func TestTLSResumption(t *testing.T) {
 	s, in := open(t, req, reply)
 	require.NoError(t, s.Close())
 	require.NoError(t, in.Stream.Close())
+	// The first stream's session dials the next of the peer's sessions in
+	// the background: wait for it, so that no handshake lands after the
+	// count below and no session outlives DropSessions.
+	require.Eventually(t, func() bool { return a.NumSessions("b") == channels.DefaultSessionsPerPeer }, 5*time.Second, time.Millisecond)
 	full, resumed := a.TLSHandshakes()
 	require.GreaterOrEqual(t, full, uint64(1))
 

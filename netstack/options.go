@@ -4,20 +4,22 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+
+	"github.com/tcpproxy/tcpproxy/internal/defaults"
 )
 
-// The synthetic ranges of DESIGN.md "Addressing": instance IPs and request
-// IPs. They are the default Options.Prefixes.
+// The synthetic ranges, instance IPs and request IPs (the proxy's default
+// Addressing). They are the default Options.Prefixes.
 var (
-	DefaultInstancePrefix = netip.MustParsePrefix("127.0.0.0/16")
-	DefaultRequestPrefix  = netip.MustParsePrefix("127.1.0.0/16")
+	DefaultInstancePrefix = defaults.InstanceRange
+	DefaultRequestPrefix  = defaults.RequestRange
 )
 
 const (
 	// DefaultMTU is the MTU of the in-memory link. Per-packet cost
 	// dominates a userspace stack, so the link carries near-maximal IPv4
 	// packets.
-	DefaultMTU = 65000
+	DefaultMTU = defaults.MTU
 	// DefaultMaxBufferSize caps TCP send and receive buffers. gVisor's
 	// default cap (4 MiB) and its smaller defaults limit throughput as soon
 	// as the path has real RTT.
@@ -30,7 +32,7 @@ const (
 
 // DefaultHostAddr is the host stack's own address in NewMemory: the source
 // of the host's connections, as 127.0.0.1 is on a real host.
-var DefaultHostAddr = netip.MustParseAddr("127.0.0.1")
+var DefaultHostAddr = defaults.HostAddr
 
 // Options configure a Network. The zero value selects every default.
 type Options struct {

@@ -14,7 +14,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
-	"github.com/tcpproxy/tcpproxy/tun"
+	"github.com/tcpproxy/tcpproxy/internal/virtio"
 )
 
 // frameDevice is what tunLink needs of a *tun.Device.
@@ -66,7 +66,7 @@ func newTUNLink(dev frameDevice, mtu int, log *slog.Logger) *tunLink {
 
 // WritePackets implements stack.LinkWriter.
 func (e *tunLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
-	var vnet [tun.VirtioNetHdrLen]byte
+	var vnet [virtio.NetHdrLen]byte
 	iovs := make([][]byte, 0, 8)
 	list := pkts.AsSlice()
 	for i, pkt := range list {
@@ -99,27 +99,27 @@ func (e *tunLink) WritePackets(pkts stack.PacketBufferList) (int, tcpip.Error) {
 }
 
 // virtioNetHdr is the header that tells the kernel about pkt's offloads.
-func virtioNetHdr(pkt *stack.PacketBuffer) tun.VirtioNetHdr {
+func virtioNetHdr(pkt *stack.PacketBuffer) virtio.NetHdr {
 	gso := pkt.GSOOptions
 	if gso.Type == stack.GSONone {
-		return tun.VirtioNetHdr{} // checksums complete
+		return virtio.NetHdr{} // checksums complete
 	}
-	h := tun.VirtioNetHdr{HdrLen: uint16(pkt.HeaderSize())}
+	h := virtio.NetHdr{HdrLen: uint16(pkt.HeaderSize())}
 	if gso.NeedsCsum {
 		// The TCP checksum field holds the pseudo-header checksum
 		// (tcp.buildTCPHdr), as the kernel expects of CHECKSUM_PARTIAL.
 		// CsumStart counts from the IP header, which may have options:
 		// the header's own length, not gso.L3HdrLen.
-		h.Flags = tun.VirtioNetHdrFNeedsCsum
+		h.Flags = virtio.FlagNeedsCsum
 		h.CsumStart = uint16(len(pkt.NetworkHeader().Slice()))
 		h.CsumOffset = gso.CsumOffset
 	}
 	if gso.MSS > 0 && pkt.Data().Size() > int(gso.MSS) {
 		switch gso.Type {
 		case stack.GSOTCPv4:
-			h.GSOType = tun.VirtioNetHdrGSOTCPv4
+			h.GSOType = virtio.GSOTCPv4
 		case stack.GSOTCPv6:
-			h.GSOType = tun.VirtioNetHdrGSOTCPv6
+			h.GSOType = virtio.GSOTCPv6
 		}
 		h.GSOSize = gso.MSS
 	}
@@ -141,7 +141,7 @@ const headerRoom = 128
 // 128 bytes.
 func (e *tunLink) readLoop() {
 	defer e.reader.Done()
-	var vnet [tun.VirtioNetHdrLen]byte
+	var vnet [virtio.NetHdrLen]byte
 	var head, body *buffer.View
 	defer func() {
 		for _, v := range []*buffer.View{head, body} {
@@ -173,11 +173,11 @@ func (e *tunLink) readLoop() {
 			e.log.Error("netstack: TUN read failed; link down", "err", err)
 			return
 		}
-		size := n - tun.VirtioNetHdrLen
+		size := n - virtio.NetHdrLen
 		if size <= 0 || size > math.MaxUint16 { // an IPv4 packet's largest
 			continue
 		}
-		var h tun.VirtioNetHdr
+		var h virtio.NetHdr
 		h.Decode(vnet[:])
 		hb, bb := iovs[1][:min(size, headerRoom)], iovs[2][:max(size-headerRoom, 0)]
 		if !deliverable(&h, hb, bb) {
@@ -229,23 +229,23 @@ func (e *tunLink) readLoop() {
 // merge it: the IP header's length covers all of it and gVisor's TCP takes
 // segments larger than the MSS. Only IPv4 is delivered: the stack speaks
 // nothing else.
-func deliverable(h *tun.VirtioNetHdr, head, body []byte) bool {
+func deliverable(h *virtio.NetHdr, head, body []byte) bool {
 	if len(head) < header.IPv4MinimumSize || header.IPVersion(head) != header.IPv4Version {
 		return false
 	}
-	switch h.GSOType &^ tun.VirtioNetHdrGSOECN {
-	case tun.VirtioNetHdrGSONone, tun.VirtioNetHdrGSOTCPv4:
+	switch h.GSOType &^ virtio.GSOECN {
+	case virtio.GSONone, virtio.GSOTCPv4:
 	default:
 		return false // UDP segmentation: the stack has no UDP
 	}
 	proto := header.IPv4(head).TransportProtocol()
 	switch {
-	case h.Flags&tun.VirtioNetHdrFNeedsCsum != 0:
+	case h.Flags&virtio.FlagNeedsCsum != 0:
 		if proto == header.TCPProtocolNumber || proto == header.UDPProtocolNumber {
 			return true
 		}
 		return completeChecksum(int(h.CsumStart), int(h.CsumOffset), head, body)
-	case h.Flags&tun.VirtioNetHdrFDataValid != 0:
+	case h.Flags&virtio.FlagDataValid != 0:
 		return true
 	}
 	return checksumsValid(head, body)

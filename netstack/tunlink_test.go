@@ -10,7 +10,7 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/checksum"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
-	"github.com/tcpproxy/tcpproxy/tun"
+	"github.com/tcpproxy/tcpproxy/internal/virtio"
 )
 
 // Where the UDP and ICMP checksums are in their headers.
@@ -71,14 +71,14 @@ func split(p []byte) (head, body []byte) {
 }
 
 func TestDeliverableVerifiesWhatTheKernelDidNot(t *testing.T) {
-	none := tun.VirtioNetHdr{}
-	partial := tun.VirtioNetHdr{Flags: tun.VirtioNetHdrFNeedsCsum, CsumStart: header.IPv4MinimumSize, CsumOffset: header.TCPChecksumOffset}
-	valid := tun.VirtioNetHdr{Flags: tun.VirtioNetHdrFDataValid}
+	none := virtio.NetHdr{}
+	partial := virtio.NetHdr{Flags: virtio.FlagNeedsCsum, CsumStart: header.IPv4MinimumSize, CsumOffset: header.TCPChecksumOffset}
+	valid := virtio.NetHdr{Flags: virtio.FlagDataValid}
 	corruptPayload := func(p []byte) { p[len(p)-1] ^= 0x40 }
 	corruptIPHeader := func(p []byte) { p[8]-- } // TTL
 	for _, c := range []struct {
 		name    string
-		h       tun.VirtioNetHdr
+		h       virtio.NetHdr
 		proto   tcpip.TransportProtocolNumber
 		payload int
 		corrupt func([]byte)
@@ -95,8 +95,8 @@ func TestDeliverableVerifiesWhatTheKernelDidNot(t *testing.T) {
 		// as a corrupt packet's, and not to be verified.
 		{"needs checksum, partial", partial, header.TCPProtocolNumber, 60001, corruptPayload, true},
 		{"data valid", valid, header.TCPProtocolNumber, 1000, corruptPayload, true},
-		{"UDP segmentation", tun.VirtioNetHdr{Flags: partial.Flags, GSOType: tun.VirtioNetHdrGSOUDPL4}, header.UDPProtocolNumber, 3000, nil, false},
-		{"TSO burst", tun.VirtioNetHdr{Flags: partial.Flags, GSOType: tun.VirtioNetHdrGSOTCPv4, GSOSize: 1448}, header.TCPProtocolNumber, 60000, corruptPayload, true},
+		{"UDP segmentation", virtio.NetHdr{Flags: partial.Flags, GSOType: virtio.GSOUDPL4}, header.UDPProtocolNumber, 3000, nil, false},
+		{"TSO burst", virtio.NetHdr{Flags: partial.Flags, GSOType: virtio.GSOTCPv4, GSOSize: 1448}, header.TCPProtocolNumber, 60000, corruptPayload, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			hdrLen := header.TCPMinimumSize
@@ -128,7 +128,7 @@ func TestDeliverableCompletesChecksumsTheStackVerifies(t *testing.T) {
 		p := append([]byte(nil), want...)
 		at := header.IPv4MinimumSize + icmpChecksumOffset
 		p[at], p[at+1] = 0, 0
-		h := tun.VirtioNetHdr{Flags: tun.VirtioNetHdrFNeedsCsum, CsumStart: header.IPv4MinimumSize, CsumOffset: icmpChecksumOffset}
+		h := virtio.NetHdr{Flags: virtio.FlagNeedsCsum, CsumStart: header.IPv4MinimumSize, CsumOffset: icmpChecksumOffset}
 		head, body := split(p)
 		require.True(t, deliverable(&h, head, body))
 		assert.Equal(t, want, p, "payload %d", payload)

@@ -9,16 +9,18 @@ import (
 	"slices"
 	"strings"
 	"sync"
+
+	"github.com/tcpproxy/tcpproxy/internal/defaults"
 )
 
 // Default address ranges, as in the original @kumori/tcp-proxy.
 var (
 	// DefaultInstanceRange holds one address per instance id:
 	// 127.0.0.2 – 127.0.255.254.
-	DefaultInstanceRange = netip.MustParsePrefix("127.0.0.0/16")
+	DefaultInstanceRange = defaults.InstanceRange
 	// DefaultRequestRange holds the instance-local request addresses, one
 	// per request channel: 127.1.0.1 – 127.1.255.254.
-	DefaultRequestRange = netip.MustParsePrefix("127.1.0.0/16")
+	DefaultRequestRange = defaults.RequestRange
 	loopbackNet         = netip.MustParsePrefix("127.0.0.0/8")
 )
 

@@ -121,7 +121,8 @@ type Config struct {
 	// one, when it differs from the address the mesh listens on (a
 	// wildcard listen address, NAT). Self reports it.
 	Advertise string
-	// DialTimeout bounds connecting to the legacy server (default 5s).
+	// DialTimeout bounds connecting to the legacy server (default 5s,
+	// channels.DefaultDialTimeout).
 	DialTimeout time.Duration
 	// Logger receives the proxy's logs (default slog.Default()).
 	Logger *slog.Logger

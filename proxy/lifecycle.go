@@ -11,9 +11,9 @@ import (
 	"time"
 )
 
-// conn is one proxied connection, tracked so that Shutdown can drain it
+// proxiedConn is one proxied connection, tracked so that Shutdown can drain it
 // and, past its deadline, reset it.
-type conn struct {
+type proxiedConn struct {
 	p  *Proxy
 	cs *channelState
 
@@ -22,9 +22,9 @@ type conn struct {
 	stream net.Conn
 	killed bool
 
-	// spliced is set by run, in the goroutine track started, when the
-	// splice goroutine took over finishing the conn.
-	spliced bool
+	// relaying is set by run, in the goroutine track started, when the
+	// relay goroutine took over finishing the conn.
+	relaying bool
 
 	// bytes counts the connection's traffic both ways; the idle timer
 	// compares it with lastBytes each time it fires.
@@ -36,7 +36,7 @@ type conn struct {
 // track runs f in a new goroutine owned by the proxy, with a conn that
 // Shutdown can abort. Once Shutdown has begun, or when the channel is at
 // its connection limit, it runs refuse instead, in the caller's goroutine.
-func (p *Proxy) track(cs *channelState, f func(*conn), refuse func()) {
+func (p *Proxy) track(cs *channelState, f func(*proxiedConn), refuse func()) {
 	if n := cs.stats.active.Add(1); n > cs.cfg.maxConnections() {
 		cs.stats.active.Add(-1)
 		cs.stats.refused.Add(1)
@@ -44,7 +44,7 @@ func (p *Proxy) track(cs *channelState, f func(*conn), refuse func()) {
 		refuse()
 		return
 	}
-	k := &conn{p: p, cs: cs}
+	pc := &proxiedConn{p: p, cs: cs}
 	p.mu.Lock()
 	if p.state != stateRunning {
 		p.mu.Unlock()
@@ -52,65 +52,65 @@ func (p *Proxy) track(cs *channelState, f func(*conn), refuse func()) {
 		refuse()
 		return
 	}
-	p.conns[k] = struct{}{}
+	p.conns[pc] = struct{}{}
 	p.connWG.Add(1)
 	p.mu.Unlock()
 	cs.stats.total.Add(1)
 	go func() {
 		defer func() {
-			if !k.spliced {
-				k.finish()
+			if !pc.relaying {
+				pc.finish()
 			}
 		}()
-		f(k)
+		f(pc)
 	}()
 }
 
 // finish releases a tracked conn once it is over.
-func (k *conn) finish() {
-	k.cs.stats.active.Add(-1)
-	k.p.mu.Lock()
-	delete(k.p.conns, k)
-	k.p.mu.Unlock()
-	k.p.connWG.Done()
+func (pc *proxiedConn) finish() {
+	pc.cs.stats.active.Add(-1)
+	pc.p.mu.Lock()
+	delete(pc.p.conns, pc)
+	pc.p.mu.Unlock()
+	pc.p.connWG.Done()
 }
 
-// run splices legacy and stream unless the conn was killed meanwhile. The
-// splice runs in a new goroutine, which finishes the conn, and the caller's
+// run relays legacy and stream unless the conn was killed meanwhile. The
+// relay runs in a new goroutine, which finishes the conn, and the caller's
 // goroutine ends: its stack grew while dialing or opening the stream, and a
 // fresh one is half the size for the connection's life (see
 // BenchmarkRequestReplyIdle).
-func (k *conn) run(legacy halfConn, stream halfConn) {
-	k.mu.Lock()
-	if k.killed {
-		k.mu.Unlock()
+func (pc *proxiedConn) run(legacy halfConn, stream halfConn) {
+	pc.mu.Lock()
+	if pc.killed {
+		pc.mu.Unlock()
 		abort(legacy)
 		abort(stream)
 		return
 	}
-	k.legacy, k.stream = legacy, stream
-	k.mu.Unlock()
-	k.spliced = true
-	if d := k.cs.cfg.IdleTimeout; d > 0 {
+	pc.legacy, pc.stream = legacy, stream
+	pc.mu.Unlock()
+	pc.relaying = true
+	if d := pc.cs.cfg.IdleTimeout; d > 0 {
 		// A timer, not a goroutine, per connection: it costs little while
 		// thousands of connections sit idle.
-		k.mu.Lock()
-		k.idle = time.AfterFunc(d, k.checkIdle)
-		k.mu.Unlock()
+		pc.mu.Lock()
+		pc.idle = time.AfterFunc(d, pc.checkIdle)
+		pc.mu.Unlock()
 	}
 	go func() {
-		defer k.finish()
-		defer k.stopIdle()
-		r := splice(legacy, stream, spliceStats{&k.cs.stats.bytesOut, &k.cs.stats.bytesIn, &k.bytes})
+		defer pc.finish()
+		defer pc.stopIdle()
+		r := relay(legacy, stream, relayStats{&pc.cs.stats.bytesOut, &pc.cs.stats.bytesIn, &pc.bytes})
 		if r.err() != nil {
-			k.cs.stats.reset.Add(1)
+			pc.cs.stats.reset.Add(1)
 		}
 		// Both directions, each with the first thing that ended it: which
 		// side stopped first is what tells a truncation from a reset.
-		if !k.p.log.Enabled(context.Background(), slog.LevelDebug) {
+		if !pc.p.log.Enabled(context.Background(), slog.LevelDebug) {
 			return
 		}
-		k.p.log.Debug("connection ended", "channel", k.cs.name,
+		pc.p.log.Debug("connection ended", "channel", pc.cs.name,
 			"legacy_local", legacy.LocalAddr(), "legacy_remote", legacy.RemoteAddr(),
 			"up_bytes", r.up.n, "up", r.up.outcome(), "down_bytes", r.down.n, "down", r.down.outcome())
 	}()
@@ -118,40 +118,40 @@ func (k *conn) run(legacy halfConn, stream halfConn) {
 
 // checkIdle runs when the idle timer fires: a connection that moved no
 // byte since the last check is reset, any other is checked again later.
-func (k *conn) checkIdle() {
-	k.mu.Lock()
-	if k.idle == nil {
-		k.mu.Unlock()
+func (pc *proxiedConn) checkIdle() {
+	pc.mu.Lock()
+	if pc.idle == nil {
+		pc.mu.Unlock()
 		return // the splice ended
 	}
-	now := k.bytes.Load()
-	if now != k.lastBytes {
-		k.lastBytes = now
-		k.idle.Reset(k.cs.cfg.IdleTimeout)
-		k.mu.Unlock()
+	now := pc.bytes.Load()
+	if now != pc.lastBytes {
+		pc.lastBytes = now
+		pc.idle.Reset(pc.cs.cfg.IdleTimeout)
+		pc.mu.Unlock()
 		return
 	}
-	k.mu.Unlock()
-	k.cs.stats.idle.Add(1)
-	k.p.log.Info("connection idle; resetting", "channel", k.cs.name, "idleTimeout", k.cs.cfg.IdleTimeout)
-	k.kill()
+	pc.mu.Unlock()
+	pc.cs.stats.idle.Add(1)
+	pc.p.log.Info("connection idle; resetting", "channel", pc.cs.name, "idleTimeout", pc.cs.cfg.IdleTimeout)
+	pc.kill()
 }
 
-func (k *conn) stopIdle() {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.idle != nil {
-		k.idle.Stop()
-		k.idle = nil
+func (pc *proxiedConn) stopIdle() {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if pc.idle != nil {
+		pc.idle.Stop()
+		pc.idle = nil
 	}
 }
 
 // kill resets the connection in both directions.
-func (k *conn) kill() {
-	k.mu.Lock()
-	k.killed = true
-	l, s := k.legacy, k.stream
-	k.mu.Unlock()
+func (pc *proxiedConn) kill() {
+	pc.mu.Lock()
+	pc.killed = true
+	l, s := pc.legacy, pc.stream
+	pc.mu.Unlock()
 	if l != nil {
 		abort(l)
 		abort(s)
@@ -213,8 +213,8 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	case <-ctx.Done():
 		p.mu.Lock()
 		n := len(p.conns)
-		for k := range p.conns {
-			k.kill()
+		for pc := range p.conns {
+			pc.kill()
 		}
 		p.mu.Unlock()
 		err = fmt.Errorf("shutdown: reset %d connections still open: %w", n, ctx.Err())

@@ -64,6 +64,8 @@ import (
 	"time"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+
+	"github.com/tcpproxy/tcpproxy/internal/defaults"
 )
 
 // Proxy is one instance's proxy. Create it with New.
@@ -88,7 +90,7 @@ type Proxy struct {
 
 	mu       sync.Mutex
 	state    int // stateNew, stateRunning, stateClosing, stateClosed
-	conns    map[*conn]struct{}
+	conns    map[*proxiedConn]struct{}
 	connWG   sync.WaitGroup
 	shutdown chan struct{} // closed when Shutdown has finished
 }
@@ -136,7 +138,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 	}
 	cfg.Addressing = cfg.Addressing.WithDefaults()
 	if cfg.DialTimeout <= 0 {
-		cfg.DialTimeout = 5 * time.Second
+		cfg.DialTimeout = defaults.DialTimeout
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -145,7 +147,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 		cfg:      cfg,
 		log:      cfg.Logger.With("iid", cfg.IID),
 		alloc:    NewInstanceAllocator(cfg.Addressing.InstanceRange),
-		conns:    make(map[*conn]struct{}),
+		conns:    make(map[*proxiedConn]struct{}),
 		shutdown: make(chan struct{}),
 	}
 	if p.bindIP, err = p.alloc.Add(cfg.IID); err != nil {
@@ -450,13 +452,13 @@ func (p *Proxy) serveListener(cs *channelState, ln net.Listener, open opener) {
 				_ = c.Close()
 				continue
 			}
-			p.track(cs, func(k *conn) { p.forwardOutgoing(cs, k, hc, open) }, func() { abort(hc) })
+			p.track(cs, func(pc *proxiedConn) { p.forwardOutgoing(cs, pc, hc, open) }, func() { abort(hc) })
 		}
 	})
 }
 
 // forwardOutgoing carries a connection from the legacy client to a stream.
-func (p *Proxy) forwardOutgoing(cs *channelState, k *conn, legacy halfConn, open opener) {
+func (p *Proxy) forwardOutgoing(cs *channelState, pc *proxiedConn, legacy halfConn, open opener) {
 	armReset(legacy)
 	local, remote := addrPort(legacy.LocalAddr()), addrPort(legacy.RemoteAddr())
 	h := channels.Header{
@@ -478,7 +480,7 @@ func (p *Proxy) forwardOutgoing(cs *channelState, k *conn, legacy halfConn, open
 		return
 	}
 	p.log.Debug("connection", "channel", cs.name, "from", remote, "to", peer)
-	k.run(legacy, stream)
+	pc.run(legacy, stream)
 }
 
 // acceptStreams takes streams from the mesh until the proxy stops and
@@ -494,13 +496,13 @@ func (p *Proxy) acceptStreams(cs *channelState, accept func(context.Context) (ch
 			p.emit(Error{Channel: cs.name, Err: fmt.Errorf("accept stream: %w", err)})
 			return
 		}
-		p.track(cs, func(k *conn) { p.forwardIncoming(cs, k, in, dst) }, func() { _ = in.Stream.Reset() })
+		p.track(cs, func(pc *proxiedConn) { p.forwardIncoming(cs, pc, in, dst) }, func() { _ = in.Stream.Reset() })
 	}
 }
 
 // forwardIncoming carries a stream from a peer to the legacy server,
 // connecting from the caller's instance IP so the server sees who calls.
-func (p *Proxy) forwardIncoming(cs *channelState, k *conn, in channels.Incoming, dst netip.AddrPort) {
+func (p *Proxy) forwardIncoming(cs *channelState, pc *proxiedConn, in channels.Incoming, dst netip.AddrPort) {
 	if cs.cfg.Kind == KindDuplex && !cs.cfg.binds() {
 		cs.stats.failed.Add(1)
 		p.log.Warn("stream to a connect-only duplex channel; resetting", "channel", cs.name, "caller", in.Header.SourceIID)
@@ -533,7 +535,7 @@ func (p *Proxy) forwardIncoming(cs *channelState, k *conn, in channels.Incoming,
 	}
 	armReset(hc)
 	p.log.Debug("connection", "channel", cs.name, "caller", in.Header.SourceIID, "from", src, "to", dst)
-	k.run(hc, in.Stream)
+	pc.run(hc, in.Stream)
 }
 
 // addrPort returns a's address and port, without formatting and parsing a

@@ -5,6 +5,8 @@ import (
 	"hash/fnv"
 	"log/slog"
 	"net/netip"
+
+	"github.com/tcpproxy/tcpproxy/internal/defaults"
 )
 
 const (
@@ -12,7 +14,7 @@ const (
 	DefaultName = "tcpproxy0"
 	// DefaultMTU is the device MTU when Config.MTU is 0: large packets
 	// cut the per-packet cost of the userspace stack.
-	DefaultMTU = 65000
+	DefaultMTU = defaults.MTU
 	// RulePriority is the priority of the "to <prefix> lookup <table>"
 	// rules.
 	RulePriority = 50
@@ -41,11 +43,8 @@ func Table(name string) int {
 
 // Defaults of Config.
 var (
-	DefaultPrefixes = []netip.Prefix{
-		netip.MustParsePrefix("127.0.0.0/16"), // instance IPs
-		netip.MustParsePrefix("127.1.0.0/16"), // request IPs
-	}
-	DefaultSource = netip.MustParseAddr("127.0.0.1")
+	DefaultPrefixes = []netip.Prefix{defaults.InstanceRange, defaults.RequestRange}
+	DefaultSource   = defaults.HostAddr
 )
 
 // Config describes the device and its routing. The zero value selects every

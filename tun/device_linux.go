@@ -165,11 +165,11 @@ func (d *Device) Write(bufs [][]byte, offset int) (int, error) {
 }
 
 // ReadFrame reads one frame from the device, scattered over bufs as by
-// readv(2), and returns its length: a VirtioNetHdr (VirtioNetHdrLen bytes)
+// readv(2), and returns its length: a virtio.NetHdr (virtio.NetHdrLen bytes)
 // followed by one IP packet, as the kernel handed it over. With the
 // offloads the device has (TUN_F_CSUM, TSO, USO), a packet the host sent
 // over TCP or UDP usually carries a partial checksum
-// (VirtioNetHdrFNeedsCsum), and a TSO burst arrives whole, up to 64 KiB,
+// (virtio.FlagNeedsCsum), and a TSO burst arrives whole, up to 64 KiB,
 // with GSOType and GSOSize set; bufs should hold 64 KiB plus the header.
 // Unlike Read it neither completes checksums nor splits bursts. Do not mix
 // it with Read. After Close it returns an error matching os.ErrClosed.
@@ -188,7 +188,7 @@ func (d *Device) ReadFrame(bufs [][]byte) (int, error) {
 }
 
 // WriteFrame writes one frame, gathered from bufs as by writev(2): a
-// VirtioNetHdr followed by one IP packet. With VirtioNetHdrFNeedsCsum, the
+// virtio.NetHdr followed by one IP packet. With virtio.FlagNeedsCsum, the
 // kernel takes the transport checksum as partial and does not verify it;
 // with a GSOType the packet may be as large as 64 KiB whatever the MTU.
 // Safe for concurrent use. After Close it returns an error matching

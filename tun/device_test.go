@@ -16,6 +16,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/tcpproxy/tcpproxy/internal/virtio"
 	"github.com/tcpproxy/tcpproxy/tun"
 	"github.com/tcpproxy/tcpproxy/tun/tuntest"
 )
@@ -268,25 +269,25 @@ func TestFramesCarryOffloads(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	dialed := dialSynthetic(ctx, ns)
-	vnet := make([]byte, tun.VirtioNetHdrLen)
+	vnet := make([]byte, virtio.NetHdrLen)
 	pkt := make([]byte, 65536)
 	for {
 		n, err := dev.ReadFrame([][]byte{vnet, pkt})
 		require.NoError(t, err)
-		p := pkt[:n-tun.VirtioNetHdrLen]
+		p := pkt[:n-virtio.NetHdrLen]
 		if len(p) < 40 || p[0]>>4 != 4 || p[9] != unix.IPPROTO_TCP {
 			continue
 		}
-		var h tun.VirtioNetHdr
+		var h virtio.NetHdr
 		h.Decode(vnet)
-		assert.Equal(t, tun.VirtioNetHdr{
-			Flags:      tun.VirtioNetHdrFNeedsCsum,
+		assert.Equal(t, virtio.NetHdr{
+			Flags:      virtio.FlagNeedsCsum,
 			HdrLen:     h.HdrLen, // the kernel's business
 			CsumStart:  uint16(p[0]&0xf) * 4,
 			CsumOffset: 16,
 		}, h)
-		var again tun.VirtioNetHdr
-		b := make([]byte, tun.VirtioNetHdrLen)
+		var again virtio.NetHdr
+		b := make([]byte, virtio.NetHdrLen)
 		h.Encode(b)
 		again.Decode(b)
 		assert.Equal(t, h, again)
@@ -307,7 +308,7 @@ func TestFramesCarryOffloads(t *testing.T) {
 	}()
 	require.NoError(t, dev.Close())
 	require.ErrorIs(t, <-read, os.ErrClosed)
-	require.ErrorIs(t, dev.WriteFrame([][]byte{make([]byte, tun.VirtioNetHdrLen)}), os.ErrClosed)
+	require.ErrorIs(t, dev.WriteFrame([][]byte{make([]byte, virtio.NetHdrLen)}), os.ErrClosed)
 }
 
 // dialSynthetic dials syntheticIP:80 from ns in the background, until ctx

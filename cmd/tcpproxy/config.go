@@ -44,6 +44,9 @@ type fileConfig struct {
 	// Admin, when set, is 127.0.0.1:port, where net/http/pprof
 	// (/debug/pprof/) and a goroutine count (/debug/vars) are served.
 	Admin string `yaml:"admin"`
+	// Metrics, when set, is an ip:port on any address (e.g. 0.0.0.0:9100)
+	// where Prometheus metrics, and nothing else, are served for scraping.
+	Metrics string `yaml:"metrics"`
 }
 
 type addressingConfig struct {
@@ -265,6 +268,9 @@ func (c *fileConfig) validate() error {
 		errs = append(errs, err)
 	}
 	if err := validateAdmin(c.Admin); err != nil {
+		errs = append(errs, err)
+	}
+	if err := validateMetrics(c.Metrics, c.Admin, c.Listen); err != nil {
 		errs = append(errs, err)
 	}
 	if err := c.Members.validate(); err != nil {

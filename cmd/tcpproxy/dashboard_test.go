@@ -145,7 +145,8 @@ func scrape(addr string, into map[string]map[string]bool) error {
 
 // TestDashboardMetricsExported: every metric the Grafana dashboard queries,
 // with the labels it selects and groups by, is exported by a running
-// two-instance mesh that carried traffic and failed a dial. Renaming a
+// two-instance mesh (mutual TLS, so the certificate metrics are there)
+// that carried traffic and failed a dial. Renaming a
 // metric or a label breaks this test rather than the dashboard.
 func TestDashboardMetricsExported(t *testing.T) {
 	queries := dashboardQueries(t, dashboardFile)
@@ -172,11 +173,58 @@ func TestDashboardMetricsExported(t *testing.T) {
 		"tcpproxy_sessions", "tcpproxy_peer_sessions", "tcpproxy_peer_rtt_seconds", "tcpproxy_mesh_members",
 		"tcpproxy_connections_active", "tcpproxy_connections_failed_total", "tcpproxy_connections_refused_total",
 		"tcpproxy_bytes_total", "tcpproxy_handshake_seconds_bucket", "tcpproxy_handshake_seconds_count",
+		"tcpproxy_handshake_refused_total", "tcpproxy_stream_refused_total", "tcpproxy_transport_insecure",
+		"tcpproxy_certificate_expiry_timestamp_seconds", "tcpproxy_certificate_reloads_total",
 	} {
 		assert.Contains(t, all, name)
 	}
+	// Certificate expiry shows as time left, coloured by thresholds.
+	assert.Regexp(t, `tcpproxy_certificate_expiry_timestamp_seconds[^\n]*\) - time\(\)`, all)
 	m.cli.stop(t)
 	m.srv.stop(t)
+}
+
+// TestDashboardExpiryThresholds: the certificate expiry panel shows time
+// left in seconds, red under 3 days and green beyond 7.
+func TestDashboardExpiryThresholds(t *testing.T) {
+	data, err := os.ReadFile(dashboardFile)
+	require.NoError(t, err)
+	var dash struct {
+		Panels []struct {
+			Title       string
+			FieldConfig struct {
+				Defaults struct {
+					Unit       string
+					Thresholds struct {
+						Steps []struct {
+							Color string
+							Value *float64
+						}
+					}
+				}
+			}
+			Targets []struct{ Expr string }
+		}
+	}
+	require.NoError(t, json.Unmarshal(data, &dash))
+	found := false
+	for _, p := range dash.Panels {
+		if len(p.Targets) == 0 || !strings.Contains(p.Targets[0].Expr, "tcpproxy_certificate_expiry_timestamp_seconds") {
+			continue
+		}
+		found = true
+		d := p.FieldConfig.Defaults
+		assert.Equal(t, "dtdurations", d.Unit, "panel %q", p.Title)
+		steps := d.Thresholds.Steps
+		require.Len(t, steps, 3, "panel %q", p.Title)
+		assert.Equal(t, "red", steps[0].Color)
+		require.NotNil(t, steps[1].Value)
+		require.NotNil(t, steps[2].Value)
+		assert.Equal(t, 3*86400.0, *steps[1].Value)
+		assert.Equal(t, "green", steps[2].Color)
+		assert.Equal(t, 7*86400.0, *steps[2].Value)
+	}
+	assert.True(t, found, "no panel shows the certificate expiry")
 }
 
 // TestCheckQueries: the checker catches a renamed metric, a label that

@@ -54,12 +54,29 @@ func tcpproxyBinary(t *testing.T) string {
 	return binPath
 }
 
+// freePort returns a port of 127.0.0.1 that nobody listens on and that no
+// earlier call returned: the kernel may hand out a port again once its
+// probe listener is closed, and a test that asks for an admin port and a
+// listen port must get two.
 func freePort(t *testing.T) int {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for {
+		ln, err := net.Listen("tcp4", "127.0.0.1:0")
+		require.NoError(t, err)
+		port := ln.Addr().(*net.TCPAddr).Port
+		ln.Close()
+		if !portsGiven[port] {
+			portsGiven[port] = true
+			return port
+		}
+	}
 }
+
+var (
+	portsMu    sync.Mutex
+	portsGiven = make(map[int]bool)
+)
 
 // proc is a running tcpproxy process.
 type proc struct {

@@ -145,6 +145,13 @@ func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *sl
 		}
 		defer stopAdmin()
 	}
+	if cfg.Metrics != "" {
+		_, stopMetrics, err := startMetrics(cfg.Metrics, log, obs)
+		if err != nil {
+			return err
+		}
+		defer stopMetrics()
+	}
 	in, err := startInstance(ctx, cfg, network, log, obs)
 	log = log.With("iid", cfg.IID)
 	if err != nil {

@@ -1,24 +1,33 @@
-// Command bench measures tcpproxy against direct TCP, a socat relay and
-// haproxy in TCP mode, side by side on this machine, and writes a markdown
-// table to bench/results.md:
+// Command bench measures tcpproxy against direct TCP, plain relays (the
+// floors), haproxy, stunnel and socat, side by side on this machine, and
+// writes bench/results.md, a chart of the cross-host results
+// (bench/results.svg) and a short summary for the README
+// (bench/summary.md):
 //
-//	go run ./scripts/bench            # full run, about 6 minutes on 2 CPUs
+//	go run ./scripts/bench            # full run, about 10 minutes on 2 CPUs
+//	go run ./scripts/bench -quick     # a short development run, cross-host only
 //	go run ./scripts/bench -h         # sizes, counts, repetitions, paths
 //
-// It installs socat and haproxy with apt-get when they are missing and it
-// runs as root, builds cmd/tcpproxy, and drives every path with its own Go
-// load generator against its own echo and sink servers (a child process).
-// Paths: direct TCP, socat, haproxy, one plain Go relay (relay1, the floor
-// of any user-space proxy), two in a chain (relay2, the floor of two-proxy
-// designs over TCP), one gVisor relay on a TUN device (tunrelay, the floor
-// of a proxy on one), two `tcpproxy run` processes
-// request→reply (with sessions over the same-host Unix socket, and over
-// TCP) and duplex on the loopback network, and the client side on
-// the netstack networks: memory (a proxy in the bench process) and tun (in
-// a network namespace made for each repetition and deleted after it; root
-// only). Only 127.0.0.0/8 is used; every load loop is bounded in count and
-// time; every child process is killed and every namespace deleted at the
-// end, also on error or Ctrl-C.
+// The cross-host paths (x-*) are the deployment topology: two network
+// namespaces joined by a veth pair, the load generator and the client-side
+// proxy on one, the server-side proxy and the bench's servers on the
+// other: direct TCP, two relays (splicing: the floor; copying; and with
+// mutual TLS), an haproxy pair (plain and with mutual TLS), a stunnel pair,
+// a gVisor relay on a TUN (the TUN floor), and tcpproxy with plaintext
+// sessions, mutual TLS, the client on network: tun, and tun on both hosts.
+// Every repetition also measures what sealing and opening a GiB costs with
+// the cipher suite tcpproxy's TLS negotiates. The same-host paths follow:
+// direct TCP, socat, haproxy, one and two plain Go relays, a gVisor relay
+// on a TUN, and tcpproxy request→reply (same-host socket, and TCP), duplex,
+// and the memory and tun networks.
+//
+// It installs socat, haproxy and stunnel4 with apt-get when they are
+// missing and it runs as root, builds cmd/tcpproxy, and drives every path
+// with its own Go load generator against its own echo and sink servers (a
+// child process). Only 127.0.0.0/8 and addresses inside the namespaces it
+// makes are used; every load loop is bounded in count and time; every
+// child process is killed and every namespace deleted at the end, also on
+// error or Ctrl-C, and a later run deletes what a killed one left.
 package main
 
 import (
@@ -31,6 +40,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -47,6 +57,7 @@ type options struct {
 	connWorkers int
 	idle        int
 	reps        int
+	sameReps    int
 	timeout     time.Duration
 	paths       string
 	out         string
@@ -54,6 +65,8 @@ type options struct {
 	binary      string
 	tests       string
 	pprofDir    string
+	quick       bool
+	svg, sum    string
 }
 
 // runs reports whether test is among -tests.
@@ -82,22 +95,48 @@ func main() {
 	var o options
 	flag.IntVar(&o.sizeMiB, "size", 256, "bulk: MiB sent on each connection")
 	flag.IntVar(&o.parallel, "parallel", 8, "bulk: connections of the parallel run")
-	flag.IntVar(&o.requests, "requests", 10000, "latency: requests of the single client")
+	flag.IntVar(&o.requests, "requests", 5000, "latency: requests of the single client")
 	flag.IntVar(&o.clients, "clients", 64, "latency: concurrent clients of the loaded run")
-	flag.IntVar(&o.requestsPer, "requests-per-client", 1000, "latency: requests per client of the loaded run")
+	flag.IntVar(&o.requestsPer, "requests-per-client", 500, "latency: requests per client of the loaded run")
 	flag.IntVar(&o.msgSize, "msg", 64, "latency and connections: request and reply size in bytes")
-	flag.IntVar(&o.conns, "conns", 10000, "connection rate: connections made (connect, one request, close)")
+	flag.IntVar(&o.conns, "conns", 5000, "connection rate: connections made (connect, one request, close)")
 	flag.IntVar(&o.connWorkers, "conn-workers", 16, "connection rate: concurrent connecting clients")
-	flag.IntVar(&o.idle, "idle", 10000, "memory: idle proxied connections held open")
-	flag.IntVar(&o.reps, "reps", 3, "repetitions; every figure is the median")
+	flag.IntVar(&o.idle, "idle", 10000, "memory: idle proxied connections held open (same-host tcpproxy paths)")
+	flag.IntVar(&o.reps, "reps", 3, "repetitions of the cross-host paths; every figure is the median")
+	flag.IntVar(&o.sameReps, "same-reps", 1, "repetitions of the same-host paths (the cross-host ones lead; this keeps the whole run near 10 minutes)")
 	flag.DurationVar(&o.timeout, "timeout", 60*time.Second, "bound on each single measurement")
-	flag.StringVar(&o.paths, "paths", "direct,socat,haproxy,relay1,relay2,tcpproxy,tcpproxy-tcp,duplex,memory,tun,tunrelay", "paths to measure (comma-separated; relay1 is one plain Go relay, the floor of any user-space proxy; relay2 is two in a chain, the floor of a two-proxy design whose proxies talk TCP; tcpproxy-tcp is tcpproxy with sessions over TCP instead of the same-host Unix socket; tunrelay is one gVisor relay on a TUN device, the floor of a proxy on one)")
+	flag.StringVar(&o.paths, "paths", strings.Join(append(slices.Clone(crossPaths), samePaths...), ","), "paths to measure (comma-separated); x-* span two hosts (network namespaces joined by veth), the others one: "+pathHelp)
 	flag.StringVar(&o.out, "out", "bench/results.md", "results file, relative to the module root")
-	flag.BoolVar(&o.install, "install", true, "apt-get install socat and haproxy when missing (root only)")
+	flag.StringVar(&o.svg, "svg", "bench/results.svg", "chart of the cross-host results, relative to the module root (empty: none)")
+	flag.StringVar(&o.sum, "summary", "bench/summary.md", "short summary of the cross-host results, relative to the module root (empty: none)")
+	flag.BoolVar(&o.install, "install", true, "apt-get install socat, haproxy, stunnel4 when missing (root only)")
 	flag.StringVar(&o.tests, "tests", "memory,bulk,latency,connect", "measurements to run (comma-separated)")
 	flag.StringVar(&o.pprofDir, "pprof", "", "save CPU profiles of the tcpproxy processes, one per measurement of the first repetition, in this directory")
 	flag.StringVar(&o.binary, "binary", "", "use this tcpproxy binary instead of building ./cmd/tcpproxy (to compare builds)")
+	flag.BoolVar(&o.quick, "quick", false, "a short run for development: the cross-host paths only (unless -paths), one repetition, smaller counts (flags given explicitly win); writes nothing unless -out is given")
 	flag.Parse()
+	if o.quick {
+		set := map[string]bool{}
+		flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		quick := map[string]func(){
+			"paths":               func() { o.paths = strings.Join(crossPaths, ",") },
+			"reps":                func() { o.reps = 1 },
+			"same-reps":           func() { o.sameReps = 1 },
+			"size":                func() { o.sizeMiB = 128 },
+			"requests":            func() { o.requests = 2000 },
+			"requests-per-client": func() { o.requestsPer = 200 },
+			"conns":               func() { o.conns = 2000 },
+			"idle":                func() { o.idle = 2000 },
+			"out":                 func() { o.out = "" },
+			"svg":                 func() { o.svg = "" },
+			"summary":             func() { o.sum = "" },
+		}
+		for name, f := range quick {
+			if !set[name] {
+				f()
+			}
+		}
+	}
 	log.SetFlags(log.Ltime)
 	log.SetPrefix("bench: ")
 
@@ -119,7 +158,7 @@ func main() {
 }
 
 func run(ctx context.Context, o options, kids *children) error {
-	if o.reps < 1 || o.parallel < 1 || o.clients < 1 || o.requests < 1 || o.requestsPer < 1 ||
+	if o.reps < 1 || o.sameReps < 1 || o.parallel < 1 || o.clients < 1 || o.requests < 1 || o.requestsPer < 1 ||
 		o.msgSize < 1 || o.conns < 1 || o.connWorkers < 1 || o.idle < 0 || o.sizeMiB < 1 {
 		return errors.New("every count and size must be positive (-idle may be 0 to skip memory)")
 	}
@@ -158,42 +197,57 @@ func run(ctx context.Context, o options, kids *children) error {
 	}
 	e := &env{dir: dir, binary: bin, srv: srv, kids: kids, timeout: o.timeout, fileLimit: fileLimit}
 
-	all := map[string]func(*env) *path{
-		"direct": directPath, "socat": socatPath, "haproxy": haproxyPath, "relay1": relayPath, "relay2": relayChainPath, "tunrelay": tunRelayPath,
-		"tcpproxy": tcpproxyPath, "tcpproxy-tcp": tcpproxyTCPPath, "duplex": duplexPath, "memory": memoryPath, "tun": tunPath,
+	sweepNamespaces()
+	if e.certs, err = makeCerts(bin, dir); err != nil {
+		return err
+	}
+	if e.suite, err = negotiatedSuite(e.certs); err != nil {
+		return err
 	}
 	var paths []*path
 	seen := map[string]bool{}
 	for _, k := range strings.Split(o.paths, ",") {
 		k = strings.TrimSpace(k)
-		if seen[k] {
+		if seen[k] || k == "" {
 			continue
 		}
 		seen[k] = true
-		mk, ok := all[k]
+		mk, ok := allPaths[k]
 		if !ok {
-			return fmt.Errorf("-paths: unknown path %q (want direct, socat, haproxy, relay1, relay2, tcpproxy, tcpproxy-tcp, duplex, memory, tun, tunrelay)", k)
+			return fmt.Errorf("-paths: unknown path %q (want %s)", k, strings.Join(append(slices.Clone(crossPaths), samePaths...), ", "))
 		}
 		p := mk(e)
-		if missing[k] {
-			p.skip = k + " is not installed"
+		if tool := toolOf[k]; missing[tool] && p.skip == "" {
+			p.skip = tool + " is not installed"
 		}
 		paths = append(paths, p)
 	}
 
-	res := newResults(paths, o.reps)
+	reps := max(o.reps, o.sameReps)
+	res := newResults(paths, reps)
 	res.loadStart = loadavg()
+	res.suite = e.suite.name
 	start := time.Now()
-	for rep := range o.reps {
+	for rep := range reps {
 		e.rep, res.cur = rep, rep
+		if rep < o.reps && slices.ContainsFunc(paths, func(p *path) bool { return p.cross && p.skip == "" }) {
+			// The floor of mutual TLS: the cipher's own cost, measured
+			// between the paths so that it sees the same machine.
+			v, err := sealOpenCost(e.suite, 512<<20)
+			if err != nil {
+				log.Printf("cipher cost: %v", err)
+			} else {
+				res.addCipher(v)
+			}
+		}
 		for _, p := range paths {
-			if p.skip != "" {
+			if p.skip != "" || (p.cross && rep >= o.reps) || (!p.cross && rep >= o.sameReps) {
 				continue
 			}
 			if srv.child.exited() {
 				return fmt.Errorf("the server process exited: %v\n%s", srv.child.err, srv.child.tail())
 			}
-			log.Printf("repetition %d/%d: %s", rep+1, o.reps, p.name)
+			log.Printf("repetition %d/%d: %s", rep+1, reps, p.name)
 			measurePath(ctx, e, o, p, res)
 		}
 	}
@@ -203,23 +257,43 @@ func run(ctx context.Context, o options, kids *children) error {
 	report := res.markdown(o)
 	fmt.Println()
 	fmt.Println(report)
-	out := o.out
-	if !filepath.IsAbs(out) {
-		out = filepath.Join(root, out)
+	write := func(name, body string) error {
+		if name == "" {
+			return nil
+		}
+		if !filepath.IsAbs(name) {
+			name = filepath.Join(root, name)
+		}
+		if err := os.MkdirAll(filepath.Dir(name), 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(name, []byte(body), 0o644); err != nil {
+			return err
+		}
+		log.Printf("wrote %s", name)
+		return nil
 	}
-	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
+	if err := write(o.out, report); err != nil {
 		return err
 	}
-	if err := os.WriteFile(out, []byte(report), 0o644); err != nil {
-		return err
+	if res.anyCross() {
+		if err := write(o.svg, res.svg(o)); err != nil {
+			return err
+		}
+		if err := write(o.sum, res.summary(o)); err != nil {
+			return err
+		}
 	}
-	log.Printf("wrote %s (%v)", out, res.elapsed.Round(time.Second))
+	log.Printf("done in %v", res.elapsed.Round(time.Second))
 	return nil
 }
 
 // measurePath runs one repetition of every measurement on p, with p's
 // processes started fresh.
 func measurePath(ctx context.Context, e *env, o options, p *path, res *results) {
+	if p.tests != "" {
+		o.tests = p.tests
+	}
 	if p.setup != nil {
 		if err := p.setup(ctx, p); err != nil {
 			log.Printf("%s: setup: %v", p.name, err)
@@ -268,19 +342,22 @@ func measurePath(ctx context.Context, e *env, o options, p *path, res *results) 
 		if !o.runs("bulk") {
 			break
 		}
-		cpu0, cerr := e.cpu(p)
+		cpu0 := e.cpuSnap(p)
 		done := profile(bc.key)
 		v, err := bulk(ctx, p.dialer(), p.sink, size, bc.conns, o.timeout)
+		machine, merr := machineCPU()
 		done()
 		record(bc.key, v, err)
 		// The CPU every process of the measurement used (load generator,
 		// sink, proxies, with the kernel's work on their behalf) per GiB
-		// moved. socat's per-connection processes count once reaped.
+		// moved. socat's per-connection processes count once reaped; the
+		// machine's time is taken at once, without the wait.
 		time.Sleep(300 * time.Millisecond)
-		cpu1, cerr2 := e.cpu(p)
-		if err == nil && cerr == nil && cerr2 == nil {
+		if err == nil {
 			gib := float64(size) * float64(bc.conns) / (1 << 30)
-			res.add(p, bc.key+"_cpu", (cpu1-cpu0).Seconds()/gib)
+			cpu1 := e.cpuSnap(p)
+			cpu1.machine, cpu1.err = machine, errors.Join(cpu1.err, merr)
+			cpu1.sub(cpu0).record(res, p, bc.key, func(d time.Duration) float64 { return d.Seconds() / gib })
 		}
 		settle()
 	}
@@ -292,32 +369,32 @@ func measurePath(ctx context.Context, e *env, o options, p *path, res *results) 
 			break
 		}
 		done := profile(lc.key)
-		cpu0, cerr := e.cpu(p)
+		cpu0 := e.cpuSnap(p)
 		l, err := latency(ctx, p.dialer(), p.echo, lc.clients, lc.count, o.msgSize, o.timeout)
-		cpu1, cerr2 := e.cpu(p)
+		cpu1 := e.cpuSnap(p)
 		done()
 		record(lc.key+"_p50", us(l.p50), err)
 		if err == nil {
 			res.add(p, lc.key+"_p99", us(l.p99))
 			res.add(p, lc.key+"_p999", us(l.p999))
-			if cerr == nil && cerr2 == nil {
-				// Includes the warm-up requests: 50 per client.
-				n := float64(lc.clients * (lc.count + 50))
-				res.add(p, lc.key+"_cpu", us(cpu1-cpu0)/n)
-			}
+			// Includes the warm-up requests: 50 per client.
+			n := float64(lc.clients * (lc.count + 50))
+			cpu1.sub(cpu0).record(res, p, lc.key, func(d time.Duration) float64 { return us(d) / n })
 		}
 		settle()
 	}
 	if o.runs("connect") {
 		done := profile("connect")
-		cpu0, cerr := e.cpu(p)
+		cpu0 := e.cpuSnap(p)
 		v, err := connRate(ctx, p.dialer(), p.echo, o.conns, o.connWorkers, o.msgSize, o.timeout)
+		machine, merr := machineCPU()
 		time.Sleep(300 * time.Millisecond) // socat's processes are reaped
-		cpu1, cerr2 := e.cpu(p)
+		cpu1 := e.cpuSnap(p)
+		cpu1.machine, cpu1.err = machine, errors.Join(cpu1.err, merr)
 		done()
 		record("cps", v, err)
-		if err == nil && cerr == nil && cerr2 == nil {
-			res.add(p, "cps_cpu", us(cpu1-cpu0)/float64(o.conns))
+		if err == nil {
+			cpu1.sub(cpu0).record(res, p, "cps", func(d time.Duration) float64 { return us(d) / float64(o.conns) })
 		}
 	}
 }
@@ -386,21 +463,61 @@ func measureIdle(ctx context.Context, o options, p *path) (rssPerConn, gorPerCon
 	return float64(rss1-rss0) / n, float64(a1.Goroutines-g0) / n, nil
 }
 
-// cpu sums the CPU time of the bench, its server process and p's processes.
-func (e *env) cpu(p *path) (time.Duration, error) {
-	pids := []int{os.Getpid(), e.srv.child.pid()}
-	for _, c := range append(p.procs, p.cpuProcs...) {
-		pids = append(pids, c.pid())
-	}
-	var sum time.Duration
-	for _, pid := range pids {
-		t, err := cpuTime(pid)
-		if err != nil {
-			return 0, err
+// cpuSnap is a reading of three CPU clocks: the CPU time of every process
+// a measurement involves (the bench with its load generator, the servers,
+// p's processes), of p's proxy processes alone, and the machine's non-idle
+// time (every CPU, every process: what a dedicated machine would show; on
+// a shared one, other load too).
+type cpuSnap struct {
+	involved, proxies, machine time.Duration
+	err                        error
+}
+
+func (e *env) cpuSnap(p *path) cpuSnap {
+	var s cpuSnap
+	sum := func(pids []int) time.Duration {
+		var t time.Duration
+		for _, pid := range pids {
+			v, err := cpuTime(pid)
+			if err != nil && s.err == nil {
+				s.err = err
+			}
+			t += v
 		}
-		sum += t
+		return t
 	}
-	return sum, nil
+	var proxies, others []int
+	for _, c := range p.procs {
+		proxies = append(proxies, c.pid())
+	}
+	others = []int{os.Getpid(), e.srv.child.pid()}
+	for _, c := range p.cpuProcs {
+		others = append(others, c.pid())
+	}
+	s.proxies = sum(proxies)
+	s.involved = s.proxies + sum(others)
+	var err error
+	if s.machine, err = machineCPU(); err != nil && s.err == nil {
+		s.err = err
+	}
+	return s
+}
+
+func (s cpuSnap) sub(o cpuSnap) cpuSnap {
+	return cpuSnap{s.involved - o.involved, s.proxies - o.proxies, s.machine - o.machine, errors.Join(s.err, o.err)}
+}
+
+// record adds the three clocks, each scaled by per, as metric_cpu
+// (involved), metric_pcpu (proxies) and metric_mcpu (machine).
+func (s cpuSnap) record(res *results, p *path, metric string, per func(time.Duration) float64) {
+	if s.err != nil {
+		return
+	}
+	res.add(p, metric+"_cpu", per(s.involved))
+	if len(p.procs) > 0 {
+		res.add(p, metric+"_pcpu", per(s.proxies))
+	}
+	res.add(p, metric+"_mcpu", per(s.machine))
 }
 
 // rss sums the resident set of the path's processes, in KiB.

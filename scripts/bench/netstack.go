@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -138,7 +136,7 @@ func memoryPath(e *env) *path {
 					close(events)
 				}()
 			}
-			p.cleanup = func() {
+			p.addCleanup(func() {
 				if px != nil {
 					sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 					_ = px.Shutdown(sctx)
@@ -149,7 +147,7 @@ func memoryPath(e *env) *path {
 				_ = network.Close()
 				_ = host.Close()
 				_ = logf.Close()
-			}
+			})
 			if err != nil {
 				return fmt.Errorf("in-process client proxy: %w", err)
 			}
@@ -177,13 +175,21 @@ func memoryPath(e *env) *path {
 	}
 }
 
-// tunUsable says why the tun path cannot run here, or "".
+// tunUsable says why the tun paths cannot run here, or "".
 func tunUsable() string {
-	if os.Geteuid() != 0 {
-		return "needs root (a network namespace and a TUN device)"
+	if s := nsUsable(); s != "" {
+		return s
 	}
 	if _, err := os.Stat("/dev/net/tun"); err != nil {
 		return "no /dev/net/tun"
+	}
+	return ""
+}
+
+// nsUsable says why the paths in network namespaces cannot run here, or "".
+func nsUsable() string {
+	if os.Geteuid() != 0 {
+		return "needs root (network namespaces)"
 	}
 	if _, err := exec.LookPath("ip"); err != nil {
 		return "no ip command (iproute2)"
@@ -284,47 +290,29 @@ func tunRelayPath(e *env) *path {
 	}
 }
 
-// nsSetup makes a network namespace for p's repetition (deleted by
-// p.cleanup), points p's load generator and admin client into it, and
+// nsSetup makes a network namespace for p's repetition (deleted at p's
+// teardown), points p's load generator and admin client into it, and
 // starts the bench's servers in it on the netstack paths' server IP. It
 // returns the argv prefix that runs a command in the namespace.
 func (e *env) nsSetup(p *path, servers string) ([]string, *serverProc, error) {
-	var rnd [4]byte
-	_, _ = rand.Read(rnd[:])
-	ns := "tp-bench-" + hex.EncodeToString(rnd[:])
-	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
-		return nil, nil, fmt.Errorf("ip netns add: %v: %s", err, out)
-	}
-	e.kids.atExit(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
-	var d *nsDialer
-	p.cleanup = func() {
-		if d != nil {
-			d.close()
-		}
-		_ = exec.Command("ip", "netns", "del", ns).Run()
-	}
-	if out, err := exec.Command("ip", "-n", ns, "link", "set", "lo", "up").CombinedOutput(); err != nil {
-		return nil, nil, fmt.Errorf("ip link set lo up: %v: %s", err, out)
-	}
-	var err error
-	if d, err = newNSDialer(ns); err != nil {
+	n, err := e.newNetns(p, "tun")
+	if err != nil {
 		return nil, nil, err
 	}
-	p.dial = d.dial
+	p.dial = n.dial.dial
 	p.adminClient = &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
-		return d.dial(ctx, addr)
+		return n.dial.dial(ctx, addr)
 	}}}
-	pre := []string{"ip", "netns", "exec", ns}
 	srvIP, err := nsServerIP()
 	if err != nil {
 		return nil, nil, err
 	}
-	sp, err := startServersWith(e.kids, e.dir, fmt.Sprintf("%s-%d", servers, e.rep), pre, []netip.Addr{srvIP})
+	sp, err := startServersWith(e.kids, e.dir, fmt.Sprintf("%s-%d", servers, e.rep), n.pre(), []netip.Addr{srvIP})
 	if err != nil {
 		return nil, nil, err
 	}
 	p.cpuProcs = append(p.cpuProcs, sp.child)
-	return pre, sp, nil
+	return n.pre(), sp, nil
 }
 
 // tunRelayMain is the tun relay process: for each LISTEN=TARGET argument
@@ -355,7 +343,13 @@ func tunRelayMain(args []string) {
 			fmt.Fprintln(os.Stderr, "tunrelay:", err)
 			os.Exit(1)
 		}
-		go relayServe(ln, target)
+		go relayServe(ln, func() (halfCloser, error) {
+			c, err := net.Dial("tcp4", target)
+			if err != nil {
+				return nil, err
+			}
+			return c.(*net.TCPConn), nil
+		}, nil)
 	}
 	select {}
 }

@@ -13,6 +13,28 @@ import (
 	"github.com/tcpproxy/tcpproxy/proxy"
 )
 
+// The paths, in the order of the tables: the cross-host ones first (the
+// deployment topology), then the same-host ones.
+var (
+	crossPaths = []string{"x-direct", "x-relay2", "x-haproxy", "x-tcpproxy", "x-tunrelay", "x-tun", "x-tun2", "x-relay2-copy", "x-relay2-tls", "x-haproxy-tls", "x-stunnel", "x-mtls"}
+	samePaths  = []string{"direct", "socat", "haproxy", "relay1", "relay2", "tcpproxy", "tcpproxy-tcp", "duplex", "memory", "tun", "tunrelay"}
+	allPaths   = map[string]func(*env) *path{
+		"x-direct": xDirectPath, "x-relay2": xRelayPath(false, false), "x-relay2-tls": xRelayPath(true, false), "x-relay2-copy": xRelayPath(false, true), "x-tunrelay": xTUNRelayPath, "x-haproxy": xHaproxyPath(false), "x-haproxy-tls": xHaproxyPath(true),
+		"x-stunnel":  xStunnelPath,
+		"x-tcpproxy": xTCPProxyPath("x-tcpproxy", "tcpproxy, plaintext sessions", false, false, false),
+		"x-mtls":     xTCPProxyPath("x-mtls", "tcpproxy, mutual TLS sessions", true, false, false),
+		"x-tun":      xTCPProxyPath("x-tun", "tcpproxy, client on network: tun", false, true, false),
+		"x-tun2":     xTCPProxyPath("x-tun2", "tcpproxy, network: tun on both hosts", false, true, true),
+
+		"direct": directPath, "socat": socatPath, "haproxy": haproxyPath, "relay1": relayPath, "relay2": relayChainPath, "tunrelay": tunRelayPath,
+		"tcpproxy": tcpproxyPath, "tcpproxy-tcp": tcpproxyTCPPath, "duplex": duplexPath, "memory": memoryPath, "tun": tunPath,
+	}
+	// toolOf names the program a path needs that the bench installs.
+	toolOf = map[string]string{"socat": "socat", "haproxy": "haproxy", "x-haproxy": "haproxy", "x-haproxy-tls": "haproxy", "x-stunnel": "stunnel4"}
+)
+
+const pathHelp = "relay1 is one plain Go relay, the floor of any user-space proxy; relay2 (and x-relay2) two in a chain, the floor of a two-proxy design whose proxies talk TCP; tcpproxy-tcp is tcpproxy with sessions over TCP instead of the same-host Unix socket; tunrelay is one gVisor relay on a TUN device, the floor of a proxy on one; x-tun has the client instance on network: tun, x-tun2 both; x-mtls has mutual TLS sessions"
+
 // path is one way from the load generator to the bench's servers.
 type path struct {
 	key, name string
@@ -21,6 +43,11 @@ type path struct {
 	setup func(ctx context.Context, p *path) error
 	// skip, when set, says why the path is not measured.
 	skip string
+	// cross says the path spans two hosts (the cross-host table).
+	cross bool
+	// tests, when set, replaces -tests for this path (floors measured for
+	// bulk only).
+	tests string
 	// memory reports whether RSS per idle connection is measured.
 	memory bool
 	// memoryNote is shown instead of a memory figure when memory is false.
@@ -39,10 +66,13 @@ type path struct {
 	// reaches the admin endpoints (nil: http.DefaultClient).
 	dial        dialFunc
 	adminClient *http.Client
-	// cleanup, when set, is called by teardown after the processes are
-	// killed.
-	cleanup func()
+	// cleanups are called by teardown, last first, after the processes
+	// are killed.
+	cleanups []func()
 }
+
+// addCleanup registers f to run at teardown.
+func (p *path) addCleanup(f func()) { p.cleanups = append(p.cleanups, f) }
 
 func (p *path) httpClient() *http.Client {
 	if p.adminClient != nil {
@@ -62,10 +92,10 @@ func (p *path) teardown() {
 	for _, c := range append(p.procs, p.cpuProcs...) {
 		c.kill()
 	}
-	if p.cleanup != nil {
-		p.cleanup()
+	for i := len(p.cleanups) - 1; i >= 0; i-- {
+		p.cleanups[i]()
 	}
-	p.procs, p.cpuProcs, p.admins, p.dial, p.adminClient, p.cleanup = nil, nil, nil, nil, nil, nil
+	p.procs, p.cpuProcs, p.admins, p.dial, p.adminClient, p.cleanups = nil, nil, nil, nil, nil, nil
 }
 
 // alive fails when one of the path's processes has exited.
@@ -88,6 +118,10 @@ type env struct {
 	rep     int
 	// fileLimit is the RLIMIT_NOFILE of the bench and its children.
 	fileLimit uint64
+	// certs are the TLS paths' certificates, and suite the cipher suite
+	// tcpproxy negotiates with them.
+	certs *certFiles
+	suite tlsSuite
 }
 
 func (e *env) waitReady(ctx context.Context, p *path) error {
@@ -207,26 +241,43 @@ func haproxyPath(e *env) *path {
 type tcpproxyInstance struct {
 	iid, role      string
 	listen, admin  int
-	ranges         string // addressing block, empty for the defaults
-	transport      string // transport block, empty for the defaults
-	channels       string // YAML lines of the channels block
-	servesChannels string // the member's channels map in the members list
+	host           netip.Addr // where listen is; zero: 127.0.0.1
+	ns             *netns     // where it runs; nil: the bench's namespace
+	ranges         string     // addressing block, empty for the defaults
+	transport      string     // transport block, empty for the defaults
+	extra          string     // more top-level YAML (network, tun, tls)
+	channels       string     // YAML lines of the channels block
+	servesChannels string     // the member's channels map in the members list
 }
 
+func (in *tcpproxyInstance) listenAddr() string {
+	h := in.host
+	if !h.IsValid() {
+		h = netip.MustParseAddr("127.0.0.1")
+	}
+	return netip.AddrPortFrom(h, uint16(in.listen)).String()
+}
+
+// startTCPProxies writes the configurations of insts, each listing all of
+// them as static members, and starts them.
 func (e *env) startTCPProxies(p *path, insts []*tcpproxyInstance) error {
 	var members strings.Builder
 	members.WriteString("members:\n  static:\n")
 	for _, in := range insts {
-		fmt.Fprintf(&members, "    - {iid: %s, role: %s, addr: \"127.0.0.1:%d\", channels: {%s}}\n", in.iid, in.role, in.listen, in.servesChannels)
+		fmt.Fprintf(&members, "    - {iid: %s, role: %s, addr: \"%s\", channels: {%s}}\n", in.iid, in.role, in.listenAddr(), in.servesChannels)
 	}
 	for _, in := range insts {
-		body := fmt.Sprintf("iid: %s\nrole: %s\nlisten: 127.0.0.1:%d\nadmin: 127.0.0.1:%d\n%s%s%schannels:\n%slog: {level: warn}\ndrainTimeout: 1s\n",
-			in.iid, in.role, in.listen, in.admin, in.ranges, in.transport, members.String(), in.channels)
-		cfg := filepath.Join(e.dir, fmt.Sprintf("%s-%d.yaml", in.iid, e.rep))
+		body := fmt.Sprintf("iid: %s\nrole: %s\nlisten: %s\nadmin: 127.0.0.1:%d\n%s%s%s%schannels:\n%slog: {level: warn}\ndrainTimeout: 1s\n",
+			in.iid, in.role, in.listenAddr(), in.admin, in.ranges, in.transport, in.extra, members.String(), in.channels)
+		cfg := filepath.Join(e.dir, fmt.Sprintf("%s-%s-%d.yaml", p.key, in.iid, e.rep))
 		if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
 			return err
 		}
-		c, err := e.kids.start(fmt.Sprintf("%s-%d", in.iid, e.rep), e.dir, e.binary, "run", "-config", cfg)
+		argv := []string{e.binary, "run", "-config", cfg}
+		if in.ns != nil {
+			argv = append(in.ns.pre(), argv...)
+		}
+		c, err := e.kids.start(fmt.Sprintf("%s-%s-%d", p.key, in.iid, e.rep), e.dir, argv...)
 		if err != nil {
 			return err
 		}

@@ -209,11 +209,12 @@ func freePort() (int, error) {
 	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
-// ensureTools installs socat and haproxy with apt-get when they are missing
-// and the bench runs as root. It returns what is still missing.
+// ensureTools installs socat, haproxy and stunnel4 (Debian's package and
+// command names) with apt-get when they are missing and the bench runs as
+// root. It returns what is still missing.
 func ensureTools(install bool, logf func(string, ...any)) map[string]bool {
 	missing := map[string]bool{}
-	for _, t := range []string{"socat", "haproxy"} {
+	for _, t := range []string{"socat", "haproxy", "stunnel4"} {
 		if _, err := exec.LookPath(t); err != nil {
 			missing[t] = true
 		}
@@ -312,6 +313,32 @@ func cpuTime(pid int) (time.Duration, error) {
 		v, err := strconv.ParseInt(s, 10, 64)
 		if err != nil {
 			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		ticks += v
+	}
+	return time.Duration(ticks) * clockTick, nil
+}
+
+// machineCPU is the non-idle CPU time of every CPU of the machine since
+// boot (/proc/stat: user, nice, system, irq, softirq, steal).
+func machineCPU() (time.Duration, error) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, err
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0, fmt.Errorf("/proc/stat: unexpected first line %q", line)
+	}
+	var ticks int64
+	for i, s := range f[1:9] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		v, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/stat: %w", err)
 		}
 		ticks += v
 	}

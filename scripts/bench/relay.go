@@ -1,12 +1,17 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"crypto/tls"
+	"flag"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"strings"
+	"sync"
+	"time"
 )
 
 // relayMain is a relay process: for each LISTEN=TARGET argument it accepts
@@ -16,29 +21,89 @@ import (
 // two in a chain are the relayChainPath: two proxy processes and three
 // kernel TCP connections with nothing else, the floor of any two-proxy
 // design whose proxies talk TCP.
+//
+// With -tls-in (or -tls-out) CERT,KEY,CA the connections it accepts (or
+// makes) are mutual TLS 1.3, with the configuration tcpproxy uses; a pair
+// with TLS between them is the floor of a two-proxy design with TLS in Go:
+// see tlsRelayConn.
 func relayMain(args []string) {
-	if len(args) == 0 {
-		fmt.Fprintln(os.Stderr, "usage: bench -relay LISTEN=TARGET...")
+	fs := flag.NewFlagSet("relay", flag.ExitOnError)
+	tlsIn := fs.String("tls-in", "", "CERT,KEY,CA: accepted connections are mutual TLS")
+	tlsOut := fs.String("tls-out", "", "CERT,KEY,CA: connections made are mutual TLS")
+	fs.BoolVar(&relayNoSplice, "copy", false, "copy through a buffer rather than splice")
+	_ = fs.Parse(args)
+	if fs.NArg() == 0 {
+		fmt.Fprintln(os.Stderr, "usage: bench -relay [-tls-in CERT,KEY,CA] [-tls-out CERT,KEY,CA] LISTEN=TARGET...")
 		os.Exit(2)
 	}
 	raiseFileLimit(0)
-	for _, a := range args {
-		listen, target, ok := strings.Cut(a, "=")
-		if !ok {
-			fmt.Fprintf(os.Stderr, "relay: %q is not LISTEN=TARGET\n", a)
-			os.Exit(2)
+	inCfg, err := relayTLSConfig(*tlsIn, true)
+	if err == nil {
+		var outCfg *tls.Config
+		if outCfg, err = relayTLSConfig(*tlsOut, false); err == nil {
+			for _, a := range fs.Args() {
+				err = relayListen(a, inCfg, outCfg)
+				if err != nil {
+					break
+				}
+			}
 		}
-		ln, err := net.Listen("tcp4", listen)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, err)
-			os.Exit(1)
-		}
-		go relayServe(ln, target)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "relay:", err)
+		os.Exit(1)
 	}
 	select {}
 }
 
-func relayServe(ln net.Listener, target string) {
+// relayTLSConfig is the configuration of -tls-in (server) or -tls-out
+// (client) given as CERT,KEY,CA.
+func relayTLSConfig(files string, server bool) (*tls.Config, error) {
+	if files == "" {
+		return nil, nil
+	}
+	f := strings.Split(files, ",")
+	if len(f) != 3 {
+		return nil, fmt.Errorf("%q is not CERT,KEY,CA", files)
+	}
+	cli, srv, err := benchTLSConfigs(f[0], f[1], f[2])
+	if server {
+		return srv, err
+	}
+	return cli, err
+}
+
+func relayListen(arg string, inCfg, outCfg *tls.Config) error {
+	listen, target, ok := strings.Cut(arg, "=")
+	if !ok {
+		return fmt.Errorf("%q is not LISTEN=TARGET", arg)
+	}
+	ln, err := net.Listen("tcp4", listen)
+	if err != nil {
+		return err
+	}
+	var wrapIn func(net.Conn) (halfCloser, error)
+	if inCfg != nil {
+		wrapIn = func(c net.Conn) (halfCloser, error) {
+			return newTLSRelayConn(c, func(raw net.Conn) *tls.Conn { return tls.Server(raw, inCfg) })
+		}
+	}
+	go relayServe(ln, func() (halfCloser, error) {
+		c, err := net.Dial("tcp4", target)
+		if err != nil {
+			return nil, err
+		}
+		if outCfg == nil {
+			return c.(*net.TCPConn), nil
+		}
+		return newTLSRelayConn(c, func(raw net.Conn) *tls.Conn { return tls.Client(raw, outCfg) })
+	}, wrapIn)
+	return nil
+}
+
+// relayServe accepts connections on ln (wrapped by wrapIn, if set, for
+// TLS), and relays each to a connection made by dial.
+func relayServe(ln net.Listener, dial func() (halfCloser, error), wrapIn func(net.Conn) (halfCloser, error)) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -46,22 +111,104 @@ func relayServe(ln net.Listener, target string) {
 			os.Exit(1)
 		}
 		go func() {
-			d, err := net.Dial("tcp4", target)
-			if err != nil {
+			in, ok := c.(halfCloser)
+			if wrapIn != nil {
+				if in, err = wrapIn(c); err != nil {
+					c.Close()
+					return
+				}
+			}
+			if !ok && wrapIn == nil {
 				c.Close()
+				return
+			}
+			d, err := dial()
+			if err != nil {
+				in.Close()
 				return
 			}
 			done := make(chan struct{})
 			go func() {
-				relayCopy(d.(halfCloser), c.(halfCloser))
+				relayCopy(d, in)
 				close(done)
 			}()
-			relayCopy(c.(halfCloser), d.(halfCloser))
+			relayCopy(in, d)
 			<-done
-			c.Close()
+			in.Close()
 			d.Close()
 		}()
 	}
+}
+
+// tlsRelayConn is a TLS connection whose Write sends the records it makes
+// in one write(2): tls.Conn hands each record (at most 16 KiB) to the
+// connection below with a Write of its own, a system call and a TCP push
+// each; gatherConn collects them during the Write, which then sends them
+// together. It also reads ahead, many records per read(2), as tcpproxy's
+// sessions do.
+type tlsRelayConn struct {
+	*tls.Conn
+	raw *gatherConn
+}
+
+func newTLSRelayConn(c net.Conn, mk func(net.Conn) *tls.Conn) (*tlsRelayConn, error) {
+	g := &gatherConn{Conn: c, r: bufio.NewReaderSize(c, relayBuf)}
+	tc := mk(g)
+	_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
+	if err := tc.Handshake(); err != nil {
+		c.Close()
+		return nil, err
+	}
+	_ = tc.SetDeadline(time.Time{})
+	return &tlsRelayConn{Conn: tc, raw: g}, nil
+}
+
+func (c *tlsRelayConn) Write(p []byte) (int, error) {
+	c.raw.start()
+	n, err := c.Conn.Write(p)
+	if ferr := c.raw.flush(); err == nil {
+		err = ferr
+	}
+	return n, err
+}
+
+// gatherConn is the connection under a tlsRelayConn.
+type gatherConn struct {
+	net.Conn
+	r      *bufio.Reader
+	mu     sync.Mutex // the reading side may write too (alerts)
+	gather bool
+	buf    []byte
+}
+
+func (g *gatherConn) Read(p []byte) (int, error) { return g.r.Read(p) }
+
+func (g *gatherConn) start() {
+	g.mu.Lock()
+	g.gather = true
+	g.mu.Unlock()
+}
+
+func (g *gatherConn) Write(p []byte) (int, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.gather {
+		g.buf = append(g.buf, p...)
+		return len(p), nil
+	}
+	return g.Conn.Write(p)
+}
+
+func (g *gatherConn) flush() error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.gather = false
+	if len(g.buf) == 0 {
+		return nil
+	}
+	_, err := g.Conn.Write(g.buf)
+	g.buf = g.buf[:0]
+	return err
 }
 
 // halfCloser is a connection that can send FIN: a *net.TCPConn, or a
@@ -70,6 +217,9 @@ type halfCloser interface {
 	net.Conn
 	CloseWrite() error
 }
+
+// relayNoSplice makes relayCopy copy between kernel sockets too (-copy).
+var relayNoSplice bool
 
 // relayBuf is the copy buffer between a gVisor and a kernel connection,
 // as large as tcpproxy's bulk buffers.
@@ -81,7 +231,7 @@ const relayBuf = 256 << 10
 func relayCopy(dst, src halfCloser) {
 	var err error
 	_, tcpDst := dst.(*net.TCPConn)
-	if _, tcpSrc := src.(*net.TCPConn); tcpSrc && tcpDst {
+	if _, tcpSrc := src.(*net.TCPConn); tcpSrc && tcpDst && !relayNoSplice {
 		_, err = io.Copy(dst, src)
 	} else {
 		// Plain Reader and Writer: io.CopyBuffer would otherwise hand the

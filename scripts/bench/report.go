@@ -23,6 +23,27 @@ type results struct {
 
 	loadStart, loadEnd string
 	elapsed            time.Duration
+
+	// suite is the cipher suite of tcpproxy's TLS sessions, and cipher
+	// the CPU seconds its AEAD spends sealing and opening a GiB, by
+	// repetition.
+	suite  string
+	cipher []float64
+}
+
+func (r *results) addCipher(v float64) {
+	if r.cipher == nil {
+		r.cipher = make([]float64, r.reps)
+		for i := range r.cipher {
+			r.cipher[i] = math.NaN()
+		}
+	}
+	r.cipher[r.cur] = v
+}
+
+// anyCross reports whether a cross-host path was measured.
+func (r *results) anyCross() bool {
+	return slices.ContainsFunc(r.paths, func(p *path) bool { return p.cross && p.skip == "" })
 }
 
 func newResults(paths []*path, reps int) *results {
@@ -121,8 +142,17 @@ func (r *results) markdown(o options) string {
 	w("- Go: %s\n", goVersion())
 	w("- Load average (1, 5, 15 min): %s at start, %s at end; the machine is shared, so figures are noisy\n", r.loadStart, r.loadEnd)
 	w("- Flags: `%s`\n", flagLine())
-	w("- Every figure is the median of %d repetitions; each repetition runs every path back to back, starting the proxies afresh, and a ratio is the median of the ratios within each repetition, which cancels much of a shared machine's drift. Total time %v.\n", o.reps, r.elapsed.Round(time.Second))
-	w("- Paths: the bench's Go load generator → path → the bench's echo or sink server (another process), all on 127.0.0.0/8. ")
+	w("- Every figure is the median of %d repetitions (same-host paths: %d); each repetition runs every path back to back, starting the proxies afresh, and a ratio is the median of the ratios within each repetition, which cancels much of a shared machine's drift. Total time %v.\n\n", o.reps, o.sameReps, r.elapsed.Round(time.Second))
+	if r.anyCross() {
+		b.WriteString(r.crossTables(o))
+	}
+	same := r.samePaths()
+	if len(same) == 0 {
+		r.writeDetails(&b)
+		return b.String()
+	}
+	w("\n## Same host\n\n")
+	w("Paths: the bench's Go load generator → path → the bench's echo or sink server (another process), all on 127.0.0.0/8. ")
 	w("tcpproxy paths are two proxies joined by multiplexed sessions (channels/mux; two, the default), which take the same-host Unix socket (the default between proxies on one host) except on the path marked \"sessions over TCP\" (`transport.sameHost: tcp`, as between hosts): `tcpproxy run` processes on the loopback network ")
 	w("(request→reply with the default address ranges; duplex: a connect-mode impostor calling a bind-mode member), ")
 	w("and, for the netstack networks, a client instance whose legacy side is a gVisor stack (memory: in the bench process; ")
@@ -130,6 +160,24 @@ func (r *results) markdown(o options) string {
 	w("The relays are floors, the least CPU per byte a user-space proxy of their kind spends (so with 8 connections, where the CPUs are the limit, about the most throughput it can reach): one plain Go relay (relay1: one process, two kernel TCP connections joined by splice), two in a chain (relay2: two processes talking TCP), ")
 	w("and one relay on a TUN device (tunrelay: one process whose gVisor stack takes the connections, copied to kernel connections through a buffer, one copy out of gVisor and one into the kernel).\n\n")
 	b.WriteString(r.tables(o))
+	r.writeDetails(&b)
+	return b.String()
+}
+
+// samePaths are the same-host paths.
+func (r *results) samePaths() []*path {
+	var out []*path
+	for _, p := range r.paths {
+		if !p.cross {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// writeDetails writes the errors and every repetition's figures.
+func (r *results) writeDetails(b *strings.Builder) {
+	w := func(format string, args ...any) { fmt.Fprintf(b, format, args...) }
 	if len(r.errs) > 0 {
 		w("\n### Errors\n\n")
 		for _, p := range r.paths {
@@ -154,8 +202,14 @@ func (r *results) markdown(o options) string {
 			w("| %s | %s | %s |\n", p.name, m, strings.Join(vs, ", "))
 		}
 	}
+	if r.cipher != nil {
+		var vs []string
+		for _, v := range r.cipher {
+			vs = append(vs, num(v))
+		}
+		w("| %s, seal+open | CPU s/GiB | %s |\n", r.suite, strings.Join(vs, ", "))
+	}
 	w("\n</details>\n")
-	return b.String()
 }
 
 // tables renders the result tables and the targets (the part copied into
@@ -175,7 +229,7 @@ func (r *results) tables(o options) string {
 	w("### Bulk throughput (MiB/s, %d MiB per connection; higher is better)\n\n", o.sizeMiB)
 	w("CPU: CPU time of every process involved (load generator, sink, proxies; user and system, so the kernel's TCP work too) per GiB moved; the bound is what %d fully used CPUs would carry at the %d-connection run's CPU per GiB.\n\n", runtime.NumCPU(), o.parallel)
 	w("| path | 1 connection | × direct | %d connections | × direct | CPU s/GiB (1 conn) | CPU s/GiB (%d conns) | × direct | CPU bound (%d conns) |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|\n", o.parallel, o.parallel, o.parallel)
-	for _, p := range r.paths {
+	for _, p := range r.samePaths() {
 		if skipRow(p) {
 			continue
 		}
@@ -192,7 +246,7 @@ func (r *results) tables(o options) string {
 	w("\n### Request/response latency (µs, %d-byte messages; lower is better)\n\n", o.msgSize)
 	w("Each cell: latency (× direct TCP, × haproxy). 1 client: %d requests; %d clients: %d requests each, one outstanding per client. CPU per request as for bulk.\n\n", o.requests, o.clients, o.requestsPer)
 	w("| path | clients | p50 | p99 | p99.9 | CPU µs/request |\n|---|--:|--:|--:|--:|--:|\n")
-	for _, p := range r.paths {
+	for _, p := range r.samePaths() {
 		if skipRow(p) {
 			continue
 		}
@@ -215,7 +269,7 @@ func (r *results) tables(o options) string {
 	w("CPU per connection as for bulk, and the rate it allows on %d CPUs. ", runtime.NumCPU())
 	w("Memory: growth of the proxy processes' RSS (both tcpproxy processes summed) and goroutines (from the admin endpoint) with %d idle proxied connections open, each used for one request, per connection.\n\n", o.idle)
 	w("| path | new connections/s | × direct | CPU µs/connection | CPU bound (connections/s) | RSS per idle connection (KiB) | goroutines per connection |\n|---|--:|--:|--:|--:|--:|--:|\n")
-	for _, p := range r.paths {
+	for _, p := range r.samePaths() {
 		if skipRow(p) {
 			continue
 		}
@@ -240,7 +294,7 @@ func (r *results) tables(o options) string {
 			num(med(p.key, "cps_cpu")), cbound, mem, gor)
 	}
 
-	w("\n### Targets (issue 6)\n\n| target | measured | met |\n|---|---|---|\n")
+	w("\n### Targets\n\n| target | measured | met |\n|---|---|---|\n")
 	yes := func(ok bool) string {
 		if ok {
 			return "yes"

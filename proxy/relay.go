@@ -331,21 +331,22 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// spliceStats receives live byte counts of a splice.
-type spliceStats struct {
+// relayStats receives live byte counts of a relay.
+type relayStats struct {
 	legacyToStream *atomic.Int64
 	streamToLegacy *atomic.Int64
 	both           *atomic.Int64 // this connection's bytes, either way
 }
 
-// splice joins a legacy TCP connection and a stream with TCP semantics in
-// both directions: EOF on one side becomes FIN (CloseWrite) on the other
+// relay joins a legacy TCP connection and a stream with TCP semantics in
+// both directions, copying or, where both ends are kernel sockets, splicing
+// (splice(2)) each way: EOF on one side becomes FIN (CloseWrite) on the other
 // while the reverse direction keeps flowing; any other error on either side
 // (RST, stream reset, transport loss) resets both. It returns when both
 // directions have ended and both connections are closed. Back-pressure is
 // end to end: each direction reads only after the previous write finished.
 // The result's err is nil after two clean EOFs.
-func splice(legacy, stream halfConn, st spliceStats) spliceResult {
+func relay(legacy, stream halfConn, st relayStats) relayResult {
 	var (
 		abortOnce sync.Once
 		wg        sync.WaitGroup
@@ -401,7 +402,7 @@ func splice(legacy, stream halfConn, st spliceStats) spliceResult {
 	}
 	_ = legacy.Close()
 	_ = stream.Close()
-	return spliceResult{up: up, down: down}
+	return relayResult{up: up, down: down}
 }
 
 // halfCloseWatch coordinates the two directions of a splice once they
@@ -465,12 +466,12 @@ func awaitReset(c net.Conn) error {
 	return reset
 }
 
-// spliceResult says how both directions of a splice ended: up is legacy
+// relayResult says how both directions of a relay ended: up is legacy
 // to stream, down stream to legacy.
-type spliceResult struct{ up, down pipeResult }
+type relayResult struct{ up, down pipeResult }
 
 // err is nil when both directions ended with a clean EOF.
-func (r spliceResult) err() error { return errors.Join(r.up.err, r.down.err) }
+func (r relayResult) err() error { return errors.Join(r.up.err, r.down.err) }
 
 // outcome names how a direction ended, for logs.
 func (r pipeResult) outcome() string {

@@ -1,40 +1,44 @@
-package tun
+// Package virtio is the virtio-net header (struct virtio_net_hdr of
+// linux/virtio_net.h) that a TUN device opened with IFF_VNET_HDR puts in
+// front of every packet: package tun reads and writes frames with it, and
+// package netstack turns it into gVisor's GSO and checksum state.
+package virtio
 
 import "encoding/binary"
 
-// VirtioNetHdrLen is the size of the virtio-net header (struct
+// NetHdrLen is the size of the virtio-net header (struct
 // virtio_net_hdr of linux/virtio_net.h) that precedes every packet in the
-// frames of Device.ReadFrame and Device.WriteFrame.
-const VirtioNetHdrLen = 10
+// frames of tun.Device.ReadFrame and tun.Device.WriteFrame.
+const NetHdrLen = 10
 
-// Values of VirtioNetHdr.Flags.
+// Values of NetHdr.Flags.
 const (
-	// VirtioNetHdrFNeedsCsum (VIRTIO_NET_HDR_F_NEEDS_CSUM) marks a packet
+	// FlagNeedsCsum (VIRTIO_NET_HDR_F_NEEDS_CSUM) marks a packet
 	// whose transport checksum is partial (CHECKSUM_PARTIAL in the kernel):
 	// the field at CsumStart+CsumOffset holds the pseudo-header checksum
 	// and the checksum of the bytes from CsumStart on is yet to be added.
-	VirtioNetHdrFNeedsCsum = 1
-	// VirtioNetHdrFDataValid (VIRTIO_NET_HDR_F_DATA_VALID) marks a packet
+	FlagNeedsCsum = 1
+	// FlagDataValid (VIRTIO_NET_HDR_F_DATA_VALID) marks a packet
 	// whose checksums the kernel has verified (CHECKSUM_UNNECESSARY).
-	VirtioNetHdrFDataValid = 2
+	FlagDataValid = 2
 )
 
-// Values of VirtioNetHdr.GSOType.
+// Values of NetHdr.GSOType.
 const (
-	VirtioNetHdrGSONone  = 0    // VIRTIO_NET_HDR_GSO_NONE: one packet
-	VirtioNetHdrGSOTCPv4 = 1    // VIRTIO_NET_HDR_GSO_TCPV4: TSO burst
-	VirtioNetHdrGSOUDP   = 3    // VIRTIO_NET_HDR_GSO_UDP
-	VirtioNetHdrGSOTCPv6 = 4    // VIRTIO_NET_HDR_GSO_TCPV6
-	VirtioNetHdrGSOUDPL4 = 5    // VIRTIO_NET_HDR_GSO_UDP_L4
-	VirtioNetHdrGSOECN   = 0x80 // VIRTIO_NET_HDR_GSO_ECN, or'ed in
+	GSONone  = 0    // VIRTIO_NET_HDR_GSO_NONE: one packet
+	GSOTCPv4 = 1    // VIRTIO_NET_HDR_GSO_TCPV4: TSO burst
+	GSOUDP   = 3    // VIRTIO_NET_HDR_GSO_UDP
+	GSOTCPv6 = 4    // VIRTIO_NET_HDR_GSO_TCPV6
+	GSOUDPL4 = 5    // VIRTIO_NET_HDR_GSO_UDP_L4
+	GSOECN   = 0x80 // VIRTIO_NET_HDR_GSO_ECN, or'ed in
 )
 
-// VirtioNetHdr is struct virtio_net_hdr. The TUN device uses it in the
+// NetHdr is struct virtio_net_hdr. The TUN device uses it in the
 // host's byte order (legacy virtio; the device is never switched with
 // TUNSETVNETLE or TUNSETVNETBE). On a TUN device (no link-layer header)
 // CsumStart counts from the start of the IP header, so it is the IP
 // header's length.
-type VirtioNetHdr struct {
+type NetHdr struct {
 	Flags      uint8
 	GSOType    uint8
 	HdrLen     uint16 // length of the IP and transport headers (a hint)
@@ -43,9 +47,9 @@ type VirtioNetHdr struct {
 	CsumOffset uint16
 }
 
-// Decode fills h from the first VirtioNetHdrLen bytes of b.
-func (h *VirtioNetHdr) Decode(b []byte) {
-	_ = b[VirtioNetHdrLen-1]
+// Decode fills h from the first NetHdrLen bytes of b.
+func (h *NetHdr) Decode(b []byte) {
+	_ = b[NetHdrLen-1]
 	h.Flags = b[0]
 	h.GSOType = b[1]
 	h.HdrLen = binary.NativeEndian.Uint16(b[2:])
@@ -54,9 +58,9 @@ func (h *VirtioNetHdr) Decode(b []byte) {
 	h.CsumOffset = binary.NativeEndian.Uint16(b[8:])
 }
 
-// Encode writes h to the first VirtioNetHdrLen bytes of b.
-func (h *VirtioNetHdr) Encode(b []byte) {
-	_ = b[VirtioNetHdrLen-1]
+// Encode writes h to the first NetHdrLen bytes of b.
+func (h *NetHdr) Encode(b []byte) {
+	_ = b[NetHdrLen-1]
 	b[0] = h.Flags
 	b[1] = h.GSOType
 	binary.NativeEndian.PutUint16(b[2:], h.HdrLen)

@@ -1,3 +1,7 @@
+// The three kinds of channel a Node serves: request (Open, balanced over
+// the members that serve the target), reply (Accept) and duplex (Watch,
+// Open to a member, Accept).
+
 package channels
 
 import (
