@@ -31,8 +31,8 @@ type logLines struct {
 func (h *logLines) Enabled(_ context.Context, l slog.Level) bool {
 	return l >= slog.LevelWarn || h.info && l >= slog.LevelInfo
 }
-func (h *logLines) WithAttrs([]slog.Attr) slog.Handler           { return h }
-func (h *logLines) WithGroup(string) slog.Handler                { return h }
+func (h *logLines) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *logLines) WithGroup(string) slog.Handler      { return h }
 func (h *logLines) Handle(_ context.Context, r slog.Record) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
