@@ -285,21 +285,13 @@ func (l *sessionLog) allow(peer string, up bool) bool {
 // flush sums up the lines not logged in the interval that ends, and
 // starts the next.
 func (l *sessionLog) flush(interval time.Duration) {
-	type summary struct {
-		peer string
-		t    sessionTally
-	}
-	var out []summary
 	l.mu.Lock()
-	for peer, t := range l.peers {
-		if t.up+t.closed > 0 {
-			out = append(out, summary{peer, *t})
-		}
-	}
-	clear(l.peers)
+	peers := l.peers
+	l.peers = make(map[string]*sessionTally)
 	l.mu.Unlock()
-	slices.SortFunc(out, func(a, b summary) int { return cmp.Compare(a.peer, b.peer) })
-	for _, s := range out {
-		l.log.Info("sessions up and closed again", "peer", s.peer, "up", s.t.up, "closed", s.t.closed, "in", interval)
+	for _, peer := range slices.Sorted(maps.Keys(peers)) {
+		if t := peers[peer]; t.up+t.closed > 0 {
+			l.log.Info("sessions up and closed again", "peer", peer, "up", t.up, "closed", t.closed, "in", interval)
+		}
 	}
 }
