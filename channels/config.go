@@ -59,6 +59,18 @@ type Config struct {
 	// peers (default 15s).
 	KeepAliveInterval time.Duration
 
+	// MaxHandshakes bounds the connections accepted whose handshake is
+	// in progress (default 256), and MaxHandshakesPerIP those of them
+	// from one remote IP (default 32; an IPv6 /64 counts as one IP;
+	// connections over the same-host socket count only in the total).
+	// A connection beyond either is closed at once and refused with
+	// reason RefusedOverload, so that a host that opens connections and
+	// never completes their handshakes holds at most MaxHandshakesPerIP
+	// goroutines and file descriptors, for at most HandshakeTimeout
+	// each, and peers from other addresses keep being served. Sessions
+	// already up are not counted.
+	MaxHandshakes, MaxHandshakesPerIP int
+
 	// BackoffMin and BackoffMax bound the delay between failed dials to one
 	// peer (defaults 50ms and 5s). The delay doubles on each failure, with
 	// jitter, and resets after a successful handshake.
@@ -98,14 +110,16 @@ type Config struct {
 
 // Defaults.
 const (
-	DefaultDialTimeout       = defaults.DialTimeout
-	DefaultHandshakeTimeout  = 5 * time.Second
-	DefaultKeepAliveInterval = 15 * time.Second
-	DefaultSessionsPerPeer   = 2
-	DefaultBackoffMin        = 50 * time.Millisecond
-	DefaultBackoffMax        = 5 * time.Second
-	DefaultMaxStreamWindow   = 16 << 20
-	DefaultAcceptBacklog     = 128
+	DefaultDialTimeout        = defaults.DialTimeout
+	DefaultHandshakeTimeout   = 5 * time.Second
+	DefaultKeepAliveInterval  = 15 * time.Second
+	DefaultSessionsPerPeer    = 2
+	DefaultBackoffMin         = 50 * time.Millisecond
+	DefaultBackoffMax         = 5 * time.Second
+	DefaultMaxStreamWindow    = 16 << 20
+	DefaultAcceptBacklog      = 128
+	DefaultMaxHandshakes      = 256
+	DefaultMaxHandshakesPerIP = 32
 	// MaxSessionsPerPeer keeps SessionsPerPeer to what can help: each
 	// session is a connection, three goroutines and its buffers.
 	MaxSessionsPerPeer = 16
@@ -142,6 +156,12 @@ func (c Config) withDefaults() (Config, error) {
 	if c.AcceptBacklog < 0 {
 		bad("AcceptBacklog %d is negative", c.AcceptBacklog)
 	}
+	if c.MaxHandshakes < 0 {
+		bad("MaxHandshakes %d is negative", c.MaxHandshakes)
+	}
+	if c.MaxHandshakesPerIP < 0 {
+		bad("MaxHandshakesPerIP %d is negative", c.MaxHandshakesPerIP)
+	}
 	if c.SessionsPerPeer < 0 || c.SessionsPerPeer > MaxSessionsPerPeer {
 		bad("SessionsPerPeer %d is outside [0, %d]", c.SessionsPerPeer, MaxSessionsPerPeer)
 	}
@@ -172,6 +192,12 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.SessionsPerPeer == 0 {
 		c.SessionsPerPeer = DefaultSessionsPerPeer
+	}
+	if c.MaxHandshakes == 0 {
+		c.MaxHandshakes = DefaultMaxHandshakes
+	}
+	if c.MaxHandshakesPerIP == 0 {
+		c.MaxHandshakesPerIP = DefaultMaxHandshakesPerIP
 	}
 	if c.Transport == nil {
 		c.Transport = TCPTransport()

@@ -14,6 +14,14 @@ func (n *Node) NumSessions(iid string) int {
 	return n.countSessions(iid, func(*session) bool { return true })
 }
 
+// Dialing reports whether the node is dialing peer iid.
+func (n *Node) Dialing(iid string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	p := n.peers[iid]
+	return p != nil && p.dial != nil
+}
+
 // countSessions counts the live sessions with peer iid that match f.
 func (n *Node) countSessions(iid string, f func(*session) bool) int {
 	n.mu.Lock()

@@ -119,8 +119,19 @@ const (
 )
 
 // serveConn runs the listener's side of the handshake on an accepted
-// connection and then serves the session.
+// connection, which acceptLoop counted in n.admission, and then serves the
+// session.
 func (n *Node) serveConn(raw net.Conn) {
+	s := n.acceptSession(raw)
+	n.admission.release(raw.RemoteAddr())
+	if s != nil {
+		s.serve()
+	}
+}
+
+// acceptSession runs the listener's side of the handshake on raw and
+// returns the session registered, or nil.
+func (n *Node) acceptSession(raw net.Conn) *session {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.HandshakeTimeout)
 	conn := raw
@@ -162,7 +173,7 @@ func (n *Node) serveConn(raw net.Conn) {
 		// attempted, so none failed.
 		conn.Close()
 		n.log.Debug("same-host connection closed unused by its dialer")
-		return
+		return nil
 	}
 	var s *session
 	if err == nil {
@@ -177,17 +188,19 @@ func (n *Node) serveConn(raw net.Conn) {
 			n.refuse(raw.RemoteAddr(), Refusal{Reason: refusalReason(err, stage), Claimed: hello.IID,
 				Err: fmt.Errorf("handshake from %s: %w", raw.RemoteAddr(), err)})
 		}
-		return
+		return nil
 	}
 	if err := n.addSession(s); err != nil {
 		s.ys.Close()
 		if !errors.Is(err, ErrClosed) {
 			n.refuse(raw.RemoteAddr(), Refusal{Reason: refusalReason(err, stage), Claimed: hello.IID, Err: err})
 		}
-		return
+		return nil
 	}
-	s.log.Info("session up", "dialed", false, "auth", auth)
-	s.serve()
+	if n.sessions.allow(s.hello.IID, true) {
+		s.log.Info("session up", "dialed", false, "auth", auth)
+	}
+	return s
 }
 
 // refusalReason classifies a failed handshake: by the reason it was
@@ -230,14 +243,47 @@ func (n *Node) admit(ctx context.Context, raw net.Conn, certified *pki.Identity,
 		return Member{}, "", refused(RefusedNotMember, fmt.Errorf("%s is not a member", claim))
 	case m.Role != "" && m.Role != h.Role:
 		return Member{}, "", refused(RefusedRole, fmt.Errorf("%s: the member's role is %q", claim, m.Role))
-	case isTLS:
-		return m, authTLS, nil
 	}
-	auth, err := n.admitPlaintext(ctx, raw, m)
+	auth := authTLS
+	if !isTLS {
+		var err error
+		if auth, err = n.admitPlaintext(ctx, raw, m); err != nil {
+			return Member{}, "", fmt.Errorf("%s: %w", claim, err)
+		}
+	}
+	n.mu.Lock()
+	err := n.roomLocked(h.IID)
+	n.mu.Unlock()
 	if err != nil {
-		return Member{}, "", fmt.Errorf("%s: %w", claim, err)
+		return Member{}, "", err
 	}
 	return m, auth, nil
+}
+
+// maxAcceptedSessions bounds the sessions one member holds with a node
+// that the member dialed, retiring ones included. A node dials at most
+// MaxSessionsPerPeer sessions to a peer, and a retired one closes once
+// its streams have ended: four times that leaves room for several
+// generations of retired sessions still carrying streams. Each session is
+// a connection and three goroutines, so a member that dials without end
+// would otherwise exhaust them.
+const maxAcceptedSessions = 4 * MaxSessionsPerPeer
+
+// roomLocked refuses (RefusedOverload) another session dialed by member
+// iid when it holds maxAcceptedSessions already. n.mu must be held.
+func (n *Node) roomLocked(iid string) error {
+	k := 0
+	if p := n.peers[iid]; p != nil {
+		for _, s := range p.sessions {
+			if !s.info.dialed {
+				k++
+			}
+		}
+	}
+	if k >= maxAcceptedSessions {
+		return refused(RefusedOverload, fmt.Errorf("member %q already holds %d sessions it dialed, the most a member may", iid, k))
+	}
+	return nil
 }
 
 // admitPlaintext decides whether a connection without TLS comes from
@@ -267,6 +313,9 @@ func (n *Node) admitPlaintext(ctx context.Context, raw net.Conn, m Member) (stri
 	from := raw.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap() // !local: a TCP address
 	if slices.Contains(ips, from) {
 		return authAddress, nil
+	}
+	if m.Addr == "" {
+		return "", refused(RefusedAddress, fmt.Errorf("connection from %s, but the member has no address to check it against (list it with the address it dials from, or use TLS)", from))
 	}
 	return "", refused(RefusedAddress, fmt.Errorf("connection from %s, not from the member's address %s", from, m.Addr))
 }

@@ -43,7 +43,7 @@ func (r *refusals) add(x channels.Refusal) {
 func (r *refusals) wait(t *testing.T, want map[string]int) {
 	t.Helper()
 	require.Eventually(t, func() bool { return assert.ObjectsAreEqual(want, r.get()) },
-		5*time.Second, 5*time.Millisecond, "refusals: want %v", want)
+		5*time.Second, 5*time.Millisecond, "refusals: want %v, got %v", want, r.get())
 	assert.Equal(t, want, r.get())
 }
 
@@ -143,6 +143,7 @@ func TestPlaintextImpostorsRefused(t *testing.T) {
 	members := membership.Static(
 		channels.Member{IID: "cli", Role: "test", Addr: "10.0.0.1:7000"},
 		channels.Member{IID: "srv", Role: "test", Addr: "10.0.0.2:7000", Channels: svc},
+		channels.Member{IID: "dialer", Role: "test"}, // dials only: no address
 	)
 	var seen refusals
 	var reply channels.ReplyChannel
@@ -172,6 +173,7 @@ func TestPlaintextImpostorsRefused(t *testing.T) {
 		{"impostor of the server, at the client", "10.0.0.1:7000", wire.Hello{IID: "srv", Role: "test", Channels: []string{"svc"}}, "not from the member's address 10.0.0.2:7000"},
 		{"impostor of the client, at the server", "10.0.0.2:7000", wire.Hello{IID: "cli", Role: "test"}, "not from the member's address 10.0.0.1:7000"},
 		{"stranger at the server", "10.0.0.2:7000", wire.Hello{IID: "evil", Role: "test"}, `"evil" (role "test") is not a member`},
+		{"a member without address, from another host", "10.0.0.2:7000", wire.Hello{IID: "dialer", Role: "test"}, "the member has no address to check it against"},
 		{"stranger at the client", "10.0.0.1:7000", wire.Hello{IID: "evil", Role: "test", Channels: []string{"svc"}}, "is not a member"},
 	} {
 		rp, err := impostor(t, rawDial(t, evil, tc.addr), tc.hello, &got)
@@ -185,7 +187,7 @@ func TestPlaintextImpostorsRefused(t *testing.T) {
 	// impostors tried to slip in.
 	sendThrough(t, req, reply, "srv", "cli", 6)
 	assert.Zero(t, got.get(), "streams sent to an impostor")
-	seen.wait(t, map[string]int{channels.RefusedAddress: 2, channels.RefusedNotMember: 2})
+	seen.wait(t, map[string]int{channels.RefusedAddress: 3, channels.RefusedNotMember: 2})
 }
 
 // TestPlaintextAcrossHostsNeedsInsecure: without TLS and without

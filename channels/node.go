@@ -23,6 +23,10 @@ type Node struct {
 	log      *slog.Logger
 	tls      *tlsState // nil without TLS
 	refusals *refusalLog
+	sessions *sessionLog // lines of sessions up and closed
+	// admission bounds the handshakes in progress on accepted
+	// connections.
+	admission *admission
 	// memberGrace is memberGrace when the node was made.
 	memberGrace time.Duration
 
@@ -71,6 +75,8 @@ func NewNode(cfg Config) (*Node, error) {
 		log:         log,
 		tls:         newTLSState(cfg.TLS),
 		refusals:    newRefusalLog(log),
+		sessions:    newSessionLog(log),
+		admission:   newAdmission(cfg.MaxHandshakes, cfg.MaxHandshakesPerIP),
 		memberGrace: memberGrace,
 		ctx:         ctx,
 		cancel:      cancel,
@@ -193,7 +199,7 @@ func (n *Node) start(ctx context.Context) error {
 		n.log.Warn("insecure: sessions without TLS with peers at any address; " +
 			"anyone who can reach this node or its peers can read and alter them")
 	}
-	if !n.spawn(func() { n.refusals.run(n.done) }) {
+	if !n.spawn(func() { n.refusals.run(n.done, n.sessions) }) {
 		return ErrClosed
 	}
 	if n.cfg.ListenAddr != "" {
@@ -266,9 +272,14 @@ func (n *Node) watchMembers(updates <-chan []Member) {
 }
 
 // acceptLoop hands every incoming connection to its own goroutine, so a
-// slow handshake never holds up the next peer.
+// slow handshake never holds up the next peer, within the bounds of
+// n.admission: a connection beyond them is closed at once.
 func (n *Node) acceptLoop(ln net.Listener) {
-	var delay time.Duration
+	var (
+		delay  time.Duration
+		failed int       // accept errors since the last logged
+		logged time.Time // when the last was logged
+	)
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
@@ -276,9 +287,13 @@ func (n *Node) acceptLoop(ln net.Listener) {
 				return
 			}
 			// Out of file descriptors and the like: wait and retry
-			// rather than spin or give up listening.
-			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			n.log.Warn("accept failed; retrying", "err", err, "in", delay)
+			// rather than spin or give up listening, and say so at most
+			// once per acceptLogInterval.
+			delay = min(max(2*delay, acceptRetryMin), acceptRetryMax)
+			if failed++; time.Since(logged) >= acceptLogInterval {
+				n.log.Warn("accept failed; retrying", "err", err, "failures", failed, "retry_in", delay)
+				failed, logged = 0, time.Now()
+			}
 			t := time.NewTimer(delay)
 			select {
 			case <-t.C:
@@ -289,11 +304,37 @@ func (n *Node) acceptLoop(ln net.Listener) {
 			continue
 		}
 		delay = 0
+		if err := n.admission.acquire(conn.RemoteAddr()); err != nil {
+			n.overload(conn, err)
+			continue
+		}
 		if !n.spawn(func() { n.serveConn(conn) }) {
+			n.admission.release(conn.RemoteAddr())
 			conn.Close()
 			return
 		}
 	}
+}
+
+// How acceptLoop waits after a failed accept, and how often it logs
+// failures (variables for tests).
+var (
+	acceptRetryMin    = 5 * time.Millisecond
+	acceptRetryMax    = 100 * time.Millisecond
+	acceptLogInterval = 10 * time.Second
+)
+
+// overload closes conn, which came beyond the bounds of n.admission, and
+// reports it refused.
+func (n *Node) overload(conn net.Conn, err error) {
+	if tc, ok := conn.(*net.TCPConn); ok {
+		// A reset rather than a FIN: no socket lingers in TIME_WAIT
+		// for each connection of a flood.
+		_ = tc.SetLinger(0)
+	}
+	conn.Close()
+	n.refuse(conn.RemoteAddr(), Refusal{Reason: RefusedOverload,
+		Err: fmt.Errorf("connection from %s closed at once: %w", conn.RemoteAddr(), err)})
 }
 
 // IID is the node's instance id.

@@ -34,6 +34,12 @@ type dialCall struct {
 	done chan struct{}
 	s    *session // set before done is closed
 	err  error
+	// more is how many more sessions to dial, one after the other, once
+	// this one is up, as long as fewer than SessionsPerPeer are open.
+	// It is counted down rather than open sessions counted up alone, so
+	// that a peer that retires sessions as they come cannot keep this
+	// node dialing.
+	more int
 }
 
 // live returns the open, not retiring session carrying the fewest
@@ -110,7 +116,7 @@ func (n *Node) sessionTo(ctx context.Context, m Member) (*session, error) {
 		}
 		// The dial belongs to the node, not to this caller: a caller that
 		// gives up must not fail the dial for the others waiting on it.
-		call = &dialCall{done: make(chan struct{})}
+		call = &dialCall{done: make(chan struct{}), more: n.cfg.SessionsPerPeer - 1}
 		p.dial = call
 		n.wg.Go(func() { n.runDial(p, m, call) }) // under n.mu and not closed: see spawn
 	}
@@ -144,10 +150,10 @@ func (n *Node) runDial(p *peer, m Member, call *dialCall) {
 	case err == nil:
 		p.sessions = append(p.sessions, s)
 		p.failures, p.retryAt, p.lastErr = 0, time.Time{}, nil
-		if _, open := p.live(); open < n.cfg.SessionsPerPeer {
+		if _, open := p.live(); open < n.cfg.SessionsPerPeer && call.more > 0 {
 			// The next of SessionsPerPeer, in the background: streams go
 			// on the sessions there are meanwhile.
-			next := &dialCall{done: make(chan struct{})}
+			next := &dialCall{done: make(chan struct{}), more: call.more - 1}
 			p.dial = next
 			n.wg.Go(func() { n.runDial(p, m, next) }) // under n.mu and not closed: see spawn
 		}
@@ -166,7 +172,9 @@ func (n *Node) runDial(p *peer, m Member, call *dialCall) {
 	call.s, call.err = s, err
 	close(call.done)
 	if s != nil {
-		s.log.Info("session up", "addr", m.Addr, "dialed", true, "auth", s.auth)
+		if n.sessions.allow(m.IID, true) {
+			s.log.Info("session up", "addr", m.Addr, "dialed", true, "auth", s.auth)
+		}
 		s.serve()
 	}
 }
@@ -195,6 +203,9 @@ func (n *Node) addSession(s *session) error {
 	iid := s.hello.IID
 	if cur, ok := n.members.byIID[iid]; !ok || !sameIdentity(cur, s.member, s.auth) {
 		return refused(RefusedNotMember, fmt.Errorf("%w: member %q changed or left during the handshake", errRefused, iid))
+	}
+	if err := n.roomLocked(iid); err != nil {
+		return err
 	}
 	p := n.peers[iid]
 	if p == nil {
@@ -230,10 +241,11 @@ func (n *Node) replace(s *session) {
 	if n.closed || !ok || p == nil || p.dial != nil {
 		return
 	}
-	if _, open := p.live(); open >= n.cfg.SessionsPerPeer {
+	_, open := p.live()
+	if open >= n.cfg.SessionsPerPeer {
 		return
 	}
-	call := &dialCall{done: make(chan struct{})}
+	call := &dialCall{done: make(chan struct{}), more: n.cfg.SessionsPerPeer - open - 1}
 	p.dial = call
 	n.wg.Go(func() { n.runDial(p, m, call) }) // under n.mu and not closed: see spawn
 }

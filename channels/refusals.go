@@ -66,6 +66,11 @@ const (
 	RefusedForbidden = "forbidden"
 	// RefusedBacklog: the channel's accept backlog is full.
 	RefusedBacklog = "backlog"
+	// RefusedOverload: a connection closed at once because too many
+	// handshakes are in progress, in all or from its address
+	// (Config.MaxHandshakes, MaxHandshakesPerIP), or a session beyond
+	// the 64 that one member may dial to this node.
+	RefusedOverload = "overload"
 )
 
 // refusalError is an error with the reason it is reported under.
@@ -183,19 +188,21 @@ func (l *refusalLog) flush() {
 	}
 }
 
-// run flushes every interval until done is closed, then once
-// more.
-func (l *refusalLog) run(done <-chan struct{}) {
+// run flushes l and sessions every interval until done is closed, then
+// once more.
+func (l *refusalLog) run(done <-chan struct{}, sessions *sessionLog) {
 	t := time.NewTicker(l.interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-t.C:
-			l.flush()
 		case <-done:
 			l.flush()
+			sessions.flush(l.interval)
 			return
 		}
+		l.flush()
+		sessions.flush(l.interval)
 	}
 }
 
@@ -225,4 +232,66 @@ func (n *Node) refuse(remote net.Addr, r Refusal) {
 		n.cfg.OnRefused(r)
 	}
 	n.refusals.add(addrKey(remote), r)
+}
+
+// sessionLogBurst is how many lines about its sessions coming up and
+// closing a peer gets per refusalLogInterval before the rest are summed
+// up: enough for MaxSessionsPerPeer sessions to come up and close.
+const sessionLogBurst = 2 * MaxSessionsPerPeer
+
+// sessionLog writes the lines of sessions coming up and closing, at most
+// sessionLogBurst per peer per interval: the others are counted and
+// summed up in one line per peer at the end of the interval, so that a
+// member that reconnects without end cannot flood the log. Sessions are
+// held only with members, so the peers tracked are a bounded set.
+type sessionLog struct {
+	log *slog.Logger
+
+	mu    sync.Mutex
+	peers map[string]*sessionTally
+}
+
+// sessionTally counts a peer's session lines in the current interval.
+type sessionTally struct {
+	logged, up, closed int
+}
+
+func newSessionLog(log *slog.Logger) *sessionLog {
+	return &sessionLog{log: log, peers: make(map[string]*sessionTally)}
+}
+
+// allow reports whether a line about a session with peer coming up (or,
+// with up false, closing) may be logged now; if not, it is counted.
+func (l *sessionLog) allow(peer string, up bool) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	t := l.peers[peer]
+	if t == nil {
+		t = &sessionTally{}
+		l.peers[peer] = t
+	}
+	switch {
+	case t.logged < sessionLogBurst:
+		t.logged++
+		return true
+	case up:
+		t.up++
+	default:
+		t.closed++
+	}
+	return false
+}
+
+// flush sums up the lines not logged in the interval that ends, and
+// starts the next.
+func (l *sessionLog) flush(interval time.Duration) {
+	l.mu.Lock()
+	peers := l.peers
+	l.peers = make(map[string]*sessionTally)
+	l.mu.Unlock()
+	for _, peer := range slices.Sorted(maps.Keys(peers)) {
+		if t := peers[peer]; t.up+t.closed > 0 {
+			l.log.Info("sessions up and closed again", "peer", peer, "up", t.up, "closed", t.closed, "in", interval)
+		}
+	}
 }

@@ -21,15 +21,18 @@ import (
 )
 
 // logLines records the messages of the log records at warning level and
-// above.
+// above, or with info set at info level and above.
 type logLines struct {
+	info bool
 	mu   sync.Mutex
 	msgs []string
 }
 
-func (h *logLines) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
-func (h *logLines) WithAttrs([]slog.Attr) slog.Handler           { return h }
-func (h *logLines) WithGroup(string) slog.Handler                { return h }
+func (h *logLines) Enabled(_ context.Context, l slog.Level) bool {
+	return l >= slog.LevelWarn || h.info && l >= slog.LevelInfo
+}
+func (h *logLines) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *logLines) WithGroup(string) slog.Handler      { return h }
 func (h *logLines) Handle(_ context.Context, r slog.Record) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -88,6 +91,7 @@ func TestRefusalFloodLogsBounded(t *testing.T) {
 	cfg.Logger = slog.New(logs)
 	cfg.HandshakeTimeout = 300 * time.Millisecond
 	cfg.OnRefused = seen.add
+	cfg.MaxHandshakes = 2000 // more than the idle connections at once: none refused for that
 	b, err := channels.NewNode(cfg)
 	require.NoError(t, err)
 	_, err = b.Reply("svc")
@@ -172,6 +176,7 @@ func TestRefusalLogTracksBoundedAddresses(t *testing.T) {
 	cfg := onHost("b", mt, "10.1.0.1", membership.Static())
 	cfg.Logger = slog.New(logs)
 	cfg.OnRefused = seen.add
+	cfg.MaxHandshakes = 2000 // handshakes that ended may not have been counted out yet
 	b, err := channels.NewNode(cfg)
 	require.NoError(t, err)
 	require.NoError(t, b.Start(context.Background()))

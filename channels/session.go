@@ -29,6 +29,10 @@ type session struct {
 	member Member
 	auth   string
 
+	// headerSlots holds a token for each incoming stream whose header is
+	// being read (see maxPendingHeaders).
+	headerSlots chan struct{}
+
 	mu      sync.Mutex
 	done    bool
 	streams map[*stream]struct{} // outgoing streams not yet finished
@@ -68,6 +72,8 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 		info:    newSessionInfo(conn, dialed),
 		log:     n.log.With("peer", h.IID, "net", network, "remote", conn.RemoteAddr().String()),
 		streams: make(map[*stream]struct{}),
+
+		headerSlots: make(chan struct{}, maxPendingHeaders),
 	}
 	s.openDone = sync.NewCond(&s.mu)
 	return s, nil
@@ -109,6 +115,12 @@ func (s *session) serve() {
 		if ys, err = s.ys.AcceptStream(context.Background()); err != nil {
 			break
 		}
+		select {
+		case s.headerSlots <- struct{}{}:
+		case <-s.ys.CloseChan():
+			ys.Reset()
+			continue // AcceptStream fails next
+		}
 		if !s.n.spawn(func() { s.handleStream(ys) }) {
 			ys.Reset()
 			break
@@ -126,10 +138,18 @@ func (s *session) serve() {
 	for st := range streams {
 		st.finish()
 	}
-	if s.n.ctx.Err() == nil {
+	if s.n.ctx.Err() == nil && s.n.sessions.allow(s.hello.IID, false) {
 		s.log.Info("session closed", "err", err)
 	}
 }
+
+// maxPendingHeaders bounds the incoming streams of a session whose header
+// is being read, each a goroutine for up to Config.HandshakeTimeout: while
+// that many wait, serve takes no more from the multiplexer, whose accept
+// backlog then holds them. A peer that runs this package sends the header
+// in a stream's first frame, so its streams wait only to be scheduled; one
+// that sends headers slowly, or never, holds up only its own session.
+const maxPendingHeaders = 256
 
 // handleStream reads an incoming stream's header and queues the stream on
 // its channel. Anything wrong resets this stream only.
@@ -142,6 +162,7 @@ func (s *session) handleStream(ys *mux.Stream) {
 	}
 	_ = ys.SetReadDeadline(time.Now().Add(s.n.cfg.HandshakeTimeout))
 	wh, err := wire.ReadStreamHeader(ys)
+	<-s.headerSlots
 	if err != nil {
 		fail(refusalReason(err, RefusedProtocol), err)
 		return
@@ -360,18 +381,28 @@ func (s *session) askPeerToRetire() error {
 
 // retiredByPeer answers the peer's retirement request on ys: once this
 // node opens no more streams on the session, it closes its side of ys.
+// Then it closes the session once idle, as the peer does: a peer that
+// asked and kept the session open would otherwise hold it for ever. It
+// does not dial a replacement (the next stream to the peer dials one if
+// need be), so that a peer retiring every session at once does not make
+// this node dial it again and again.
 func (s *session) retiredByPeer(ys *mux.Stream) {
-	defer ys.Close()
-	if s.stopOpening() {
+	// Not first: retiring already, and closed once idle by whoever
+	// started it (this node's ageOut, or an earlier request).
+	first := s.stopOpening()
+	if first && s.n.sessions.allow(s.hello.IID, false) {
 		s.log.Info("session retired by the peer", "age", time.Since(s.info.established).Round(time.Millisecond))
-		s.n.replace(s)
 	}
 	_ = ys.SetDeadline(time.Now().Add(s.n.cfg.HandshakeTimeout))
 	if _, err := ys.Read(make([]byte, 1)); err != io.EOF { // the request's end
 		ys.Reset()
-		return
+	} else {
+		_ = ys.CloseWrite()
+		ys.Close()
 	}
-	_ = ys.CloseWrite()
+	if first {
+		s.closeWhenIdle()
+	}
 }
 
 // closeWhenIdle closes the session once no stream is open on it, either

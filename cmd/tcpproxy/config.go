@@ -82,6 +82,13 @@ type transportConfig struct {
 	// handshake, new certificates); the old one closes once its
 	// connections have ended.
 	MaxSessionAge duration `yaml:"maxSessionAge"`
+	// MaxHandshakes bounds the connections from other proxies whose
+	// handshake is in progress (default 256), and MaxHandshakesPerIP
+	// those from one IP address (default 32): connections beyond are
+	// closed at once, so that a host that opens connections and never
+	// completes them cannot exhaust file descriptors.
+	MaxHandshakes      int `yaml:"maxHandshakes"`
+	MaxHandshakesPerIP int `yaml:"maxHandshakesPerIP"`
 }
 
 // tlsConfig is the `tls:` section (mutual TLS between proxies) and
@@ -274,6 +281,14 @@ func (c *fileConfig) validate() error {
 	}
 	if n := c.Transport.Sessions; n < 0 || n > channels.MaxSessionsPerPeer {
 		errs = append(errs, fmt.Errorf("transport.sessions: %d is outside 1..%d (0 means the default, %d)", n, channels.MaxSessionsPerPeer, channels.DefaultSessionsPerPeer))
+	}
+	for _, f := range []struct {
+		name string
+		v    int
+	}{{"maxHandshakes", c.Transport.MaxHandshakes}, {"maxHandshakesPerIP", c.Transport.MaxHandshakesPerIP}} {
+		if f.v < 0 {
+			errs = append(errs, fmt.Errorf("transport.%s: %d is negative (0 means the default)", f.name, f.v))
+		}
 	}
 	switch c.Transport.SameHost {
 	case "", "unix", "tcp":

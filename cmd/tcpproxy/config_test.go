@@ -23,7 +23,7 @@ channels:
   api: {kind: request, port: 8080}
   peers: {kind: duplex, port: 2380, mode: both}
 legacy: {onChange: SIGHUP, stopTimeout: 2s}
-transport: {keepAlive: 5s, dialTimeout: 1s, handshakeTimeout: 2s, sessions: 2}
+transport: {keepAlive: 5s, dialTimeout: 1s, handshakeTimeout: 2s, sessions: 2, maxHandshakes: 100, maxHandshakesPerIP: 10}
 log: {format: json, level: debug}
 drainTimeout: 3s
 `
@@ -34,6 +34,8 @@ func TestParseConfig(t *testing.T) {
 	assert.Equal(t, "web-1", cfg.IID)
 	assert.Equal(t, 8080, cfg.Channels["api"].Port)
 	assert.Len(t, cfg.Members.Static, 1)
+	assert.Equal(t, 100, cfg.Transport.MaxHandshakes)
+	assert.Equal(t, 10, cfg.Transport.MaxHandshakesPerIP)
 }
 
 func TestParseConfigErrors(t *testing.T) {
@@ -63,6 +65,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"both members", "iid: a\nrole: r\nlisten: x:1\nmembers: {file: m.yaml, static: [{iid: b}]}\nchannels:\n  db: {kind: reply, port: 1}\n", "give one of file, static, etcd or dns"},
 		{"sessions", "iid: a\nrole: r\nlisten: x:1\ntransport: {sessions: 17}\nchannels:\n  db: {kind: reply, port: 1}\n", "transport.sessions: 17 is outside 1..16"},
 		{"sameHost", "iid: a\nrole: r\nlisten: x:1\ntransport: {sameHost: pipe}\nchannels:\n  db: {kind: reply, port: 1}\n", `transport.sameHost: "pipe" is not unix or tcp`},
+		{"maxHandshakesPerIP", "iid: a\nrole: r\nlisten: x:1\ntransport: {maxHandshakesPerIP: -1}\nchannels:\n  db: {kind: reply, port: 1}\n", "transport.maxHandshakesPerIP: -1 is negative"},
 		{"not yaml", "{{{", "did not find expected"},
 		{"list for a mapping", "iid: a\nrole: r\nlisten: x:1\nchannels: [db]\n", "line 4: a list is not a mapping of names to values"},
 	} {

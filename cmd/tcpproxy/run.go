@@ -80,15 +80,17 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 	node, err := channels.NewNode(channels.Config{
 		IID: cfg.IID, Role: cfg.Role, ListenAddr: cfg.Listen,
 		TLS: tlsCreds, Members: src, Logger: log,
-		KeepAliveInterval: time.Duration(cfg.Transport.KeepAlive),
-		OnHandshake:       obs.onHandshake(),
-		DialTimeout:       time.Duration(cfg.Transport.DialTimeout),
-		HandshakeTimeout:  time.Duration(cfg.Transport.HandshakeTimeout),
-		SessionsPerPeer:   cfg.Transport.Sessions,
-		Transport:         transport,
-		Insecure:          cfg.Transport.Insecure,
-		MaxSessionAge:     time.Duration(cfg.Transport.MaxSessionAge),
-		OnRefused:         obs.onRefused(),
+		KeepAliveInterval:  time.Duration(cfg.Transport.KeepAlive),
+		OnHandshake:        obs.onHandshake(),
+		DialTimeout:        time.Duration(cfg.Transport.DialTimeout),
+		HandshakeTimeout:   time.Duration(cfg.Transport.HandshakeTimeout),
+		SessionsPerPeer:    cfg.Transport.Sessions,
+		Transport:          transport,
+		Insecure:           cfg.Transport.Insecure,
+		MaxSessionAge:      time.Duration(cfg.Transport.MaxSessionAge),
+		MaxHandshakes:      cfg.Transport.MaxHandshakes,
+		MaxHandshakesPerIP: cfg.Transport.MaxHandshakesPerIP,
+		OnRefused:          obs.onRefused(),
 	})
 	if err != nil {
 		return nil, err

@@ -95,7 +95,7 @@ type Transport struct {
 // the start, at 0, by side: the reasons each side can see.
 var refusalReasons = map[string][]string{
 	"accept": {channels.RefusedTimeout, channels.RefusedProtocol, channels.RefusedTLS, channels.RefusedIdentity,
-		channels.RefusedSelf, channels.RefusedNotMember, channels.RefusedRole, channels.RefusedPlaintext, channels.RefusedAddress},
+		channels.RefusedSelf, channels.RefusedNotMember, channels.RefusedRole, channels.RefusedPlaintext, channels.RefusedAddress, channels.RefusedOverload},
 	"dial":   {channels.RefusedPlaintext, channels.RefusedIdentity, channels.RefusedPeer},
 	"stream": {channels.RefusedTimeout, channels.RefusedProtocol, channels.RefusedSource, channels.RefusedChannel, channels.RefusedForbidden, channels.RefusedBacklog},
 }

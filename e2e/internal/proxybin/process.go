@@ -117,6 +117,15 @@ func (p *Process) Signal(sig os.Signal) error {
 	return r.cmd.Process.Signal(sig)
 }
 
+// Pid is the process id of the run started last, 0 if none was started.
+func (p *Process) Pid() int {
+	r, _ := p.current()
+	if r == nil {
+		return 0
+	}
+	return r.cmd.Process.Pid
+}
+
 // Kill sends SIGKILL to the run started last (not waiting for it).
 func (p *Process) Kill() error { return p.Signal(syscall.SIGKILL) }
 
