@@ -20,8 +20,11 @@
 // database through its request channel "db", with the members listed in a
 // watched file and mutual TLS between proxies:
 //
-//	creds, err := channels.TLSConfigFromFiles("cache-1.pem", "cache-1-key.pem", "ca.pem")
+//	tlsFiles, err := creds.WatchFiles(creds.FilesConfig{ // reloaded when they change
+//		Cert: "cache-1.pem", Key: "cache-1-key.pem", CA: "ca.pem",
+//	})
 //	...
+//	defer tlsFiles.Close()
 //	p, err := proxy.New(proxy.Config{
 //		IID:  "cache-1",
 //		Role: "cache",
