@@ -17,7 +17,9 @@ package channels
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
+	"syscall"
 )
 
 // Stream is one proxied, full-duplex byte stream between two proxies.
@@ -29,7 +31,37 @@ type Stream interface {
 	// Reset aborts the stream in both directions. The peer's pending and
 	// future Read and Write calls fail with an error matching ErrStreamReset.
 	Reset() error
+	// AwaitReset waits, once Read has returned io.EOF, until the stream is
+	// reset (an error matching ErrStreamReset), or until its write side
+	// ends cleanly, it is closed or its read deadline passes (nil). A relay
+	// uses it to pass on at once a reset that follows a half-close. It must
+	// not run alongside a Read.
+	AwaitReset() error
+	// WriteTo writes what arrives to w, handing the received buffers to w
+	// without a copy (or splicing them when w is a SpliceConn), until the
+	// peer's FIN (nil) or an error.
+	io.WriterTo
+	// SpliceFrom moves what src has to read into the stream with
+	// splice(2), without copying it through the process, until src has
+	// nothing more right now (nil), src's end (io.EOF) or an error. It
+	// fails with ErrNoSplice, having moved nothing, when the stream's
+	// session cannot splice (TLS, in-memory, splicing off, not Linux) or
+	// src is not a kernel socket.
+	SpliceFrom(src SpliceConn) (int64, error)
 }
+
+// SpliceConn is a kernel socket at the other end of a splice: a stream's
+// SpliceFrom reads from it and WriteTo writes to it with splice(2).
+// Spliced is told how many bytes went that way, since they bypass the
+// socket's Read and Write (byte counts, idle timers).
+type SpliceConn interface {
+	syscall.Conn
+	Spliced(n int)
+}
+
+// ErrNoSplice is returned by Stream.SpliceFrom when it cannot splice; the
+// caller copies instead.
+var ErrNoSplice = errors.New("cannot splice on this stream")
 
 // ErrStreamReset is matched (errors.Is) by the error a Stream returns after
 // the peer reset it.

@@ -87,15 +87,17 @@ func (s *stream) WriteTo(w io.Writer) (int64, error) {
 	return n, err // w's error
 }
 
-// SpliceFrom moves what src has to read into the stream with splice(2),
-// until src has nothing more right now (nil), src's end (io.EOF) or an
-// error; see mux.Stream.SpliceFrom. It returns an error matching
-// mux.ErrNoSplice, having moved nothing, when the stream's session does
-// not run over TCP or src is not a socket. The stream's errors are mapped
-// as by Write; src's are returned as they are.
-func (s *stream) SpliceFrom(src mux.SpliceConn) (int64, error) {
+// SpliceFrom moves what src has to read into the stream with splice(2);
+// see mux.Stream.SpliceFrom. The multiplexer's ErrNoSplice becomes this
+// package's, the stream's errors are mapped as by Write, and src's are
+// returned as they are.
+func (s *stream) SpliceFrom(src SpliceConn) (int64, error) {
 	n, err := s.ys.SpliceFrom(src)
-	if err != nil && (s.closed.Load() || errors.Is(err, mux.ErrStreamReset) || errors.Is(err, mux.ErrWriteAfterClose)) {
+	switch {
+	case err == nil:
+	case errors.Is(err, mux.ErrNoSplice):
+		return n, ErrNoSplice
+	case s.closed.Load() || errors.Is(err, mux.ErrStreamReset) || errors.Is(err, mux.ErrWriteAfterClose):
 		return n, s.mapErr("write", err)
 	}
 	return n, err

@@ -130,7 +130,7 @@ func BenchmarkMemoryConnect(b *testing.B) {
 	ctx := context.Background()
 	n, h := newMemory(b)
 	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
+	l, err := netListen(n.Listen(ctx, claim))
 	require.NoError(b, err)
 	benchConnect(b, l, func() (net.Conn, error) { return h.Dial(ctx, claim) })
 }

@@ -10,6 +10,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"gvisor.dev/gvisor/pkg/waiter"
+
+	"github.com/tcpproxy/tcpproxy/proxy/netconn"
 )
 
 // epListener is a net.Listener on a listening gVisor endpoint. It is
@@ -61,6 +63,26 @@ func listen(s *stack.Stack, addr netip.AddrPort, backlog int, onClose func()) (*
 
 // Accept implements net.Listener.
 func (l *epListener) Accept() (net.Conn, error) {
+	c, err := l.accept()
+	if err != nil {
+		return nil, err // a bare nil, not a nil *Conn in an interface
+	}
+	return c, nil
+}
+
+// claimListener is a Network's listener: a netconn.Listener, whose Accept
+// returns the connection as the proxy takes it.
+type claimListener struct{ *epListener }
+
+func (l claimListener) Accept() (netconn.Conn, error) {
+	c, err := l.accept()
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func (l *epListener) accept() (*Conn, error) {
 	entry, notify := waiter.NewChannelEntry(waiter.ReadableEvents)
 	l.wq.EventRegister(&entry)
 	defer l.wq.EventUnregister(&entry)

@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tcpproxy/tcpproxy/netstack"
+	"github.com/tcpproxy/tcpproxy/proxy/netconn"
 )
 
 var (
@@ -26,6 +27,15 @@ var (
 	hostIP     = netip.MustParseAddr("127.0.0.1")
 	defaultSrc = netip.MustParseAddr("127.1.255.254")
 )
+
+// netListen takes a Network's claim as a net.Listener, as the tests use
+// the Host's listeners and the kernel's.
+func netListen(l netconn.Listener, err error) (net.Listener, error) {
+	if err != nil {
+		return nil, err
+	}
+	return netconn.NetListener(l), nil
+}
 
 func newMemory(t testing.TB) (*netstack.Network, *netstack.Host) {
 	t.Helper()
@@ -77,7 +87,7 @@ func pair(t testing.TB, l net.Listener, dial func() (net.Conn, error)) (dialed, 
 func listenClaim(ctx context.Context, t testing.TB, n *netstack.Network) (netip.AddrPort, net.Listener) {
 	t.Helper()
 	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
+	l, err := netListen(n.Listen(ctx, claim))
 	require.NoError(t, err)
 	t.Cleanup(func() { l.Close() })
 	return claim, l
@@ -139,7 +149,7 @@ func TestMemoryUnclaimedIsRefused(t *testing.T) {
 
 	// A released claim refuses again.
 	claim := netip.AddrPortFrom(requestIP, 82)
-	l, err := n.Listen(ctx, claim)
+	l, err := netListen(n.Listen(ctx, claim))
 	require.NoError(t, err)
 	require.NoError(t, l.Close())
 	_, err = h.Dial(ctx, claim)
@@ -150,16 +160,16 @@ func TestMemoryListenClaimsOnce(t *testing.T) {
 	ctx := testCtx(t)
 	n, _ := newMemory(t)
 	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
+	l, err := netListen(n.Listen(ctx, claim))
 	require.NoError(t, err)
-	_, err = n.Listen(ctx, claim)
+	_, err = netListen(n.Listen(ctx, claim))
 	require.ErrorIs(t, err, syscall.EADDRINUSE)
 	require.NoError(t, l.Close())
 	require.ErrorIs(t, l.Close(), net.ErrClosed)
 	_, err = l.Accept()
 	require.ErrorIs(t, err, net.ErrClosed)
 
-	l, err = n.Listen(ctx, claim)
+	l, err = netListen(n.Listen(ctx, claim))
 	require.NoError(t, err, "the claim must be free after Close")
 	require.NoError(t, l.Close())
 }
@@ -167,10 +177,10 @@ func TestMemoryListenClaimsOnce(t *testing.T) {
 func TestMemoryWildcardClaim(t *testing.T) {
 	ctx := testCtx(t)
 	n, h := newMemory(t)
-	l, err := n.Listen(ctx, netip.AddrPortFrom(netip.IPv4Unspecified(), 7000))
+	l, err := netListen(n.Listen(ctx, netip.AddrPortFrom(netip.IPv4Unspecified(), 7000)))
 	require.NoError(t, err)
 	defer l.Close()
-	exact, err := n.Listen(ctx, netip.AddrPortFrom(requestIP, 7000))
+	exact, err := netListen(n.Listen(ctx, netip.AddrPortFrom(requestIP, 7000)))
 	require.NoError(t, err)
 	defer exact.Close()
 
@@ -234,7 +244,7 @@ func roundTrip(t testing.TB, from, to net.Conn) {
 // bindIP:6379 on the host; both listeners close at test end.
 func listenBothSides(ctx context.Context, t *testing.T, n *netstack.Network, h *netstack.Host) (claim netip.AddrPort, l, hl net.Listener) {
 	claim = netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
+	l, err := netListen(n.Listen(ctx, claim))
 	require.NoError(t, err)
 	t.Cleanup(func() { l.Close() })
 	hl, err = h.Listen(ctx, netip.AddrPortFrom(bindIP, 6379))
@@ -328,7 +338,7 @@ func TestMemoryCloseFailsEverything(t *testing.T) {
 	defer h.Close()
 
 	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(ctx, claim)
+	l, err := netListen(n.Listen(ctx, claim))
 	require.NoError(t, err)
 	client, server := pair(t, l, func() (net.Conn, error) { return h.Dial(ctx, claim) })
 	blocked := make(chan error, 1)
@@ -348,7 +358,7 @@ func TestMemoryCloseFailsEverything(t *testing.T) {
 	require.Error(t, <-blocked)
 	_, err = client.Read(make([]byte, 1))
 	require.ErrorIs(t, err, syscall.ECONNRESET, "the peer of an aborted conn sees a reset")
-	_, err = n.Listen(ctx, claim)
+	_, err = netListen(n.Listen(ctx, claim))
 	require.ErrorIs(t, err, net.ErrClosed)
 	_, err = n.Dial(ctx, peerIP, netip.AddrPortFrom(bindIP, 1))
 	require.Error(t, err)

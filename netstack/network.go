@@ -15,6 +15,8 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 
 	"github.com/tcpproxy/tcpproxy/tun"
+
+	"github.com/tcpproxy/tcpproxy/proxy/netconn"
 )
 
 // Network is the proxy's side of a gVisor stack; it implements
@@ -85,7 +87,7 @@ func newNetwork(o Options, link stack.LinkEndpoint) (*Network, error) {
 // dropped when only a forwarder is installed, which stalls the connect
 // for the whole TIME_WAIT (60 s). Listening endpoints also bring SYN
 // cookies and a kernel-like backlog.
-func (n *Network) Listen(ctx context.Context, addr netip.AddrPort) (net.Listener, error) {
+func (n *Network) Listen(ctx context.Context, addr netip.AddrPort) (netconn.Listener, error) {
 	opErr := func(err error) error {
 		return &net.OpError{Op: "listen", Net: "tcp", Addr: tcpAddr(addr), Err: err}
 	}
@@ -109,12 +111,12 @@ func (n *Network) Listen(ctx context.Context, addr netip.AddrPort) (net.Listener
 		return nil, err
 	}
 	n.claims[addr] = l
-	return l, nil
+	return claimListener{l}, nil
 }
 
 // Dial connects to dst from src (any IPv4 address, ephemeral port), or from
 // the Network's own address when src is the zero Addr.
-func (n *Network) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+func (n *Network) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (netconn.Conn, error) {
 	if !src.IsValid() {
 		// Explicitly: gVisor picks the source by longest prefix match
 		// among all addresses, including the spoofed ones of earlier

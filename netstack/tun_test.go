@@ -176,7 +176,7 @@ func BenchmarkTUNThroughputDial(b *testing.B) {
 func BenchmarkTUNConnect(b *testing.B) {
 	n, ns := newTUN(b)
 	claim := netip.AddrPortFrom(requestIP, 6379)
-	l, err := n.Listen(context.Background(), claim)
+	l, err := netListen(n.Listen(context.Background(), claim))
 	require.NoError(b, err)
 	benchConnect(b, l, func() (net.Conn, error) { return kernelDial(ns, claim) })
 }

@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/proxy/netconn"
 )
 
 // proxiedConn is one proxied connection, tracked so that Shutdown can drain it
@@ -18,8 +20,8 @@ type proxiedConn struct {
 	cs *channelState
 
 	mu     sync.Mutex
-	legacy net.Conn
-	stream net.Conn
+	legacy netconn.Conn
+	stream channels.Stream
 	killed bool
 
 	// relaying is set by run, in the goroutine track started, when the
@@ -80,12 +82,12 @@ func (pc *proxiedConn) finish() {
 // goroutine ends: its stack grew while dialing or opening the stream, and a
 // fresh one is half the size for the connection's life (see
 // BenchmarkRequestReplyIdle).
-func (pc *proxiedConn) run(legacy halfConn, stream halfConn) {
+func (pc *proxiedConn) run(legacy netconn.Conn, stream channels.Stream) {
 	pc.mu.Lock()
 	if pc.killed {
 		pc.mu.Unlock()
-		abort(legacy)
-		abort(stream)
+		resetLegacy(legacy)
+		_ = stream.Reset()
 		return
 	}
 	pc.legacy, pc.stream = legacy, stream
@@ -153,8 +155,8 @@ func (pc *proxiedConn) kill() {
 	l, s := pc.legacy, pc.stream
 	pc.mu.Unlock()
 	if l != nil {
-		abort(l)
-		abort(s)
+		resetLegacy(l)
+		_ = s.Reset()
 	}
 }
 

@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/netip"
 	"syscall"
+
+	"github.com/tcpproxy/tcpproxy/proxy/netconn"
 )
 
 // Loopback is the Network of ordinary host sockets on 127.0.0.0/8, which
@@ -27,7 +29,7 @@ func checkLoopback(what string, a netip.Addr) error {
 
 // Listen listens on addr, which must be in 127.0.0.0/8 so that no legacy
 // port is ever exposed on an external interface.
-func (*Loopback) Listen(ctx context.Context, addr netip.AddrPort) (net.Listener, error) {
+func (*Loopback) Listen(ctx context.Context, addr netip.AddrPort) (netconn.Listener, error) {
 	if err := checkLoopback("listen address", addr.Addr()); err != nil {
 		return nil, err
 	}
@@ -39,14 +41,14 @@ func (*Loopback) Listen(ctx context.Context, addr netip.AddrPort) (net.Listener,
 	if err != nil {
 		return nil, fmt.Errorf("loopback listen %s: %w", addr, err)
 	}
-	return ln, nil
+	return netconn.TCPListener{TCPListener: ln.(*net.TCPListener)}, nil
 }
 
 // Dial connects to dst from src (when valid). IP_BIND_ADDRESS_NO_PORT
 // defers the choice of source port to connect(), so binding the source
 // address does not reserve a port per address up front and thousands of
 // connections from one peer IP do not exhaust ephemeral ports early.
-func (*Loopback) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+func (*Loopback) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (netconn.Conn, error) {
 	if err := checkLoopback("destination", dst.Addr()); err != nil {
 		return nil, err
 	}
@@ -77,7 +79,7 @@ func (*Loopback) Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (
 	if err != nil {
 		return nil, fmt.Errorf("loopback dial %s from %s: %w", dst, src, err)
 	}
-	return c, nil
+	return c.(*net.TCPConn), nil
 }
 
 // Close does nothing: loopback sockets belong to the listeners and

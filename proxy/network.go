@@ -2,28 +2,26 @@ package proxy
 
 import (
 	"context"
-	"net"
 	"net/netip"
+
+	"github.com/tcpproxy/tcpproxy/proxy/netconn"
 )
 
 // Network is where the legacy program's TCP sockets live: plain host sockets
 // on 127.0.0.0/8 (Loopback), or a gVisor stack reached through a TUN device
 // or an in-memory link (package netstack). The proxy never knows which.
 //
-// Connections returned by Listen's Accept and by Dial must implement
-//
-//	CloseWrite() error   // send FIN, keep reading
-//	SetLinger(sec int) error // SetLinger(0) then Close sends RST
-//
-// as *net.TCPConn does, so that half-close and reset cross the proxy.
+// Its connections are netconn.Conn: they half-close (CloseWrite) and reset
+// (SetLinger(0), then Close), as *net.TCPConn does, so that both cross the
+// proxy.
 type Network interface {
 	// Listen accepts TCP connections to addr, which is one of the proxy's
 	// synthetic addresses (a request IP or a remote member's instance IP).
-	Listen(ctx context.Context, addr netip.AddrPort) (net.Listener, error)
+	Listen(ctx context.Context, addr netip.AddrPort) (netconn.Listener, error)
 	// Dial connects to the legacy server at dst. When src is valid the
 	// connection originates from src (with an ephemeral port), so the legacy
 	// server sees the calling instance's IP as the peer address.
-	Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error)
+	Dial(ctx context.Context, src netip.Addr, dst netip.AddrPort) (netconn.Conn, error)
 	// Close releases the network; listeners and connections it made fail.
 	Close() error
 }

@@ -20,8 +20,11 @@
 // database through its request channel "db", with the members listed in a
 // watched file and mutual TLS between proxies:
 //
-//	creds, err := channels.TLSConfigFromFiles("cache-1.pem", "cache-1-key.pem", "ca.pem")
+//	tlsFiles, err := creds.WatchFiles(creds.FilesConfig{ // reloaded when they change
+//		Cert: "cache-1.pem", Key: "cache-1-key.pem", CA: "ca.pem",
+//	})
 //	...
+//	defer tlsFiles.Close()
 //	p, err := proxy.New(proxy.Config{
 //		IID:  "cache-1",
 //		Role: "cache",
@@ -64,6 +67,7 @@ import (
 	"time"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/proxy/netconn"
 
 	"github.com/tcpproxy/tcpproxy/internal/defaults"
 )
@@ -114,7 +118,7 @@ type channelState struct {
 
 	// request: the listener on requestIP:port.
 	reqAddr netip.AddrPort
-	reqLn   net.Listener
+	reqLn   netconn.Listener
 
 	// duplex connect: one impostor listener per remote member.
 	mu        sync.Mutex
@@ -124,7 +128,7 @@ type channelState struct {
 
 type impostor struct {
 	addr netip.AddrPort
-	ln   net.Listener
+	ln   netconn.Listener
 }
 
 // New validates cfg, assigns addresses and registers every channel with
@@ -425,7 +429,7 @@ func (p *Proxy) duplexTarget(cs *channelState, iid string) opener {
 
 // serveListener accepts legacy connections on ln until it is closed, and
 // carries each one as a stream opened by open.
-func (p *Proxy) serveListener(cs *channelState, ln net.Listener, open opener) {
+func (p *Proxy) serveListener(cs *channelState, ln netconn.Listener, open opener) {
 	p.goLoop(func() {
 		var delay time.Duration
 		for {
@@ -446,19 +450,13 @@ func (p *Proxy) serveListener(cs *channelState, ln net.Listener, open opener) {
 				}
 			}
 			delay = 0
-			hc, ok := c.(halfConn)
-			if !ok {
-				p.log.Error("network returned a connection without CloseWrite", "type", fmt.Sprintf("%T", c))
-				_ = c.Close()
-				continue
-			}
-			p.track(cs, func(pc *proxiedConn) { p.forwardOutgoing(cs, pc, hc, open) }, func() { abort(hc) })
+			p.track(cs, func(pc *proxiedConn) { p.forwardOutgoing(cs, pc, c, open) }, func() { resetLegacy(c) })
 		}
 	})
 }
 
 // forwardOutgoing carries a connection from the legacy client to a stream.
-func (p *Proxy) forwardOutgoing(cs *channelState, pc *proxiedConn, legacy halfConn, open opener) {
+func (p *Proxy) forwardOutgoing(cs *channelState, pc *proxiedConn, legacy netconn.Conn, open opener) {
 	armReset(legacy)
 	local, remote := addrPort(legacy.LocalAddr()), addrPort(legacy.RemoteAddr())
 	h := channels.Header{
@@ -476,7 +474,7 @@ func (p *Proxy) forwardOutgoing(cs *channelState, pc *proxiedConn, legacy halfCo
 	if err != nil {
 		cs.stats.failed.Add(1)
 		p.log.Warn("open stream failed; resetting legacy connection", "channel", cs.name, "from", remote, "err", err)
-		abort(legacy)
+		resetLegacy(legacy)
 		return
 	}
 	p.log.Debug("connection", "channel", cs.name, "from", remote, "to", peer)
@@ -525,17 +523,9 @@ func (p *Proxy) forwardIncoming(cs *channelState, pc *proxiedConn, in channels.I
 		_ = in.Stream.Reset()
 		return
 	}
-	hc, ok := c.(halfConn)
-	if !ok {
-		cs.stats.failed.Add(1)
-		p.log.Error("network returned a connection without CloseWrite", "type", fmt.Sprintf("%T", c))
-		_ = c.Close()
-		_ = in.Stream.Reset()
-		return
-	}
-	armReset(hc)
+	armReset(c)
 	p.log.Debug("connection", "channel", cs.name, "caller", in.Header.SourceIID, "from", src, "to", dst)
-	pc.run(hc, in.Stream)
+	pc.run(c, in.Stream)
 }
 
 // addrPort returns a's address and port, without formatting and parsing a

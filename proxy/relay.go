@@ -12,49 +12,26 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/tcpproxy/tcpproxy/channels/mux"
+	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/proxy/netconn"
 )
 
-// halfConn is a connection whose two directions can be ended separately:
-// a legacy TCP connection or a channels.Stream.
-type halfConn interface {
-	net.Conn
-	// CloseWrite sends FIN: the peer reads EOF, we keep reading.
-	CloseWrite() error
-}
-
-// abort ends c with a reset: RST for TCP, a stream reset for streams.
-func abort(c net.Conn) {
-	if s, ok := c.(interface{ Reset() error }); ok { // channels.Stream
-		_ = s.Reset()
-		return
-	}
-	armReset(c) // *net.TCPConn and netstack conns: SO_LINGER 0
+// resetLegacy ends a legacy connection with RST.
+func resetLegacy(c netconn.Conn) {
+	armReset(c)
 	_ = c.Close()
 }
-
-// lingerer is a connection whose close can send RST (SO_LINGER 0): a
-// *net.TCPConn, and the netstack's connections.
-type lingerer interface{ SetLinger(sec int) error }
 
 // armReset makes the kernel reset a legacy connection, rather than end it
 // with a FIN, if the process dies with it open: a proxy killed mid-stream
 // must not pass for a clean end of stream to the legacy program on its
-// host (a silent truncation). CloseWrite is unaffected; splice disarms
-// it before a clean close, which must deliver all the data.
-func armReset(c net.Conn) {
-	if l, ok := c.(lingerer); ok {
-		_ = l.SetLinger(0)
-	}
-}
+// host (a silent truncation). CloseWrite is unaffected; relay disarms it
+// before a clean close, which must deliver all the data.
+func armReset(c netconn.Conn) { _ = c.SetLinger(0) }
 
 // disarmReset restores a graceful close: Close sends what is still
 // buffered, then FIN.
-func disarmReset(c net.Conn) {
-	if l, ok := c.(lingerer); ok {
-		_ = l.SetLinger(-1)
-	}
-}
+func disarmReset(c netconn.Conn) { _ = c.SetLinger(-1) }
 
 // Copy buffers. A direction holds a buffer only while data is moving: it
 // waits for data without one (see reader), so thousands of idle
@@ -121,19 +98,14 @@ type reader interface {
 	read(b *buffer) (int, error)
 }
 
-func newReader(src halfConn) reader {
+// newReader reads a legacy connection: a kernel socket through its
+// RawConn, others (gVisor connections) with Read.
+func newReader(src netconn.Conn) reader {
 	if sc, ok := src.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
 			return newRawReader(rc)
 		}
 	}
-	if _, ok := src.(interface{ Reset() error }); ok {
-		// A channels.Stream (channels/mux): its Read of an empty buffer blocks
-		// until data, EOF, a reset or a deadline, and those stick.
-		return &waitReader{r: src}
-	}
-	// Others, such as gVisor connections (netstack), whose empty Read
-	// fails after waiting and whose reset error is reported only once.
 	return &plainReader{r: src}
 }
 
@@ -183,21 +155,6 @@ func (r *rawReader) read(b *buffer) (int, error) {
 	return r.n, nil
 }
 
-// waitReader waits for data with a zero-length Read, holding no buffer,
-// then reads into one. The wait's error ends the direction: for a mux
-// stream it is the EOF, reset or timeout that the real Read would report.
-// A source whose empty Read returns at once costs a buffer held in the real
-// Read, as with plainReader, never a busy loop.
-type waitReader struct{ r io.Reader }
-
-func (r *waitReader) read(b *buffer) (int, error) {
-	b.release()
-	if _, err := r.r.Read(nil); err != nil {
-		return 0, err
-	}
-	return r.r.Read(b.get())
-}
-
 // plainReader holds a buffer while it waits.
 type plainReader struct{ r io.Reader }
 
@@ -210,13 +167,6 @@ type pipeResult struct {
 	op  string // what failed: "read", "write" or "close write"
 }
 
-// splicer is a stream that takes data from a kernel socket by splice(2),
-// without copying it through the process: a channels stream on a session
-// over TCP.
-type splicer interface {
-	SpliceFrom(src mux.SpliceConn) (int64, error)
-}
-
 // pipe copies src to dst until EOF (then half-closes dst) or an error. It
 // counts bytes into *counter and *activity as they flow, so stats are live
 // and an idle timer can tell whether the connection moved.
@@ -224,16 +174,14 @@ type splicer interface {
 // When dst splices and src is a TCP socket, a burst's first bytes are read
 // into a small buffer, as messages are; if they fill it, the rest of the
 // burst is spliced into dst, never copied.
-func pipe(dst, src halfConn, counter, activity *atomic.Int64) pipeResult {
+func pipe(dst channels.Stream, src netconn.Conn, counter, activity *atomic.Int64) pipeResult {
 	var b buffer
 	defer b.release()
 	rd := newReader(src)
 	cw := countingWriter{w: dst, counter: counter, activity: activity}
-	sp, _ := dst.(splicer)
-	if tc, ok := src.(*net.TCPConn); ok && sp != nil {
-		cw.sock = tc
-	} else {
-		sp = nil
+	var sp channels.Stream // set while splicing pays: src is a kernel socket
+	if tc, ok := src.(*net.TCPConn); ok {
+		cw.sock, sp = tc, dst
 	}
 	var total int64
 	for {
@@ -250,7 +198,7 @@ func pipe(dst, src halfConn, counter, activity *atomic.Int64) pipeResult {
 				var n int64
 				n, rerr = sp.SpliceFrom(&cw)
 				total += n
-				if errors.Is(rerr, mux.ErrNoSplice) {
+				if errors.Is(rerr, channels.ErrNoSplice) {
 					sp, rerr = nil, nil
 				}
 				op = "splice"
@@ -268,10 +216,10 @@ func pipe(dst, src halfConn, counter, activity *atomic.Int64) pipeResult {
 	}
 }
 
-// pipeFrom copies src to dst like pipe, for a source that hands its
-// received buffers to a writer itself (io.WriterTo, as channels streams
-// do): one copy per byte fewer, and no buffer held while idle.
-func pipeFrom(dst halfConn, src io.WriterTo, counter, activity *atomic.Int64) pipeResult {
+// pipeFrom copies a stream to a legacy connection like pipe, with the
+// stream handing its received buffers to the writer itself (WriteTo): one
+// copy per byte fewer, and no buffer held while idle.
+func pipeFrom(dst netconn.Conn, src channels.Stream, counter, activity *atomic.Int64) pipeResult {
 	cw := countingWriter{w: dst, counter: counter, activity: activity}
 	if tc, ok := dst.(*net.TCPConn); ok {
 		cw.sock = tc // a mux stream may splice to it
@@ -293,7 +241,7 @@ func pipeFrom(dst halfConn, src io.WriterTo, counter, activity *atomic.Int64) pi
 // write error so that pipeFrom can tell it from the source's.
 //
 // With sock, the legacy TCP socket of the direction, it is also a
-// mux.SpliceConn: a stream may splice data from sock (pipe) or to it
+// channels.SpliceConn: a stream may splice data from sock (pipe) or to it
 // (pipeFrom), and reports those bytes to Spliced.
 type countingWriter struct {
 	w                 io.Writer
@@ -346,7 +294,7 @@ type relayStats struct {
 // directions have ended and both connections are closed. Back-pressure is
 // end to end: each direction reads only after the previous write finished.
 // The result's err is nil after two clean EOFs.
-func relay(legacy, stream halfConn, st relayStats) relayResult {
+func relay(legacy netconn.Conn, stream channels.Stream, st relayStats) relayResult {
 	var (
 		abortOnce sync.Once
 		wg        sync.WaitGroup
@@ -357,8 +305,8 @@ func relay(legacy, stream halfConn, st relayStats) relayResult {
 	fail := func() {
 		abortOnce.Do(func() {
 			failed.Store(true)
-			abort(stream)
-			abort(legacy)
+			_ = stream.Reset()
+			resetLegacy(legacy)
 		})
 	}
 	// A direction that ends with EOF waits, while the other goes on, for
@@ -372,7 +320,7 @@ func relay(legacy, stream halfConn, st relayStats) relayResult {
 		defer wg.Done()
 		up = pipe(stream, legacy, st.legacyToStream, st.both)
 		if up.err == nil && watch.ended(stream) {
-			if err := awaitReset(legacy); err != nil {
+			if err := awaitLegacyReset(legacy); err != nil {
 				up.err, up.op = err, "read"
 			}
 		}
@@ -380,16 +328,11 @@ func relay(legacy, stream halfConn, st relayStats) relayResult {
 			fail()
 		}
 	}()
-	var down pipeResult
-	if wt, ok := stream.(io.WriterTo); ok {
-		down = pipeFrom(legacy, wt, st.streamToLegacy, st.both)
-	} else {
-		down = pipe(legacy, stream, st.streamToLegacy, st.both)
-	}
+	down := pipeFrom(legacy, stream, st.streamToLegacy, st.both)
 	if down.err == nil && watch.ended(legacy) {
 		// Not when the wait ends because fail reset the stream: the
 		// direction itself ended with FIN.
-		if err := awaitReset(stream); err != nil && !failed.Load() {
+		if err := stream.AwaitReset(); err != nil && !failed.Load() {
 			down.err, down.op = err, "read"
 		}
 	}
@@ -431,16 +374,16 @@ func (w *halfCloseWatch) ended(otherSrc net.Conn) bool {
 // aLongTimeAgo is a deadline in the past: it ends a wait at once.
 var aLongTimeAgo = time.Unix(1, 0)
 
-// awaitReset waits, after c's EOF, until c is reset, and returns the reset
-// as a read error; it returns nil when c is closed or its read deadline
-// passes first. Streams and netstack connections wait with their
-// AwaitReset. A kernel socket waits on the poller: after EOF it reports
-// readiness again only when the socket's state changes, so the wait costs
-// no system calls, and SO_ERROR tells a reset from other changes. Other
-// connections return nil at once: their reset after a half-close is passed
-// on at the next write or close.
-func awaitReset(c net.Conn) error {
-	if r, ok := c.(interface{ AwaitReset() error }); ok {
+// awaitLegacyReset waits, after c's EOF, until c is reset, and returns the
+// reset as a read error; it returns nil when c is closed or its read
+// deadline passes first. A netconn.ResetAwaiter (a gVisor connection)
+// waits with AwaitReset. A kernel socket waits on the poller: after EOF it
+// reports readiness again only when the socket's state changes, so the
+// wait costs no system calls, and SO_ERROR tells a reset from other
+// changes. Other connections return nil at once: their reset after a
+// half-close is passed on at the next write or close.
+func awaitLegacyReset(c netconn.Conn) error {
+	if r, ok := c.(netconn.ResetAwaiter); ok {
 		return r.AwaitReset()
 	}
 	sc, ok := c.(syscall.Conn)

@@ -12,6 +12,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/tcpproxy/tcpproxy/channels"
 )
 
 // tcpPair returns both ends of a loopback TCP connection.
@@ -58,18 +60,21 @@ func TestReaderKinds(t *testing.T) {
 	defer p1.Close()
 	defer p2.Close()
 	assert.IsType(t, &plainReader{}, newReader(pipeHalf{p1}))
-	assert.IsType(t, &waitReader{}, newReader(resettable{pipeHalf{p1}}))
 }
 
-// pipeHalf gives a net.Pipe end a CloseWrite.
+// pipeHalf gives a net.Pipe end the methods of a netconn.Conn.
 type pipeHalf struct{ net.Conn }
 
-func (p pipeHalf) CloseWrite() error { return p.Close() }
+func (p pipeHalf) CloseWrite() error   { return p.Close() }
+func (p pipeHalf) SetLinger(int) error { return nil }
 
-// resettable looks like a channels.Stream to newReader.
-type resettable struct{ pipeHalf }
+// tcpStream is a TCP connection in a stream's place: it cannot splice, so
+// pipe copies into it.
+type tcpStream struct{ *net.TCPConn }
 
-func (resettable) Reset() error { return nil }
+func (s tcpStream) Reset() error                                { resetLegacy(s.TCPConn); return nil }
+func (tcpStream) AwaitReset() error                             { return nil }
+func (tcpStream) SpliceFrom(channels.SpliceConn) (int64, error) { return 0, channels.ErrNoSplice }
 
 // TestRawReaderReleasesWhenDrained checks that a direction waiting for
 // data holds no buffer, and that data, EOF and errors come through.
@@ -122,38 +127,6 @@ func TestRawReaderDeadline(t *testing.T) {
 	assert.Nil(t, buf.p, "no buffer held after a timeout")
 }
 
-// eagerEmpty returns (0, nil) at once for an empty Read, as io.Reader
-// allows; waitReader must then block in the real Read, not spin.
-type eagerEmpty struct {
-	r     io.Reader
-	calls atomic.Int64
-}
-
-func (e *eagerEmpty) Read(p []byte) (int, error) {
-	e.calls.Add(1)
-	if len(p) == 0 {
-		return 0, nil
-	}
-	return e.r.Read(p)
-}
-
-func TestWaitReaderWithEagerSource(t *testing.T) {
-	pr, pw := io.Pipe()
-	src := &eagerEmpty{r: pr}
-	r := &waitReader{r: src}
-	done := make(chan int, 1)
-	go func() {
-		var buf buffer
-		n, _ := r.read(&buf)
-		done <- n
-	}()
-	time.Sleep(50 * time.Millisecond)
-	assert.LessOrEqual(t, src.calls.Load(), int64(2), "no spinning")
-	_, err := pw.Write([]byte("abc"))
-	require.NoError(t, err)
-	assert.Equal(t, 3, <-done)
-}
-
 // TestPipeTCP copies bulk data and then small messages through pipe
 // between two TCP connections and checks bytes, counter and half-close.
 func TestPipeTCP(t *testing.T) {
@@ -161,7 +134,7 @@ func TestPipeTCP(t *testing.T) {
 	proxyB, serverB := tcpPair(t) // proxy → server
 	var counter, activity atomic.Int64
 	res := make(chan pipeResult, 1)
-	go func() { res <- pipe(proxyB, proxyA, &counter, &activity) }()
+	go func() { res <- pipe(tcpStream{proxyB}, proxyA, &counter, &activity) }()
 
 	data := make([]byte, 3<<20+123)
 	_, _ = rand.Read(data)

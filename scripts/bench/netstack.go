@@ -22,6 +22,7 @@ import (
 	"github.com/tcpproxy/tcpproxy/channels/membership"
 	"github.com/tcpproxy/tcpproxy/netstack"
 	"github.com/tcpproxy/tcpproxy/proxy"
+	"github.com/tcpproxy/tcpproxy/proxy/netconn"
 	"github.com/tcpproxy/tcpproxy/tun"
 )
 
@@ -343,7 +344,7 @@ func tunRelayMain(args []string) {
 			fmt.Fprintln(os.Stderr, "tunrelay:", err)
 			os.Exit(1)
 		}
-		go relayServe(ln, func() (halfCloser, error) {
+		go relayServe(netconn.NetListener(ln), func() (halfCloser, error) {
 			c, err := net.Dial("tcp4", target)
 			if err != nil {
 				return nil, err
