@@ -13,8 +13,9 @@ type Config struct {
 	// KeepAliveInterval is the period of pings; 0 disables keepalive (a ping
 	// is still sent now and then to measure the round-trip time that window
 	// auto-tuning needs). A ping unanswered for KeepAliveTimeout (default
-	// 10s) ends the session. Any frame received counts as liveness, so a
-	// pong queued behind bulk data does not kill a busy session.
+	// 10s) ends the session if nothing at all arrived meanwhile: any byte
+	// received counts as liveness, so a pong queued behind bulk data on a
+	// slow link does not kill a busy session.
 	KeepAliveInterval, KeepAliveTimeout time.Duration
 
 	// MaxStreamWindow is the largest receive window per stream (at least
@@ -24,9 +25,13 @@ type Config struct {
 	// never pin large windows.
 	MaxStreamWindow uint32
 
-	// MaxFrame is the largest data payload per frame (default 256 KiB). A
-	// frame is written whole, so this bounds how long one stream's data can
-	// hold up another's on the connection.
+	// MaxFrame is the largest data payload per frame (default 256 KiB):
+	// larger frames cost fewer headers and system calls. It does not bound
+	// how long one stream's data holds up another's: the writer sends what
+	// is queued in order, each busy stream may have up to its send window
+	// queued, and the connection's send buffer holds more, so a small
+	// message waits behind the bulk data queued before it whatever the
+	// frame size.
 	MaxFrame uint32
 
 	// MaxIncomingStreams bounds the open streams the peer opened (default

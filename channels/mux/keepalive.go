@@ -85,7 +85,7 @@ func (s *Session) keepalive() {
 			return
 		case <-t.C:
 		}
-		seen := s.framesIn.Load()
+		seen := s.bytesIn.Load()
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.KeepAliveTimeout)
 		_, err := s.Ping(ctx)
 		cancel()
@@ -93,7 +93,7 @@ func (s *Session) keepalive() {
 			if s.IsClosed() {
 				return
 			}
-			if enforce && s.framesIn.Load() == seen {
+			if enforce && s.bytesIn.Load() == seen {
 				err := fmt.Errorf("%w: nothing received within %v of a ping", ErrKeepAliveTimeout, s.cfg.KeepAliveTimeout)
 				s.log.Warn("mux: session ends", "remote", s.conn.RemoteAddr().String(), "err", err)
 				s.shutdown(err, false, 0)

@@ -32,6 +32,10 @@ const goAwayWait = 100 * time.Millisecond
 // flooding pings while not reading cannot grow the queue without bound.
 const maxQueuedPongs = 64
 
+// maxQueuedRefusals bounds the resets refusing inbound streams that wait
+// for the writer; past it the reader waits (Session.refuse).
+const maxQueuedRefusals = 1024
+
 // errSendClosed refuses frames once the session ended; stream operations
 // report the session's cause instead.
 var errSendClosed = errors.New("mux: session closed")
@@ -46,15 +50,25 @@ type frame struct {
 	// copied): the writer reports its verdict to it (finishWrite) once the
 	// data is written, and only then may the Write return.
 	owner *Stream
-	// copied, when set, is the pooled buffer data was copied into (a small
-	// Write, which did not wait): the writer returns it to the pool once
-	// written.
+	// copied, when set, holds the payload instead of data: the pooled
+	// buffer that small Writes, which did not wait, were copied into (see
+	// Stream.queueCopyLocked; it may grow while queued). The writer
+	// returns it to the pool once written.
 	copied *[]byte
 	// pipe, when set, holds the payload instead of data: pipeN bytes that
 	// the writer splices to the connection (at most MaxFrame, one frame).
 	// The owner keeps the pipe; the writer only drains it.
 	pipe  *kpipe
 	pipeN int
+}
+
+// payload returns the bytes of a data frame whose payload is not in a
+// pipe.
+func (f *frame) payload() []byte {
+	if f.copied != nil {
+		return *f.copied
+	}
+	return f.data
 }
 
 // push queues f for the writer.
@@ -81,6 +95,7 @@ func (s *Session) pushPong(id uint32) {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()
 	if s.pongs >= maxQueuedPongs {
+		s.limits.pongsDropped.Add(1)
 		return
 	}
 	if s.pushLocked(frame{header: header{typ: typePing, flags: flagACK, length: id}}) == nil {
@@ -163,7 +178,12 @@ func (s *Session) writeLoop() {
 			return
 		}
 		batch, s.queue = s.queue, batch[:0]
+		s.queueGen++ // the copied frames taken no longer grow
 		s.pongs = 0
+		if s.refusals >= maxQueuedRefusals {
+			notify(s.refusalsTaken)
+		}
+		s.refusals = 0
 		final := s.sendClosed
 		s.owned = len(batch) > 0
 		s.sendMu.Unlock()
@@ -255,9 +275,9 @@ func (s *Session) writeFailed(err error) {
 	<-s.done
 }
 
-// writeBatch writes batch within the write timeout: WriteTimeout, or
-// goAwayWait once the session is closing.
-// Only the connection's owner calls it.
+// writeBatch writes batch within the write timeout: WriteTimeout without
+// progress (see writeProgress), or goAwayWait in all once the session is
+// closing. Only the connection's owner calls it.
 func (s *Session) writeBatch(batch []frame, final bool) error {
 	timeout := s.cfg.WriteTimeout
 	if final {
@@ -270,33 +290,46 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 		// shutdown shortened the deadline just before ours replaced it.
 		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
 	}
+	s.bw.final = final
 	return s.bw.write(batch)
 }
 
+// writeProgress moves the write deadline WriteTimeout on after part of a
+// batch was written: the timeout detects a peer that stops reading, and a
+// batch that a slow link takes longer than WriteTimeout to carry (many
+// streams' windows' worth) is no such peer. A closing session's last
+// write keeps its short deadline.
+func (s *Session) writeProgress() {
+	if s.bw.final || s.closing.Load() {
+		return
+	}
+	_ = s.conn.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+	if s.closing.Load() {
+		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
+	}
+}
+
 // batchWriter encodes a batch of frames and writes it in as few writes as
-// it can: one writev on a socket; on other connections (TLS, pipes) the
-// pieces are gathered into a flat buffer, since their Write call is costly
-// (a TLS record each).
+// it can: one sendmsg on a socket (one per 1024 pieces); on other
+// connections (TLS, pipes) the pieces are gathered into a flat buffer,
+// since their Write call is costly (a TLS record each). Every write that
+// makes progress moves the write deadline on (progress).
 type batchWriter struct {
 	conn     net.Conn
 	raw      syscall.RawConn // for frames whose payload is in a pipe
-	writev   bool
+	sock     *sockWriter     // nil: not a socket, or not Linux
+	progress func()
+	final    bool // the session's last batch: no progress extends its deadline
 	maxFrame int
 
-	hdrs []byte      // encoded headers of the batch
-	off  int         // used part of hdrs
-	iov  net.Buffers // pieces to write: header runs and payloads
-	out  net.Buffers // iov as consumed by its WriteTo
-	run  bool        // iov's last piece is a header run ending at hdrs[off]
+	hdrs []byte   // encoded headers of the batch
+	off  int      // used part of hdrs
+	iov  [][]byte // pieces to write: header runs and payloads
+	run  bool     // iov's last piece is a header run ending at hdrs[off]
 }
 
-func newBatchWriter(conn net.Conn, raw syscall.RawConn, maxFrame int) *batchWriter {
-	w := &batchWriter{conn: conn, raw: raw, maxFrame: maxFrame}
-	switch conn.(type) {
-	case *net.TCPConn, *net.UnixConn: // they implement net.Buffers' writev
-		w.writev = true
-	}
-	return w
+func newBatchWriter(conn net.Conn, raw syscall.RawConn, maxFrame int, progress func()) *batchWriter {
+	return &batchWriter{conn: conn, raw: raw, sock: newSockWriter(conn, progress), progress: progress, maxFrame: maxFrame}
 }
 
 func (w *batchWriter) write(batch []frame) error {
@@ -322,7 +355,7 @@ func (w *batchWriter) write(batch []frame) error {
 			}
 			continue
 		}
-		h, data := f.header, f.data
+		h, data := f.header, f.payload()
 		for first := true; first || len(data) > 0; first = false {
 			k := min(len(data), w.maxFrame)
 			h.length = uint32(k)
@@ -338,9 +371,8 @@ func (w *batchWriter) write(batch []frame) error {
 	var err error
 	switch {
 	case len(w.iov) == 0: // everything went out with the last spliced frame
-	case w.writev:
-		w.out = w.iov // WriteTo consumes its receiver
-		_, err = w.out.WriteTo(w.conn)
+	case w.sock != nil:
+		err = w.sock.write(w.iov, 0)
 	default:
 		err = w.writeFlat()
 	}
@@ -362,19 +394,21 @@ func (w *batchWriter) splice(f *frame, more bool) error {
 	h := f.header
 	h.length = uint32(f.pipeN)
 	w.addHeader(h)
-	if err := sendMore(w.raw, w.iov); err != nil {
+	if err := w.sock.write(w.iov, msgMore); err != nil {
 		return err
 	}
 	w.clearIOV()
-	return drainPipe(w.raw, f.pipe, f.pipeN, more)
+	w.progress()
+	return drainPipe(w.raw, f.pipe, f.pipeN, more, w.progress)
 }
 
 // frames returns how many frames (headers) f is sent as.
 func (w *batchWriter) frames(f *frame) int {
-	if f.typ != typeData || len(f.data) == 0 { // including pipe frames
+	n := len(f.payload())
+	if f.typ != typeData || n == 0 { // including pipe frames
 		return 1
 	}
-	return (len(f.data) + w.maxFrame - 1) / w.maxFrame
+	return (n + w.maxFrame - 1) / w.maxFrame
 }
 
 // addHeader encodes h after the previous headers; consecutive headers form
@@ -392,24 +426,40 @@ func (w *batchWriter) addHeader(h header) {
 	w.run = true
 }
 
+// flatChunk is the most a write to a connection other than a socket
+// carries: the write deadline moves on after each, so it bounds the bytes
+// a link must carry within WriteTimeout.
+const flatChunk = 64 << 10
+
 // writeFlat writes iov through a pooled buffer: small pieces are gathered,
-// and a piece at least as large as the buffer is written from where it is.
+// and a piece at least as large as the buffer is written from where it
+// is, in writes of at most flatChunk bytes.
 func (w *batchWriter) writeFlat() error {
-	bp := getBuf(64 << 10)
+	bp := getBuf(flatChunk)
 	defer putBuf(bp)
 	buf := (*bp)[:0]
+	written := false
+	write := func(b []byte) error {
+		if written {
+			w.progress()
+		}
+		written = true
+		_, err := w.conn.Write(b)
+		return err
+	}
 	for _, p := range w.iov {
 		for len(p) > 0 {
 			if len(buf) == 0 && len(p) >= cap(buf) {
-				if _, err := w.conn.Write(p); err != nil {
+				if err := write(p[:cap(buf)]); err != nil {
 					return err
 				}
-				break
+				p = p[cap(buf):]
+				continue
 			}
 			k := copy(buf[len(buf):cap(buf)], p)
 			buf, p = buf[:len(buf)+k], p[k:]
 			if len(buf) == cap(buf) {
-				if _, err := w.conn.Write(buf); err != nil {
+				if err := write(buf); err != nil {
 					return err
 				}
 				buf = buf[:0]
@@ -417,9 +467,7 @@ func (w *batchWriter) writeFlat() error {
 		}
 	}
 	if len(buf) > 0 {
-		if _, err := w.conn.Write(buf); err != nil {
-			return err
-		}
+		return write(buf)
 	}
 	return nil
 }

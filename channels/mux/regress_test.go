@@ -1,0 +1,192 @@
+package mux
+
+import (
+	"bufio"
+	"bytes"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// Regression tests for failures under stress: each one ended a healthy
+// session, or grew memory without bound, before the fix it goes with.
+
+// TestWriteTimeoutSlowLink: WriteTimeout detects a peer that stops
+// reading, not a link slower than what is queued. Many streams write at
+// once to a peer that reads steadily but slowly: the writer's batches
+// take much longer than WriteTimeout, and the session must live.
+func TestWriteTimeoutSlowLink(t *testing.T) {
+	for _, k := range []struct {
+		name  string
+		conns func(t testing.TB) (net.Conn, net.Conn)
+	}{
+		{"pipe", func(testing.TB) (net.Conn, net.Conn) { return net.Pipe() }},
+		{"tcp", func(t testing.TB) (net.Conn, net.Conn) {
+			c1, c2 := tcpConns(t)
+			smallBuffers(t, 32<<10, c1, c2)
+			return c1, c2
+		}},
+		{"unix", func(t testing.TB) (net.Conn, net.Conn) {
+			c1, c2 := unixConns(t)
+			smallBuffers(t, 32<<10, c1, c2)
+			return c1, c2
+		}},
+	} {
+		t.Run(k.name, func(t *testing.T) {
+			const (
+				streams = 12
+				size    = 64 << 10
+				rate    = 512 << 10 // bytes/s: the whole transfer takes 1.5s
+			)
+			c1, c2 := k.conns(t)
+			cli, srv := newPair(t, c1, throttle(c2, rate, 8<<10), Config{WriteTimeout: 300 * time.Millisecond}, Config{})
+			type pair struct{ a, b *Stream }
+			var pairs []pair
+			for range streams {
+				sa, sb := openPair(t, cli, srv)
+				pairs = append(pairs, pair{sa, sb})
+			}
+			var wg sync.WaitGroup
+			for _, p := range pairs {
+				sa, sb := p.a, p.b
+				data := randomBytes(t, size)
+				wg.Go(func() { assert.NoError(t, sendAll(sa, data)) })
+				wg.Go(func() {
+					got, err := io.ReadAll(sb)
+					assert.NoError(t, err)
+					assert.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
+				})
+			}
+			wg.Wait()
+			require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
+		})
+	}
+}
+
+// TestRefusalFlood: a peer that opens streams past the accept backlog
+// without reading our refusals is held back: the refusals queued for it
+// stay bounded, the log gets a line now and then, not one per stream, and
+// every refusal is counted.
+func TestRefusalFlood(t *testing.T) {
+	const syns = 200_000
+	c1, c2 := tcpConns(t)
+	smallBuffers(t, 128<<10, c1, c2)
+	logs := &countingHandler{}
+	s, err := Server(c1, Config{AcceptBacklog: 1, Logger: slog.New(logs)})
+	require.NoError(t, err)
+	defer s.Close()
+	defer c2.Close()
+
+	flood := make([]byte, 0, syns*headerSize)
+	for i := range syns {
+		flood = append(flood, frameBytes(typeWindowUpdate, flagSYN, uint32(2*i+1), 0, nil)...)
+	}
+	// The peer floods without reading; what it manages to write in a
+	// while is what the session takes in before it holds back.
+	sent := make(chan int, 1)
+	go func() {
+		_ = c2.SetWriteDeadline(time.Now().Add(time.Second))
+		n, _ := c2.Write(flood)
+		sent <- n
+	}()
+	// Sample the send queue while the peer floods.
+	tick := time.NewTicker(200 * time.Microsecond)
+	defer tick.Stop()
+	peak := 0
+	for n := 0; ; {
+		peak = max(peak, queueLen(s))
+		select {
+		case n = <-sent:
+			t.Logf("peer wrote %d of %d SYNs before it stalled; peak queue %d frames", n/headerSize, syns, peak)
+			require.LessOrEqual(t, peak, maxQueuedRefusals+maxQueuedPongs+16, "refusals queued without bound")
+			require.False(t, s.IsClosed(), "session ended: %v", s.Err())
+
+			// The peer reads again: everything is refused and counted.
+			refused := make(chan int, 1)
+			go func() {
+				k := 0
+				b := make([]byte, headerSize)
+				br := bufio.NewReader(c2)
+				for {
+					if _, err := io.ReadFull(br, b); err != nil {
+						refused <- k
+						return
+					}
+					if h := decodeHeader(b); h.flags&flagRST != 0 {
+						if k++; k == syns-1 {
+							refused <- k
+							return
+						}
+					}
+				}
+			}()
+			require.NoError(t, c2.SetWriteDeadline(time.Time{}))
+			_, err := c2.Write(flood[n:])
+			require.NoError(t, err)
+			require.Equal(t, syns-1, <-refused, "RSTs received")
+			require.Equal(t, uint64(syns-1), s.LimitStats().RefusedBacklog)
+			require.LessOrEqual(t, logs.n.Load(), int64(3), "log lines")
+			require.False(t, s.IsClosed(), "session ended: %v", s.Err())
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// TestKeepAliveSlowBulk: a session that receives a bulk transfer slowly
+// (a frame takes longer than KeepAliveTimeout to arrive, so does the
+// pong queued behind it) is alive: payload bytes are a sign of life as
+// much as frame headers.
+func TestKeepAliveSlowBulk(t *testing.T) {
+	c1, c2 := tcpConns(t)
+	cli, srv := newPair(t, c1, throttle(c2, 512<<10, 4<<10), Config{},
+		Config{KeepAliveInterval: 50 * time.Millisecond, KeepAliveTimeout: 200 * time.Millisecond})
+	sa, sb := openPair(t, cli, srv)
+	data := randomBytes(t, 768<<10)
+	go func() { assert.NoError(t, sendAll(sa, data)) }()
+	got, err := io.ReadAll(sb)
+	require.NoError(t, err)
+	require.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
+	require.False(t, srv.IsClosed(), "session ended: %v", srv.Err())
+}
+
+// TestSmallWritesMemory: small Writes on a busy connection are copied and
+// queued without waiting; many of them must not pin a buffer each.
+func TestSmallWritesMemory(t *testing.T) {
+	const writes = 200_000
+	c1, c2 := tcpConns(t)
+	cc := &countingConn{Conn: c1}
+	cli, srv := newPair(t, cc, c2, Config{}, Config{})
+	require.Eventually(t, func() bool { return cli.rtt.Load() > 0 }, 5*time.Second, time.Millisecond)
+	st, peer := openPair(t, cli, srv)
+	other, _ := openPair(t, cli, srv)
+
+	held, release := cc.hold()
+	defer release()
+	go func() { _, _ = other.Write([]byte("busy")) }()
+	<-held
+	before := heapInUse()
+	for i := range writes {
+		_, err := st.Write([]byte{byte(i)})
+		require.NoError(t, err)
+	}
+	grown := heapInUse() - before
+	t.Logf("%d one-byte writes queued: heap +%d KiB", writes, grown>>10)
+	require.Less(t, grown, int64(8<<20), "queued small writes pin too much memory")
+	release()
+
+	got := make([]byte, writes)
+	_, err := io.ReadFull(peer, got)
+	require.NoError(t, err)
+	for i, b := range got {
+		if b != byte(i) {
+			require.Failf(t, "corrupt", "byte %d is %d, want %d", i, b, byte(i))
+		}
+	}
+}
