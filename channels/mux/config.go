@@ -13,9 +13,10 @@ type Config struct {
 	// KeepAliveInterval is the period of pings; 0 disables keepalive (a ping
 	// is still sent now and then to measure the round-trip time that window
 	// auto-tuning needs). A ping unanswered for KeepAliveTimeout (default
-	// 10s) ends the session if nothing at all arrived meanwhile: any byte
-	// received counts as liveness, so a pong queued behind bulk data on a
-	// slow link does not kill a busy session.
+	// 10s) ends the session if nothing at all arrived meanwhile and the
+	// peer took nothing we sent: any byte received, and any byte of ours
+	// the peer acknowledges, count as liveness, so that a ping or pong
+	// queued behind bulk data on a slow link does not kill a busy session.
 	KeepAliveInterval, KeepAliveTimeout time.Duration
 
 	// MaxStreamWindow is the largest receive window per stream (at least

@@ -190,3 +190,49 @@ func TestSmallWritesMemory(t *testing.T) {
 		}
 	}
 }
+
+// TestKeepAliveBehindOwnData: a session that uploads many small streams
+// over a slow link, with nothing coming back (the streams are too small
+// for window updates, the peer does not write), is alive while the peer
+// takes its data, although its pings wait behind that data for longer
+// than KeepAliveTimeout.
+func TestKeepAliveBehindOwnData(t *testing.T) {
+	for _, k := range []struct {
+		name  string
+		conns func(t testing.TB) (net.Conn, net.Conn)
+	}{
+		{"pipe", func(testing.TB) (net.Conn, net.Conn) { return net.Pipe() }},
+		{"tcp", func(t testing.TB) (net.Conn, net.Conn) {
+			// Small buffers: the link, not the peer's receive buffer,
+			// holds the backlog, as on a slow network.
+			c1, c2 := tcpConns(t)
+			smallBuffers(t, 16<<10, c1, c2)
+			return c1, c2
+		}},
+	} {
+		t.Run(k.name, func(t *testing.T) {
+			const streams, size = 16, 16 << 10 // 1s at the link's rate
+			c1, c2 := k.conns(t)
+			cli, srv := newPair(t, c1, throttle(c2, 256<<10, 4<<10),
+				Config{KeepAliveInterval: 50 * time.Millisecond, KeepAliveTimeout: 300 * time.Millisecond}, Config{})
+			type pair struct{ a, b *Stream }
+			var pairs []pair
+			for range streams {
+				a, b := openPair(t, cli, srv)
+				pairs = append(pairs, pair{a, b})
+			}
+			var wg sync.WaitGroup
+			for _, p := range pairs {
+				data := randomBytes(t, size)
+				wg.Go(func() { assert.NoError(t, sendAll(p.a, data)) })
+				wg.Go(func() {
+					got, err := io.ReadAll(p.b)
+					assert.NoError(t, err)
+					assert.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
+				})
+			}
+			wg.Wait()
+			require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
+		})
+	}
+}

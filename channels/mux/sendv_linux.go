@@ -4,7 +4,9 @@ package mux
 
 import (
 	"io"
+	"net"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -23,6 +25,7 @@ const maxIOV = 1024
 type sockWriter struct {
 	rc       syscall.RawConn
 	progress func()
+	out      *atomic.Uint64 // counts the bytes written
 
 	// The call in progress, kept here so that send, the poller's
 	// callback, is made once (a method value) and not per call.
@@ -33,12 +36,12 @@ type sockWriter struct {
 	send  func(fd uintptr) bool
 }
 
-func newSockWriter(conn any, progress func()) *sockWriter {
+func newSockWriter(conn any, progress func(), out *atomic.Uint64) *sockWriter {
 	rc := rawConn(conn)
 	if rc == nil {
 		return nil
 	}
-	w := &sockWriter{rc: rc, progress: progress}
+	w := &sockWriter{rc: rc, progress: progress, out: out}
 	w.send = w.sendmsg
 	return w
 }
@@ -74,6 +77,7 @@ func (w *sockWriter) write(iov [][]byte, flags int) error {
 		case w.n == 0:
 			return io.ErrShortWrite // a stream socket never takes nothing
 		}
+		w.out.Add(uint64(w.n))
 		for n := w.n; n > 0; {
 			k := min(n, len(iov[0]))
 			iov[0] = iov[0][k:]
@@ -111,4 +115,43 @@ func (w *sockWriter) sendmsg(fd uintptr) bool {
 		w.n, w.errno = int(n), errno
 		return true
 	}
+}
+
+// tcpConn returns the TCP socket under conn, under TLS too, for
+// tcpBytesAcked; nil if there is none.
+func tcpConn(conn net.Conn) syscall.RawConn {
+	for {
+		nc, ok := conn.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		conn = nc.NetConn()
+	}
+	tc, ok := conn.(*net.TCPConn)
+	if !ok {
+		return nil
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return rc
+}
+
+// tcpBytesAcked returns the bytes the peer acknowledged on the TCP socket
+// rc (TCP_INFO), if it can tell.
+func tcpBytesAcked(rc syscall.RawConn) (uint64, bool) {
+	if rc == nil {
+		return 0, false
+	}
+	var (
+		info *unix.TCPInfo
+		err  error
+	)
+	if cerr := rc.Control(func(fd uintptr) {
+		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	}); cerr != nil || err != nil {
+		return 0, false
+	}
+	return info.Bytes_acked, true
 }

@@ -45,6 +45,11 @@ type Session struct {
 	// keepalive's sign of life, since a large frame on a slow link takes
 	// long to arrive, and so does a pong queued behind it.
 	bytesIn atomic.Uint64
+	// bytesOut counts the bytes written to the connection; with tcp, the
+	// TCP socket under it (TLS or not), they tell the keepalive that the
+	// peer takes what we send (peerTook).
+	bytesOut atomic.Uint64
+	tcp      syscall.RawConn
 	// Frames that skipped a goroutine hand-off: written by their stream's
 	// goroutine (writeDirect), and received ones that the reader spliced
 	// on to WriteTo's socket (deliverLocked). Tests read them.
@@ -109,7 +114,8 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 	if spliceSupported && !cfg.NoSplice {
 		s.raw = rawConn(conn)
 	}
-	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame), s.writeProgress)
+	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame), s.writeProgress, &s.bytesOut)
+	s.tcp = tcpConn(conn)
 	s.idsLeft = (math.MaxUint32-s.nextID)/2 + 1
 	s.wg.Add(3)
 	go s.readLoop()

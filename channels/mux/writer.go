@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -319,7 +320,8 @@ type batchWriter struct {
 	raw      syscall.RawConn // for frames whose payload is in a pipe
 	sock     *sockWriter     // nil: not a socket, or not Linux
 	progress func()
-	final    bool // the session's last batch: no progress extends its deadline
+	out      *atomic.Uint64 // counts the bytes written
+	final    bool           // the session's last batch: no progress extends its deadline
 	maxFrame int
 
 	hdrs []byte   // encoded headers of the batch
@@ -328,8 +330,8 @@ type batchWriter struct {
 	run  bool     // iov's last piece is a header run ending at hdrs[off]
 }
 
-func newBatchWriter(conn net.Conn, raw syscall.RawConn, maxFrame int, progress func()) *batchWriter {
-	return &batchWriter{conn: conn, raw: raw, sock: newSockWriter(conn, progress), progress: progress, maxFrame: maxFrame}
+func newBatchWriter(conn net.Conn, raw syscall.RawConn, maxFrame int, progress func(), out *atomic.Uint64) *batchWriter {
+	return &batchWriter{conn: conn, raw: raw, sock: newSockWriter(conn, progress, out), progress: progress, out: out, maxFrame: maxFrame}
 }
 
 func (w *batchWriter) write(batch []frame) error {
@@ -399,7 +401,11 @@ func (w *batchWriter) splice(f *frame, more bool) error {
 	}
 	w.clearIOV()
 	w.progress()
-	return drainPipe(w.raw, f.pipe, f.pipeN, more, w.progress)
+	if err := drainPipe(w.raw, f.pipe, f.pipeN, more, w.progress); err != nil {
+		return err
+	}
+	w.out.Add(uint64(f.pipeN))
+	return nil
 }
 
 // frames returns how many frames (headers) f is sent as.
@@ -444,7 +450,8 @@ func (w *batchWriter) writeFlat() error {
 			w.progress()
 		}
 		written = true
-		_, err := w.conn.Write(b)
+		n, err := w.conn.Write(b)
+		w.out.Add(uint64(n))
 		return err
 	}
 	for _, p := range w.iov {
