@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -18,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 )
@@ -774,4 +776,192 @@ func TestAdversarialSlowLink(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestAdversarialFloods: a hostile peer floods the session with frames
+// and never reads what the session answers. The answers the session
+// queues stay bounded, so does its memory and its log, and it survives
+// whatever does not break the protocol; a window overflow ends it
+// cleanly, with GoAway.
+func TestAdversarialFloods(t *testing.T) {
+	scale := advScale(t)
+	n := 100_000 * scale
+	for _, tc := range []struct {
+		name  string
+		cfg   Config
+		frame func(i int) []byte
+		// after is a last frame, and breaks says the session must end
+		// with a protocol error when it gets there.
+		after  []byte
+		breaks bool
+	}{
+		{name: "SYNs past the backlog", cfg: Config{AcceptBacklog: 1},
+			frame: func(i int) []byte { return frameBytes(typeWindowUpdate, flagSYN, uint32(2*i+1), 0, nil) }},
+		{name: "SYNs with data past the streams", cfg: Config{MaxIncomingStreams: 1},
+			frame: func(i int) []byte { return frameBytes(typeData, flagSYN, uint32(2*i+1), 3, []byte("abc")) }},
+		{name: "pings",
+			frame: func(i int) []byte { return frameBytes(typePing, flagSYN, 0, uint32(i), nil) }},
+		{name: "data for unknown streams",
+			frame: func(i int) []byte { return frameBytes(typeData, 0, uint32(2*i+1), 4, []byte("junk")) }},
+		{name: "resets and FINs for unknown streams",
+			frame: func(i int) []byte { return frameBytes(typeWindowUpdate, flagRST|flagFIN, uint32(2*i+1), 0, nil) }},
+		{name: "window updates, then an overflow",
+			frame: func(i int) []byte {
+				if i == 0 {
+					return frameBytes(typeWindowUpdate, flagSYN, 1, 0, nil)
+				}
+				return frameBytes(typeWindowUpdate, 0, 1, 1, nil)
+			},
+			after: frameBytes(typeWindowUpdate, 0, 1, 1<<32-1, nil), breaks: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			leaks := leakCheck(t)
+			c1, c2 := tcpConns(t)
+			smallBuffers(t, 16<<10, c1, c2)
+			logs := &countingHandler{}
+			cfg := tc.cfg
+			cfg.Logger = slog.New(logs)
+			var flood []byte
+			for i := range n {
+				flood = append(flood, tc.frame(i)...)
+			}
+			flood = append(flood, tc.after...)
+			before := heapInUse()
+			s, err := Server(c1, cfg)
+			require.NoError(t, err)
+			sent := make(chan int, 1)
+			go func() {
+				_ = c2.SetWriteDeadline(time.Now().Add(time.Second))
+				k, _ := c2.Write(flood)
+				sent <- k
+			}()
+			tick := time.NewTicker(200 * time.Microsecond)
+			defer tick.Stop()
+			peak, k := 0, 0
+		sampling:
+			for {
+				peak = max(peak, queueLen(s))
+				select {
+				case k = <-sent:
+					break sampling
+				case <-tick.C:
+				}
+			}
+			grown := heapInUse() - before
+			t.Logf("%d frames, %d bytes taken; peak queue %d frames; heap +%d KiB; %d log lines; %+v",
+				n, k, peak, grown>>10, logs.n.Load(), s.LimitStats())
+			require.LessOrEqual(t, peak, maxQueuedRefusals+maxQueuedPongs+16, "frames queued without bound")
+			require.Less(t, grown, int64(16<<20), "memory grew with the flood")
+			require.LessOrEqual(t, logs.n.Load(), int64(3), "log lines")
+			if tc.breaks && k == len(flood) {
+				select {
+				case <-s.CloseChan():
+				case <-testCtx(t).Done():
+					t.Fatal("the overflow did not end the session")
+				}
+				require.ErrorIs(t, s.Err(), ErrProtocol)
+			} else {
+				require.False(t, s.IsClosed(), "session ended: %v", s.Err())
+			}
+			s.Close()
+			c2.Close()
+			leaks()
+		})
+	}
+}
+
+// TestAdversarialBudgets: transfers that want pipes when the process's
+// pipe budget, or its descriptors, are exhausted copy instead, and
+// complete.
+func TestAdversarialBudgets(t *testing.T) {
+	scale, rng := advScale(t), advRand(t)
+	tcp := advTransports[1]
+	t.Run("pipes", func(t *testing.T) {
+		before := SpliceStats().PipeShortages
+		limitPipes(t, 2)
+		for range scale {
+			runRound(t, rng, tcp, roundConfig{streams: 40}, scale)
+		}
+		require.Greater(t, SpliceStats().PipeShortages, before)
+	})
+	t.Run("descriptors", func(t *testing.T) {
+		leaks := leakCheck(t)
+		before := SpliceStats().PipeShortages
+		const streams = 12
+		cli, srv := tcpPair(t, Config{})
+		type legs struct {
+			sa, sb *Stream
+			up     *sock
+			a      *net.TCPConn
+			down   *sock
+			b      *net.TCPConn
+		}
+		var all []legs
+		for range streams {
+			l := legs{}
+			l.sa, l.sb = openPair(t, cli, srv)
+			l.up, l.a = sockPair(t)
+			l.down, l.b = sockPair(t)
+			all = append(all, l)
+		}
+		// No descriptor left: pipe(2) fails with EMFILE.
+		idlePipes()
+		var lim syscall.Rlimit
+		require.NoError(t, syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim))
+		low := lim
+		low.Cur = uint64(openFDs(t) + 16)
+		require.NoError(t, syscall.Setrlimit(syscall.RLIMIT_NOFILE, &low))
+		var fillers []*os.File
+		for {
+			f, err := os.Open("/dev/null")
+			if err != nil {
+				require.ErrorIs(t, err, syscall.EMFILE)
+				break
+			}
+			fillers = append(fillers, f)
+		}
+		var wg sync.WaitGroup
+		for _, l := range all {
+			size := int64(256<<10 + rng.IntN(2<<20))
+			seed := rng.Uint64()
+			v := newVerifier(seed, size)
+			wg.Go(func() {
+				pat := newPattern(seed)
+				buf := make([]byte, 64<<10)
+				for left := size; left > 0; left -= int64(len(buf)) {
+					b := buf[:min(int64(len(buf)), left)]
+					pat.fill(b)
+					if _, err := l.a.Write(b); err != nil {
+						t.Errorf("legacy write: %v", err)
+						return
+					}
+				}
+				_ = l.a.CloseWrite()
+			})
+			wg.Go(func() { assert.NoError(t, pump(l.sa, l.up)) })
+			wg.Go(func() { assert.NoError(t, deliver(l.sb, l.down)) })
+			wg.Go(func() {
+				_, err := io.Copy(v, l.b)
+				assert.NoError(t, err)
+				got, bad := v.result()
+				assert.NoError(t, bad)
+				assert.Equal(t, size, got)
+			})
+		}
+		wg.Wait()
+		for _, f := range fillers {
+			f.Close()
+		}
+		require.NoError(t, syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim))
+		require.Greater(t, SpliceStats().PipeShortages, before)
+		require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
+		for _, l := range all {
+			for _, c := range []io.Closer{l.up, l.a, l.down, l.b} {
+				c.Close()
+			}
+		}
+		cli.Close()
+		srv.Close()
+		leaks()
+	})
 }
