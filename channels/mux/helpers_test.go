@@ -116,6 +116,28 @@ func openPair(t testing.TB, a, b *Session) (*Stream, *Stream) {
 	return sa, sb
 }
 
+// openPairQuiet is openPair for callers that cannot fail a test: nil if
+// anything fails.
+func openPairQuiet(a, b *Session) (*Stream, *Stream) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sa, err := a.OpenStream(ctx)
+	if err != nil {
+		return nil, nil
+	}
+	if _, err := sa.Write([]byte{'!'}); err != nil {
+		return nil, nil
+	}
+	sb, err := b.AcceptStream(ctx)
+	if err != nil {
+		return nil, nil
+	}
+	if _, err := io.ReadFull(sb, make([]byte, 1)); err != nil {
+		return nil, nil
+	}
+	return sa, sb
+}
+
 func randomBytes(t testing.TB, n int) []byte {
 	b := make([]byte, n)
 	_, err := rand.Read(b)

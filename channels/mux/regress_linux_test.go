@@ -17,6 +17,15 @@ import (
 
 // Regression tests of the splice paths under stress.
 
+// stuck reports whether st's Write has the connection of s and is held
+// there (the peer does not read): what is written next queues.
+func stuck(s *Session, st *Stream) bool {
+	sendWin, _, _ := streamState(st)
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	return sendWin < initialWindow && s.owned
+}
+
 // limitPipes lowers the process's pipe budget to n more pipes than are
 // open now, until the end of the test.
 func limitPipes(t *testing.T, n int) {
@@ -49,6 +58,7 @@ func TestSpliceAfterManySmallFrames(t *testing.T) {
 	g.shut()
 	fill := randomBytes(t, 256<<10)
 	go func() { _, _ = filler.Write(fill) }()
+	require.Eventually(t, func() bool { return stuck(cli, filler) }, 5*time.Second, time.Millisecond)
 	var wg sync.WaitGroup
 	for _, p := range bulk {
 		data := randomBytes(t, 200<<10) // 200 frames, 400 iovecs
@@ -222,6 +232,7 @@ func TestSpliceFromDeadline(t *testing.T) {
 
 	g.shut()
 	go func() { _, _ = filler.Write(make([]byte, 256<<10)) }()
+	require.Eventually(t, func() bool { return stuck(cli, filler) }, 5*time.Second, time.Millisecond)
 	type result struct {
 		n   int64
 		err error

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -195,44 +196,80 @@ func TestSmallWritesMemory(t *testing.T) {
 // over a slow link, with nothing coming back (the streams are too small
 // for window updates, the peer does not write), is alive while the peer
 // takes its data, although its pings wait behind that data for longer
-// than KeepAliveTimeout.
+// than KeepAliveTimeout. (Over a pipe the peer taking data is a write
+// returning; over TCP it is the peer's acknowledgements: TestPeerTookTCP.)
 func TestKeepAliveBehindOwnData(t *testing.T) {
-	for _, k := range []struct {
-		name  string
-		conns func(t testing.TB) (net.Conn, net.Conn)
-	}{
-		{"pipe", func(testing.TB) (net.Conn, net.Conn) { return net.Pipe() }},
-		{"tcp", func(t testing.TB) (net.Conn, net.Conn) {
-			// Small buffers: the link, not the peer's receive buffer,
-			// holds the backlog, as on a slow network.
-			c1, c2 := tcpConns(t)
-			smallBuffers(t, 16<<10, c1, c2)
-			return c1, c2
-		}},
-	} {
-		t.Run(k.name, func(t *testing.T) {
-			const streams, size = 16, 16 << 10 // 1s at the link's rate
-			c1, c2 := k.conns(t)
-			cli, srv := newPair(t, c1, throttle(c2, 256<<10, 4<<10),
-				Config{KeepAliveInterval: 50 * time.Millisecond, KeepAliveTimeout: 300 * time.Millisecond}, Config{})
-			type pair struct{ a, b *Stream }
-			var pairs []pair
-			for range streams {
-				a, b := openPair(t, cli, srv)
-				pairs = append(pairs, pair{a, b})
+	const streams, size = 16, 16 << 10 // 2s at the link's rate
+	c1, c2 := net.Pipe()
+	cli, srv := newPair(t, c1, throttle(c2, 128<<10, 4<<10),
+		Config{KeepAliveInterval: 50 * time.Millisecond, KeepAliveTimeout: 500 * time.Millisecond}, Config{})
+	type pair struct{ a, b *Stream }
+	var pairs []pair
+	for range streams {
+		a, b := openPair(t, cli, srv)
+		pairs = append(pairs, pair{a, b})
+	}
+	var wg sync.WaitGroup
+	for _, p := range pairs {
+		data := randomBytes(t, size)
+		wg.Go(func() { assert.NoError(t, sendAll(p.a, data)) })
+		wg.Go(func() {
+			got, err := io.ReadAll(p.b)
+			assert.NoError(t, err)
+			assert.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
+		})
+	}
+	wg.Wait()
+	require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
+}
+
+// TestPeerTookTCP: over TCP, the keepalive's sign that the peer takes our
+// data is what its TCP acknowledged.
+func TestPeerTookTCP(t *testing.T) {
+	cli, srv := tcpPair(t, Config{})
+	_, ok := tcpBytesAcked(cli.tcp)
+	require.True(t, ok, "no TCP_INFO")
+	sa, sb := openPair(t, cli, srv)
+	before := cli.peerTook()
+	data := randomBytes(t, 1<<20)
+	go func() { _, _ = sa.Write(data) }()
+	_, err := io.ReadFull(sb, make([]byte, len(data)))
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return cli.peerTook() >= before+uint64(len(data)) }, 5*time.Second, time.Millisecond)
+}
+
+// TestConcurrentReadsWake: every one of several Reads waiting on a stream
+// returns at its deadline, and at its reset, not just the first.
+func TestConcurrentReadsWake(t *testing.T) {
+	for _, end := range []string{"deadline", "reset"} {
+		t.Run(end, func(t *testing.T) {
+			cli, srv := pipePair(t, Config{})
+			sa, sb := openPair(t, cli, srv)
+			const readers = 8
+			errs := make(chan error, readers)
+			for range readers {
+				go func() {
+					_, err := sb.Read(make([]byte, 1))
+					errs <- err
+				}()
 			}
-			var wg sync.WaitGroup
-			for _, p := range pairs {
-				data := randomBytes(t, size)
-				wg.Go(func() { assert.NoError(t, sendAll(p.a, data)) })
-				wg.Go(func() {
-					got, err := io.ReadAll(p.b)
-					assert.NoError(t, err)
-					assert.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
-				})
+			if end == "deadline" {
+				require.NoError(t, sb.SetReadDeadline(time.Now().Add(20*time.Millisecond)))
+			} else {
+				require.NoError(t, sa.Reset())
 			}
-			wg.Wait()
-			require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
+			for range readers {
+				select {
+				case err := <-errs:
+					if end == "deadline" {
+						require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+					} else {
+						requireReset(t, err)
+					}
+				case <-testCtx(t).Done():
+					t.Fatal("a Read is still waiting")
+				}
+			}
 		})
 	}
 }

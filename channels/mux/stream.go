@@ -148,6 +148,7 @@ func (st *Stream) Read(b []byte) (int, error) {
 	defer st.mu.Unlock()
 	for {
 		if err := st.readCheckLocked(); err != nil {
+			st.passWakeLocked()
 			return 0, err
 		}
 		if st.buffered > 0 {
@@ -160,14 +161,23 @@ func (st *Stream) Read(b []byte) (int, error) {
 				st.failLocked()
 				return n, err
 			}
+			if st.buffered > 0 {
+				st.passWakeLocked()
+			}
 			return n, nil
 		}
 		if st.state&stFinRecv != 0 {
+			st.passWakeLocked()
 			return 0, io.EOF
 		}
 		st.waitLocked(&st.readWake)
 	}
 }
+
+// passWakeLocked passes a wake-up on to the next of concurrent Reads: a
+// wake-up (data, the end, a deadline's timer) wakes one waiter, which
+// hands it on when what woke it holds for the others too.
+func (st *Stream) passWakeLocked() { notify(st.readWake) }
 
 // WriteTo writes the stream's data to w until the peer's FIN (returning a
 // nil error) or an error. Received buffers go to w as they are, with one

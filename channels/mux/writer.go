@@ -434,8 +434,10 @@ func (w *batchWriter) addHeader(h header) {
 
 // flatChunk is the most a write to a connection other than a socket
 // carries: the write deadline moves on after each, so it bounds the bytes
-// a link must carry within WriteTimeout.
-const flatChunk = 64 << 10
+// a link must carry within WriteTimeout (and, on a connection that is not
+// over TCP, within KeepAliveTimeout). It is a TLS record's payload: on TLS
+// a larger write makes more records anyway, each written on its own.
+const flatChunk = 16 << 10
 
 // writeFlat writes iov through a pooled buffer: small pieces are gathered,
 // and a piece at least as large as the buffer is written from where it
