@@ -821,39 +821,22 @@ func TestAdversarialFloods(t *testing.T) {
 			logs := &countingHandler{}
 			cfg := tc.cfg
 			cfg.Logger = slog.New(logs)
-			var flood []byte
+			var frames []byte
 			for i := range n {
-				flood = append(flood, tc.frame(i)...)
+				frames = append(frames, tc.frame(i)...)
 			}
-			flood = append(flood, tc.after...)
+			frames = append(frames, tc.after...)
 			before := heapInUse()
 			s, err := Server(c1, cfg)
 			require.NoError(t, err)
-			sent := make(chan int, 1)
-			go func() {
-				_ = c2.SetWriteDeadline(time.Now().Add(time.Second))
-				k, _ := c2.Write(flood)
-				sent <- k
-			}()
-			tick := time.NewTicker(200 * time.Microsecond)
-			defer tick.Stop()
-			peak, k := 0, 0
-		sampling:
-			for {
-				peak = max(peak, queueLen(s))
-				select {
-				case k = <-sent:
-					break sampling
-				case <-tick.C:
-				}
-			}
+			k, peak := flood(t, s, c2, frames)
 			grown := heapInUse() - before
 			t.Logf("%d frames, %d bytes taken; peak queue %d frames; heap +%d KiB; %d log lines; %+v",
 				n, k, peak, grown>>10, logs.n.Load(), s.LimitStats())
 			require.LessOrEqual(t, peak, maxQueuedRefusals+maxQueuedPongs+16, "frames queued without bound")
 			require.Less(t, grown, int64(16<<20), "memory grew with the flood")
 			require.LessOrEqual(t, logs.n.Load(), int64(3), "log lines")
-			if tc.breaks && k == len(flood) {
+			if tc.breaks && k == len(frames) {
 				select {
 				case <-s.CloseChan():
 				case <-testCtx(t).Done():

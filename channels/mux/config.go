@@ -28,11 +28,11 @@ type Config struct {
 
 	// MaxFrame is the largest data payload per frame (default 256 KiB):
 	// larger frames cost fewer headers and system calls. It does not bound
-	// how long one stream's data holds up another's: the writer sends what
-	// is queued in order, each busy stream may have up to its send window
-	// queued, and the connection's send buffer holds more, so a small
-	// message waits behind the bulk data queued before it whatever the
-	// frame size.
+	// how long one stream's data holds up another's: a small message (or
+	// a FIN, a window update) goes out with the writer's next batch, ahead
+	// of large frames queued before it, but waits for the batch being
+	// written, which holds about 512 KiB of large frames (at least one),
+	// and for what the connection's send buffer holds.
 	MaxFrame uint32
 
 	// MaxIncomingStreams bounds the open streams the peer opened (default

@@ -3,6 +3,7 @@ package mux
 import (
 	"bufio"
 	"bytes"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -47,24 +48,7 @@ func TestWriteTimeoutSlowLink(t *testing.T) {
 			)
 			c1, c2 := k.conns(t)
 			cli, srv := newPair(t, c1, throttle(c2, rate, 8<<10), Config{WriteTimeout: 300 * time.Millisecond}, Config{})
-			type pair struct{ a, b *Stream }
-			var pairs []pair
-			for range streams {
-				sa, sb := openPair(t, cli, srv)
-				pairs = append(pairs, pair{sa, sb})
-			}
-			var wg sync.WaitGroup
-			for _, p := range pairs {
-				sa, sb := p.a, p.b
-				data := randomBytes(t, size)
-				wg.Go(func() { assert.NoError(t, sendAll(sa, data)) })
-				wg.Go(func() {
-					got, err := io.ReadAll(sb)
-					assert.NoError(t, err)
-					assert.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
-				})
-			}
-			wg.Wait()
+			uploads(t, cli, srv, streams, size)
 			require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
 		})
 	}
@@ -84,60 +68,89 @@ func TestRefusalFlood(t *testing.T) {
 	defer s.Close()
 	defer c2.Close()
 
-	flood := make([]byte, 0, syns*headerSize)
+	frames := make([]byte, 0, syns*headerSize)
 	for i := range syns {
-		flood = append(flood, frameBytes(typeWindowUpdate, flagSYN, uint32(2*i+1), 0, nil)...)
+		frames = append(frames, frameBytes(typeWindowUpdate, flagSYN, uint32(2*i+1), 0, nil)...)
 	}
 	// The peer floods without reading; what it manages to write in a
 	// while is what the session takes in before it holds back.
-	sent := make(chan int, 1)
+	n, peak := flood(t, s, c2, frames)
+	t.Logf("peer wrote %d of %d SYNs before it stalled; peak queue %d frames", n/headerSize, syns, peak)
+	require.LessOrEqual(t, peak, maxQueuedRefusals+maxQueuedPongs+16, "refusals queued without bound")
+	require.False(t, s.IsClosed(), "session ended: %v", s.Err())
+
+	// The peer reads again: everything is refused and counted.
+	refused := make(chan int, 1)
 	go func() {
-		_ = c2.SetWriteDeadline(time.Now().Add(time.Second))
-		n, _ := c2.Write(flood)
-		sent <- n
+		k := 0
+		b := make([]byte, headerSize)
+		br := bufio.NewReader(c2)
+		for {
+			if _, err := io.ReadFull(br, b); err != nil {
+				refused <- k
+				return
+			}
+			if h := decodeHeader(b); h.flags&flagRST != 0 {
+				if k++; k == syns-1 {
+					refused <- k
+					return
+				}
+			}
+		}
 	}()
-	// Sample the send queue while the peer floods.
+	_, err = c2.Write(frames[n:])
+	require.NoError(t, err)
+	require.Equal(t, syns-1, <-refused, "RSTs received")
+	require.Equal(t, uint64(syns-1), s.LimitStats().RefusedBacklog)
+	require.LessOrEqual(t, logs.n.Load(), int64(3), "log lines")
+	require.False(t, s.IsClosed(), "session ended: %v", s.Err())
+}
+
+// flood writes frames to peer, the other end of s's connection, for a
+// second at most (the session may stop reading), sampling s's send queue
+// meanwhile; it returns how many bytes went, and the queue's peak.
+func flood(t *testing.T, s *Session, peer net.Conn, frames []byte) (sent, peak int) {
+	t.Helper()
+	done := make(chan int, 1)
+	go func() {
+		_ = peer.SetWriteDeadline(time.Now().Add(time.Second))
+		n, _ := peer.Write(frames)
+		_ = peer.SetWriteDeadline(time.Time{})
+		done <- n
+	}()
 	tick := time.NewTicker(200 * time.Microsecond)
 	defer tick.Stop()
-	peak := 0
-	for n := 0; ; {
+	for {
 		peak = max(peak, queueLen(s))
 		select {
-		case n = <-sent:
-			t.Logf("peer wrote %d of %d SYNs before it stalled; peak queue %d frames", n/headerSize, syns, peak)
-			require.LessOrEqual(t, peak, maxQueuedRefusals+maxQueuedPongs+16, "refusals queued without bound")
-			require.False(t, s.IsClosed(), "session ended: %v", s.Err())
-
-			// The peer reads again: everything is refused and counted.
-			refused := make(chan int, 1)
-			go func() {
-				k := 0
-				b := make([]byte, headerSize)
-				br := bufio.NewReader(c2)
-				for {
-					if _, err := io.ReadFull(br, b); err != nil {
-						refused <- k
-						return
-					}
-					if h := decodeHeader(b); h.flags&flagRST != 0 {
-						if k++; k == syns-1 {
-							refused <- k
-							return
-						}
-					}
-				}
-			}()
-			require.NoError(t, c2.SetWriteDeadline(time.Time{}))
-			_, err := c2.Write(flood[n:])
-			require.NoError(t, err)
-			require.Equal(t, syns-1, <-refused, "RSTs received")
-			require.Equal(t, uint64(syns-1), s.LimitStats().RefusedBacklog)
-			require.LessOrEqual(t, logs.n.Load(), int64(3), "log lines")
-			require.False(t, s.IsClosed(), "session ended: %v", s.Err())
-			return
+		case sent = <-done:
+			return sent, peak
 		case <-tick.C:
 		}
 	}
+}
+
+// uploads opens streams from cli to srv and sends size bytes on each at
+// once, checking every byte that arrives.
+func uploads(t *testing.T, cli, srv *Session, streams, size int) {
+	t.Helper()
+	type pair struct{ a, b *Stream }
+	var pairs []pair
+	for range streams {
+		a, b := openPair(t, cli, srv)
+		pairs = append(pairs, pair{a, b})
+	}
+	var wg sync.WaitGroup
+	for _, p := range pairs {
+		data := randomBytes(t, size)
+		wg.Go(func() { assert.NoError(t, sendAll(p.a, data)) })
+		wg.Go(func() {
+			got, err := io.ReadAll(p.b)
+			assert.NoError(t, err)
+			assert.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
+		})
+	}
+	wg.Wait()
 }
 
 // TestKeepAliveSlowBulk: a session that receives a bulk transfer slowly
@@ -203,23 +216,7 @@ func TestKeepAliveBehindOwnData(t *testing.T) {
 	c1, c2 := net.Pipe()
 	cli, srv := newPair(t, c1, throttle(c2, 128<<10, 4<<10),
 		Config{KeepAliveInterval: 50 * time.Millisecond, KeepAliveTimeout: 500 * time.Millisecond}, Config{})
-	type pair struct{ a, b *Stream }
-	var pairs []pair
-	for range streams {
-		a, b := openPair(t, cli, srv)
-		pairs = append(pairs, pair{a, b})
-	}
-	var wg sync.WaitGroup
-	for _, p := range pairs {
-		data := randomBytes(t, size)
-		wg.Go(func() { assert.NoError(t, sendAll(p.a, data)) })
-		wg.Go(func() {
-			got, err := io.ReadAll(p.b)
-			assert.NoError(t, err)
-			assert.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
-		})
-	}
-	wg.Wait()
+	uploads(t, cli, srv, streams, size)
 	require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
 }
 
@@ -272,4 +269,79 @@ func TestConcurrentReadsWake(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestTakeBatch: a batch takes every control and small frame, and large
+// data frames up to its budget; the rest waits, with every later frame
+// of its stream, and SYNs keep their order.
+func TestTakeBatch(t *testing.T) {
+	big := make([]byte, 300<<10)
+	data := func(id uint32, flags uint16, b []byte) frame {
+		return frame{header: header{typ: typeData, flags: flags, id: id}, data: b}
+	}
+	ctl := func(id uint32, flags uint16) frame {
+		return frame{header: header{typ: typeWindowUpdate, flags: flags, id: id}}
+	}
+	s := &Session{queue: []frame{
+		data(1, 0, big), data(3, 0, big), // the budget's worth
+		data(5, 0, big),          // held back
+		data(7, 0, []byte("hi")), // small: taken
+		ctl(5, flagFIN),          // after 5's held data: held
+		ctl(3, flagFIN),          // after 3's taken data: taken
+		data(9, flagSYN, big),    // a held SYN...
+		ctl(11, flagSYN),         // ...holds the SYNs after it
+		{header: header{typ: typePing, flags: flagSYN}}, // taken
+	}}
+	batch := s.takeLocked(nil)
+	ids := func(fs []frame) (out []string) {
+		for _, f := range fs {
+			out = append(out, fmt.Sprintf("%d/%d/%#x", f.id, f.typ, f.flags))
+		}
+		return out
+	}
+	require.Equal(t, []string{"1/0/0x0", "3/0/0x0", "7/0/0x0", "3/1/0x4", "0/2/0x1"}, ids(batch))
+	require.Equal(t, []string{"5/0/0x0", "5/1/0x4", "9/0/0x1", "11/1/0x1"}, ids(s.queue))
+	require.Equal(t, []string{"5/0/0x0", "5/1/0x4", "9/0/0x1", "11/1/0x1"}, ids(s.takeLocked(nil)[:4]))
+	require.Empty(t, s.queue)
+}
+
+// TestSmallFrameOvertakesBulk: a small message queued behind several
+// streams' bulk data on a slow link waits behind one batch of it, not
+// behind all of it.
+func TestSmallFrameOvertakesBulk(t *testing.T) {
+	const bulk, size = 8, 256 << 10
+	c1, c2 := tcpConns(t)
+	smallBuffers(t, 16<<10, c1, c2)
+	g := gate(throttle(c2, 4<<20, 16<<10)) // a slow link, and a peer that stops reading
+	cli, srv := newPair(t, c1, g, Config{}, Config{})
+	filler, fillerPeer := openPair(t, cli, srv)
+	msg, msgPeer := openPair(t, cli, srv)
+	var peers []*Stream
+	var streams []*Stream
+	for range bulk {
+		a, b := openPair(t, cli, srv)
+		streams, peers = append(streams, a), append(peers, b)
+	}
+	g.shut()
+	go func() { _, _ = filler.Write(make([]byte, size)) }()
+	require.Eventually(t, func() bool { return stuck(cli, filler) }, 5*time.Second, time.Millisecond)
+	for _, st := range streams {
+		go func() { _, _ = st.Write(make([]byte, size)) }()
+	}
+	require.Eventually(t, func() bool { return queuedWrites(cli) == bulk }, 5*time.Second, time.Millisecond)
+	_, err := msg.Write([]byte("hello"))
+	require.NoError(t, err)
+
+	for _, p := range append(peers, fillerPeer) {
+		go func() { _, _ = io.Copy(io.Discard, p) }()
+	}
+	before := srv.bytesIn.Load()
+	g.reopen()
+	_, err = io.ReadFull(msgPeer, make([]byte, 5))
+	require.NoError(t, err)
+	behind := srv.bytesIn.Load() - before
+	t.Logf("the message came after %d KiB", behind>>10)
+	// The filler's rest and one batch of bulk data (its last frame may
+	// pass the budget), with some slack; not all eight streams' data.
+	require.Less(t, behind, uint64(size+batchBudget+size+size/2), "the message waited behind all the bulk data")
 }

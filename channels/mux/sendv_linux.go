@@ -127,15 +127,10 @@ func tcpConn(conn net.Conn) syscall.RawConn {
 		}
 		conn = nc.NetConn()
 	}
-	tc, ok := conn.(*net.TCPConn)
-	if !ok {
+	if _, ok := conn.(*net.TCPConn); !ok {
 		return nil
 	}
-	rc, err := tc.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	return rc
+	return rawConn(conn)
 }
 
 // tcpBytesAcked returns the bytes the peer acknowledged on the TCP socket

@@ -59,10 +59,11 @@ type Session struct {
 	// The send queue (writer.go).
 	sendMu     sync.Mutex
 	queue      []frame
-	queueGen   uint64 // counts the writer's takings of queue
-	sendClosed bool   // the session ended: no more frames are queued
-	pongs      int    // pongs in queue
-	refusals   int    // resets refusing inbound streams in queue
+	queueGen   uint64   // counts the writer's takings of queue
+	held       []uint32 // takeLocked's scratch: streams with frames held back
+	sendClosed bool     // the session ended: no more frames are queued
+	pongs      int      // pongs in queue
+	refusals   int      // resets refusing inbound streams in queue
 	sendSignal chan struct{}
 	// refusalsTaken wakes the reader waiting for the writer to take
 	// maxQueuedRefusals refusals (refuse).

@@ -5,15 +5,17 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"time"
 )
 
 // The send side. Frames go through one queue that a single writer
-// goroutine drains: each wake-up takes everything queued and writes it with
-// one writev, so frames of concurrent streams and control frames share
-// system calls. A Write queues its data by reference and waits for the
+// goroutine drains: each wake-up takes what is queued (takeLocked: every
+// small frame, and large ones up to batchBudget) and writes it with one
+// writev, so frames of concurrent streams and control frames share system
+// calls. A Write queues its data by reference and waits for the
 // writer's verdict; control frames are queued by value and not waited for,
 // so the reader goroutine can queue window updates and pongs without ever
 // blocking on a full connection.
@@ -178,7 +180,7 @@ func (s *Session) writeLoop() {
 			s.writeFailed(err)
 			return
 		}
-		batch, s.queue = s.queue, batch[:0]
+		batch = s.takeLocked(batch[:0])
 		s.queueGen++ // the copied frames taken no longer grow
 		s.pongs = 0
 		if s.refusals >= maxQueuedRefusals {
@@ -213,6 +215,65 @@ func (s *Session) writeLoop() {
 		case <-s.done:
 		}
 	}
+}
+
+// batchBudget is about how many bytes of large data frames one batch
+// takes (at least one frame); small and control frames need none.
+const batchBudget = 512 << 10
+
+// takeLocked moves the next batch's frames from the queue to batch: every
+// control frame and small data frame, and large data frames until about
+// batchBudget bytes of them are taken. The others stay queued, ahead of
+// what is queued meanwhile, with every later frame of their streams (a
+// stream's frames keep their order, and so do SYNs, which the peer wants
+// in stream ID order). A small frame, such as an interactive stream's
+// message, a FIN or a window update, then waits behind one batch of bulk
+// data at most, not behind everything queued before it: on a slow link
+// that is seconds, not minutes. The session's last batch takes everything.
+func (s *Session) takeLocked(batch []frame) []frame {
+	if s.sendClosed {
+		batch = append(batch, s.queue...)
+		clear(s.queue)
+		s.queue = s.queue[:0]
+		return batch
+	}
+	budget := batchBudget
+	kept := s.queue[:0] // compacted in place: kept never passes i
+	held, synHeld := s.held[:0], false
+	for i := range s.queue {
+		f := s.queue[i]
+		n := f.payloadLen()
+		hold := false
+		switch {
+		case f.id == 0: // ping, GoAway
+		case f.flags&flagSYN != 0 && synHeld, slices.Contains(held, f.id):
+			hold = true
+		case n > smallWrite && budget <= 0:
+			hold = true
+		}
+		if hold {
+			kept = append(kept, f)
+			held = append(held, f.id)
+			synHeld = synHeld || f.flags&flagSYN != 0
+			continue
+		}
+		if n > smallWrite {
+			budget -= n
+		}
+		batch = append(batch, f)
+	}
+	clear(s.queue[len(kept):])
+	s.queue = kept
+	s.held = held
+	return batch
+}
+
+// payloadLen returns the size of a data frame's payload.
+func (f *frame) payloadLen() int {
+	if f.pipe != nil {
+		return f.pipeN
+	}
+	return len(f.payload())
 }
 
 // claimConn makes the caller the connection's owner if the connection is

@@ -92,7 +92,7 @@ func readSoakSettings(t *testing.T) soakSettings {
 // aborts mid-stream (RST); long interactive connections (small echoes,
 // paced) by the dozen; and a bulk upload per host at a time. The faults:
 // SIGKILL of a proxy and its restart, a link flap, and a worse link for a
-// while (higher loss and delay, half the rate). After each fault new
+// while (1% more loss, more delay, half the rate). After each fault new
 // connections through the host must verify again before the next one.
 //
 // At the end: nothing corrupt, nothing hung, nothing silently lost or
@@ -165,7 +165,7 @@ func TestSoak(t *testing.T) {
 		}
 	}
 	for _, f := range faults {
-		report.WriteString("  fault: " + f.String() + "\n")
+		fmt.Fprintf(&report, "  fault at %s: %v\n", f.Start.Format("15:04:05.000"), f)
 	}
 	fmt.Fprintf(&report, "  integrity: %v\n", in)
 	t.Log(report.String())
@@ -227,26 +227,39 @@ func drawLink(rng *rand.Rand) ns.Impairment {
 	return ns.Impairment{Rate: int64(rate), Delay: delay, Jitter: delay / 10, Loss: rng.Float64() * 0.01, Reorder: rng.Float64() * 0.02}
 }
 
-// rate returns the slowest uplink a connection along r crosses, in bytes
-// per second; for the api, the slowest server's.
+// rate estimates, in bytes per second, what one TCP connection between
+// the proxies carries along r (for the api, to the slowest server): the
+// slower of the uplinks' rate and what TCP achieves with their loss and
+// round trip (MSS/RTT × 1.22/√loss). Every stream between two proxies
+// shares such a connection (two, in fact), so sizes follow it.
 func (l *soakLoad) rate(r route) float64 {
-	hosts := []*host{r.from}
-	if r.to != nil {
-		hosts = append(hosts, r.to)
-	} else {
-		for _, h := range l.c.hosts {
-			if h.spec.server {
-				hosts = append(hosts, h)
-			}
-		}
-	}
 	slowest := 1e9 / 8.0 // plain links: as fast as the machine goes
-	for _, h := range hosts {
-		if im, ok := l.links[h]; ok {
-			slowest = min(slowest, float64(im.Rate)/8)
+	for _, to := range l.servers(r) {
+		a, ok1 := l.links[r.from]
+		b, ok2 := l.links[to]
+		if !ok1 || !ok2 {
+			continue
 		}
+		rtt := (a.Delay + b.Delay).Seconds()
+		loss := max(a.Loss+b.Loss, 1e-4)
+		tcp := 1448 / rtt * 1.22 / math.Sqrt(loss)
+		slowest = min(slowest, float64(min(a.Rate, b.Rate))/8, tcp)
 	}
 	return slowest
+}
+
+// servers returns the hosts a connection along r may end at.
+func (l *soakLoad) servers(r route) []*host {
+	if r.to != nil {
+		return []*host{r.to}
+	}
+	var hs []*host
+	for _, h := range l.c.hosts {
+		if h.spec.server {
+			hs = append(hs, h)
+		}
+	}
+	return hs
 }
 
 // randomRoute picks a ring route, or one time in three an api one.
@@ -459,15 +472,16 @@ func (l *soakLoad) injectFaults(t *testing.T, rng *rand.Rand, stop time.Time) []
 }
 
 // impair degrades h's uplink for 3 seconds: the netem fault on a plain
-// link; on a shaped one, half the rate, more delay and 3% more loss.
+// link; on a shaped one, half the rate, half as much delay again and 1%
+// more loss.
 func (l *soakLoad) impair(t *testing.T, h *host) string {
 	im, shaped := l.links[h]
 	worse := netemFault
 	if shaped {
 		worse = im
 		worse.Rate = max(im.Rate/2, 500_000)
-		worse.Delay = min(2*im.Delay, 150*time.Millisecond)
-		worse.Loss = im.Loss + 0.03
+		worse.Delay = min(3*im.Delay/2, 150*time.Millisecond)
+		worse.Loss = im.Loss + 0.01
 		l.mu.Lock()
 		require.NoError(t, l.shapers[h].Stop())
 		l.mu.Unlock()
