@@ -74,10 +74,9 @@ type Stream struct {
 	wres                atomic.Int32
 	dl                  *deadlines // made by the first Set*Deadline
 
-	// wdst is WriteTo's destination while WriteTo writes to it, if its
-	// writes can be cut short; wcut says the stream's end cut them.
-	wdst writeDeadliner
-	wcut bool
+	// wsw is WriteTo's writer while it writes to its destination: the
+	// stream's end may cut the write short (cutWriteToLocked).
+	wsw *segWriter
 
 	// tail is the buffer of the stream's last frame queued, if that frame
 	// is a small Write's copy, queued while the session's queue had
@@ -191,7 +190,7 @@ func (st *Stream) passWakeLocked() { notify(st.readWake) }
 // destination that does not read cannot hold it.
 func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 	sw := segWriter{w: w}
-	dl, _ := w.(writeDeadliner)
+	sw.dl, _ = w.(writeDeadliner)
 	if st.sess.raw != nil {
 		if sw.raw = spliceConn(w); sw.raw != nil {
 			sw.sc = w.(SpliceConn)
@@ -245,7 +244,7 @@ func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 		roff := st.roff
 		n := st.buffered
 		st.dropBufsLocked(false)
-		st.wdst = dl // the stream's end may cut the write short
+		st.wsw = &sw // the stream's end may cut the write short
 		st.mu.Unlock()
 
 		written, err := sw.write(held, roff)
@@ -256,9 +255,9 @@ func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 		clear(held)
 
 		st.mu.Lock()
-		st.wdst = nil
+		st.wsw = nil
 		st.creditLocked(n)
-		if err != nil && st.wcut {
+		if err != nil && sw.cut {
 			// The write failed because the stream ended: say so.
 			if rerr := st.readCheckLocked(); rerr != nil {
 				err = rerr
@@ -284,9 +283,9 @@ var aLongTimeAgo = time.Unix(1, 0)
 // stream's read side ends abnormally: a destination that does not read
 // must not keep WriteTo, and the goroutine that runs it, past the end.
 func (st *Stream) cutWriteToLocked() {
-	if st.wdst != nil && !st.wcut {
-		st.wcut = true
-		_ = st.wdst.SetWriteDeadline(aLongTimeAgo)
+	if sw := st.wsw; sw != nil && sw.dl != nil && !sw.cut {
+		sw.cut = true
+		_ = sw.dl.SetWriteDeadline(aLongTimeAgo)
 	}
 }
 
@@ -298,6 +297,10 @@ type segWriter struct {
 	sc  SpliceConn
 	iov net.Buffers
 	out net.Buffers // iov as consumed by its WriteTo
+	// dl is w if its writes can be cut short; cut says the stream's end
+	// did (under the stream's lock).
+	dl  writeDeadliner
+	cut bool
 }
 
 // write writes segs, the first of which has its first roff bytes read.
