@@ -764,15 +764,15 @@ func TestAdversarialChaos(t *testing.T) {
 }
 
 // TestAdversarialSlowLink: hundreds of streams through a session whose
-// peer reads at 2 MB/s, with write and keepalive timeouts shorter than
+// peer reads at 1 MB/s, with write and keepalive timeouts about as long as
 // the backlog takes to cross: the session lives, and every byte arrives.
 func TestAdversarialSlowLink(t *testing.T) {
 	scale, rng := advScale(t), advRand(t)
-	cfg := Config{WriteTimeout: time.Second, KeepAliveInterval: 100 * time.Millisecond, KeepAliveTimeout: time.Second}
+	cfg := Config{WriteTimeout: 2 * time.Second, KeepAliveInterval: 100 * time.Millisecond, KeepAliveTimeout: 2 * time.Second}
 	for _, tr := range advTransports {
 		t.Run(tr.name, func(t *testing.T) {
 			for range scale {
-				runRound(t, rng, tr, roundConfig{streams: 200, cfg: cfg, throttle: 2 << 20, maxSize: 32 << 10, buffers: 64 << 10}, scale)
+				runRound(t, rng, tr, roundConfig{streams: 200, cfg: cfg, throttle: 1 << 20, maxSize: 32 << 10, buffers: 64 << 10}, scale)
 			}
 		})
 	}

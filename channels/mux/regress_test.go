@@ -24,6 +24,7 @@ import (
 // once to a peer that reads steadily but slowly: the writer's batches
 // take much longer than WriteTimeout, and the session must live.
 func TestWriteTimeoutSlowLink(t *testing.T) {
+	t.Parallel() // it mostly waits for its slow reader
 	for _, k := range []struct {
 		name  string
 		conns func(t testing.TB) (net.Conn, net.Conn)
@@ -41,13 +42,14 @@ func TestWriteTimeoutSlowLink(t *testing.T) {
 		}},
 	} {
 		t.Run(k.name, func(t *testing.T) {
+			t.Parallel()
 			const (
-				streams = 12
+				streams = 8
 				size    = 64 << 10
-				rate    = 512 << 10 // bytes/s: the whole transfer takes 1.5s
+				rate    = 256 << 10 // bytes/s: the whole transfer takes 2s
 			)
 			c1, c2 := k.conns(t)
-			cli, srv := newPair(t, c1, throttle(c2, rate, 8<<10), Config{WriteTimeout: 300 * time.Millisecond}, Config{})
+			cli, srv := newPair(t, c1, throttle(c2, rate, 8<<10), Config{WriteTimeout: time.Second}, Config{})
 			uploads(t, cli, srv, streams, size)
 			require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
 		})
@@ -158,11 +160,13 @@ func uploads(t *testing.T, cli, srv *Session, streams, size int) {
 // pong queued behind it) is alive: payload bytes are a sign of life as
 // much as frame headers.
 func TestKeepAliveSlowBulk(t *testing.T) {
+	t.Parallel() // it mostly waits for its slow reader
 	c1, c2 := tcpConns(t)
-	cli, srv := newPair(t, c1, throttle(c2, 512<<10, 4<<10), Config{},
-		Config{KeepAliveInterval: 50 * time.Millisecond, KeepAliveTimeout: 200 * time.Millisecond})
+	// Frames of 256 KiB (the window) take 2s each.
+	cli, srv := newPair(t, c1, throttle(c2, 128<<10, 4<<10), Config{},
+		Config{KeepAliveInterval: 100 * time.Millisecond, KeepAliveTimeout: time.Second})
 	sa, sb := openPair(t, cli, srv)
-	data := randomBytes(t, 768<<10)
+	data := randomBytes(t, 512<<10)
 	go func() { assert.NoError(t, sendAll(sa, data)) }()
 	got, err := io.ReadAll(sb)
 	require.NoError(t, err)
@@ -212,10 +216,11 @@ func TestSmallWritesMemory(t *testing.T) {
 // than KeepAliveTimeout. (Over a pipe the peer taking data is a write
 // returning; over TCP it is the peer's acknowledgements: TestPeerTookTCP.)
 func TestKeepAliveBehindOwnData(t *testing.T) {
-	const streams, size = 16, 16 << 10 // 2s at the link's rate
+	t.Parallel()                       // it mostly waits for its slow reader
+	const streams, size = 16, 16 << 10 // 4s at the link's rate
 	c1, c2 := net.Pipe()
-	cli, srv := newPair(t, c1, throttle(c2, 128<<10, 4<<10),
-		Config{KeepAliveInterval: 50 * time.Millisecond, KeepAliveTimeout: 500 * time.Millisecond}, Config{})
+	cli, srv := newPair(t, c1, throttle(c2, 64<<10, 4<<10),
+		Config{KeepAliveInterval: 100 * time.Millisecond, KeepAliveTimeout: time.Second}, Config{})
 	uploads(t, cli, srv, streams, size)
 	require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
 }
