@@ -24,9 +24,9 @@ func TestConnectionBurst(t *testing.T) {
 	const conns = 2000
 	c := proxytest.NewCluster(t, proxytest.LoopbackInstance)
 	c.Transport = channels.TCPTransport()
-	srv := c.Add("srv", "server", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindReply, Port: 7000}})
-	srv.Serve(t, 7000, func(c net.Conn) { _, _ = io.Copy(c, c) })
-	cli := c.Add("cli", "client", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindRequest, Port: 6000}})
+	srv := c.Add("srv", "server", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindReply, Port: 26302}})
+	srv.Serve(t, 26302, func(c net.Conn) { _, _ = io.Copy(c, c) })
+	cli := c.Add("cli", "client", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindRequest, Port: 26301}})
 	addr := cli.RequestAddr(t, "db")
 	require.Eventually(t, func() bool {
 		conn, err := net.Dial("tcp", addr.String())

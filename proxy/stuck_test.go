@@ -22,9 +22,9 @@ import (
 func TestSessionEndReachesStuckReader(t *testing.T) {
 	c := proxytest.NewCluster(t, proxytest.LoopbackInstance)
 	c.Transport = channels.TCPTransport()
-	srv := c.Add("srv", "server", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindReply, Port: 7000}})
+	srv := c.Add("srv", "server", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindReply, Port: 26304}})
 	stalled := make(chan struct{})
-	srv.Serve(t, 7000, func(conn net.Conn) {
+	srv.Serve(t, 26304, func(conn net.Conn) {
 		// Writes until nothing moves for a while, then waits.
 		for {
 			_ = conn.SetWriteDeadline(time.Now().Add(300 * time.Millisecond))
@@ -35,7 +35,7 @@ func TestSessionEndReachesStuckReader(t *testing.T) {
 		close(stalled)
 		_, _ = io.Copy(io.Discard, conn)
 	})
-	cli := c.Add("cli", "client", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindRequest, Port: 6000}})
+	cli := c.Add("cli", "client", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindRequest, Port: 26303}})
 	addr := cli.RequestAddr(t, "db")
 	var conn net.Conn
 	require.Eventually(t, func() bool {
