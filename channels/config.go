@@ -88,7 +88,8 @@ type Config struct {
 	// holding up every stream.
 	SessionsPerPeer int
 	// AcceptBacklog is the per-channel queue of accepted streams waiting
-	// for Accept (default 128); when full, new streams are reset.
+	// for Accept (default 128). When it is full, a new stream waits for
+	// room for up to HandshakeTimeout, and is reset then.
 	AcceptBacklog int
 	// MaxSessionAge, when positive, retires sessions older than this: a
 	// retired session takes no new streams (a new session, with a fresh

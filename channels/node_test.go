@@ -403,9 +403,14 @@ func TestCloseEndsEverything(t *testing.T) {
 }
 
 func TestAcceptBacklogFull(t *testing.T) {
-	req, _, _, _ := pair(t, channels.NewMemoryTransport(), func(c *channels.Config) { c.AcceptBacklog = 1 })
+	const wait = 100 * time.Millisecond
+	req, _, _, _ := pair(t, channels.NewMemoryTransport(), func(c *channels.Config) {
+		c.AcceptBacklog = 1
+		c.HandshakeTimeout = wait
+	})
 	ctx := context.Background()
 	results := make(chan error, 2)
+	start := time.Now()
 	for range 2 {
 		s, _, err := req.Open(ctx, channels.Header{})
 		require.NoError(t, err)
@@ -415,8 +420,10 @@ func TestAcceptBacklogFull(t *testing.T) {
 			results <- err
 		}()
 	}
-	// Nobody accepts: the stream that finds the queue full is reset.
+	// Nobody accepts: the stream that finds the queue full waits for room
+	// for HandshakeTimeout, and is reset then.
 	require.ErrorIs(t, <-results, channels.ErrStreamReset)
+	require.GreaterOrEqual(t, time.Since(start), wait)
 }
 
 func TestTLSRejectsUnknownCA(t *testing.T) {

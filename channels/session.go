@@ -193,8 +193,25 @@ func (s *session) handleStream(ys *mux.Stream) {
 	}
 	select {
 	case q <- inc:
+		return
 	default:
-		fail(RefusedBacklog, fmt.Errorf("channel %q: accept backlog of %d streams is full", wh.Channel, cap(q)))
+	}
+	// The queue is full: a burst (a connection pool warming up) outran the
+	// channel's consumer. The stream waits for room, as a connection waits
+	// in a listen backlog, rather than being reset while it is merely
+	// early; its opener's data waits within the stream's window. A consumer
+	// that takes nothing for HandshakeTimeout is stuck or gone: the stream
+	// is reset then.
+	wait := time.NewTimer(s.n.cfg.HandshakeTimeout)
+	defer wait.Stop()
+	select {
+	case q <- inc:
+	case <-wait.C:
+		fail(RefusedBacklog, fmt.Errorf("channel %q: accept backlog of %d streams stayed full for %v", wh.Channel, cap(q), s.n.cfg.HandshakeTimeout))
+	case <-s.ys.CloseChan():
+		ys.Reset()
+	case <-s.n.ctx.Done():
+		ys.Reset()
 	}
 }
 

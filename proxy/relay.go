@@ -267,6 +267,16 @@ func (c *countingWriter) Spliced(n int) {
 	c.activity.Add(int64(n))
 }
 
+// SetWriteDeadline sets w's write deadline: a stream's WriteTo cuts a
+// write to a legacy program that does not read short this way when the
+// stream is reset or its session ends.
+func (c *countingWriter) SetWriteDeadline(t time.Time) error {
+	if d, ok := c.w.(interface{ SetWriteDeadline(time.Time) error }); ok {
+		return d.SetWriteDeadline(t)
+	}
+	return nil
+}
+
 func (c *countingWriter) Write(p []byte) (int, error) {
 	n, err := c.w.Write(p)
 	c.Spliced(n)

@@ -13,8 +13,10 @@ type Config struct {
 	// KeepAliveInterval is the period of pings; 0 disables keepalive (a ping
 	// is still sent now and then to measure the round-trip time that window
 	// auto-tuning needs). A ping unanswered for KeepAliveTimeout (default
-	// 10s) ends the session. Any frame received counts as liveness, so a
-	// pong queued behind bulk data does not kill a busy session.
+	// 10s) ends the session if nothing at all arrived meanwhile and the
+	// peer took nothing we sent: any byte received, and any byte of ours
+	// the peer acknowledges, count as liveness, so that a ping or pong
+	// queued behind bulk data on a slow link does not kill a busy session.
 	KeepAliveInterval, KeepAliveTimeout time.Duration
 
 	// MaxStreamWindow is the largest receive window per stream (at least
@@ -24,9 +26,13 @@ type Config struct {
 	// never pin large windows.
 	MaxStreamWindow uint32
 
-	// MaxFrame is the largest data payload per frame (default 256 KiB). A
-	// frame is written whole, so this bounds how long one stream's data can
-	// hold up another's on the connection.
+	// MaxFrame is the largest data payload per frame (default 256 KiB):
+	// larger frames cost fewer headers and system calls. It does not bound
+	// how long one stream's data holds up another's: a small message (or
+	// a FIN, a window update) goes out with the writer's next batch, ahead
+	// of large frames queued before it, but waits for the batch being
+	// written, which holds about 512 KiB of large frames (at least one),
+	// and for what the connection's send buffer holds.
 	MaxFrame uint32
 
 	// MaxIncomingStreams bounds the open streams the peer opened (default

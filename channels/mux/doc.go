@@ -4,10 +4,12 @@
 //
 // Compared with go-yamux it copies less and makes fewer system calls: a
 // Write hands its buffer to the session's writer goroutine without copying
-// it and waits until it is written; the writer writes everything queued,
-// from all streams, with one writev; a stream's SYN rides on its first
-// frame; received data is queued in pooled buffers that Read copies out of
-// and WriteTo hands to its writer as they are.
+// it and waits until it is written; the writer writes what is queued, from
+// all streams, with one writev (every small frame queued, and about 512 KiB
+// of bulk data at a time, so that a message does not wait behind every
+// busy stream's data); a stream's SYN rides on its first frame; received data
+// is queued in pooled buffers that Read copies out of and WriteTo hands to
+// its writer as they are.
 //
 // A stream ends with io.EOF only when the peer half-closed it and every
 // byte before was read. Any other end (a reset by either side, the session's

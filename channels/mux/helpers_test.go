@@ -116,6 +116,28 @@ func openPair(t testing.TB, a, b *Session) (*Stream, *Stream) {
 	return sa, sb
 }
 
+// openPairQuiet is openPair for callers that cannot fail a test: nil if
+// anything fails.
+func openPairQuiet(a, b *Session) (*Stream, *Stream) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sa, err := a.OpenStream(ctx)
+	if err != nil {
+		return nil, nil
+	}
+	if _, err := sa.Write([]byte{'!'}); err != nil {
+		return nil, nil
+	}
+	sb, err := b.AcceptStream(ctx)
+	if err != nil {
+		return nil, nil
+	}
+	if _, err := io.ReadFull(sb, make([]byte, 1)); err != nil {
+		return nil, nil
+	}
+	return sa, sb
+}
+
 func randomBytes(t testing.TB, n int) []byte {
 	b := make([]byte, n)
 	_, err := rand.Read(b)
@@ -204,9 +226,42 @@ func queuedWrites(s *Session) int {
 	defer s.sendMu.Unlock()
 	n := 0
 	for _, f := range s.queue {
-		if f.typ == typeData && len(f.data) > 0 {
+		if f.typ == typeData && len(f.payload()) > 0 {
 			n++
 		}
 	}
 	return n
+}
+
+// sendAll writes data to w, then half-closes it.
+func sendAll(w interface {
+	io.Writer
+	CloseWrite() error
+}, data []byte) error {
+	if _, err := w.Write(data); err != nil {
+		return err
+	}
+	return w.CloseWrite()
+}
+
+// stalled reports whether st's sender waits for window.
+func stalled(st *Stream) bool {
+	sendWin, _, _ := streamState(st)
+	return sendWin == 0
+}
+
+// writeToResult is what a WriteTo returned.
+type writeToResult struct {
+	n   int64
+	err error
+}
+
+// startWriteTo runs st.WriteTo(w) on a goroutine of its own.
+func startWriteTo(st *Stream, w io.Writer) <-chan writeToResult {
+	done := make(chan writeToResult, 1)
+	go func() {
+		n, err := st.WriteTo(w)
+		done <- writeToResult{n, err}
+	}()
+	return done
 }

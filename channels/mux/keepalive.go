@@ -68,9 +68,16 @@ func (s *Session) observeRTT(rtt time.Duration) {
 }
 
 // keepalive pings the peer: every KeepAliveInterval, ending the session if
-// nothing at all comes back within KeepAliveTimeout; or, with keepalive
-// off, now and then just to measure the round-trip time. The first ping
-// goes at once, for window auto-tuning.
+// within KeepAliveTimeout nothing at all comes back and the peer takes
+// nothing of what we send; or, with keepalive off, now and then just to
+// measure the round-trip time. The first ping goes at once, for window
+// auto-tuning.
+//
+// A ping may wait behind our own data, in the queue and the connection's
+// buffers, for longer than KeepAliveTimeout on a slow link, and the peer
+// may have nothing to send: the peer taking our data is then the sign of
+// life. A peer that takes nothing stalls our writes, and WriteTimeout
+// ends the session if keepalive does not.
 func (s *Session) keepalive() {
 	defer s.wg.Done()
 	interval, enforce := s.cfg.KeepAliveInterval, true
@@ -85,7 +92,7 @@ func (s *Session) keepalive() {
 			return
 		case <-t.C:
 		}
-		seen := s.framesIn.Load()
+		seenIn, seenOut := s.bytesIn.Load(), s.peerTook()
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.KeepAliveTimeout)
 		_, err := s.Ping(ctx)
 		cancel()
@@ -93,8 +100,11 @@ func (s *Session) keepalive() {
 			if s.IsClosed() {
 				return
 			}
-			if enforce && s.framesIn.Load() == seen {
-				err := fmt.Errorf("%w: nothing received within %v of a ping", ErrKeepAliveTimeout, s.cfg.KeepAliveTimeout)
+			// The peer taking our ping alone is no sign of life: a host
+			// acknowledges it in the kernel, and a peer that reads but
+			// does not answer is broken.
+			if enforce && s.bytesIn.Load() == seenIn && s.peerTook()-seenOut <= headerSize {
+				err := fmt.Errorf("%w: nothing received, and nothing sent taken, within %v of a ping", ErrKeepAliveTimeout, s.cfg.KeepAliveTimeout)
 				s.log.Warn("mux: session ends", "remote", s.conn.RemoteAddr().String(), "err", err)
 				s.shutdown(err, false, 0)
 				return
@@ -102,4 +112,15 @@ func (s *Session) keepalive() {
 		}
 		t.Reset(interval)
 	}
+}
+
+// peerTook returns a count that grows as the peer takes what we send: the
+// bytes its TCP acknowledged, on a TCP connection (under TLS or not), else
+// the bytes written to the connection, which on anything but a socket
+// means read by the peer.
+func (s *Session) peerTook() uint64 {
+	if n, ok := tcpBytesAcked(s.tcp); ok {
+		return n
+	}
+	return s.bytesOut.Load()
 }

@@ -8,6 +8,7 @@ import (
 	"math"
 	"os"
 	"sync/atomic"
+	"time"
 )
 
 // readBufSize is the reader's buffer: headers and small payloads are read
@@ -34,7 +35,8 @@ type reader struct {
 // copy into the buffer what the next frame may splice.
 type headerReader struct {
 	conn  io.Reader
-	brief bool // the next Read reads at most a header
+	brief bool           // the next Read reads at most a header
+	in    *atomic.Uint64 // counts the bytes read
 }
 
 func (h *headerReader) Read(p []byte) (int, error) {
@@ -42,16 +44,19 @@ func (h *headerReader) Read(p []byte) (int, error) {
 		p = p[:headerSize]
 	}
 	h.brief = false
-	return h.conn.Read(p)
+	n, err := h.conn.Read(p)
+	h.in.Add(uint64(n))
+	return n, err
 }
 
 // readLoop runs the reader until the connection fails or the peer breaks
 // the protocol, and then ends the session.
 func (s *Session) readLoop() {
 	defer s.wg.Done()
-	r := &reader{s: s, lim: &headerReader{conn: s.conn}}
+	r := &reader{s: s, lim: &headerReader{conn: s.conn, in: &s.bytesIn}}
 	r.br = bufio.NewReaderSize(r.lim, readBufSize)
 	err := r.run()
+	s.refusalLog.flush(s)
 	s.mu.Lock()
 	if s.writeErr != nil && errors.Is(err, os.ErrDeadlineExceeded) {
 		err = s.writeErr // why writeFailed cut the reader short
@@ -63,6 +68,41 @@ func (s *Session) readLoop() {
 		return
 	}
 	s.shutdown(err, false, 0)
+}
+
+// refuseLogInterval is the least time between two log lines about one
+// session's refused streams.
+const refuseLogInterval = 10 * time.Second
+
+// refusalLog rate-limits the log lines about refused streams: a peer that
+// opens streams past the limits must not flood the log (the counters in
+// LimitStats count every one). Only the reader uses it.
+type refusalLog struct {
+	last    time.Time // of the last line
+	count   int       // refusals not yet logged
+	lastID  uint32
+	lastWhy string
+}
+
+// note records a refusal, and logs the refusals so far unless a line was
+// logged less than refuseLogInterval ago.
+func (l *refusalLog) note(s *Session, id uint32, why string) {
+	l.count++
+	l.lastID, l.lastWhy = id, why
+	if now := time.Now(); l.last.IsZero() || now.Sub(l.last) >= refuseLogInterval {
+		l.last = now
+		l.flush(s)
+	}
+}
+
+// flush logs the refusals not yet logged, if any.
+func (l *refusalLog) flush(s *Session) {
+	if l.count == 0 {
+		return
+	}
+	s.log.Warn("mux: refusing streams", "remote", s.conn.RemoteAddr().String(), "refused", l.count,
+		"last_stream", l.lastID, "reason", l.lastWhy)
+	l.count = 0
 }
 
 func protocolError(format string, args ...any) error {
@@ -112,9 +152,12 @@ func (r *reader) streamFrame(h header) error {
 	if data && h.length > r.s.cfg.MaxStreamWindow {
 		return protocolError("data frame larger than any window (%v)", h)
 	}
-	st, err := r.stream(h)
+	st, refused, err := r.stream(h)
 	if err != nil {
 		return err
+	}
+	if refused != "" {
+		r.s.refuse(h.id, refused)
 	}
 	if st == nil || h.flags&flagRST != 0 {
 		// An unknown stream is usually one we reset: its data is dropped.
@@ -153,45 +196,72 @@ func (r *reader) streamFrame(h header) error {
 }
 
 // stream returns the frame's stream, creating it on SYN, or nil if there
-// is none (unknown, or refused).
-func (r *reader) stream(h header) (*Stream, error) {
+// is none (unknown, or refused: refused then says why).
+func (r *reader) stream(h header) (st *Stream, refused string, err error) {
 	s := r.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if h.flags&flagSYN == 0 {
-		return s.streams[h.id], nil
+		return s.streams[h.id], "", nil
 	}
 	if h.id == 0 || (h.id%2 == 1) == s.client {
-		return nil, protocolError("SYN on stream ID %d, which is not the peer's to open (%v)", h.id, h)
+		return nil, "", protocolError("SYN on stream ID %d, which is not the peer's to open (%v)", h.id, h)
 	}
 	if h.id <= s.lastInbound {
-		return nil, protocolError("SYN on stream ID %d, not above the last opened %d (%v)", h.id, s.lastInbound, h)
+		return nil, "", protocolError("SYN on stream ID %d, not above the last opened %d (%v)", h.id, s.lastInbound, h)
 	}
 	s.lastInbound = h.id
 	if s.err != nil || h.flags&flagRST != 0 {
-		return nil, nil
+		return nil, "", nil
 	}
 	if s.inbound >= s.cfg.MaxIncomingStreams {
-		s.refuseLocked(h.id, "too many open inbound streams")
-		return nil, nil
+		s.limits.refusedStreams.Add(1)
+		return nil, refusedTooMany, nil
 	}
-	st := newStream(s, h.id, 0)
+	st = newStream(s, h.id, 0)
 	s.streams[h.id] = st
 	select {
 	case s.acceptCh <- st:
 	default:
 		delete(s.streams, h.id)
-		s.refuseLocked(h.id, "accept backlog full")
-		return nil, nil
+		s.limits.refusedBacklog.Add(1)
+		return nil, refusedBacklog, nil
 	}
 	s.inbound++
-	return st, nil
+	return st, "", nil
 }
 
-// refuseLocked resets an inbound stream we do not take.
-func (s *Session) refuseLocked(id uint32, why string) {
-	s.log.Warn("mux: refusing stream", "remote", s.conn.RemoteAddr().String(), "stream", id, "reason", why)
-	_ = s.push(frame{header: header{typ: typeWindowUpdate, flags: flagRST, id: id}})
+// Why an inbound stream was refused.
+const (
+	refusedTooMany = "too many open inbound streams (MaxIncomingStreams)"
+	refusedBacklog = "accept backlog full (AcceptBacklog)"
+)
+
+// refuse resets an inbound stream we do not take. Refusals wait for the
+// writer like any control frame, but a peer that opens streams faster
+// than it reads the resets cannot make them pile up: past
+// maxQueuedRefusals queued, the reader waits for the writer to take them,
+// and so stops reading from the connection (a peer that stops reading
+// altogether is ended by WriteTimeout). The log gets one line per
+// refuseLogInterval, with a count.
+func (s *Session) refuse(id uint32, why string) {
+	s.refusalLog.note(s, id, why)
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	if s.refusals >= maxQueuedRefusals && !s.sendClosed {
+		s.limits.refusalStalls.Add(1)
+		for s.refusals >= maxQueuedRefusals && !s.sendClosed {
+			s.sendMu.Unlock()
+			select {
+			case <-s.refusalsTaken:
+			case <-s.done:
+			}
+			s.sendMu.Lock()
+		}
+	}
+	if s.pushLocked(frame{header: header{typ: typeWindowUpdate, flags: flagRST, id: id}}) == nil {
+		s.refusals++
+	}
 }
 
 // data reads a data frame's payload into st's receive queue, within st's
@@ -412,6 +482,7 @@ func (r *reader) spliceData(st *Stream, h header) error {
 			return r.readBufs(st, uint32(left))
 		}
 		left -= m
+		r.s.bytesIn.Add(uint64(m))
 		st.mu.Lock()
 		// If st stopped taking data, the bytes stay in the pipe, which
 		// is then closed rather than reused.

@@ -40,20 +40,37 @@ type Session struct {
 	acceptCh chan *Stream
 
 	rtt      atomic.Int64  // smoothed round-trip time in ns; 0 until measured
-	framesIn atomic.Uint64 // frames received, the keepalive's sign of life
+	framesIn atomic.Uint64 // frames received
 	counters counters      // stream bytes each way (stats.go)
+	// bytesIn counts the bytes received, payloads included: the
+	// keepalive's sign of life, since a large frame on a slow link takes
+	// long to arrive, and so does a pong queued behind it.
+	bytesIn atomic.Uint64
+	// bytesOut counts the bytes written to the connection; with tcp, the
+	// TCP socket under it (TLS or not), they tell the keepalive that the
+	// peer takes what we send (peerTook).
+	bytesOut atomic.Uint64
+	tcp      syscall.RawConn
 	// Frames that skipped a goroutine hand-off: written by their stream's
 	// goroutine (writeDirect), and received ones that the reader spliced
 	// on to WriteTo's socket (deliverLocked). Tests read them.
 	directWrites, deliveries atomic.Uint64
+	limits                   limitCounters
 
 	// The send queue (writer.go).
 	sendMu     sync.Mutex
 	queue      []frame
-	sendClosed bool // the session ended: no more frames are queued
-	pongs      int  // pongs in queue
+	queueGen   uint64   // counts the writer's takings of queue
+	held       []uint32 // takeLocked's scratch: streams with frames held back
+	sendClosed bool     // the session ended: no more frames are queued
+	pongs      int      // pongs in queue
+	refusals   int      // resets refusing inbound streams in queue
 	sendSignal chan struct{}
-	closing    atomic.Bool
+	// refusalsTaken wakes the reader waiting for the writer to take
+	// maxQueuedRefusals refusals (refuse).
+	refusalsTaken chan struct{}
+	refusalLog    refusalLog // the reader's
+	closing       atomic.Bool
 	// owned says that a goroutine is writing to the connection: the writer
 	// with a batch, or a Write with its own frame (writeDirect). Only the
 	// owner uses bw and direct.
@@ -90,6 +107,8 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 		nextID:     2,
 		acceptCh:   make(chan *Stream, cfg.AcceptBacklog),
 		sendSignal: make(chan struct{}, 1),
+
+		refusalsTaken: make(chan struct{}, 1),
 	}
 	if client {
 		s.nextID = 1
@@ -97,7 +116,8 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 	if spliceSupported && !cfg.NoSplice {
 		s.raw = rawConn(conn)
 	}
-	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame))
+	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame), s.writeProgress, &s.bytesOut)
+	s.tcp = tcpConn(conn)
 	s.idsLeft = (math.MaxUint32-s.nextID)/2 + 1
 	s.wg.Add(3)
 	go s.readLoop()

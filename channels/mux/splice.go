@@ -17,9 +17,11 @@ type SpliceConn interface {
 	Spliced(n int)
 }
 
-// ErrNoSplice is returned by SpliceFrom, having moved nothing, when the
-// session does not run over a TCP or Unix socket (or has splicing turned
-// off), when src is not a kernel socket, or on a platform without splice(2).
+// ErrNoSplice is matched by the error of SpliceFrom, having moved nothing,
+// when the session does not run over a TCP or Unix socket (or has splicing
+// turned off), when src is not a kernel socket, on a platform without
+// splice(2), and when the process is out of pipes (SpliceCounters): the
+// caller then copies, with Write.
 var ErrNoSplice = errors.New("mux: cannot splice on this stream")
 
 // spliceMinFrame is the smallest received frame that is spliced: below it
@@ -39,7 +41,8 @@ const maxStreamPipes = 8
 // window allows into a kernel pipe, sent as one frame; like Write,
 // SpliceFrom waits for the writer to have sent it. It does not wait for
 // src to become readable: a caller reads the first bytes of a burst
-// itself (with Read or a poller), and splices the rest.
+// itself (with Read or a poller), and splices the rest. The write deadline
+// ends the wait for window; bytes already taken from src are sent anyway.
 func (st *Stream) SpliceFrom(src SpliceConn) (int64, error) {
 	rc := spliceConn(src)
 	if st.sess.raw == nil || rc == nil {
@@ -49,7 +52,9 @@ func (st *Stream) SpliceFrom(src SpliceConn) (int64, error) {
 	defer st.wmu.Unlock()
 	p, err := getPipe()
 	if err != nil {
-		return 0, err
+		// Out of pipes (the budget, or descriptors): nothing is taken
+		// from src yet, and the caller copies instead.
+		return 0, fmt.Errorf("%w: %v", ErrNoSplice, err)
 	}
 	defer func() { p.unref() }() // a pipe left with data (a failed send) is closed
 	var total int64
@@ -68,8 +73,10 @@ func (st *Stream) SpliceFrom(src SpliceConn) (int64, error) {
 			}
 			return total, err
 		}
+		// The m bytes are out of src: the write deadline must not drop
+		// them (it applies to waiting for window, above).
 		st.mu.Lock()
-		err = st.sendLocked(frame{header: header{typ: typeData}, pipe: p, pipeN: m, owner: st}, m)
+		err = st.sendLocked(frame{header: header{typ: typeData}, pipe: p, pipeN: m, owner: st}, m, true)
 		st.mu.Unlock()
 		if err != nil {
 			return total, err

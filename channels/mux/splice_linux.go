@@ -43,20 +43,22 @@ var pipeSize = 1 << 20
 // maxFreePipes bounds the idle pipes kept for reuse (two descriptors each).
 const maxFreePipes = 32
 
-// maxPipes bounds the pipes open at once, idle or not, so that splicing
+// pipeLimit bounds the pipes open at once, idle or not, so that splicing
 // never takes the descriptors that connections need: 1024 pipes, or an
 // eighth of the descriptor limit if that is less. Past it, data is copied.
-var maxPipes = sync.OnceValue(func() int32 {
+// Tests lower it.
+var pipeLimit atomic.Int32
+
+func init() {
 	n := int32(1024)
 	var lim unix.Rlimit
 	if unix.Getrlimit(unix.RLIMIT_NOFILE, &lim) == nil && lim.Cur/8 < uint64(n) {
 		n = int32(lim.Cur / 8)
 	}
-	return n
-})
+	pipeLimit.Store(n)
+}
 
-// pipesOpen counts the pipes open, idle or not.
-var pipesOpen atomic.Int32
+func maxPipes() int32 { return pipeLimit.Load() }
 
 // errTooManyPipes refuses a pipe beyond maxPipes.
 var errTooManyPipes = errors.New("mux: splice: too many pipes open")
@@ -85,11 +87,13 @@ func getPipe() (*kpipe, error) {
 	if p == nil {
 		if pipesOpen.Add(1) > maxPipes() {
 			pipesOpen.Add(-1)
+			pipeShortages.Add(1)
 			return nil, errTooManyPipes
 		}
 		var fds [2]int
 		if err := unix.Pipe2(fds[:], unix.O_CLOEXEC|unix.O_NONBLOCK); err != nil {
 			pipesOpen.Add(-1)
+			pipeShortages.Add(1)
 			return nil, os.NewSyscallError("pipe2", err)
 		}
 		_, _ = unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, pipeSize) // best effort
@@ -190,18 +194,33 @@ func fillPipe(rc syscall.RawConn, p *kpipe, n int) (int, error) {
 func recvPipe(rc syscall.RawConn, p *kpipe, n int) (m int, full bool, err error) {
 	var errno error
 	err = rc.Read(func(fd uintptr) bool {
-		var k int64
-		k, errno = splice(int(fd), p.w, n, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
-		m = int(k)
-		if errno != unix.EAGAIN {
-			return true
+		for {
+			var k int64
+			k, errno = splice(int(fd), p.w, n, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
+			m = int(k)
+			if errno != unix.EAGAIN {
+				return true
+			}
+			// No data, or no room in the pipe: only the socket can say.
+			if avail, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ); err == nil && avail > 0 {
+				full, errno = true, nil
+				return true
+			}
+			// No data. A full pipe fails splice(2) before it looks at the
+			// socket, so it would not report the connection's end (EOF or
+			// an error) either: ask the socket, and wait only if it has
+			// nothing to say.
+			var b [1]byte
+			switch k, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT); {
+			case err == unix.EAGAIN:
+				return false // wait for data
+			case err == unix.EINTR, err == nil && k > 0:
+				continue // data arrived meanwhile
+			default:
+				m, errno = 0, err // k == 0: EOF
+				return true
+			}
 		}
-		// No data, or no room in the pipe: only the socket can say.
-		if avail, err := unix.IoctlGetInt(int(fd), unix.SIOCINQ); err == nil && avail > 0 {
-			full, errno = true, nil
-			return true
-		}
-		return false // wait for data
 	})
 	switch {
 	case err != nil:
@@ -250,10 +269,16 @@ func splice(rfd, wfd, n, flags int) (int64, error) {
 // a bug, reported rather than waited on forever.
 var errPipeEmpty = errors.New("mux: splice: pipe holds less data than expected")
 
+// msgMore is sendmsg's flag that tells the kernel more data follows at
+// once (a frame header is held for its spliced payload).
+const msgMore = unix.MSG_MORE
+
 // drainPipe moves exactly n bytes from p to the socket behind rc, waiting
 // while the socket is full (within its write deadline). more tells the
-// kernel that more data follows at once.
-func drainPipe(rc syscall.RawConn, p *kpipe, n int, more bool) error {
+// kernel that more data follows at once. progress, if not nil, is called
+// after every splice that moved bytes but not all of them: the session's
+// writer moves its write deadline on.
+func drainPipe(rc syscall.RawConn, p *kpipe, n int, more bool, progress func()) error {
 	flags := unix.SPLICE_F_NONBLOCK | unix.SPLICE_F_MOVE
 	if more {
 		flags |= unix.SPLICE_F_MORE
@@ -284,7 +309,9 @@ func drainPipe(rc syscall.RawConn, p *kpipe, n int, more bool) error {
 		case m == 0:
 			return errPipeEmpty
 		}
-		n -= int(m)
+		if n -= int(m); n > 0 && progress != nil {
+			progress()
+		}
 	}
 	return nil
 }
@@ -304,44 +331,6 @@ func readPipe(p *kpipe, b []byte) (int, error) {
 		}
 		return n, nil
 	}
-}
-
-// sendMore writes iov to the socket behind rc with MSG_MORE, so that the
-// kernel holds a frame header for the payload spliced right after it.
-func sendMore(rc syscall.RawConn, iov [][]byte) error {
-	for len(iov) > 0 {
-		var (
-			n     int
-			errno error
-		)
-		err := rc.Write(func(fd uintptr) bool {
-			for {
-				n, errno = unix.SendmsgBuffers(int(fd), iov, nil, nil, unix.MSG_MORE)
-				switch errno {
-				case unix.EINTR:
-					continue
-				case unix.EAGAIN:
-					return false
-				}
-				return true
-			}
-		})
-		if err != nil {
-			return err
-		}
-		if errno != nil {
-			return os.NewSyscallError("sendmsg", errno)
-		}
-		for n > 0 && len(iov) > 0 {
-			k := min(n, len(iov[0]))
-			iov[0] = iov[0][k:]
-			n -= k
-			if len(iov[0]) == 0 {
-				iov = iov[1:]
-			}
-		}
-	}
-	return nil
 }
 
 // idlePipes empties the pool of idle pipes, closing them, and returns how

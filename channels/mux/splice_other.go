@@ -11,11 +11,14 @@ import (
 // a raw connection, so none of the functions below is reached.
 const spliceSupported = false
 
+const msgMore = 0
+
 var errNoSplice = errors.New("mux: splice is not supported on this platform")
 
 type kpipe struct{}
 
 func getPipe() (*kpipe, error) { return nil, errNoSplice }
+func maxPipes() int32          { return 0 }
 func (p *kpipe) ref()          {}
 func (p *kpipe) unref()        {}
 
@@ -26,7 +29,6 @@ func fillPipe(syscall.RawConn, *kpipe, int) (int, error) { return 0, errNoSplice
 func recvPipe(syscall.RawConn, *kpipe, int) (int, bool, error) {
 	return 0, false, errNoSplice
 }
-func drainPipe(syscall.RawConn, *kpipe, int, bool) error { return errNoSplice }
-func pushPipe(syscall.RawConn, *kpipe, int) (int, error) { return 0, errNoSplice }
-func readPipe(*kpipe, []byte) (int, error)               { return 0, errNoSplice }
-func sendMore(syscall.RawConn, [][]byte) error           { return errNoSplice }
+func drainPipe(syscall.RawConn, *kpipe, int, bool, func()) error { return errNoSplice }
+func pushPipe(syscall.RawConn, *kpipe, int) (int, error)         { return 0, errNoSplice }
+func readPipe(*kpipe, []byte) (int, error)                       { return 0, errNoSplice }

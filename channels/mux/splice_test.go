@@ -38,9 +38,11 @@ func legacyPair(t testing.TB) (*sock, *net.TCPConn) {
 }
 
 // pump forwards src to st as the proxy does: the first bytes of a burst
-// by Read, the rest by SpliceFrom; src's EOF becomes CloseWrite.
+// by Read, the rest by SpliceFrom, or by Read alone once SpliceFrom says
+// ErrNoSplice; src's EOF becomes CloseWrite.
 func pump(st *Stream, src *sock) error {
 	buf := make([]byte, smallWrite)
+	splice := true
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
@@ -48,8 +50,11 @@ func pump(st *Stream, src *sock) error {
 				return werr
 			}
 		}
-		if err == nil && n == len(buf) {
+		if splice && err == nil && n == len(buf) {
 			_, err = st.SpliceFrom(src)
+			if errors.Is(err, ErrNoSplice) {
+				splice, err = false, nil
+			}
 		}
 		switch {
 		case err == io.EOF:
@@ -66,17 +71,6 @@ func deliver(st *Stream, dst *sock) error {
 		return err
 	}
 	return dst.CloseWrite()
-}
-
-// sendAll writes data to w, then half-closes it.
-func sendAll(w interface {
-	io.Writer
-	CloseWrite() error
-}, data []byte) error {
-	if _, err := w.Write(data); err != nil {
-		return err
-	}
-	return w.CloseWrite()
 }
 
 // openPipes counts this process's pipe descriptors, idle pooled ones
@@ -106,12 +100,6 @@ func smallPipes(t *testing.T) {
 	})
 }
 
-// stalled reports whether st's sender waits for window.
-func stalled(st *Stream) bool {
-	sendWin, _, _ := streamState(st)
-	return sendWin == 0
-}
-
 // transfer sends data from legacy program a through sa, sb to legacy
 // program b, and returns what b read, once b read EOF.
 func transfer(t *testing.T, sa, sb *Stream, data []byte) (got []byte, up, down *sock) {
@@ -119,8 +107,22 @@ func transfer(t *testing.T, sa, sb *Stream, data []byte) (got []byte, up, down *
 	up, a := legacyPair(t)
 	down, b := legacyPair(t)
 	errs := make(chan error, 3)
-	go func() { errs <- pump(sa, up) }()
-	go func() { errs <- deliver(sb, down) }()
+	// A failure closes the legacy socket it leaves waiting, so that the
+	// test ends with the error rather than hangs.
+	go func() {
+		err := pump(sa, up)
+		if err != nil {
+			up.Close()
+		}
+		errs <- err
+	}()
+	go func() {
+		err := deliver(sb, down)
+		if err != nil {
+			down.Close()
+		}
+		errs <- err
+	}()
 	go func() { errs <- sendAll(a, data) }()
 	got, err := io.ReadAll(b)
 	require.NoError(t, err)
@@ -313,22 +315,6 @@ func TestSpliceFromRefused(t *testing.T) {
 	sa, _ := openPair(t, cli, srv)
 	_, err := sa.SpliceFrom(&noSocket{})
 	assert.ErrorIs(t, err, ErrNoSplice, "source without a socket")
-}
-
-// writeToResult is what a WriteTo returned.
-type writeToResult struct {
-	n   int64
-	err error
-}
-
-// startWriteTo runs st.WriteTo(w) on a goroutine of its own.
-func startWriteTo(st *Stream, w io.Writer) <-chan writeToResult {
-	done := make(chan writeToResult, 1)
-	go func() {
-		n, err := st.WriteTo(w)
-		done <- writeToResult{n, err}
-	}()
-	return done
 }
 
 // parked reports whether st's WriteTo waits for data with nothing queued,

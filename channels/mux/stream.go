@@ -74,6 +74,17 @@ type Stream struct {
 	wres                atomic.Int32
 	dl                  *deadlines // made by the first Set*Deadline
 
+	// wsw is WriteTo's writer while it writes to its destination: the
+	// stream's end may cut the write short (cutWriteToLocked).
+	wsw *segWriter
+
+	// tail is the buffer of the stream's last frame queued, if that frame
+	// is a small Write's copy, queued while the session's queue had
+	// generation tailGen: while the queue keeps that generation, the frame
+	// is still queued, and small Writes may append to it.
+	tail    *[]byte
+	tailGen uint64
+
 	rbuf0 [1]rseg // rbufs' first backing array
 }
 
@@ -136,6 +147,7 @@ func (st *Stream) Read(b []byte) (int, error) {
 	defer st.mu.Unlock()
 	for {
 		if err := st.readCheckLocked(); err != nil {
+			st.passWakeLocked()
 			return 0, err
 		}
 		if st.buffered > 0 {
@@ -148,23 +160,37 @@ func (st *Stream) Read(b []byte) (int, error) {
 				st.failLocked()
 				return n, err
 			}
+			if st.buffered > 0 {
+				st.passWakeLocked()
+			}
 			return n, nil
 		}
 		if st.state&stFinRecv != 0 {
+			st.passWakeLocked()
 			return 0, io.EOF
 		}
 		st.waitLocked(&st.readWake)
 	}
 }
 
+// passWakeLocked passes a wake-up on to the next of concurrent Reads: a
+// wake-up (data, the end, a deadline's timer) wakes one waiter, which
+// hands it on when what woke it holds for the others too.
+func (st *Stream) passWakeLocked() { notify(st.readWake) }
+
 // WriteTo writes the stream's data to w until the peer's FIN (returning a
 // nil error) or an error. Received buffers go to w as they are, with one
 // writev when w is a socket. When w is a SpliceConn and the session runs
 // over a TCP or Unix socket, large frames go from the session's socket to w's
 // by splice(2), never copied through the process. The read deadline
-// applies to waiting for data.
+// applies to waiting for data. If the stream is reset, closed or its
+// session ends while WriteTo waits for w to take data, and w has a
+// SetWriteDeadline method (a net.Conn), WriteTo sets w's write deadline in
+// the past to cut the write short, and returns the stream's error: a
+// destination that does not read cannot hold it.
 func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 	sw := segWriter{w: w}
+	sw.dl, _ = w.(writeDeadliner)
 	if st.sess.raw != nil {
 		if sw.raw = spliceConn(w); sw.raw != nil {
 			sw.sc = w.(SpliceConn)
@@ -218,6 +244,7 @@ func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 		roff := st.roff
 		n := st.buffered
 		st.dropBufsLocked(false)
+		st.wsw = &sw // the stream's end may cut the write short
 		st.mu.Unlock()
 
 		written, err := sw.write(held, roff)
@@ -228,11 +255,37 @@ func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 		clear(held)
 
 		st.mu.Lock()
+		st.wsw = nil
 		st.creditLocked(n)
+		if err != nil && sw.cut {
+			// The write failed because the stream ended: say so.
+			if rerr := st.readCheckLocked(); rerr != nil {
+				err = rerr
+			}
+		}
 		st.mu.Unlock()
 		if err != nil {
 			return total, err
 		}
+	}
+}
+
+// writeDeadliner is a destination of WriteTo whose blocked writes can be
+// cut short, such as a net.Conn.
+type writeDeadliner interface {
+	SetWriteDeadline(time.Time) error
+}
+
+// aLongTimeAgo is a deadline in the past: it ends a wait at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// cutWriteToLocked interrupts WriteTo's write to its destination when the
+// stream's read side ends abnormally: a destination that does not read
+// must not keep WriteTo, and the goroutine that runs it, past the end.
+func (st *Stream) cutWriteToLocked() {
+	if sw := st.wsw; sw != nil && sw.dl != nil && !sw.cut {
+		sw.cut = true
+		_ = sw.dl.SetWriteDeadline(aLongTimeAgo)
 	}
 }
 
@@ -244,6 +297,10 @@ type segWriter struct {
 	sc  SpliceConn
 	iov net.Buffers
 	out net.Buffers // iov as consumed by its WriteTo
+	// dl is w if its writes can be cut short; cut says the stream's end
+	// did (under the stream's lock).
+	dl  writeDeadliner
+	cut bool
 }
 
 // write writes segs, the first of which has its first roff bytes read.
@@ -287,7 +344,7 @@ func (sw *segWriter) flush() (int64, error) {
 // pipe writes a pipe segment's bytes.
 func (sw *segWriter) pipe(g rseg) (int64, error) {
 	if sw.raw != nil {
-		if err := drainPipe(sw.raw, g.p, g.n, false); err != nil {
+		if err := drainPipe(sw.raw, g.p, g.n, false, nil); err != nil {
 			return 0, err
 		}
 		sw.sc.Spliced(g.n)
@@ -316,9 +373,57 @@ func (sw *segWriter) pipe(g rseg) (int64, error) {
 // or a stream header. Copying it costs less than a round trip through the
 // writer goroutine, and the caller moves on (to read the next message, or
 // to write more that the writer then sends in the same writev). The send
-// window still bounds what is queued. On an idle connection Write writes
-// it at once itself, as any other.
+// window still bounds what is queued, and small Writes that follow one
+// another while the writer is busy share a buffer and a frame
+// (queueCopyLocked), so that memory follows the bytes queued, not the
+// number of Writes. On an idle connection Write writes it at once itself,
+// as any other.
 const smallWrite = 4 << 10
+
+// queueCopyLocked queues a copy of b, a small Write, without waiting: in
+// the buffer of the stream's previous small Write if that is still queued
+// and has room, else in a new buffer and frame. A stream that writes byte
+// by byte on a busy session then queues its bytes in few buffers (the
+// second one of smallWrite bytes), not one buffer per byte.
+func (st *Stream) queueCopyLocked(b []byte) error {
+	s := st.sess
+	if st.tail != nil {
+		s.sendMu.Lock()
+		ok := !s.sendClosed && st.tailGen == s.queueGen && len(*st.tail)+len(b) <= cap(*st.tail)
+		if ok {
+			*st.tail = append(*st.tail, b...)
+		}
+		s.sendMu.Unlock()
+		if ok {
+			return nil
+		}
+	}
+	size := len(b)
+	if st.tail != nil {
+		size = max(size, smallWrite) // a run of small Writes
+	}
+	c := getBuf(size)
+	*c = append((*c)[:0], b...)
+	f := frame{header: header{typ: typeData}, copied: c}
+	if st.state&stFirstSent == 0 {
+		// The stream's first frame (with SYN or ACK) is not appended to.
+		if err := st.queueLocked(f); err != nil {
+			putBuf(c)
+			return err
+		}
+		return nil
+	}
+	st.tail = nil
+	f.id = st.id
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	if err := s.pushLocked(f); err != nil {
+		putBuf(c)
+		return err
+	}
+	st.tail, st.tailGen = c, s.queueGen
+	return nil
+}
 
 // Write writes b, splitting it into frames as the send window allows. On
 // a busy connection, a Write of at most smallWrite bytes that fits the
@@ -353,17 +458,14 @@ func (st *Stream) Write(b []byte) (int, error) {
 				}
 				return k, nil
 			}
-			c := getBuf(k)
-			*c = append((*c)[:0], b...)
-			if err := st.queueLocked(frame{header: header{typ: typeData}, data: *c, copied: c}); err != nil {
-				putBuf(c)
+			if err := st.queueCopyLocked(b); err != nil {
 				st.sessionEndedLocked(st.sess.cause())
 				return 0, st.err
 			}
 			st.sendWin -= uint32(k)
 			return k, nil
 		}
-		if err := st.sendLocked(frame{header: header{typ: typeData}, data: b[:k], owner: st}, k); err != nil {
+		if err := st.sendLocked(frame{header: header{typ: typeData}, data: b[:k], owner: st}, k, false); err != nil {
 			return n, err
 		}
 		n += k
@@ -391,8 +493,10 @@ func (st *Stream) awaitWindowLocked() error {
 
 // sendLocked sends f, a data frame of k bytes (within the send window)
 // that st owns: it writes f itself if the connection is idle, or queues f
-// and waits until the writer has written it.
-func (st *Stream) sendLocked(f frame, k int) error {
+// and waits until the writer has written it. Unless keep, the write
+// deadline withdraws f while it waits in the queue; a frame that holds
+// bytes taken from elsewhere (SpliceFrom's pipe) is kept, and sent.
+func (st *Stream) sendLocked(f frame, k int, keep bool) error {
 	if wrote, err := st.writeOwnLocked(f, k); wrote {
 		return err
 	}
@@ -403,7 +507,7 @@ func (st *Stream) sendLocked(f frame, k int) error {
 		return st.err
 	}
 	st.sendWin -= uint32(k)
-	if !st.awaitWriteLocked(k) {
+	if !st.awaitWriteLocked(k, keep) {
 		return st.writeFailedLocked()
 	}
 	return nil
@@ -442,10 +546,10 @@ func (st *Stream) writeFailedLocked() error {
 
 // awaitWriteLocked waits for the writer's verdict on k bytes just queued,
 // and reports whether they were written. Waiting, it gives way to a reset,
-// the session's end or the deadline by withdrawing the data if the writer
-// has not taken it yet; once taken, the data is the writer's until its
-// verdict, however long (bounded by WriteTimeout).
-func (st *Stream) awaitWriteLocked(k int) bool {
+// the session's end or (unless keep) the deadline by withdrawing the data
+// if the writer has not taken it yet; once taken, the data is the
+// writer's until its verdict, however long (bounded by WriteTimeout).
+func (st *Stream) awaitWriteLocked(k int, keep bool) bool {
 	aborting := false
 	for {
 		if r := st.wres.Load(); r != writePending {
@@ -455,7 +559,7 @@ func (st *Stream) awaitWriteLocked(k int) bool {
 			}
 			return true
 		}
-		if !aborting && st.writeAbortLocked() {
+		if !aborting && st.writeAbortLocked(keep) {
 			if st.sess.cancelWrite(st) {
 				st.sendWin += uint32(k)
 				return false
@@ -476,12 +580,13 @@ func (st *Stream) awaitWriteLocked(k int) bool {
 	}
 }
 
-// writeAbortLocked reports whether a waiting Write must give up.
-func (st *Stream) writeAbortLocked() bool {
+// writeAbortLocked reports whether a waiting Write must give up: at a
+// reset, the session's end or, unless keep, the write deadline.
+func (st *Stream) writeAbortLocked(keep bool) bool {
 	if st.state&stWriteReset != 0 || st.sess.IsClosed() {
 		return true
 	}
-	return st.dl != nil && expired(st.dl.write)
+	return !keep && st.dl != nil && expired(st.dl.write)
 }
 
 // CloseWrite half-closes the stream with FIN: the peer reads io.EOF after
@@ -517,6 +622,7 @@ func (st *Stream) Close() error {
 		return nil
 	}
 	st.state |= stClosed
+	st.cutWriteToLocked()
 	if n := st.buffered; n > 0 {
 		st.dropBufsLocked(true)
 		st.creditLocked(n)
@@ -579,6 +685,7 @@ func (st *Stream) resetLocked(err error) {
 	if st.err == nil {
 		st.err = err
 	}
+	st.cutWriteToLocked()
 	st.dropBufsLocked(true)
 	st.stopTimersLocked()
 	notify(st.readWake)
@@ -593,6 +700,7 @@ func (st *Stream) sessionEndedLocked(cause error) {
 	var ended bool
 	if st.state&(stFinRecv|stReadReset) == 0 {
 		st.state |= stReadReset
+		st.cutWriteToLocked()
 		st.dropBufsLocked(true)
 		ended = true
 	}
@@ -692,6 +800,7 @@ func notify(ch chan struct{}) {
 // queueLocked queues f for the stream, adding SYN (outbound) or ACK
 // (inbound) if it is the stream's first frame.
 func (st *Stream) queueLocked(f frame) error {
+	st.tail = nil // what follows f must not go into a frame before it
 	if st.state&stFirstSent == 0 {
 		st.state |= stFirstSent
 		if st.state&stOutbound != 0 {

@@ -5,14 +5,17 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
 
 // The send side. Frames go through one queue that a single writer
-// goroutine drains: each wake-up takes everything queued and writes it with
-// one writev, so frames of concurrent streams and control frames share
-// system calls. A Write queues its data by reference and waits for the
+// goroutine drains: each wake-up takes what is queued (takeLocked: every
+// small frame, and large ones up to batchBudget) and writes it with one
+// writev, so frames of concurrent streams and control frames share system
+// calls. A Write queues its data by reference and waits for the
 // writer's verdict; control frames are queued by value and not waited for,
 // so the reader goroutine can queue window updates and pongs without ever
 // blocking on a full connection.
@@ -32,6 +35,10 @@ const goAwayWait = 100 * time.Millisecond
 // flooding pings while not reading cannot grow the queue without bound.
 const maxQueuedPongs = 64
 
+// maxQueuedRefusals bounds the resets refusing inbound streams that wait
+// for the writer; past it the reader waits (Session.refuse).
+const maxQueuedRefusals = 1024
+
 // errSendClosed refuses frames once the session ended; stream operations
 // report the session's cause instead.
 var errSendClosed = errors.New("mux: session closed")
@@ -46,15 +53,25 @@ type frame struct {
 	// copied): the writer reports its verdict to it (finishWrite) once the
 	// data is written, and only then may the Write return.
 	owner *Stream
-	// copied, when set, is the pooled buffer data was copied into (a small
-	// Write, which did not wait): the writer returns it to the pool once
-	// written.
+	// copied, when set, holds the payload instead of data: the pooled
+	// buffer that small Writes, which did not wait, were copied into (see
+	// Stream.queueCopyLocked; it may grow while queued). The writer
+	// returns it to the pool once written.
 	copied *[]byte
 	// pipe, when set, holds the payload instead of data: pipeN bytes that
 	// the writer splices to the connection (at most MaxFrame, one frame).
 	// The owner keeps the pipe; the writer only drains it.
 	pipe  *kpipe
 	pipeN int
+}
+
+// payload returns the bytes of a data frame whose payload is not in a
+// pipe.
+func (f *frame) payload() []byte {
+	if f.copied != nil {
+		return *f.copied
+	}
+	return f.data
 }
 
 // push queues f for the writer.
@@ -81,6 +98,7 @@ func (s *Session) pushPong(id uint32) {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()
 	if s.pongs >= maxQueuedPongs {
+		s.limits.pongsDropped.Add(1)
 		return
 	}
 	if s.pushLocked(frame{header: header{typ: typePing, flags: flagACK, length: id}}) == nil {
@@ -162,8 +180,13 @@ func (s *Session) writeLoop() {
 			s.writeFailed(err)
 			return
 		}
-		batch, s.queue = s.queue, batch[:0]
+		batch = s.takeLocked(batch[:0])
+		s.queueGen++ // the copied frames taken no longer grow
 		s.pongs = 0
+		if s.refusals >= maxQueuedRefusals {
+			notify(s.refusalsTaken)
+		}
+		s.refusals = 0
 		final := s.sendClosed
 		s.owned = len(batch) > 0
 		s.sendMu.Unlock()
@@ -192,6 +215,65 @@ func (s *Session) writeLoop() {
 		case <-s.done:
 		}
 	}
+}
+
+// batchBudget is about how many bytes of large data frames one batch
+// takes (at least one frame); small and control frames need none.
+const batchBudget = 512 << 10
+
+// takeLocked moves the next batch's frames from the queue to batch: every
+// control frame and small data frame, and large data frames until about
+// batchBudget bytes of them are taken. The others stay queued, ahead of
+// what is queued meanwhile, with every later frame of their streams (a
+// stream's frames keep their order, and so do SYNs, which the peer wants
+// in stream ID order). A small frame, such as an interactive stream's
+// message, a FIN or a window update, then waits behind one batch of bulk
+// data at most, not behind everything queued before it: on a slow link
+// that is seconds, not minutes. The session's last batch takes everything.
+func (s *Session) takeLocked(batch []frame) []frame {
+	if s.sendClosed {
+		batch = append(batch, s.queue...)
+		clear(s.queue)
+		s.queue = s.queue[:0]
+		return batch
+	}
+	budget := batchBudget
+	kept := s.queue[:0] // compacted in place: kept never passes i
+	held, synHeld := s.held[:0], false
+	for i := range s.queue {
+		f := s.queue[i]
+		n := f.payloadLen()
+		hold := false
+		switch {
+		case f.id == 0: // ping, GoAway
+		case f.flags&flagSYN != 0 && synHeld, slices.Contains(held, f.id):
+			hold = true
+		case n > smallWrite && budget <= 0:
+			hold = true
+		}
+		if hold {
+			kept = append(kept, f)
+			held = append(held, f.id)
+			synHeld = synHeld || f.flags&flagSYN != 0
+			continue
+		}
+		if n > smallWrite {
+			budget -= n
+		}
+		batch = append(batch, f)
+	}
+	clear(s.queue[len(kept):])
+	s.queue = kept
+	s.held = held
+	return batch
+}
+
+// payloadLen returns the size of a data frame's payload.
+func (f *frame) payloadLen() int {
+	if f.pipe != nil {
+		return f.pipeN
+	}
+	return len(f.payload())
 }
 
 // claimConn makes the caller the connection's owner if the connection is
@@ -255,9 +337,9 @@ func (s *Session) writeFailed(err error) {
 	<-s.done
 }
 
-// writeBatch writes batch within the write timeout: WriteTimeout, or
-// goAwayWait once the session is closing.
-// Only the connection's owner calls it.
+// writeBatch writes batch within the write timeout: WriteTimeout without
+// progress (see writeProgress), or goAwayWait in all once the session is
+// closing. Only the connection's owner calls it.
 func (s *Session) writeBatch(batch []frame, final bool) error {
 	timeout := s.cfg.WriteTimeout
 	if final {
@@ -270,6 +352,7 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 		// shutdown shortened the deadline just before ours replaced it.
 		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
 	}
+	s.bw.final = final
 	err := s.bw.write(batch)
 	if err == nil {
 		s.counters.batchOut(batch)
@@ -277,30 +360,43 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 	return err
 }
 
+// writeProgress moves the write deadline WriteTimeout on after part of a
+// batch was written: the timeout detects a peer that stops reading, and a
+// batch that a slow link takes longer than WriteTimeout to carry (many
+// streams' windows' worth) is no such peer. A closing session's last
+// write keeps its short deadline.
+func (s *Session) writeProgress() {
+	if s.bw.final || s.closing.Load() {
+		return
+	}
+	_ = s.conn.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+	if s.closing.Load() {
+		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
+	}
+}
+
 // batchWriter encodes a batch of frames and writes it in as few writes as
-// it can: one writev on a socket; on other connections (TLS, pipes) the
-// pieces are gathered into a flat buffer, since their Write call is costly
-// (a TLS record each).
+// it can: one sendmsg on a socket (one per 1024 pieces); on other
+// connections (TLS, pipes) the pieces are gathered into a flat buffer,
+// since their Write call is costly (a TLS record each). Every write that
+// makes progress moves the write deadline on (progress).
 type batchWriter struct {
 	conn     net.Conn
 	raw      syscall.RawConn // for frames whose payload is in a pipe
-	writev   bool
+	sock     *sockWriter     // nil: not a socket, or not Linux
+	progress func()
+	out      *atomic.Uint64 // counts the bytes written
+	final    bool           // the session's last batch: no progress extends its deadline
 	maxFrame int
 
-	hdrs []byte      // encoded headers of the batch
-	off  int         // used part of hdrs
-	iov  net.Buffers // pieces to write: header runs and payloads
-	out  net.Buffers // iov as consumed by its WriteTo
-	run  bool        // iov's last piece is a header run ending at hdrs[off]
+	hdrs []byte   // encoded headers of the batch
+	off  int      // used part of hdrs
+	iov  [][]byte // pieces to write: header runs and payloads
+	run  bool     // iov's last piece is a header run ending at hdrs[off]
 }
 
-func newBatchWriter(conn net.Conn, raw syscall.RawConn, maxFrame int) *batchWriter {
-	w := &batchWriter{conn: conn, raw: raw, maxFrame: maxFrame}
-	switch conn.(type) {
-	case *net.TCPConn, *net.UnixConn: // they implement net.Buffers' writev
-		w.writev = true
-	}
-	return w
+func newBatchWriter(conn net.Conn, raw syscall.RawConn, maxFrame int, progress func(), out *atomic.Uint64) *batchWriter {
+	return &batchWriter{conn: conn, raw: raw, sock: newSockWriter(conn, progress, out), progress: progress, out: out, maxFrame: maxFrame}
 }
 
 func (w *batchWriter) write(batch []frame) error {
@@ -326,7 +422,7 @@ func (w *batchWriter) write(batch []frame) error {
 			}
 			continue
 		}
-		h, data := f.header, f.data
+		h, data := f.header, f.payload()
 		for first := true; first || len(data) > 0; first = false {
 			k := min(len(data), w.maxFrame)
 			h.length = uint32(k)
@@ -342,9 +438,8 @@ func (w *batchWriter) write(batch []frame) error {
 	var err error
 	switch {
 	case len(w.iov) == 0: // everything went out with the last spliced frame
-	case w.writev:
-		w.out = w.iov // WriteTo consumes its receiver
-		_, err = w.out.WriteTo(w.conn)
+	case w.sock != nil:
+		err = w.sock.write(w.iov, 0)
 	default:
 		err = w.writeFlat()
 	}
@@ -366,19 +461,25 @@ func (w *batchWriter) splice(f *frame, more bool) error {
 	h := f.header
 	h.length = uint32(f.pipeN)
 	w.addHeader(h)
-	if err := sendMore(w.raw, w.iov); err != nil {
+	if err := w.sock.write(w.iov, msgMore); err != nil {
 		return err
 	}
 	w.clearIOV()
-	return drainPipe(w.raw, f.pipe, f.pipeN, more)
+	w.progress()
+	if err := drainPipe(w.raw, f.pipe, f.pipeN, more, w.progress); err != nil {
+		return err
+	}
+	w.out.Add(uint64(f.pipeN))
+	return nil
 }
 
 // frames returns how many frames (headers) f is sent as.
 func (w *batchWriter) frames(f *frame) int {
-	if f.typ != typeData || len(f.data) == 0 { // including pipe frames
+	n := len(f.payload())
+	if f.typ != typeData || n == 0 { // including pipe frames
 		return 1
 	}
-	return (len(f.data) + w.maxFrame - 1) / w.maxFrame
+	return (n + w.maxFrame - 1) / w.maxFrame
 }
 
 // addHeader encodes h after the previous headers; consecutive headers form
@@ -396,24 +497,43 @@ func (w *batchWriter) addHeader(h header) {
 	w.run = true
 }
 
+// flatChunk is the most a write to a connection other than a socket
+// carries: the write deadline moves on after each, so it bounds the bytes
+// a link must carry within WriteTimeout (and, on a connection that is not
+// over TCP, within KeepAliveTimeout). It is a TLS record's payload: on TLS
+// a larger write makes more records anyway, each written on its own.
+const flatChunk = 16 << 10
+
 // writeFlat writes iov through a pooled buffer: small pieces are gathered,
-// and a piece at least as large as the buffer is written from where it is.
+// and a piece at least as large as the buffer is written from where it
+// is, in writes of at most flatChunk bytes.
 func (w *batchWriter) writeFlat() error {
-	bp := getBuf(64 << 10)
+	bp := getBuf(flatChunk)
 	defer putBuf(bp)
 	buf := (*bp)[:0]
+	written := false
+	write := func(b []byte) error {
+		if written {
+			w.progress()
+		}
+		written = true
+		n, err := w.conn.Write(b)
+		w.out.Add(uint64(n))
+		return err
+	}
 	for _, p := range w.iov {
 		for len(p) > 0 {
 			if len(buf) == 0 && len(p) >= cap(buf) {
-				if _, err := w.conn.Write(p); err != nil {
+				if err := write(p[:cap(buf)]); err != nil {
 					return err
 				}
-				break
+				p = p[cap(buf):]
+				continue
 			}
 			k := copy(buf[len(buf):cap(buf)], p)
 			buf, p = buf[:len(buf)+k], p[k:]
 			if len(buf) == cap(buf) {
-				if _, err := w.conn.Write(buf); err != nil {
+				if err := write(buf); err != nil {
 					return err
 				}
 				buf = buf[:0]
@@ -421,9 +541,7 @@ func (w *batchWriter) writeFlat() error {
 		}
 	}
 	if len(buf) > 0 {
-		if _, err := w.conn.Write(buf); err != nil {
-			return err
-		}
+		return write(buf)
 	}
 	return nil
 }

@@ -11,7 +11,10 @@
 // Settings (environment):
 //
 //	TCPPROXY_SOAK=10m          soak duration (default 20s)
-//	TCPPROXY_SOAK_WORKERS=16   concurrent soak clients (default 8)
+//	TCPPROXY_SOAK_WORKERS=16   soak clients opening connection after connection (default 8)
+//	TCPPROXY_SOAK_INTERACTIVE=256  long interactive soak connections at once (default 48)
+//	TCPPROXY_SOAK_SHAPE=0      soak over plain links (default: shaped, 1-100 Mbit/s, 20-200ms RTT, loss)
+//	TCPPROXY_SOAK_SEED=N       replay a soak's links and load (its log prints the seed)
 //	TCPPROXY_SOAK_REPORT=FILE  also write the soak summary there
 //	TCPPROXY_E2E_RACE=0|1      build the proxies with -race (default: as the test binary)
 //	TCPPROXY_E2E_LOG=debug     the proxies' log level (default info)

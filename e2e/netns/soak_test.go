@@ -3,14 +3,18 @@
 package netns
 
 import (
+	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -18,12 +22,14 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tcpproxy/tcpproxy/e2e/internal/legacy"
+	"github.com/tcpproxy/tcpproxy/e2e/internal/ns"
 )
 
 // Soak settings; see the package documentation.
 const (
-	defaultSoak        = 20 * time.Second
-	defaultSoakWorkers = 8
+	defaultSoak            = 20 * time.Second
+	defaultSoakWorkers     = 8
+	defaultSoakInteractive = 48
 	// maxConnsPerWorker bounds each worker's loop in count as well as in
 	// time.
 	maxConnsPerWorker = 100_000
@@ -33,65 +39,94 @@ const (
 	soakConnBound = 60 * time.Second
 )
 
-func soakSettings(t *testing.T) (time.Duration, int) {
-	d, workers := defaultSoak, defaultSoakWorkers
-	if s := os.Getenv("TCPPROXY_SOAK"); s != "" {
-		v, err := time.ParseDuration(s)
-		require.NoError(t, err, "TCPPROXY_SOAK")
-		require.Positive(t, v, "TCPPROXY_SOAK")
-		d = v
-	}
-	if s := os.Getenv("TCPPROXY_SOAK_WORKERS"); s != "" {
-		v, err := strconv.Atoi(s)
-		require.NoError(t, err, "TCPPROXY_SOAK_WORKERS")
-		require.True(t, v > 0 && v <= 256, "TCPPROXY_SOAK_WORKERS in 1..256")
-		workers = v
-	}
-	return d, workers
+// soakSettings are a soak's size and seed.
+type soakSettings struct {
+	d                    time.Duration
+	workers, interactive int
+	seed                 uint64
+	shaped               bool // links with a rate, delay and loss (default)
 }
 
-// TestSoak runs workers that each open connection after connection along
-// random paths (api, ring), in random modes, with random frame counts and
-// sizes, while faults are injected one after another on random hosts:
-// netem-like degradation, a short link flap, SIGKILL of a proxy and its
-// restart. After each fault new connections through the host must verify
-// again before the next one. At the end: nothing corrupt, nothing hung,
-// nothing silently lost or truncated, and every failed connection is
-// explained by a fault on a host it went through.
+func readSoakSettings(t *testing.T) soakSettings {
+	s := soakSettings{d: defaultSoak, workers: defaultSoakWorkers, interactive: defaultSoakInteractive,
+		seed: uint64(time.Now().UnixNano()), shaped: true}
+	if v := os.Getenv("TCPPROXY_SOAK"); v != "" {
+		d, err := time.ParseDuration(v)
+		require.NoError(t, err, "TCPPROXY_SOAK")
+		require.Positive(t, d, "TCPPROXY_SOAK")
+		s.d = d
+	}
+	count := func(name string, dst *int, most int) {
+		if v := os.Getenv(name); v != "" {
+			n, err := strconv.Atoi(v)
+			require.NoError(t, err, name)
+			require.True(t, n >= 0 && n <= most, "%s in 0..%d", name, most)
+			*dst = n
+		}
+	}
+	count("TCPPROXY_SOAK_WORKERS", &s.workers, 256)
+	count("TCPPROXY_SOAK_INTERACTIVE", &s.interactive, 1024)
+	require.Positive(t, s.workers, "TCPPROXY_SOAK_WORKERS")
+	if v := os.Getenv("TCPPROXY_SOAK_SEED"); v != "" {
+		seed, err := strconv.ParseUint(v, 10, 64)
+		require.NoError(t, err, "TCPPROXY_SOAK_SEED")
+		s.seed = seed
+	}
+	if v := os.Getenv("TCPPROXY_SOAK_SHAPE"); v != "" {
+		shaped, err := strconv.ParseBool(v)
+		require.NoError(t, err, "TCPPROXY_SOAK_SHAPE")
+		s.shaped = shaped
+	}
+	return s
+}
+
+// TestSoak runs the whole path (legacy client, proxy, session, proxy,
+// legacy server) under a mixed load while faults are injected one after
+// another on random hosts, and checks every byte and every end.
+//
+// Each host's uplink is shaped (unless TCPPROXY_SOAK_SHAPE=0): a rate of
+// 1-100 Mbit/s, 10-100ms of delay (20-200ms round trips), up to 1% loss,
+// some jitter and reordering, MTU 1500. The load: workers that open
+// connection after connection along random paths (api, ring), in random
+// modes and sizes for the links they cross, some of which the client
+// aborts mid-stream (RST); long interactive connections (small echoes,
+// paced) by the dozen; and a bulk upload per host at a time. The faults:
+// SIGKILL of a proxy and its restart, a link flap, and a worse link for a
+// while (1% more loss, more delay, half the rate). After each fault new
+// connections through the host must verify again before the next one.
+//
+// At the end: nothing corrupt, nothing hung, nothing silently lost or
+// truncated, every abort seen by the server as a reset, and every failed
+// connection explained by a fault on a host it went through. The seed
+// (logged) replays the links and the load: TCPPROXY_SOAK_SEED.
 func TestSoak(t *testing.T) {
-	d, workers := soakSettings(t)
+	set := readSoakSettings(t)
+	t.Logf("soak seed %d (TCPPROXY_SOAK_SEED replays it)", set.seed)
 	c := newCluster(t, fourHosts)
+	l := &soakLoad{c: c, links: map[*host]ns.Impairment{}}
+	if set.shaped {
+		l.shapeLinks(t, rand.New(rand.NewPCG(set.seed, 1)))
+	}
 	start := time.Now()
-	stop := start.Add(d)
+	stop := start.Add(set.d)
 
 	var wg sync.WaitGroup
-	for w := range workers {
-		wg.Go(func() {
-			rng := rand.New(rand.NewPCG(uint64(w), uint64(start.UnixNano())))
-			ring, api := c.ringRoutes(), c.apiRoutes()
-			for n := 0; n < maxConnsPerWorker && time.Now().Before(stop) && !c.closing(); n++ {
-				r := ring[rng.IntN(len(ring))]
-				if rng.IntN(3) == 0 {
-					r = api[rng.IntN(len(api))]
-				}
-				mode := legacy.Echo
-				if rng.IntN(2) == 0 {
-					mode = legacy.Sink
-				}
-				c.run(r, legacy.ClientSpec{
-					Mode: mode, Frames: 1 + rng.IntN(150), MinSize: 1,
-					MaxSize: []int{256, 4 << 10, 32 << 10, 128 << 10}[rng.IntN(4)],
-					Bound:   soakConnBound, Seed: rng.Uint64(),
-				})
-			}
-		})
+	for w := range set.workers {
+		wg.Go(func() { l.churn(rand.New(rand.NewPCG(set.seed, uint64(100+w))), stop) })
+	}
+	for i := range set.interactive {
+		wg.Go(func() { l.interactive(rand.New(rand.NewPCG(set.seed, uint64(10_000+i))), stop) })
+	}
+	for i, h := range c.hosts {
+		wg.Go(func() { l.bulk(h, rand.New(rand.NewPCG(set.seed, uint64(20_000+i))), stop) })
 	}
 
-	faults := c.injectFaults(t, stop.Add(-2*time.Second))
+	faults := l.injectFaults(t, rand.New(rand.NewPCG(set.seed, 2)), stop.Add(-2*time.Second))
 	wg.Wait()
 	c.waitServersIdle(30 * time.Second)
 	in := c.checkIntegrity(t)
-	unexplained := c.unexplainedFailures(faults)
+	aborts := l.checkAborts(t)
+	unexplained := l.unexplainedFailures(faults)
 	for _, r := range unexplained[:min(len(unexplained), 20)] {
 		t.Errorf("failure not explained by any fault on its hosts: %v", r)
 	}
@@ -112,18 +147,25 @@ func TestSoak(t *testing.T) {
 	slices.Sort(kinds)
 	elapsed := time.Since(start)
 	clients := in.Clients
-	summary := fmt.Sprintf("soak %v, %d workers: %d connections, %d ok, %d failed (%s); "+
+	summary := fmt.Sprintf("soak %v, seed %d, %d workers, %d interactive, 4 bulk: %d connections (%d interactive, %d bulk, %d aborted by the client), %d ok, %d failed (%s); "+
 		"client bytes sent %d, verified %d (%.1f MB/s); corrupt=%d lost=%d truncated=%d hung=%d unexplained=%d; "+
-		"faults injected %d (%s), recovered %d",
-		elapsed.Round(time.Second), workers, clients.Conns, clients.OK, clients.Failed, failures(clients),
+		"aborts seen as resets %d of %d that reached a server; faults injected %d (%s), recovered %d",
+		elapsed.Round(time.Second), set.seed, set.workers, set.interactive, clients.Conns,
+		l.interactiveConns.Load(), l.bulkConns.Load(), l.abortedConns(),
+		clients.OK, clients.Failed, failures(clients),
 		clients.BytesSent, clients.BytesVerified, float64(clients.BytesVerified)/elapsed.Seconds()/1e6,
 		clients.ByOutcome[legacy.Corrupt]+in.Servers.ByOutcome[legacy.Corrupt], in.Lost, in.Truncated,
 		clients.ByOutcome[legacy.Timeout]+in.Servers.ByOutcome[legacy.Timeout], len(unexplained),
-		len(faults), strings.Join(kinds, " "), recovered)
+		aborts.reset, aborts.reached, len(faults), strings.Join(kinds, " "), recovered)
 	var report strings.Builder
 	report.WriteString(summary + "\n")
+	for _, h := range c.hosts {
+		if im, ok := l.links[h]; ok {
+			fmt.Fprintf(&report, "  link: %s uplink %v\n", h.spec.iid, im)
+		}
+	}
 	for _, f := range faults {
-		report.WriteString("  fault: " + f.String() + "\n")
+		fmt.Fprintf(&report, "  fault at %s: %v\n", f.Start.Format("15:04:05.000"), f)
 	}
 	fmt.Fprintf(&report, "  integrity: %v\n", in)
 	t.Log(report.String())
@@ -145,6 +187,242 @@ func TestSoak(t *testing.T) {
 	assert.Positive(t, len(faults))
 }
 
+// soakLoad is the soak's traffic and what it needs to judge it.
+type soakLoad struct {
+	c *cluster
+	// links are the hosts' uplinks (empty: plain links); shapers the
+	// impairments in force, which the link faults replace for a while.
+	links   map[*host]ns.Impairment
+	mu      sync.Mutex
+	shapers map[*host]*ns.Impaired
+	aborted sync.Map // connection id → true: the client aborts it
+
+	interactiveConns, bulkConns atomic.Int64
+}
+
+// shapeLinks gives every host's uplink a rate, delay and loss drawn from
+// the ranges the soak covers.
+func (l *soakLoad) shapeLinks(t *testing.T, rng *rand.Rand) {
+	l.shapers = make(map[*host]*ns.Impaired)
+	for _, h := range l.c.hosts {
+		im := drawLink(rng)
+		imp, err := h.Impair(im, subnet.String())
+		require.NoError(t, err, "shape %s's link", h.spec.iid)
+		l.links[h], l.shapers[h] = im, imp
+	}
+	t.Cleanup(func() {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		for _, imp := range l.shapers {
+			_ = imp.Stop()
+		}
+	})
+}
+
+// drawLink draws an uplink: 1-100 Mbit/s (log-uniform), 10-100ms of
+// delay with a tenth of it as jitter, loss up to 1%, reordering up to 2%.
+func drawLink(rng *rand.Rand) ns.Impairment {
+	rate := math.Exp(math.Log(1e6) + rng.Float64()*(math.Log(100e6)-math.Log(1e6)))
+	delay := time.Duration(10+rng.IntN(91)) * time.Millisecond
+	return ns.Impairment{Rate: int64(rate), Delay: delay, Jitter: delay / 10, Loss: rng.Float64() * 0.01, Reorder: rng.Float64() * 0.02}
+}
+
+// rate estimates, in bytes per second, what one TCP connection between
+// the proxies carries along r (for the api, to the slowest server): the
+// slower of the uplinks' rate and what TCP achieves with their loss and
+// round trip (MSS/RTT × 1.22/√loss). Every stream between two proxies
+// shares such a connection (two, in fact), so sizes follow it.
+func (l *soakLoad) rate(r route) float64 {
+	slowest := 1e9 / 8.0 // plain links: as fast as the machine goes
+	for _, to := range l.servers(r) {
+		a, ok1 := l.links[r.from]
+		b, ok2 := l.links[to]
+		if !ok1 || !ok2 {
+			continue
+		}
+		rtt := (a.Delay + b.Delay).Seconds()
+		loss := max(a.Loss+b.Loss, 1e-4)
+		tcp := 1448 / rtt * 1.22 / math.Sqrt(loss)
+		slowest = min(slowest, float64(min(a.Rate, b.Rate))/8, tcp)
+	}
+	return slowest
+}
+
+// servers returns the hosts a connection along r may end at.
+func (l *soakLoad) servers(r route) []*host {
+	if r.to != nil {
+		return []*host{r.to}
+	}
+	var hs []*host
+	for _, h := range l.c.hosts {
+		if h.spec.server {
+			hs = append(hs, h)
+		}
+	}
+	return hs
+}
+
+// randomRoute picks a ring route, or one time in three an api one.
+func (l *soakLoad) randomRoute(rng *rand.Rand, from *host) route {
+	var ring, api []route
+	for _, r := range l.c.ringRoutes() {
+		if from == nil || r.from == from {
+			ring = append(ring, r)
+		}
+	}
+	for _, r := range l.c.apiRoutes() {
+		if from == nil || r.from == from {
+			api = append(api, r)
+		}
+	}
+	if len(api) > 0 && rng.IntN(3) == 0 {
+		return api[rng.IntN(len(api))]
+	}
+	return ring[rng.IntN(len(ring))]
+}
+
+// sized fits frames of up to maxSize bytes to a budget in bytes.
+func sized(budget float64, frames, maxSize int) (int, int) {
+	for maxSize > 64 && float64(maxSize)/2 > budget/4 {
+		maxSize /= 2
+	}
+	frames = max(1, min(frames, int(budget/(float64(maxSize)/2))))
+	return frames, maxSize
+}
+
+// churn opens connection after connection along random paths, in random
+// modes, with random frame counts and sizes that its path's links carry
+// in about half a second; one in eight is aborted by its client.
+func (l *soakLoad) churn(rng *rand.Rand, stop time.Time) {
+	c := l.c
+	for n := 0; n < maxConnsPerWorker && time.Now().Before(stop) && !c.closing(); n++ {
+		r := l.randomRoute(rng, nil)
+		mode := legacy.Echo
+		if rng.IntN(2) == 0 {
+			mode = legacy.Sink
+		}
+		frames, maxSize := sized(l.rate(r)/2, 1+rng.IntN(150), []int{256, 4 << 10, 32 << 10, 128 << 10}[rng.IntN(4)])
+		spec := legacy.ClientSpec{Mode: mode, Frames: frames, MinSize: 1, MaxSize: maxSize, Bound: soakConnBound, Seed: rng.Uint64()}
+		if frames > 1 && rng.IntN(8) == 0 {
+			l.runAborting(r, spec, 1+rng.IntN(frames-1))
+			continue
+		}
+		pause(c.run(r, spec))
+	}
+}
+
+// pause waits a little after a connection that could not be made (its
+// proxy is restarting, or its link down), rather than spin.
+func pause(rec legacy.Record) {
+	if rec.Outcome == legacy.Refused {
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// interactive runs long connections of small paced echoes, one after
+// another: a client that talks now and then, as a database client does.
+func (l *soakLoad) interactive(rng *rand.Rand, stop time.Time) {
+	c := l.c
+	for time.Now().Before(stop) && !c.closing() {
+		interval := time.Duration(100+rng.IntN(300)) * time.Millisecond
+		frames := min(10+rng.IntN(50), int(time.Until(stop)/interval)+1)
+		l.interactiveConns.Add(1)
+		pause(c.run(l.randomRoute(rng, nil), legacy.ClientSpec{
+			Mode: legacy.Echo, Frames: frames, MinSize: 1, MaxSize: 512, Interval: interval,
+			Bound: soakConnBound, Seed: rng.Uint64(),
+		}))
+	}
+}
+
+// bulk uploads from h, one connection after another, each about as much
+// as its path's links carry in three seconds.
+func (l *soakLoad) bulk(h *host, rng *rand.Rand, stop time.Time) {
+	c := l.c
+	for time.Now().Before(stop) && !c.closing() {
+		r := l.randomRoute(rng, h)
+		frames, maxSize := sized(min(l.rate(r)*3, 64<<20), 1000, 64<<10)
+		l.bulkConns.Add(1)
+		pause(c.run(r, legacy.ClientSpec{Mode: legacy.Sink, Frames: frames, MinSize: maxSize / 2, MaxSize: maxSize,
+			Bound: soakConnBound, Seed: rng.Uint64()}))
+	}
+}
+
+// errAborted is an aborting client's own write error.
+var errAborted = errors.New("aborted by the soak's client")
+
+// abortConn resets its connection (RST) at its write number after+1: the
+// hello and after frames have gone, the rest never will.
+type abortConn struct {
+	*net.TCPConn
+	after, writes int
+}
+
+func (a *abortConn) Write(b []byte) (int, error) {
+	if a.writes++; a.writes > a.after {
+		_ = a.SetLinger(0)
+		_ = a.Close()
+		return 0, errAborted
+	}
+	return a.TCPConn.Write(b)
+}
+
+// runAborting runs spec along r with a client that aborts after frames
+// frames, recording the client's side.
+func (l *soakLoad) runAborting(r route, spec legacy.ClientSpec, frames int) {
+	c := l.c
+	spec.ID = c.nextID.Add(1)
+	spec.Host, spec.Path = r.from.spec.iid, r.path
+	l.aborted.Store(spec.ID, true)
+	start := time.Now()
+	var rec legacy.Record
+	conn, err := r.from.Dial(r.target(), 5*time.Second)
+	if err != nil {
+		rec = legacy.ClientFailed(spec, start, err)
+	} else {
+		rec = legacy.RunClient(&abortConn{TCPConn: conn, after: frames}, spec)
+	}
+	if rec.Peer == "" && r.to != nil {
+		rec.Peer = r.to.spec.iid
+	}
+	c.clients.Add(rec)
+	pause(rec)
+}
+
+func (l *soakLoad) abortedConns() int {
+	n := 0
+	l.aborted.Range(func(any, any) bool { n++; return true })
+	return n
+}
+
+// abortCount is what checkAborts found.
+type abortCount struct{ reached, reset int }
+
+// checkAborts asserts that every connection its client aborted ended with
+// a reset on the server side, if it reached a server: never OK, never a
+// clean end, never a hang. A proxy killed on the way may end it otherwise.
+func (l *soakLoad) checkAborts(t *testing.T) abortCount {
+	t.Helper()
+	var n abortCount
+	for _, r := range l.c.servers.Records() {
+		if _, ok := l.aborted.Load(r.ID); !ok || r.ID == 0 {
+			continue
+		}
+		n.reached++
+		if r.Outcome == legacy.Reset {
+			n.reset++
+			continue
+		}
+		killed := false
+		for _, h := range l.c.hosts {
+			killed = killed || h.killedDuring(r.Start.Add(-2*time.Second), r.End)
+		}
+		if !killed {
+			t.Errorf("connection aborted by its client did not end with a reset at the server: %v", r)
+		}
+	}
+	return n
+}
+
 func failures(s legacy.Summary) string {
 	var parts []string
 	for o, n := range s.ByOutcome {
@@ -161,8 +439,8 @@ func failures(s legacy.Summary) string {
 
 // injectFaults injects faults one after another until stop, each on a
 // random host, and checks recovery after each one.
-func (c *cluster) injectFaults(t *testing.T, stop time.Time) []fault {
-	rng := rand.New(rand.NewPCG(uint64(time.Now().UnixNano()), 7))
+func (l *soakLoad) injectFaults(t *testing.T, rng *rand.Rand, stop time.Time) []fault {
+	c := l.c
 	var faults []fault
 	kinds := []string{"kill", "impair", "flap"}
 	for i := 0; time.Now().Before(stop); i++ {
@@ -174,11 +452,7 @@ func (c *cluster) injectFaults(t *testing.T, stop time.Time) []fault {
 		f := fault{Kind: kinds[i%len(kinds)], Host: h.spec.iid, Start: time.Now()}
 		switch f.Kind {
 		case "impair":
-			imp, err := h.Impair(netemFault, subnet.String())
-			require.NoError(t, err)
-			time.Sleep(3 * time.Second)
-			require.NoError(t, imp.Stop())
-			f.Detail = fmt.Sprintf("%s via %s, %+v", netemFault, imp.Method, imp.Stats())
+			f.Detail = l.impair(t, h)
 		case "flap":
 			require.NoError(t, c.net.LinkDown(h.Host))
 			time.Sleep(1500 * time.Millisecond)
@@ -195,6 +469,35 @@ func (c *cluster) injectFaults(t *testing.T, stop time.Time) []fault {
 		faults = append(faults, f)
 	}
 	return faults
+}
+
+// impair degrades h's uplink for 3 seconds: the netem fault on a plain
+// link; on a shaped one, half the rate, half as much delay again and 1%
+// more loss.
+func (l *soakLoad) impair(t *testing.T, h *host) string {
+	im, shaped := l.links[h]
+	worse := netemFault
+	if shaped {
+		worse = im
+		worse.Rate = max(im.Rate/2, 500_000)
+		worse.Delay = min(3*im.Delay/2, 150*time.Millisecond)
+		worse.Loss = im.Loss + 0.01
+		l.mu.Lock()
+		require.NoError(t, l.shapers[h].Stop())
+		l.mu.Unlock()
+	}
+	imp, err := h.Impair(worse, subnet.String())
+	require.NoError(t, err)
+	time.Sleep(3 * time.Second)
+	require.NoError(t, imp.Stop())
+	if shaped {
+		back, err := h.Impair(im, subnet.String())
+		require.NoError(t, err)
+		l.mu.Lock()
+		l.shapers[h] = back
+		l.mu.Unlock()
+	}
+	return fmt.Sprintf("%s via %s, %+v", worse, imp.Method, imp.Stats())
 }
 
 // recovered reports whether new connections to and from h verify within d.
@@ -215,15 +518,16 @@ func (c *cluster) recovered(h *host, d time.Duration) bool {
 }
 
 // unexplainedFailures returns the failed client connections that no fault
-// explains. A connection may fail if it lived while the proxy of a host it
+// explains, those aborted by their clients aside. A connection may fail if it lived while the proxy of a host it
 // went through was killed, or if it started while such a host's link was
 // down (a new connection cannot be carried across a cut link). Degraded
 // links and flaps under way must not fail established connections.
-func (c *cluster) unexplainedFailures(faults []fault) []legacy.Record {
+func (l *soakLoad) unexplainedFailures(faults []fault) []legacy.Record {
 	const grace = 2 * time.Second
+	c := l.c
 	var out []legacy.Record
 	for _, r := range c.clients.Records() {
-		if r.Outcome == legacy.OK {
+		if _, aborted := l.aborted.Load(r.ID); r.Outcome == legacy.OK || aborted {
 			continue
 		}
 		hosts := c.involved(r)

@@ -17,20 +17,35 @@ import (
 )
 
 // Impairment describes what happens to a host's outgoing packets, as in
-// `tc qdisc add dev eth0 root netem delay D JITTER loss L% reorder R%`.
+// `tc qdisc add dev eth0 root netem delay D JITTER loss L% reorder R% rate B`.
 type Impairment struct {
 	Delay   time.Duration
 	Jitter  time.Duration // uniform in [-Jitter, +Jitter]
 	Loss    float64       // fraction of packets dropped, 0..1
 	Reorder float64       // fraction of packets sent at once, ahead of delayed ones, 0..1
+	// Rate is the link's speed in bits per second (0: unlimited): packets
+	// leave one after another, each taking its size's time, and wait
+	// their turn in a queue.
+	Rate int64
+	// Queue bounds how long a packet waits for the link at Rate: one that
+	// would wait longer is dropped, as a router's full queue drops it
+	// (default 200ms).
+	Queue time.Duration
 }
+
+// defaultQueue is Impairment.Queue's default.
+const defaultQueue = 200 * time.Millisecond
 
 func (im Impairment) String() string {
 	s := fmt.Sprintf("delay %v", im.Delay)
 	if im.Jitter > 0 {
 		s += fmt.Sprintf(" %v", im.Jitter)
 	}
-	return s + fmt.Sprintf(" loss %g%% reorder %g%%", im.Loss*100, im.Reorder*100)
+	s += fmt.Sprintf(" loss %g%% reorder %g%%", im.Loss*100, im.Reorder*100)
+	if im.Rate > 0 {
+		s += fmt.Sprintf(" rate %.3gMbit/s", float64(im.Rate)/1e6)
+	}
+	return s
 }
 
 func (im Impairment) netemArgs() []string {
@@ -42,6 +57,9 @@ func (im Impairment) netemArgs() []string {
 	args = append(args, "loss", fmt.Sprintf("%g%%", im.Loss*100))
 	if im.Reorder > 0 {
 		args = append(args, "reorder", fmt.Sprintf("%g%%", im.Reorder*100))
+	}
+	if im.Rate > 0 {
+		args = append(args, "rate", fmt.Sprintf("%dbit", im.Rate))
 	}
 	return args
 }
@@ -212,6 +230,8 @@ type emulator struct {
 	rng   *rand.Rand
 	stats impairCounters
 
+	free time.Time // when the link at Rate is free; the reader's
+
 	mu      sync.Mutex
 	held    packetHeap
 	seq     uint64
@@ -272,6 +292,25 @@ func (e *emulator) reader() {
 			e.stats.dropped.Add(1)
 			continue
 		}
+		// At Rate, the packet leaves once those before it have, and takes
+		// its size's time; a packet that would wait longer than the queue
+		// allows is dropped.
+		now := time.Now()
+		depart := now
+		if e.im.Rate > 0 {
+			if e.free.After(now) {
+				depart = e.free
+			}
+			queue := e.im.Queue
+			if queue == 0 {
+				queue = defaultQueue
+			}
+			if depart.Sub(now) > queue {
+				e.stats.overflow.Add(1)
+				continue
+			}
+			e.free = depart.Add(time.Duration(int64(n) * 8 * int64(time.Second) / e.im.Rate))
+		}
 		delay := e.im.Delay
 		if e.im.Jitter > 0 {
 			delay += time.Duration(e.rng.Int64N(int64(2*e.im.Jitter)+1)) - e.im.Jitter
@@ -280,7 +319,7 @@ func (e *emulator) reader() {
 			delay = 0
 			e.stats.reordered.Add(1)
 		}
-		p := heldPacket{at: time.Now().Add(max(delay, 0)), b: append([]byte(nil), buf[:n]...)}
+		p := heldPacket{at: depart.Add(max(delay, 0)), b: append([]byte(nil), buf[:n]...)}
 		e.mu.Lock()
 		if len(e.held) >= impairLimit {
 			e.mu.Unlock()

@@ -81,3 +81,37 @@ func TestNetAndFaults(t *testing.T) {
 		return err == nil
 	}, 10*time.Second, 100*time.Millisecond)
 }
+
+// TestImpairRate: a link with a rate carries data no faster than it.
+func TestImpairRate(t *testing.T) {
+	n := newTestNet(t, 2)
+	h1, h2 := n.Hosts[0], n.Hosts[1]
+	ln, err := h2.Listen(h2.Addr.String() + ":7101")
+	require.NoError(t, err)
+	defer ln.Close()
+	received := make(chan int64, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			received <- 0
+			return
+		}
+		defer c.Close()
+		n, _ := io.Copy(io.Discard, c)
+		received <- n
+	}()
+	const rate, size = 16_000_000, 2 << 20 // bits/s, bytes: one second
+	imp, err := h1.Impair(Impairment{Delay: 10 * time.Millisecond, Rate: rate}, "10.213.0.0/24")
+	require.NoError(t, err)
+	defer imp.Stop()
+	c, err := h1.Dial(h2.Addr.String()+":7101", 5*time.Second)
+	require.NoError(t, err)
+	start := time.Now()
+	_, err = c.Write(make([]byte, size))
+	require.NoError(t, err)
+	require.NoError(t, c.Close())
+	require.Equal(t, int64(size), <-received)
+	took := time.Since(start)
+	t.Logf("%d bytes at %d bit/s in %v (%s)", size, rate, took, imp.Method)
+	require.GreaterOrEqual(t, took, time.Duration(float64(size*8)/rate*0.9*float64(time.Second)))
+}

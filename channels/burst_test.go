@@ -1,0 +1,102 @@
+package channels_test
+
+import (
+	"context"
+	"encoding/binary"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/proxy"
+	"github.com/tcpproxy/tcpproxy/proxy/proxytest"
+)
+
+// TestConnectionBurst: a connection pool warming up opens 2,000
+// connections one after another, as fast as connect returns, through a
+// request channel to a reply instance, and keeps them open. The burst is
+// far below the channel's connection limit: each stream waits for the
+// reply side to take it, none is reset, and every connection works.
+func TestConnectionBurst(t *testing.T) {
+	const conns = 2000
+	c := proxytest.NewCluster(t, proxytest.LoopbackInstance)
+	c.Transport = channels.TCPTransport()
+	srv := c.Add("srv", "server", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindReply, Port: 26302}})
+	srv.Serve(t, 26302, func(c net.Conn) { _, _ = io.Copy(c, c) })
+	cli := c.Add("cli", "client", map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindRequest, Port: 26301}})
+	addr := cli.RequestAddr(t, "db")
+	require.Eventually(t, func() bool {
+		conn, err := net.Dial("tcp", addr.String())
+		if err == nil {
+			conn.Close()
+		}
+		return err == nil
+	}, proxytest.Timeout, 10*time.Millisecond, "request channel never listened")
+
+	all := make([]net.Conn, 0, conns)
+	defer func() {
+		for _, conn := range all {
+			conn.Close()
+		}
+	}()
+	for range conns {
+		conn, err := net.Dial("tcp", addr.String())
+		require.NoError(t, err)
+		all = append(all, conn)
+	}
+	failed := 0
+	for i, conn := range all {
+		var out, in [4]byte
+		binary.BigEndian.PutUint32(out[:], uint32(i))
+		_ = conn.SetDeadline(time.Now().Add(proxytest.Timeout))
+		_, err := conn.Write(out[:])
+		if err == nil {
+			_, err = io.ReadFull(conn, in[:])
+		}
+		if err != nil || in != out {
+			failed++
+			if failed <= 5 {
+				t.Errorf("connection %d: %v", i, err)
+			}
+		}
+	}
+	require.Zero(t, failed, "of %d connections", conns)
+}
+
+// TestAcceptBacklogBurst: streams that find their channel's accept queue
+// full wait for room; once the consumer takes them, every one works.
+func TestAcceptBacklogBurst(t *testing.T) {
+	const streams = 40
+	req, reply, _, _ := pair(t, channels.NewMemoryTransport(), func(c *channels.Config) { c.AcceptBacklog = 2 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	opened := make([]channels.Stream, streams)
+	for i := range opened {
+		s, _, err := req.Open(ctx, channels.Header{SourcePort: uint16(i)})
+		require.NoError(t, err)
+		defer s.Close()
+		_, err = s.Write([]byte{byte(i)})
+		require.NoError(t, err)
+		opened[i] = s
+	}
+	for range streams {
+		in, err := reply.Accept(ctx)
+		require.NoError(t, err)
+		var b [1]byte
+		_, err = io.ReadFull(in.Stream, b[:])
+		require.NoError(t, err)
+		require.Equal(t, byte(in.Header.SourcePort), b[0])
+		_, err = in.Stream.Write(b[:])
+		require.NoError(t, err)
+		in.Stream.Close()
+	}
+	for i, s := range opened {
+		var b [1]byte
+		_, err := io.ReadFull(s, b[:])
+		require.NoError(t, err, "stream %d", i)
+		require.Equal(t, byte(i), b[0])
+	}
+}

@@ -1,0 +1,152 @@
+//go:build linux
+
+package mux
+
+import (
+	"io"
+	"net"
+	"os"
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// maxIOV is the most pieces one sendmsg(2) takes (the kernel's UIO_MAXIOV);
+// a call with more fails with EMSGSIZE.
+const maxIOV = 1024
+
+// sockWriter writes scattered pieces to a TCP or Unix stream socket with
+// sendmsg(2), at most maxIOV pieces per call, waiting on the poller while
+// the socket is full. Between calls that made progress it calls progress,
+// which moves the write deadline on: the deadline bounds a wait in which
+// nothing moves, not the whole write.
+type sockWriter struct {
+	rc       syscall.RawConn
+	progress func()
+	out      *atomic.Uint64 // counts the bytes written
+
+	// The call in progress, kept here so that send, the poller's
+	// callback, is made once (a method value) and not per call.
+	vecs  []unix.Iovec
+	flags int
+	n     int
+	errno syscall.Errno
+	send  func(fd uintptr) bool
+}
+
+func newSockWriter(conn any, progress func(), out *atomic.Uint64) *sockWriter {
+	rc := rawConn(conn)
+	if rc == nil {
+		return nil
+	}
+	w := &sockWriter{rc: rc, progress: progress, out: out}
+	w.send = w.sendmsg
+	return w
+}
+
+// write writes every byte of iov, whose pieces it consumes, with flags
+// (such as MSG_MORE) on every call. It calls progress after every call
+// but the last.
+func (w *sockWriter) write(iov [][]byte, flags int) error {
+	defer func() {
+		clear(w.vecs) // drop the references to the callers' buffers
+		w.vecs = w.vecs[:0]
+	}()
+	iov = skipEmpty(iov)
+	for len(iov) > 0 {
+		w.vecs = w.vecs[:0]
+		for _, b := range iov {
+			if len(w.vecs) == maxIOV {
+				break
+			}
+			if len(b) > 0 {
+				v := unix.Iovec{Base: &b[0]}
+				v.SetLen(len(b))
+				w.vecs = append(w.vecs, v)
+			}
+		}
+		w.flags = flags | unix.MSG_NOSIGNAL
+		if err := w.rc.Write(w.send); err != nil {
+			return err
+		}
+		switch {
+		case w.errno != 0:
+			return os.NewSyscallError("sendmsg", w.errno)
+		case w.n == 0:
+			return io.ErrShortWrite // a stream socket never takes nothing
+		}
+		w.out.Add(uint64(w.n))
+		for n := w.n; n > 0; {
+			k := min(n, len(iov[0]))
+			iov[0] = iov[0][k:]
+			n -= k
+			iov = skipEmpty(iov)
+		}
+		if len(iov) > 0 {
+			w.progress()
+		}
+	}
+	return nil
+}
+
+// skipEmpty drops iov's leading empty pieces.
+func skipEmpty(iov [][]byte) [][]byte {
+	for len(iov) > 0 && len(iov[0]) == 0 {
+		iov = iov[1:]
+	}
+	return iov
+}
+
+// sendmsg is the poller's callback: it reports false to wait for room.
+func (w *sockWriter) sendmsg(fd uintptr) bool {
+	var msg unix.Msghdr
+	msg.Iov = &w.vecs[0]
+	msg.SetIovlen(len(w.vecs))
+	for {
+		n, _, errno := unix.Syscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), uintptr(w.flags))
+		switch errno {
+		case unix.EINTR:
+			continue
+		case unix.EAGAIN:
+			return false
+		}
+		w.n, w.errno = int(n), errno
+		return true
+	}
+}
+
+// tcpConn returns the TCP socket under conn, under TLS too, for
+// tcpBytesAcked; nil if there is none.
+func tcpConn(conn net.Conn) syscall.RawConn {
+	for {
+		nc, ok := conn.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		conn = nc.NetConn()
+	}
+	if _, ok := conn.(*net.TCPConn); !ok {
+		return nil
+	}
+	return rawConn(conn)
+}
+
+// tcpBytesAcked returns the bytes the peer acknowledged on the TCP socket
+// rc (TCP_INFO), if it can tell.
+func tcpBytesAcked(rc syscall.RawConn) (uint64, bool) {
+	if rc == nil {
+		return 0, false
+	}
+	var (
+		info *unix.TCPInfo
+		err  error
+	)
+	if cerr := rc.Control(func(fd uintptr) {
+		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	}); cerr != nil || err != nil {
+		return 0, false
+	}
+	return info.Bytes_acked, true
+}

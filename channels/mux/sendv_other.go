@@ -1,0 +1,20 @@
+//go:build !linux
+
+package mux
+
+import (
+	"net"
+	"sync/atomic"
+	"syscall"
+)
+
+// sockWriter is Linux's: elsewhere sessions write through writeFlat.
+type sockWriter struct{}
+
+func newSockWriter(any, func(), *atomic.Uint64) *sockWriter { return nil }
+
+// Elsewhere the keepalive counts the bytes written instead.
+func tcpConn(net.Conn) syscall.RawConn             { return nil }
+func tcpBytesAcked(syscall.RawConn) (uint64, bool) { return 0, false }
+
+func (*sockWriter) write([][]byte, int) error { return errNoSplice }
