@@ -33,17 +33,15 @@ func (c *counters) frameIn(h header) {
 	}
 }
 
-// batchOut counts a batch written whole.
-func (c *counters) batchOut(batch []frame) {
+// dataBytes is the stream data a batch carries.
+func dataBytes(batch []frame) uint64 {
 	var n int
 	for i := range batch {
 		if f := &batch[i]; f.typ == typeData {
-			n += len(f.data) + f.pipeN
+			n += f.payloadLen()
 		}
 	}
-	if n > 0 {
-		c.sent.Add(uint64(n))
-	}
+	return uint64(n)
 }
 
 // RTT returns the smoothed round-trip time of the keepalive pings, 0 until

@@ -353,9 +353,11 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
 	}
 	s.bw.final = final
+	// Counted before the write, which hands the frames' buffers back.
+	n := dataBytes(batch)
 	err := s.bw.write(batch)
 	if err == nil {
-		s.counters.batchOut(batch)
+		s.counters.sent.Add(n)
 	}
 	return err
 }
