@@ -169,3 +169,33 @@ func TestConcurrentOpenBurst(t *testing.T) {
 	openers.Wait()
 	require.Zero(t, failed.Load(), "of %d streams", streams)
 }
+
+// TestWaitingStreamsBounded: streams that wait for room in a full channel
+// queue keep their place among the session's pending streams (256), each
+// a goroutine: a member that opens streams faster than the channel's
+// consumer takes them holds at most that many goroutines of its peer,
+// and its further opens wait for the peer instead.
+func TestWaitingStreamsBounded(t *testing.T) {
+	const streams = 1000
+	req, _, _, _ := pair(t, channels.TCPTransport(), func(c *channels.Config) {
+		c.AcceptBacklog = 1 // and nobody accepts
+		c.SessionsPerPeer = 1
+		c.HandshakeTimeout = time.Minute
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var opened atomic.Int64
+	var openers sync.WaitGroup
+	for i := range streams {
+		openers.Go(func() {
+			s, _, err := req.Open(ctx, channels.Header{SourcePort: uint16(i)})
+			if err == nil {
+				opened.Add(1)
+				t.Cleanup(func() { s.Close() })
+			}
+		})
+	}
+	openers.Wait()
+	require.Less(t, opened.Load(), int64(streams), "opens wait once the peer holds its bound of streams")
+	require.LessOrEqual(t, goroutinesIn("(*session).handleStream"), 256)
+}
