@@ -96,10 +96,12 @@ func (n *Node) muxConfig() mux.Config {
 		// ones with 1 connection and 10% less with 8, and move 13-23%
 		// more (scripts/bench, 2026-11-26). Copied data (TLS, memory and
 		// tun networks) comes in Writes of at most the proxy's 256 KiB
-		// buffer, so in frames of that size. A frame is written whole, so
-		// this bounds how long one stream's data can hold up another's on
-		// the session: about 0.5 ms on loopback, 8 ms at 1 Gbit/s, where
-		// the session socket's send buffer (megabytes) holds it up longer.
+		// buffer, so in frames of that size. A small message, FIN or
+		// window update of another stream goes out with the writer's next
+		// batch, ahead of large frames still queued, but waits for the
+		// batch being written (at least one whole frame: about 0.5 ms on
+		// loopback, 8 ms at 1 Gbit/s) and for what the session socket's
+		// send buffer holds (megabytes, so longer on a slow link).
 		MaxFrame: 1 << 20,
 		Logger:   n.log.With("component", "mux"),
 	}
