@@ -3,8 +3,11 @@ package channels_test
 import (
 	"context"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -99,4 +102,100 @@ func TestAcceptBacklogBurst(t *testing.T) {
 		require.NoError(t, err, "stream %d", i)
 		require.Equal(t, byte(i), b[0])
 	}
+}
+
+// TestConcurrentOpenBurst: a connection pool warming up against a reply
+// channel opens 8,000 streams at once over real sessions, eight times the
+// multiplexer's accept backlog and far below the channel's connection
+// limit. Opens wait for the reply side to take their streams: none is
+// reset, and every stream carries its bytes both ways.
+func TestConcurrentOpenBurst(t *testing.T) {
+	const streams = 8000
+	req, reply, _, _ := pair(t, channels.TCPTransport(), nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	var workers sync.WaitGroup
+	for range 8 {
+		workers.Go(func() {
+			for {
+				in, err := reply.Accept(ctx)
+				if err != nil {
+					return
+				}
+				var b [4]byte
+				if _, err := io.ReadFull(in.Stream, b[:]); err == nil {
+					_, _ = in.Stream.Write(b[:])
+				}
+				in.Stream.Close()
+			}
+		})
+	}
+	defer func() {
+		cancel()
+		workers.Wait()
+	}()
+
+	var failed atomic.Int64
+	var first sync.Once
+	var openers sync.WaitGroup
+	for i := range streams {
+		openers.Go(func() {
+			err := func() error {
+				s, _, err := req.Open(ctx, channels.Header{SourcePort: uint16(i)})
+				if err != nil {
+					return err
+				}
+				defer s.Close()
+				var out, in [4]byte
+				binary.BigEndian.PutUint32(out[:], uint32(i))
+				if _, err := s.Write(out[:]); err != nil {
+					return err
+				}
+				if _, err := io.ReadFull(s, in[:]); err != nil {
+					return err
+				}
+				if in != out {
+					return fmt.Errorf("echoed %x, sent %x", in, out)
+				}
+				return nil
+			}()
+			if err != nil {
+				failed.Add(1)
+				first.Do(func() { t.Errorf("stream %d: %v", i, err) })
+			}
+		})
+	}
+	openers.Wait()
+	require.Zero(t, failed.Load(), "of %d streams", streams)
+}
+
+// TestWaitingStreamsBounded: streams that wait for room in a full channel
+// queue keep their place among the session's pending streams (256), each
+// a goroutine: a member that opens streams faster than the channel's
+// consumer takes them holds at most that many goroutines of its peer,
+// and its further opens wait for the peer instead.
+func TestWaitingStreamsBounded(t *testing.T) {
+	const streams = 1000
+	req, _, _, _ := pair(t, channels.TCPTransport(), func(c *channels.Config) {
+		c.AcceptBacklog = 1 // and nobody accepts
+		c.SessionsPerPeer = 1
+		c.HandshakeTimeout = time.Minute
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	var opened atomic.Int64
+	var openers sync.WaitGroup
+	for i := range streams {
+		openers.Go(func() {
+			s, _, err := req.Open(ctx, channels.Header{SourcePort: uint16(i)})
+			if err == nil {
+				opened.Add(1)
+				t.Cleanup(func() { s.Close() })
+			}
+		})
+	}
+	openers.Wait()
+	require.Less(t, opened.Load(), int64(streams), "opens wait once the peer holds its bound of streams")
+	require.LessOrEqual(t, goroutinesIn("(*session).handleStream"), 256)
 }

@@ -35,7 +35,8 @@ func memberSession(t *testing.T, tr channels.Transport, addr string, h wire.Hell
 		return nil, rp.Reason
 	}
 	require.NoError(t, c.SetDeadline(time.Time{}))
-	sess, err := mux.Client(c, mux.Config{Logger: slog.New(slog.DiscardHandler)})
+	// A hostile member does not wait for the node to accept its streams.
+	sess, err := mux.Client(c, mux.Config{Logger: slog.New(slog.DiscardHandler), MaxPendingOpens: 1 << 16})
 	require.NoError(t, err)
 	t.Cleanup(func() { sess.Close() })
 	return sess, ""
@@ -87,6 +88,10 @@ func TestSlowStreamHeadersBounded(t *testing.T) {
 	}
 	_, err := x.Ping(ctx) // the node has read every stream's first frame
 	require.NoError(t, err)
+	// Past the streams being handled and the multiplexer's backlog, the
+	// flood is refused, and counted.
+	refused := b.Status().Limits.RefusedBacklog
+	require.Positive(t, refused)
 
 	require.Eventually(t, func() bool { return goroutinesIn(handleStream) >= 256 }, 5*time.Second, time.Millisecond)
 	assert.Never(t, func() bool { return goroutinesIn(handleStream) > 256 }, 300*time.Millisecond, time.Millisecond,
@@ -115,6 +120,18 @@ func TestSlowStreamHeadersBounded(t *testing.T) {
 	// the streams the multiplexer held meanwhile.
 	require.Eventually(t, func() bool { return seen.get()[channels.RefusedTimeout] > 256 }, 10*time.Second, 10*time.Millisecond,
 		"slow headers refused: %v", seen.get())
+
+	// The counts outlive the session.
+	x.Close()
+	require.Eventually(t, func() bool {
+		for _, s := range b.Status().Sessions {
+			if s.Peer == "x" {
+				return false
+			}
+		}
+		return true
+	}, 5*time.Second, 10*time.Millisecond)
+	require.GreaterOrEqual(t, b.Status().Limits.RefusedBacklog, refused)
 }
 
 // TestSessionsPerMemberBounded: a member that keeps dialing sessions and
@@ -171,7 +188,8 @@ func TestSessionChurnLeaksNothing(t *testing.T) {
 		rp, err := wire.ReadReply(c)
 		require.NoError(t, err)
 		require.True(t, rp.Accepted, rp.Reason)
-		sess, err := mux.Client(c, mux.Config{Logger: slog.New(slog.DiscardHandler)})
+		// A hostile member does not wait for the node to accept its streams.
+		sess, err := mux.Client(c, mux.Config{Logger: slog.New(slog.DiscardHandler), MaxPendingOpens: 1 << 16})
 		require.NoError(t, err)
 		st, err := sess.OpenStream(context.Background())
 		require.NoError(t, err)

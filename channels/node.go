@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tcpproxy/tcpproxy/channels/mux"
 	"github.com/tcpproxy/tcpproxy/channels/wire"
 )
 
@@ -46,7 +47,10 @@ type Node struct {
 	queues map[string]chan Incoming
 	names  map[string]bool
 
-	mu       sync.Mutex
+	mu sync.Mutex
+	// ended sums the limit counters of the sessions removed from peers
+	// (Limits).
+	ended    mux.LimitStats
 	started  bool
 	closed   bool
 	peers    map[string]*peer

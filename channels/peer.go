@@ -261,6 +261,7 @@ func (n *Node) removeSession(s *session) {
 	for i, x := range p.sessions {
 		if x == s {
 			p.sessions = append(p.sessions[:i], p.sessions[i+1:]...)
+			n.ended = addLimits(n.ended, s.ys.LimitStats())
 			break
 		}
 	}

@@ -29,9 +29,10 @@ type session struct {
 	member Member
 	auth   string
 
-	// headerSlots holds a token for each incoming stream whose header is
-	// being read (see maxPendingHeaders).
-	headerSlots chan struct{}
+	// pendingSlots holds a token for each incoming stream being handled:
+	// its header being read, or waiting for room in its channel's queue
+	// (see maxPendingStreams).
+	pendingSlots chan struct{}
 
 	mu      sync.Mutex
 	done    bool
@@ -73,7 +74,7 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 		log:     n.log.With("peer", h.IID, "net", network, "remote", conn.RemoteAddr().String()),
 		streams: make(map[*stream]struct{}),
 
-		headerSlots: make(chan struct{}, maxPendingHeaders),
+		pendingSlots: make(chan struct{}, maxPendingStreams),
 	}
 	s.openDone = sync.NewCond(&s.mu)
 	return s, nil
@@ -95,10 +96,12 @@ func (n *Node) muxConfig() mux.Config {
 		// ones with 1 connection and 10% less with 8, and move 13-23%
 		// more (scripts/bench, 2026-11-26). Copied data (TLS, memory and
 		// tun networks) comes in Writes of at most the proxy's 256 KiB
-		// buffer, so in frames of that size. A frame is written whole, so
-		// this bounds how long one stream's data can hold up another's on
-		// the session: about 0.5 ms on loopback, 8 ms at 1 Gbit/s, where
-		// the session socket's send buffer (megabytes) holds it up longer.
+		// buffer, so in frames of that size. A small message, FIN or
+		// window update of another stream goes out with the writer's next
+		// batch, ahead of large frames still queued, but waits for the
+		// batch being written (at least one whole frame: about 0.5 ms on
+		// loopback, 8 ms at 1 Gbit/s) and for what the session socket's
+		// send buffer holds (megabytes, so longer on a slow link).
 		MaxFrame: 1 << 20,
 		Logger:   n.log.With("component", "mux"),
 	}
@@ -116,7 +119,7 @@ func (s *session) serve() {
 			break
 		}
 		select {
-		case s.headerSlots <- struct{}{}:
+		case s.pendingSlots <- struct{}{}:
 		case <-s.ys.CloseChan():
 			ys.Reset()
 			continue // AcceptStream fails next
@@ -143,13 +146,16 @@ func (s *session) serve() {
 	}
 }
 
-// maxPendingHeaders bounds the incoming streams of a session whose header
-// is being read, each a goroutine for up to Config.HandshakeTimeout: while
-// that many wait, serve takes no more from the multiplexer, whose accept
-// backlog then holds them. A peer that runs this package sends the header
-// in a stream's first frame, so its streams wait only to be scheduled; one
-// that sends headers slowly, or never, holds up only its own session.
-const maxPendingHeaders = 256
+// maxPendingStreams bounds the incoming streams of a session being handled,
+// each a goroutine for up to Config.HandshakeTimeout to read the stream's
+// header and as long again to wait for room in its channel's accept
+// queue: while that many wait, serve takes no more from the multiplexer,
+// whose accept backlog then holds them, and the peer's opens wait for it
+// to accept them (mux.Config.MaxPendingOpens). A peer that runs this
+// package sends the header in a stream's first frame, so its streams wait
+// only to be scheduled and for their channel's consumer; one that sends
+// headers slowly, or never, holds up only its own session.
+const maxPendingStreams = 256
 
 // handleStream reads an incoming stream's header and queues the stream on
 // its channel. Anything wrong resets this stream only.
@@ -160,9 +166,18 @@ func (s *session) handleStream(ys *mux.Stream) {
 			Err: fmt.Errorf("stream %d from %s (channel %q): %w", ys.ID(), s.hello.IID, wh.Channel, err)})
 		ys.Reset()
 	}
+	// The stream's place among the pending ones is released once it is
+	// queued or refused.
+	pending := true
+	release := func() {
+		if pending {
+			pending = false
+			<-s.pendingSlots
+		}
+	}
+	defer release()
 	_ = ys.SetReadDeadline(time.Now().Add(s.n.cfg.HandshakeTimeout))
 	wh, err := wire.ReadStreamHeader(ys)
-	<-s.headerSlots
 	if err != nil {
 		fail(refusalReason(err, RefusedProtocol), err)
 		return
@@ -173,6 +188,7 @@ func (s *session) handleStream(ys *mux.Stream) {
 		return
 	}
 	if wh.Channel == retireChannel {
+		release() // the retirement outlives the stream
 		s.retiredByPeer(ys)
 		return
 	}

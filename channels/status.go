@@ -6,6 +6,8 @@ import (
 	"net"
 	"slices"
 	"time"
+
+	"github.com/tcpproxy/tcpproxy/channels/mux"
 )
 
 // Status is a snapshot of a node for status pages: the members it knows,
@@ -27,6 +29,37 @@ type Status struct {
 	Sessions []SessionStatus
 	// Channels are the channels registered on the node, sorted by name.
 	Channels []ChannelStatus
+	// Limits counts what the node's sessions turned away or held back
+	// since it started, and the process's splicing pipes.
+	Limits Limits
+}
+
+// Limits counts what a node's sessions, live or ended, turned away or held
+// back to stay within the multiplexer's limits (docs/limits.md); the
+// counters only grow. The pipe figures are the process's.
+type Limits struct {
+	// RefusedBacklog counts the peers' streams reset because the
+	// session's accept backlog was full; RefusedStreams those reset
+	// because the peer had too many streams open.
+	RefusedBacklog, RefusedStreams uint64
+	// RefusalStalls counts the times a session stopped reading because
+	// its peer opened streams faster than it read their resets.
+	RefusalStalls uint64
+	// PongsDropped counts the peers' pings left unanswered.
+	PongsDropped uint64
+	// PipesOpen and PipeLimit are the kernel pipes for splicing open now
+	// and the most allowed; PipeShortages counts the times data was
+	// copied for want of one.
+	PipesOpen, PipeLimit int
+	PipeShortages        uint64
+}
+
+func addLimits(a, b mux.LimitStats) mux.LimitStats {
+	a.RefusedBacklog += b.RefusedBacklog
+	a.RefusedStreams += b.RefusedStreams
+	a.RefusalStalls += b.RefusalStalls
+	a.PongsDropped += b.PongsDropped
+	return a
 }
 
 // Member states in MemberStatus.State.
@@ -163,6 +196,9 @@ func (n *Node) Status() Status {
 	for _, p := range n.peers {
 		sessions = append(sessions, p.sessions...)
 	}
+	// Every session is counted once: in ended once removed from its
+	// peer, else here, ended or not.
+	limits := n.ended
 	for _, r := range n.requests {
 		st.Channels = append(st.Channels, ChannelStatus{Name: r.name, Kind: "request", Target: r.target, Members: iids(n.serving(r.target))})
 	}
@@ -178,6 +214,7 @@ func (n *Node) Status() Status {
 
 	// Counters are read outside n.mu: NumStreams takes the session's lock.
 	for _, s := range sessions {
+		limits = addLimits(limits, s.ys.LimitStats())
 		if s.ys.IsClosed() {
 			continue
 		}
@@ -189,6 +226,12 @@ func (n *Node) Status() Status {
 			Auth: s.auth, Retiring: s.isRetiring(),
 			RTT: ms.RTT, BytesSent: ms.BytesSent, BytesReceived: ms.BytesReceived, Streams: ms.Streams,
 		})
+	}
+	sp := mux.SpliceStats()
+	st.Limits = Limits{
+		RefusedBacklog: limits.RefusedBacklog, RefusedStreams: limits.RefusedStreams,
+		RefusalStalls: limits.RefusalStalls, PongsDropped: limits.PongsDropped,
+		PipesOpen: sp.PipesOpen, PipeLimit: sp.PipeLimit, PipeShortages: sp.PipeShortages,
 	}
 	slices.SortFunc(st.Members, func(a, b MemberStatus) int { return cmp.Compare(a.IID, b.IID) })
 	slices.SortFunc(st.Sessions, func(a, b SessionStatus) int {

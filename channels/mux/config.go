@@ -43,6 +43,16 @@ type Config struct {
 	// (default 1024); beyond it, new inbound streams are reset.
 	AcceptBacklog int
 
+	// MaxPendingOpens bounds the streams this side opened that the peer
+	// has not accepted yet (default 256): OpenStream waits beyond it,
+	// until its context is done, so that a burst of opens waits for the
+	// peer rather than overflowing the peer's AcceptBacklog and being
+	// reset. The peer accepts a stream when its AcceptStream returns it,
+	// and says so at once with the stream's first frame (ACK). A stream
+	// holds its place until then, or until it ends. Keep it at most the
+	// peer's AcceptBacklog.
+	MaxPendingOpens int
+
 	// WriteTimeout bounds each write to the connection (default 10s): a
 	// peer that stops reading for that long ends the session.
 	WriteTimeout time.Duration
@@ -64,6 +74,7 @@ const (
 	DefaultMaxFrame           = 256 << 10
 	DefaultMaxIncomingStreams = 1 << 16
 	DefaultAcceptBacklog      = 1024
+	DefaultMaxPendingOpens    = 256
 	DefaultWriteTimeout       = 10 * time.Second
 
 	// minMaxFrame keeps the header overhead per byte small.
@@ -99,6 +110,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.AcceptBacklog < 0 {
 		bad("AcceptBacklog %d is negative", c.AcceptBacklog)
 	}
+	if c.MaxPendingOpens < 0 {
+		bad("MaxPendingOpens %d is negative", c.MaxPendingOpens)
+	}
 	if err := errors.Join(errs...); err != nil {
 		return c, fmt.Errorf("mux config: %w", err)
 	}
@@ -116,6 +130,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.AcceptBacklog == 0 {
 		c.AcceptBacklog = DefaultAcceptBacklog
+	}
+	if c.MaxPendingOpens == 0 {
+		c.MaxPendingOpens = DefaultMaxPendingOpens
 	}
 	if c.WriteTimeout == 0 {
 		c.WriteTimeout = DefaultWriteTimeout

@@ -180,6 +180,7 @@ func (r *reader) streamFrame(h header) error {
 	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
+	st.acceptedLocked() // the peer's first frame on it carries ACK
 	if !data && st.state&(stFinSent|stWriteReset) == 0 {
 		if uint64(st.sendWin)+uint64(h.length) > math.MaxUint32 {
 			return protocolError("window update overflows the send window of %d (%v)", st.sendWin, h)

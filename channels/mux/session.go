@@ -38,6 +38,10 @@ type Session struct {
 	pingID      uint32
 
 	acceptCh chan *Stream
+	// openSlots holds a token for each stream we opened that the peer has
+	// not accepted yet (Config.MaxPendingOpens): OpenStream waits for
+	// room. Waiting senders are served in order, one per token released.
+	openSlots chan struct{}
 
 	rtt      atomic.Int64  // smoothed round-trip time in ns; 0 until measured
 	framesIn atomic.Uint64 // frames received
@@ -106,6 +110,7 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 		streams:    make(map[uint32]*Stream),
 		nextID:     2,
 		acceptCh:   make(chan *Stream, cfg.AcceptBacklog),
+		openSlots:  make(chan struct{}, cfg.MaxPendingOpens),
 		sendSignal: make(chan struct{}, 1),
 
 		refusalsTaken: make(chan struct{}, 1),
@@ -131,26 +136,42 @@ func (s *Session) clock() int64 { return int64(time.Since(s.start)) }
 
 // OpenStream returns a new stream. It sends nothing: the stream's SYN rides
 // on its first frame (its first Write, CloseWrite, Close or window update),
-// which is also when it gets its ID. It fails once the session has ended,
-// which includes the peer sending GoAway.
+// which is also when it gets its ID. While MaxPendingOpens streams opened
+// here wait for the peer to accept them, it waits for one of them to be
+// accepted or to end, in the order of the calls, until ctx is done. It
+// fails once the session has ended, which includes the peer sending GoAway.
 func (s *Session) OpenStream(ctx context.Context) (*Stream, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("mux: open stream: %w", err)
 	}
+	select {
+	case s.openSlots <- struct{}{}:
+	default:
+		select {
+		case s.openSlots <- struct{}{}:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("mux: open stream: waiting for the peer to accept %d streams: %w", cap(s.openSlots), ctx.Err())
+		case <-s.done:
+			return nil, fmt.Errorf("mux: open stream: %w", s.closedErr())
+		}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.err == nil && s.idsLeft > 0 {
+		s.idsLeft--
+		s.unsent++
+		return newStream(s, 0, stOutbound|stPending), nil
+	}
+	<-s.openSlots
 	if s.err != nil {
 		return nil, fmt.Errorf("mux: open stream: %w", s.closedErrLocked())
 	}
-	if s.idsLeft == 0 {
-		return nil, fmt.Errorf("mux: open stream: stream IDs exhausted")
-	}
-	s.idsLeft--
-	s.unsent++
-	return newStream(s, 0, stOutbound), nil
+	return nil, fmt.Errorf("mux: open stream: stream IDs exhausted")
 }
 
-// AcceptStream returns the next stream the peer opened.
+// AcceptStream returns the next stream the peer opened, and tells the peer
+// that it was accepted (ACK), which lets the peer open another one
+// (Config.MaxPendingOpens).
 func (s *Session) AcceptStream(ctx context.Context) (*Stream, error) {
 	select {
 	case <-s.done:
@@ -159,6 +180,9 @@ func (s *Session) AcceptStream(ctx context.Context) (*Stream, error) {
 	}
 	select {
 	case st := <-s.acceptCh:
+		st.mu.Lock()
+		st.ackLocked()
+		st.mu.Unlock()
 		return st, nil
 	case <-ctx.Done():
 		return nil, fmt.Errorf("mux: accept stream: %w", ctx.Err())
@@ -299,6 +323,7 @@ func (s *Session) shutdown(cause error, sendGoAway bool, code uint32) {
 // forget removes st from the session's accounting once it is finished.
 // st.mu is held.
 func (s *Session) forget(st *Stream) {
+	st.acceptedLocked()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.err != nil {

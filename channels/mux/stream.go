@@ -19,6 +19,7 @@ const (
 	stWriteReset                    // the write side ended abnormally (err)
 	stClosed                        // Close: incoming data is discarded
 	stRemoved                       // out of the session's accounting
+	stPending                       // outbound, holds a place in openSlots until the peer accepts it
 )
 
 // Stream is one full-duplex byte stream of a Session. It implements
@@ -794,6 +795,26 @@ func notify(ch chan struct{}) {
 	select {
 	case ch <- struct{}{}:
 	default:
+	}
+}
+
+// ackLocked sends an inbound stream's first frame, with ACK and nothing
+// else, unless the stream has sent or lost it: the peer learns that the
+// stream left the accept backlog, and may open another.
+func (st *Stream) ackLocked() {
+	if st.state&(stFirstSent|stWriteReset|stRemoved) != 0 || st.sess.IsClosed() {
+		return
+	}
+	_ = st.queueLocked(frame{header: header{typ: typeWindowUpdate}})
+}
+
+// acceptedLocked gives up an outbound stream's place among those the peer
+// has not accepted yet (Session.openSlots): the peer sent its first frame,
+// or the stream ended.
+func (st *Stream) acceptedLocked() {
+	if st.state&stPending != 0 {
+		st.state &^= stPending
+		<-st.sess.openSlots
 	}
 }
 

@@ -16,6 +16,8 @@ type Mesh struct {
 	streams  *prometheus.Desc
 	rtt      *prometheus.Desc
 	members  *prometheus.Desc
+
+	refused, stalls, pongs, pipes, pipeLimit, shortages *prometheus.Desc
 }
 
 // memberStates are always reported, at 0 when no member is in them, so
@@ -39,12 +41,26 @@ func NewMesh(iid string, status func() (channels.Status, bool)) *Mesh {
 		members: prometheus.NewDesc("tcpproxy_mesh_members",
 			"Members of the mesh by how this instance reaches them: self, up (a session is open), connecting, backoff (the last dials failed) or idle (no session needed yet).",
 			[]string{"state"}, labels),
+		refused: prometheus.NewDesc("tcpproxy_mux_streams_refused_total",
+			"Streams a peer opened that the multiplexer reset, by reason: backlog (the session's accept backlog was full) or streams (the peer had too many open). A tcpproxy peer waits rather than overflow the backlog.",
+			[]string{"reason"}, labels),
+		stalls: prometheus.NewDesc("tcpproxy_mux_refusal_stalls_total",
+			"Times a session stopped reading because its peer opened streams faster than it read the resets refusing them.", nil, labels),
+		pongs: prometheus.NewDesc("tcpproxy_mux_pongs_dropped_total",
+			"Pings from peers left unanswered because too many answers waited to be written.", nil, labels),
+		pipes: prometheus.NewDesc("tcpproxy_splice_pipes",
+			"Kernel pipes open for zero-copy splicing, idle ones included (two descriptors each).", nil, labels),
+		pipeLimit: prometheus.NewDesc("tcpproxy_splice_pipes_limit",
+			"The most kernel pipes open at once for splicing.", nil, labels),
+		shortages: prometheus.NewDesc("tcpproxy_splice_pipe_shortages_total",
+			"Times a pipe for splicing was wanted and none was available: the data was copied instead.", nil, labels),
 	}
 }
 
 // Describe implements prometheus.Collector.
 func (m *Mesh) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{m.sessions, m.streams, m.rtt, m.members} {
+	for _, d := range []*prometheus.Desc{m.sessions, m.streams, m.rtt, m.members,
+		m.refused, m.stalls, m.pongs, m.pipes, m.pipeLimit, m.shortages} {
 		ch <- d
 	}
 }
@@ -86,4 +102,15 @@ func (m *Mesh) Collect(ch chan<- prometheus.Metric) {
 	for _, s := range memberStates {
 		gauge(m.members, float64(byState[s]), s)
 	}
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	l := st.Limits
+	counter(m.refused, l.RefusedBacklog, "backlog")
+	counter(m.refused, l.RefusedStreams, "streams")
+	counter(m.stalls, l.RefusalStalls)
+	counter(m.pongs, l.PongsDropped)
+	gauge(m.pipes, float64(l.PipesOpen))
+	gauge(m.pipeLimit, float64(l.PipeLimit))
+	counter(m.shortages, l.PipeShortages)
 }

@@ -24,6 +24,8 @@ func TestMesh(t *testing.T) {
 			{Peer: "b", Net: "unix", RTT: 4 * time.Millisecond, Streams: 1},
 			{Peer: "d", Net: "tcp"}, // RTT not measured yet
 		},
+		Limits: channels.Limits{RefusedBacklog: 5, RefusedStreams: 1, RefusalStalls: 2, PongsDropped: 3,
+			PipesOpen: 4, PipeLimit: 1024, PipeShortages: 7},
 	}
 	have := true
 	reg := prometheus.NewPedanticRegistry()
@@ -36,6 +38,16 @@ tcpproxy_mesh_members{iid="a",state="connecting"} 0
 tcpproxy_mesh_members{iid="a",state="idle"} 0
 tcpproxy_mesh_members{iid="a",state="self"} 1
 tcpproxy_mesh_members{iid="a",state="up"} 1
+# HELP tcpproxy_mux_pongs_dropped_total Pings from peers left unanswered because too many answers waited to be written.
+# TYPE tcpproxy_mux_pongs_dropped_total counter
+tcpproxy_mux_pongs_dropped_total{iid="a"} 3
+# HELP tcpproxy_mux_refusal_stalls_total Times a session stopped reading because its peer opened streams faster than it read the resets refusing them.
+# TYPE tcpproxy_mux_refusal_stalls_total counter
+tcpproxy_mux_refusal_stalls_total{iid="a"} 2
+# HELP tcpproxy_mux_streams_refused_total Streams a peer opened that the multiplexer reset, by reason: backlog (the session's accept backlog was full) or streams (the peer had too many open). A tcpproxy peer waits rather than overflow the backlog.
+# TYPE tcpproxy_mux_streams_refused_total counter
+tcpproxy_mux_streams_refused_total{iid="a",reason="backlog"} 5
+tcpproxy_mux_streams_refused_total{iid="a",reason="streams"} 1
 # HELP tcpproxy_peer_rtt_seconds Round-trip time to each peer, smoothed from the sessions' keepalive pings (mean over its sessions).
 # TYPE tcpproxy_peer_rtt_seconds gauge
 tcpproxy_peer_rtt_seconds{iid="a",peer="b"} 0.003
@@ -47,6 +59,15 @@ tcpproxy_peer_sessions{iid="a",net="unix",peer="b"} 2
 # TYPE tcpproxy_peer_streams gauge
 tcpproxy_peer_streams{iid="a",peer="b"} 4
 tcpproxy_peer_streams{iid="a",peer="d"} 0
+# HELP tcpproxy_splice_pipe_shortages_total Times a pipe for splicing was wanted and none was available: the data was copied instead.
+# TYPE tcpproxy_splice_pipe_shortages_total counter
+tcpproxy_splice_pipe_shortages_total{iid="a"} 7
+# HELP tcpproxy_splice_pipes Kernel pipes open for zero-copy splicing, idle ones included (two descriptors each).
+# TYPE tcpproxy_splice_pipes gauge
+tcpproxy_splice_pipes{iid="a"} 4
+# HELP tcpproxy_splice_pipes_limit The most kernel pipes open at once for splicing.
+# TYPE tcpproxy_splice_pipes_limit gauge
+tcpproxy_splice_pipes_limit{iid="a"} 1024
 `
 	require.NoError(t, testutil.GatherAndCompare(reg, strings.NewReader(want)))
 
