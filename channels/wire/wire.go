@@ -15,12 +15,15 @@ import (
 )
 
 // Version is the protocol version this package speaks, both in the
-// handshake and in stream headers. Version 2 sessions are carried by
-// package channels/mux, whose stream opening (SYN on a stream's first
-// frame, in increasing stream ID order) go-yamux, which version 1 used,
-// does not follow: the two cannot share a session, and the handshake
-// refuses the other version with a reason.
-const Version uint8 = 2
+// handshake and in stream headers. Sessions are carried by package
+// channels/mux. Version 3 acceptors ACK a stream as soon as it is
+// accepted, and version 3 openers wait for those ACKs past a number of
+// pending opens: an opener of version 3 would stall against an acceptor of
+// version 2, which ACKed only with its first data. Version 2 introduced
+// channels/mux's stream opening (SYN on a stream's first frame, in
+// increasing stream ID order), which go-yamux, used by version 1, does not
+// follow. A node refuses a handshake of another version with a reason.
+const Version uint8 = 3
 
 // Limits enforced by encoders and decoders.
 const (
