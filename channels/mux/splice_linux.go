@@ -255,6 +255,32 @@ func pushPipe(rc syscall.RawConn, p *kpipe, n int) (int, error) {
 	return int(m), nil
 }
 
+// writeNow writes b to the socket behind rc as far as it takes it without
+// waiting, and returns how many bytes it took.
+func writeNow(rc syscall.RawConn, b []byte) (int, error) {
+	var (
+		n     int
+		errno error
+	)
+	err := rc.Write(func(fd uintptr) bool {
+		for {
+			n, errno = unix.Write(int(fd), b)
+			if errno != unix.EINTR {
+				return true
+			}
+		}
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case errno == unix.EAGAIN:
+		return 0, nil
+	case errno != nil:
+		return 0, os.NewSyscallError("write", errno)
+	}
+	return n, nil
+}
+
 // splice moves up to n bytes from rfd to wfd, retrying when interrupted.
 func splice(rfd, wfd, n, flags int) (int64, error) {
 	for {
