@@ -89,17 +89,23 @@ func randomBytes(t *testing.T, n int) []byte {
 	return b
 }
 
-// TestTLSSessionConnGathersRecords: the sixteen records of a 256 KiB Write
-// reach the socket in one write, and arrive intact.
-func TestTLSSessionConnGathersRecords(t *testing.T) {
-	var counter *writeCounter
-	client, server := tlsPair(t, func(c net.Conn) net.Conn {
+// countedTLSPair is tlsPair over record connections, with the writes
+// that reach the client's socket counted.
+func countedTLSPair(t *testing.T) (client, server *tls.Conn, counter *writeCounter) {
+	client, server = tlsPair(t, func(c net.Conn) net.Conn {
 		if counter == nil { // the client's, made first
 			counter = &writeCounter{Conn: c}
 			return channels.NewRecordConn(counter)
 		}
 		return channels.NewRecordConn(c)
 	})
+	return client, server, counter
+}
+
+// TestTLSSessionConnGathersRecords: the sixteen records of a 256 KiB Write
+// reach the socket in one write, and arrive intact.
+func TestTLSSessionConnGathersRecords(t *testing.T) {
+	client, server, counter := countedTLSPair(t)
 	sc := channels.SessionConn(client)
 	require.True(t, channels.IsTLSSessionConn(sc))
 	msg := randomBytes(t, 256<<10)
@@ -216,14 +222,7 @@ func BenchmarkTLSSessionConn(b *testing.B) {
 // connection sends a 256 KiB frame's records in one write to the socket,
 // not one write per record, and the stream's bytes arrive intact.
 func TestTLSSessionGathersBatch(t *testing.T) {
-	var counter *writeCounter
-	client, server := tlsPair(t, func(c net.Conn) net.Conn {
-		if counter == nil { // the client's, made first
-			counter = &writeCounter{Conn: c}
-			return channels.NewRecordConn(counter)
-		}
-		return channels.NewRecordConn(c)
-	})
+	client, server, counter := countedTLSPair(t)
 	cs, err := mux.Client(channels.SessionConn(client), mux.Config{})
 	require.NoError(t, err)
 	defer cs.Close()
