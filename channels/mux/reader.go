@@ -294,8 +294,19 @@ func (r *reader) data(st *Stream, h header) error {
 		st.mu.Unlock()
 		return r.discard(n)
 	case small:
-		st.appendLocked(p)
-		notify(st.readWake)
+		// The reader writes the payload on itself only when no other
+		// frame waits in the read buffer: on a busy session the streams'
+		// goroutines write in parallel, and the reader goes on reading.
+		// What deliverLocked leaves is queued if st still takes data (it
+		// let go of st.mu meanwhile).
+		m := len(p)
+		if r.br.Buffered() == m {
+			m = st.deliverLocked(nil, p, m)
+		}
+		if m > 0 && st.takesDataLocked(uint32(m)) {
+			st.appendLocked(p[len(p)-m:])
+			notify(st.readWake)
+		}
 		st.mu.Unlock()
 		_, _ = r.br.Discard(int(n)) // cannot fail: peeked
 		return nil
@@ -378,16 +389,17 @@ func noEOF(err error) error {
 	return err
 }
 
-// deliverLocked splices the m bytes just received into p on to the socket
-// that WriteTo writes to, if WriteTo waits with nothing queued, as far as
-// the socket takes them without waiting, and returns how many are left in
-// p for the queue. The reader goroutine then moves a frame from socket to
-// socket as a plain relay would, sparing WriteTo's goroutine a wake-up per
-// frame; a socket that is full, or slow, is WriteTo's to wait for, never
-// the session's.
-func (st *Stream) deliverLocked(p *kpipe, m int) int {
+// deliverLocked splices the m bytes just received into p (or, with p nil,
+// writes b, a small frame's m bytes) on to the socket that WriteTo writes
+// to, if WriteTo waits with nothing queued, as far as the socket takes
+// them without waiting, and returns how many are left for the queue (the
+// last of b's bytes). The reader goroutine then moves a frame from socket
+// to socket as a plain relay would, sparing WriteTo's goroutine a wake-up
+// per frame (a message's latency); a socket that is full, or slow, is
+// WriteTo's to wait for, never the session's.
+func (st *Stream) deliverLocked(p *kpipe, b []byte, m int) int {
 	sw := st.dsw
-	if sw == nil || st.rhead < len(st.rbufs) || st.derr != nil {
+	if sw == nil || m == 0 || st.rhead < len(st.rbufs) || st.derr != nil {
 		return m
 	}
 	st.delivering = true
@@ -395,7 +407,15 @@ func (st *Stream) deliverLocked(p *kpipe, m int) int {
 	if h := testHookDeliver.Load(); h != nil {
 		(*h)()
 	}
-	k, err := pushPipe(sw.raw, p, m)
+	var (
+		k   int
+		err error
+	)
+	if p != nil {
+		k, err = pushPipe(sw.raw, p, m)
+	} else {
+		k, err = writeNow(sw.raw, b)
+	}
 	if k > 0 {
 		sw.sc.Spliced(k)
 		st.sess.deliveries.Add(1)
@@ -490,7 +510,7 @@ func (r *reader) spliceData(st *Stream, h header) error {
 		if st.takesDataLocked(uint32(m)) {
 			// What deliverLocked leaves is queued if st still takes data
 			// (it let go of st.mu meanwhile).
-			if m = st.deliverLocked(p, m); m > 0 && st.takesDataLocked(uint32(m)) {
+			if m = st.deliverLocked(p, nil, m); m > 0 && st.takesDataLocked(uint32(m)) {
 				st.appendPipeLocked(p, m)
 				notify(st.readWake)
 			}

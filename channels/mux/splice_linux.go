@@ -244,15 +244,39 @@ func pushPipe(rc syscall.RawConn, p *kpipe, n int) (int, error) {
 		m, errno = splice(p.r, int(fd), n, unix.SPLICE_F_NONBLOCK|unix.SPLICE_F_MOVE)
 		return true
 	})
+	return tookNow(err, errno, int(m), "splice")
+}
+
+// writeNow writes b to the socket behind rc as far as it takes it without
+// waiting, and returns how many bytes it took.
+func writeNow(rc syscall.RawConn, b []byte) (int, error) {
+	var (
+		n     int
+		errno error
+	)
+	err := rc.Write(func(fd uintptr) bool {
+		for {
+			n, errno = unix.Write(int(fd), b)
+			if errno != unix.EINTR {
+				return true
+			}
+		}
+	})
+	return tookNow(err, errno, n, "write")
+}
+
+// tookNow returns what a system call that must not wait moved to a socket:
+// n bytes, none if the socket was full (EAGAIN), or its error.
+func tookNow(err, errno error, n int, op string) (int, error) {
 	switch {
 	case err != nil:
 		return 0, err
 	case errno == unix.EAGAIN:
 		return 0, nil
 	case errno != nil:
-		return 0, os.NewSyscallError("splice", errno)
+		return 0, os.NewSyscallError(op, errno)
 	}
-	return int(m), nil
+	return n, nil
 }
 
 // splice moves up to n bytes from rfd to wfd, retrying when interrupted.

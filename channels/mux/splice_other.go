@@ -31,4 +31,5 @@ func recvPipe(syscall.RawConn, *kpipe, int) (int, bool, error) {
 }
 func drainPipe(syscall.RawConn, *kpipe, int, bool, func()) error { return errNoSplice }
 func pushPipe(syscall.RawConn, *kpipe, int) (int, error)         { return 0, errNoSplice }
+func writeNow(syscall.RawConn, []byte) (int, error)              { return 0, errNoSplice }
 func readPipe(*kpipe, []byte) (int, error)                       { return 0, errNoSplice }

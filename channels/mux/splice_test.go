@@ -365,6 +365,44 @@ func TestSpliceDelivery(t *testing.T) {
 	require.True(t, bytes.Equal(sent, got))
 }
 
+// A small message arriving while WriteTo waits is written to WriteTo's
+// socket by the reader goroutine (no wake-up of WriteTo's goroutine, a
+// message's latency); WriteTo counts those bytes, and every message
+// arrives in order. WriteTo may be awake for a moment when a message
+// arrives (a wake-up left from before), and then writes it itself: most
+// messages, not all, are delivered by the reader.
+func TestSmallFrameDelivery(t *testing.T) {
+	cli, srv := tcpPair(t, Config{})
+	sa, sb := openPair(t, cli, srv)
+	down, b := legacyPair(t)
+	done := startWriteTo(sb, down)
+
+	var sent, got []byte
+	delivered := 0
+	for i := range 20 {
+		require.Eventually(t, func() bool { return parked(sb) }, 5*time.Second, time.Millisecond)
+		before := srv.deliveries.Load()
+		msg := randomBytes(t, 1+i*97)
+		_, err := sa.Write(msg)
+		require.NoError(t, err)
+		sent = append(sent, msg...)
+		buf := make([]byte, len(msg))
+		_, err = io.ReadFull(b, buf)
+		require.NoError(t, err)
+		got = append(got, buf...)
+		if srv.deliveries.Load() > before {
+			delivered++
+		}
+	}
+	require.GreaterOrEqual(t, delivered, 10, "messages of 20 delivered by the reader")
+	require.NoError(t, sa.CloseWrite())
+	r := <-done
+	require.NoError(t, r.err)
+	require.Equal(t, int64(len(sent)), r.n, "WriteTo's count")
+	require.Equal(t, int64(len(sent)), down.spliced.Load(), "bytes reported written")
+	require.True(t, bytes.Equal(sent, got))
+}
+
 // WriteTo returning at its read deadline while the reader may be
 // delivering to its socket: each return counts every byte written to the
 // socket so far (the socket's reader never sees more), and the calls

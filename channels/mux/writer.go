@@ -386,6 +386,7 @@ type batchWriter struct {
 	conn     net.Conn
 	raw      syscall.RawConn // for frames whose payload is in a pipe
 	sock     *sockWriter     // nil: not a socket, or not Linux
+	gather   Gatherer        // nil: conn does not gather its writes
 	progress func()
 	out      *atomic.Uint64 // counts the bytes written
 	final    bool           // the session's last batch: no progress extends its deadline
@@ -398,7 +399,23 @@ type batchWriter struct {
 }
 
 func newBatchWriter(conn net.Conn, raw syscall.RawConn, maxFrame int, progress func(), out *atomic.Uint64) *batchWriter {
-	return &batchWriter{conn: conn, raw: raw, sock: newSockWriter(conn, progress, out), progress: progress, out: out, maxFrame: maxFrame}
+	g, _ := conn.(Gatherer)
+	return &batchWriter{conn: conn, raw: raw, sock: newSockWriter(conn, progress, out), gather: g, progress: progress, out: out, maxFrame: maxFrame}
+}
+
+// Gatherer is a connection whose every Write costs system calls that it
+// can save by holding written bytes back: a TLS connection, whose Write
+// seals records and sends each Write's records at once. The session writes
+// a batch of frames between Gather and Flush, so that the records of the
+// whole batch leave in as few system calls (and as large TCP segments) as
+// the connection can make; it still writes at most 16 KiB per Write, so
+// that the write deadline moves on with the writes (the connection bounds
+// what it holds back before writing).
+type Gatherer interface {
+	// Gather holds back the bytes of the Writes that follow.
+	Gather()
+	// Flush sends what was held back, and ends the gathering.
+	Flush() error
 }
 
 func (w *batchWriter) write(batch []frame) error {
@@ -510,6 +527,19 @@ const flatChunk = 16 << 10
 // and a piece at least as large as the buffer is written from where it
 // is, in writes of at most flatChunk bytes.
 func (w *batchWriter) writeFlat() error {
+	if w.gather == nil {
+		return w.writeChunks()
+	}
+	w.gather.Gather()
+	err := w.writeChunks()
+	if ferr := w.gather.Flush(); err == nil {
+		err = ferr
+	}
+	return err
+}
+
+// writeChunks writes iov as writeFlat says, each Write on its own.
+func (w *batchWriter) writeChunks() error {
 	bp := getBuf(flatChunk)
 	defer putBuf(bp)
 	buf := (*bp)[:0]
