@@ -141,6 +141,9 @@ type logConfig struct {
 // duration is a time.Duration written as "1.5s" in YAML.
 type duration time.Duration
 
+// durationWords says what a duration field expects.
+const durationWords = "a duration such as 500ms, 5s or 1m (a number with a unit)"
+
 func (d *duration) UnmarshalYAML(n *yaml.Node) error {
 	var s string
 	if err := n.Decode(&s); err != nil {
@@ -148,7 +151,7 @@ func (d *duration) UnmarshalYAML(n *yaml.Node) error {
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return &valueError{Line: n.Line, Value: s, Want: "a duration such as 500ms, 5s or 1m (a number with a unit)"}
+		return &valueError{Line: n.Line, Value: s, Want: durationWords}
 	}
 	if v < 0 {
 		return &valueError{Line: n.Line, Value: s, Want: "a duration of zero or more"}

@@ -59,6 +59,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"no channels", "iid: a\nrole: r\nlisten: x:1\n", "no channels configured"},
 		{"half tls", "iid: a\nrole: r\nlisten: x:1\ntls: {cert: a.pem}\nchannels:\n  db: {kind: reply, port: 1}\n", "cert, key and ca are all needed"},
 		{"bad duration", "iid: a\nrole: r\nlisten: x:1\ndrainTimeout: soon\nchannels:\n  db: {kind: reply, port: 1}\n", `drainTimeout (line 4): "soon" is not a duration such as 500ms`},
+		{"duration without unit in a channel", "iid: a\nrole: r\nlisten: x:1\nchannels:\n  db: {kind: request, port: 1, idleTimeout: 600}\n", `channels.db.idleTimeout (line 5): "600" is not a duration such as 500ms, 5s or 1m`},
 		{"negative duration", "iid: a\nrole: r\nlisten: x:1\ntransport: {keepAlive: -1s}\nchannels:\n  db: {kind: reply, port: 1}\n", `transport.keepAlive (line 4): "-1s" is not a duration of zero or more`},
 		{"bad range", "iid: a\nrole: r\nlisten: x:1\naddressing: {instanceRange: 10.0.0.0/16}\nchannels:\n  db: {kind: reply, port: 1}\n", "not an IPv4 prefix inside 127.0.0.0/8"},
 		{"bad signal", "iid: a\nrole: r\nlisten: x:1\nlegacy: {onChange: SIGFOO}\nchannels:\n  db: {kind: reply, port: 1}\n", `"SIGFOO" is not ignore, restart or a signal`},
