@@ -10,6 +10,7 @@ import (
 	"os"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -321,10 +322,30 @@ func (c *fileConfig) validate() error {
 			errs = append(errs, err)
 		}
 	}
-	if err := proxy.ValidateChannels(c.Channels); err != nil {
-		errs = append(errs, err)
-	}
+	errs = append(errs, validateChannels(c.Channels)...)
 	return errors.Join(errs...)
+}
+
+// validateChannels checks each channel and names it by its path in the
+// file (channels.cache: unknown kind ...) rather than as proxy.Validate
+// does for Go callers (channel "cache": ...).
+func validateChannels(chs map[string]proxy.ChannelConfig) []error {
+	if len(chs) == 0 {
+		return []error{errors.New("channels: none configured (e.g. channels: {cache: {kind: reply, port: 6379}})")}
+	}
+	names := make([]string, 0, len(chs))
+	for n := range chs {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	var errs []error
+	for _, n := range names {
+		if err := chs[n].Validate(n); err != nil {
+			msg := strings.TrimPrefix(err.Error(), fmt.Sprintf("channel %q: ", n))
+			errs = append(errs, fmt.Errorf("channels.%s: %s", n, msg))
+		}
+	}
+	return errs
 }
 
 func (c *fileConfig) addressing() (proxy.Addressing, error) {
