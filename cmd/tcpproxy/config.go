@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -333,13 +334,8 @@ func validateChannels(chs map[string]proxy.ChannelConfig) []error {
 	if len(chs) == 0 {
 		return []error{errors.New("channels: none configured (e.g. channels: {cache: {kind: reply, port: 6379}})")}
 	}
-	names := make([]string, 0, len(chs))
-	for n := range chs {
-		names = append(names, n)
-	}
-	slices.Sort(names)
 	var errs []error
-	for _, n := range names {
+	for _, n := range slices.Sorted(maps.Keys(chs)) {
 		if err := chs[n].Validate(n); err != nil {
 			msg := strings.TrimPrefix(err.Error(), fmt.Sprintf("channel %q: ", n))
 			errs = append(errs, fmt.Errorf("channels.%s: %s", n, msg))
