@@ -35,7 +35,7 @@
 //		Node: channels.Config{
 //			ListenAddr: "0.0.0.0:7000",
 //			Members:    membership.File("/etc/tcpproxy/members.yaml", 0),
-//			TLS:        creds,
+//			TLS:        tlsFiles,
 //		},
 //	})
 //	...

@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -141,6 +143,9 @@ type logConfig struct {
 // duration is a time.Duration written as "1.5s" in YAML.
 type duration time.Duration
 
+// durationWords says what a duration field expects.
+const durationWords = "a duration such as 500ms, 5s or 1m (a number with a unit)"
+
 func (d *duration) UnmarshalYAML(n *yaml.Node) error {
 	var s string
 	if err := n.Decode(&s); err != nil {
@@ -148,7 +153,7 @@ func (d *duration) UnmarshalYAML(n *yaml.Node) error {
 	}
 	v, err := time.ParseDuration(s)
 	if err != nil {
-		return &valueError{Line: n.Line, Value: s, Want: "a duration such as 500ms, 5s or 1m (a number with a unit)"}
+		return &valueError{Line: n.Line, Value: s, Want: durationWords}
 	}
 	if v < 0 {
 		return &valueError{Line: n.Line, Value: s, Want: "a duration of zero or more"}
@@ -318,10 +323,25 @@ func (c *fileConfig) validate() error {
 			errs = append(errs, err)
 		}
 	}
-	if err := proxy.ValidateChannels(c.Channels); err != nil {
-		errs = append(errs, err)
-	}
+	errs = append(errs, validateChannels(c.Channels)...)
 	return errors.Join(errs...)
+}
+
+// validateChannels checks each channel and names it by its path in the
+// file (channels.cache: unknown kind ...) rather than as proxy.Validate
+// does for Go callers (channel "cache": ...).
+func validateChannels(chs map[string]proxy.ChannelConfig) []error {
+	if len(chs) == 0 {
+		return []error{errors.New("channels: none configured (e.g. channels: {cache: {kind: reply, port: 6379}})")}
+	}
+	var errs []error
+	for _, n := range slices.Sorted(maps.Keys(chs)) {
+		if err := chs[n].Validate(n); err != nil {
+			msg := strings.TrimPrefix(err.Error(), fmt.Sprintf("channel %q: ", n))
+			errs = append(errs, fmt.Errorf("channels.%s: %s", n, msg))
+		}
+	}
+	return errs
 }
 
 func (c *fileConfig) addressing() (proxy.Addressing, error) {

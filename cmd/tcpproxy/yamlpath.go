@@ -204,6 +204,8 @@ func goTypeInWords(t string) string {
 		return "true or false"
 	case t == "string":
 		return "a string"
+	case t == "time.Duration":
+		return durationWords
 	case strings.HasPrefix(t, "uint8"):
 		return "a whole number from 0 to 255"
 	case strings.HasPrefix(t, "uint16"):
