@@ -283,8 +283,16 @@ func (d *Device) Close() error {
 // thread's network namespace when its process died without Close: its
 // rules and table and, unless another device of this package is active,
 // the moved local rule; and the device itself if it still exists. It is
-// idempotent, and says what it removed.
-func Cleanup(name string) (Cleaned, error) {
+// idempotent, and says what it removed. A device that a process still has
+// open belongs to a running instance: Cleanup then removes nothing and
+// returns an error matching ErrInUse (ForceCleanup removes it anyway).
+func Cleanup(name string) (Cleaned, error) { return cleanup(name, false) }
+
+// ForceCleanup is Cleanup even of a device in use: the instance that has
+// it open loses its network.
+func ForceCleanup(name string) (Cleaned, error) { return cleanup(name, true) }
+
+func cleanup(name string, force bool) (Cleaned, error) {
 	if name == "" {
 		name = DefaultName
 	}
@@ -293,15 +301,23 @@ func Cleanup(name string) (Cleaned, error) {
 		return Cleaned{}, fmt.Errorf("tun: cleanup %s: netlink: %w", name, err)
 	}
 	defer h.Close()
+	var tt *netlink.Tuntap
+	if link, err := h.LinkByName(name); err == nil {
+		tt, _ = link.(*netlink.Tuntap)
+	}
+	// A non-persistent TUN device exists only while a process holds it
+	// open, and an attached queue is an open file: either way an instance
+	// is running on it.
+	if tt != nil && (tt.NonPersist || tt.Queues > 0) && !force {
+		return Cleaned{}, fmt.Errorf("tun: cleanup %s: %w", name, ErrInUse)
+	}
 	c, err := routing{nl: h, table: Table(name)}.undo()
 	errs := []error{err}
-	if link, lerr := h.LinkByName(name); lerr == nil {
-		if _, ok := link.(*netlink.Tuntap); ok {
-			if err := h.LinkDel(link); err == nil {
-				c.Device = true
-			} else {
-				errs = append(errs, fmt.Errorf("tun: delete device %s: %w", name, err))
-			}
+	if tt != nil {
+		if err := h.LinkDel(tt); err == nil {
+			c.Device = true
+		} else {
+			errs = append(errs, fmt.Errorf("tun: delete device %s: %w", name, err))
 		}
 	}
 	if err := errors.Join(errs...); err != nil {

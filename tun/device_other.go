@@ -19,6 +19,9 @@ func Create(Config) (*Device, error) {
 // Cleanup has nothing to do off Linux.
 func Cleanup(string) (Cleaned, error) { return Cleaned{}, nil }
 
+// ForceCleanup has nothing to do off Linux.
+func ForceCleanup(string) (Cleaned, error) { return Cleaned{}, nil }
+
 func (*Device) Name() string                           { return "" }
 func (*Device) MTU() int                               { return 0 }
 func (*Device) BatchSize() int                         { return 1 }

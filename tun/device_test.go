@@ -168,11 +168,20 @@ func TestCleanupAfterCrash(t *testing.T) {
 	ns.Do(func() { dev, err = tun.Create(tun.Config{Logger: quiet, Name: name, Local: []netip.Addr{bindIP}}) })
 	require.NoError(t, err)
 
-	// As if the process had died: the routing stays, Cleanup removes it
-	// and says so; a second Cleanup finds nothing left.
+	// The device is open: an instance runs on it, and Cleanup leaves it
+	// and its routing alone.
 	var cleaned tun.Cleaned
+	ns.Do(func() { cleaned, err = tun.Cleanup(name) })
+	require.ErrorIs(t, err, tun.ErrInUse)
+	assert.True(t, cleaned.Nothing())
+	s := readState(t, ns, name)
+	assert.Positive(t, s.tableRules, "the running instance's routing stays")
+
+	// As if the process had died (forced, since this test's process still
+	// holds the device): ForceCleanup removes the routing and the device
+	// and says so; a second Cleanup finds nothing left.
 	for i := range 2 {
-		ns.Do(func() { cleaned, err = tun.Cleanup(name) })
+		ns.Do(func() { cleaned, err = tun.ForceCleanup(name) })
 		require.NoError(t, err)
 		s := readState(t, ns, name)
 		assert.Equal(t, before.localRulePrefs, s.localRulePrefs)

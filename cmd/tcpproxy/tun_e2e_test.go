@@ -134,7 +134,12 @@ func TestTUNCleanupSaysWhatItDid(t *testing.T) {
 	require.NoError(t, err)
 	defer dev.Close()
 
+	// This process holds the device, as a running instance does.
 	ns.Do(func() { err = cmdTUN([]string{"cleanup", "-name", "tpclean"}, &out, io.Discard) })
+	require.ErrorContains(t, err, "a running instance holds TUN device tpclean open")
+	assert.Empty(t, out.String())
+
+	ns.Do(func() { err = cmdTUN([]string{"cleanup", "-name", "tpclean", "-force"}, &out, io.Discard) })
 	require.NoError(t, err)
 	assert.Contains(t, out.String(), "cleaned up TUN device tpclean: deleted the device, removed")
 
