@@ -44,8 +44,10 @@ type Config struct {
 	Insecure bool
 	// Members publishes the mesh; nil means nobody. Sessions are held
 	// only with members, so every instance that dials this node must be
-	// listed, with its role (an instance that never listens, without an
-	// address), dialing clients included.
+	// listed, with its role, dialing clients included. A member the node
+	// never dials may be listed without an address (Member.Addr), as an
+	// embedded client that does not listen; the sources that read a file,
+	// a registry or DNS require one, as `tcpproxy run` always listens.
 	Members Source
 	// Logger receives the node's logs; nil means slog.Default().
 	Logger *slog.Logger

@@ -11,11 +11,10 @@ import (
 	"github.com/tcpproxy/tcpproxy/channels"
 )
 
-// validateMember checks what every source requires of a member that did not
-// come through Parse (which reports YAML lines instead): an iid and a role
-// that fit the wire format, an addr that is host:port with a port 1-65535,
-// and channel names and ports that fit the wire format.
-func validateMember(m channels.Member) error {
+// ValidateMember checks what every source requires of a member: an iid
+// and a role that fit the wire format, an addr that is host:port with a
+// port 1-65535, and channel names and ports that fit the wire format.
+func ValidateMember(m channels.Member) error {
 	at := "member"
 	if m.IID != "" {
 		at = fmt.Sprintf("member %q", m.IID)

@@ -3,7 +3,6 @@ package membership
 import (
 	"errors"
 	"fmt"
-	"net"
 	"strconv"
 
 	"github.com/tcpproxy/tcpproxy/channels"
@@ -132,24 +131,8 @@ func parseMember(n *yaml.Node) (channels.Member, error) {
 	if err != nil {
 		return channels.Member{}, err
 	}
-	at := fmt.Sprintf("line %d: member", n.Line)
-	if m.IID != "" {
-		at = fmt.Sprintf("line %d: member %q", n.Line, m.IID)
-	}
-	switch {
-	case m.IID == "":
-		return channels.Member{}, fmt.Errorf("%s: missing iid", at)
-	case len(m.IID) > maxNameLen:
-		return channels.Member{}, fmt.Errorf("%s: iid length %d exceeds %d", at, len(m.IID), maxNameLen)
-	case len(m.Role) > maxNameLen:
-		return channels.Member{}, fmt.Errorf("%s: role length %d exceeds %d", at, len(m.Role), maxNameLen)
-	case m.Addr == "":
-		return channels.Member{}, fmt.Errorf("%s: missing addr", at)
-	}
-	if _, port, err := net.SplitHostPort(m.Addr); err != nil {
-		return channels.Member{}, fmt.Errorf("%s: addr %q is not host:port: %w", at, m.Addr, err)
-	} else if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
-		return channels.Member{}, fmt.Errorf("%s: addr %q: port must be 1-65535", at, m.Addr)
+	if err := ValidateMember(m); err != nil {
+		return channels.Member{}, fmt.Errorf("line %d: %w", n.Line, err)
 	}
 	if m.Channels == nil {
 		m.Channels = map[string]uint16{}

@@ -70,6 +70,10 @@ func TestParseConfigErrors(t *testing.T) {
 		{"sameHost", "iid: a\nrole: r\nlisten: x:1\ntransport: {sameHost: pipe}\nchannels:\n  db: {kind: reply, port: 1}\n", `transport.sameHost: "pipe" is not unix or tcp`},
 		{"maxHandshakesPerIP", "iid: a\nrole: r\nlisten: x:1\ntransport: {maxHandshakesPerIP: -1}\nchannels:\n  db: {kind: reply, port: 1}\n", "transport.maxHandshakesPerIP: -1 is negative"},
 		{"not yaml", "{{{", "did not find expected"},
+		{"static member without a port", "iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: b, role: r, addr: 127.0.0.1}\nchannels:\n  db: {kind: reply, port: 1}\n", `members.static[0]: member "b": addr "127.0.0.1" is not host:port`},
+		{"static member with a bad port", "iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: b, role: r, addr: \"127.0.0.1:99999\"}\nchannels:\n  db: {kind: reply, port: 1}\n", `members.static[0]: member "b": addr "127.0.0.1:99999": port must be 1-65535`},
+		{"static member with a space", "iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: x y, role: r, addr: \"127.0.0.1:2\"}\nchannels:\n  db: {kind: reply, port: 1}\n", `members.static[0]: iid "x y" contains a space`},
+		{"static member twice", "iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: b, role: r, addr: \"127.0.0.1:2\"}\n    - {iid: b, role: r, addr: \"127.0.0.1:3\"}\nchannels:\n  db: {kind: reply, port: 1}\n", `members.static[1]: iid "b" is listed twice (first as members.static[0])`},
 		{"list for a mapping", "iid: a\nrole: r\nlisten: x:1\nchannels: [db]\n", "line 4: a list is not a mapping of names to values"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

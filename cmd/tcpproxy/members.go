@@ -75,7 +75,30 @@ func (m membersConfig) validate() error {
 	if m.DNS != nil && m.DNS.Name == "" {
 		return errors.New("members.dns: name is missing")
 	}
-	return nil
+	return validateStatic(m.Static)
+}
+
+// validateStatic checks an inline member list as strictly as a members
+// file is checked: every member valid, no iid twice.
+func validateStatic(list []channels.Member) error {
+	var errs []error
+	first := make(map[string]int)
+	for i, m := range list {
+		at := fmt.Sprintf("members.static[%d]", i)
+		if err := membership.ValidateMember(m); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", at, err))
+			continue
+		}
+		if err := proxy.ValidateName("iid", m.IID); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", at, err))
+		}
+		if j, dup := first[m.IID]; dup {
+			errs = append(errs, fmt.Errorf("%s: iid %q is listed twice (first as members.static[%d])", at, m.IID, j))
+			continue
+		}
+		first[m.IID] = i
+	}
+	return errors.Join(errs...)
 }
 
 // self is this instance as other members must see it: the channels it
