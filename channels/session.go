@@ -85,6 +85,10 @@ func (n *Node) muxConfig() mux.Config {
 	return mux.Config{
 		KeepAliveInterval: n.cfg.KeepAliveInterval,
 		MaxStreamWindow:   n.cfg.MaxStreamWindow,
+		// Well above what a tcpproxy peer sends before its streams are
+		// taken: at most MaxPendingOpens (256) waiting streams and the
+		// streams being handled (maxPendingStreams), 256 KiB each.
+		MaxBuffered: n.cfg.MaxSessionBuffered,
 		// Every proxied TCP connection is a stream.
 		MaxIncomingStreams: 1 << 16,
 		// Our accept loop hands streams off at once, so the session's own
