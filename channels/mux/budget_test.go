@@ -87,19 +87,17 @@ func TestBudgetHostileStreams(t *testing.T) {
 			t.Fatalf("accepted %d streams of %d", len(in), streams)
 		}
 	}
-	// Every stream's frame is in: held, or its stream reset.
-	require.Eventually(t, func() bool {
-		counted, _ := sessionBuffered(srv, in)
-		return uint64(counted/initialWindow)+srv.LimitStats().RefusedMemory == streams
-	}, 10*time.Second, time.Millisecond)
+	// Every stream's data is in: held, or its stream reset.
+	require.Eventually(t, func() bool { return srv.Stats().BytesReceived == streams*initialWindow },
+		10*time.Second, time.Millisecond)
 	grown := heapInUse() - before
 	counted, queued := sessionBuffered(srv, in)
 	refused := srv.LimitStats().RefusedMemory
 	t.Logf("held %d KiB, refused %d streams, heap +%d KiB", counted>>10, refused, grown>>10)
 	require.Equal(t, queued, counted, "the session's count is its streams' sum")
 	require.LessOrEqual(t, counted, int64(budget))
-	require.Equal(t, int64(kept*initialWindow), counted, "the budget is used")
-	require.Equal(t, uint64(streams-kept), refused)
+	require.Greater(t, counted, int64(budget-initialWindow), "the budget is used")
+	require.GreaterOrEqual(t, refused, uint64(streams-kept))
 	require.Less(t, grown, int64(budget+16<<20), "memory beyond the budget")
 
 	// The opener sees exactly the refused streams reset.
@@ -124,7 +122,7 @@ func TestBudgetHostileStreams(t *testing.T) {
 		require.ErrorIs(t, err, ErrStreamReset)
 		require.ErrorContains(t, err, "MaxBuffered")
 	}
-	require.Len(t, keptIn, kept)
+	require.Equal(t, int64(len(keptIn)*initialWindow), counted, "kept streams hold all they got")
 	require.False(t, srv.IsClosed(), "session ended: %v", srv.Err())
 
 	// The kept streams deliver their data; the budget is free again, and
