@@ -85,9 +85,9 @@ func (n *Node) muxConfig() mux.Config {
 	return mux.Config{
 		KeepAliveInterval: n.cfg.KeepAliveInterval,
 		MaxStreamWindow:   n.cfg.MaxStreamWindow,
-		// Well above what a tcpproxy peer sends before its streams are
-		// taken: at most MaxPendingOpens (256) waiting streams and the
-		// streams being handled (maxPendingStreams), 256 KiB each.
+		// Twice what a tcpproxy peer can send before its streams are
+		// taken by a channel: MaxPendingOpens (256) streams waiting to be
+		// accepted and maxPendingStreams being handled, 256 KiB each.
 		MaxBuffered: n.cfg.MaxSessionBuffered,
 		// Every proxied TCP connection is a stream.
 		MaxIncomingStreams: 1 << 16,
