@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/tcpproxy/tcpproxy/channels/mux"
 	"github.com/tcpproxy/tcpproxy/channels/pki"
 	"github.com/tcpproxy/tcpproxy/channels/wire"
 
@@ -82,6 +83,14 @@ type Config struct {
 	// 16 MiB, at least 256 KiB). Large windows let bulk streams fill the
 	// link; memory is only used while the reader lags behind.
 	MaxStreamWindow uint32
+	// MaxSessionBuffered bounds the data a session holds that a peer sent
+	// and nothing read yet, over all the session's streams (default
+	// 256 MiB, at least 1 MiB): a peer that opens many streams and sends
+	// on them while nothing reads them gets, past it, the streams it sends
+	// on reset (Status().Limits.RefusedMemory). Windows stop growing well
+	// before it, so a peer running tcpproxy reaches it only with hundreds
+	// of streams whose legacy side reads nothing at all.
+	MaxSessionBuffered int64
 	// SessionsPerPeer is how many sessions (TCP connections) this node
 	// dials to each peer it opens streams to (default 2, at most 16). New
 	// streams go to the session carrying the fewest. More than one spreads
@@ -120,6 +129,7 @@ const (
 	DefaultBackoffMin         = 50 * time.Millisecond
 	DefaultBackoffMax         = 5 * time.Second
 	DefaultMaxStreamWindow    = 16 << 20
+	DefaultMaxSessionBuffered = mux.DefaultMaxBuffered
 	DefaultAcceptBacklog      = 128
 	DefaultMaxHandshakes      = 256
 	DefaultMaxHandshakesPerIP = 32
@@ -129,6 +139,8 @@ const (
 	// minStreamWindow is the multiplexer's initial window (channels/mux); a smaller
 	// maximum is refused.
 	minStreamWindow = 256 << 10
+	// minSessionBuffered is the multiplexer's least MaxBuffered.
+	minSessionBuffered = 1 << 20
 )
 
 // withDefaults validates c and fills in its defaults.
@@ -171,6 +183,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.MaxStreamWindow != 0 && c.MaxStreamWindow < minStreamWindow {
 		bad("MaxStreamWindow %d is below the protocol minimum %d", c.MaxStreamWindow, minStreamWindow)
 	}
+	if c.MaxSessionBuffered != 0 && c.MaxSessionBuffered < minSessionBuffered {
+		bad("MaxSessionBuffered %d is below %d", c.MaxSessionBuffered, minSessionBuffered)
+	}
 	if c.TLS != nil && c.TLS.Current() == nil {
 		bad("TLS credentials have no certificate (mutual TLS needs one on both sides)")
 	}
@@ -189,6 +204,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.MaxStreamWindow == 0 {
 		c.MaxStreamWindow = DefaultMaxStreamWindow
+	}
+	if c.MaxSessionBuffered == 0 {
+		c.MaxSessionBuffered = DefaultMaxSessionBuffered
 	}
 	if c.AcceptBacklog == 0 {
 		c.AcceptBacklog = DefaultAcceptBacklog

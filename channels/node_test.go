@@ -27,6 +27,7 @@ func TestNewNodeValidates(t *testing.T) {
 		"negative":       {channels.Config{IID: "a", DialTimeout: -1}, "DialTimeout -1ns is negative"},
 		"backoff order":  {channels.Config{IID: "a", BackoffMin: time.Second, BackoffMax: time.Millisecond}, "BackoffMin 1s exceeds BackoffMax 1ms"},
 		"small window":   {channels.Config{IID: "a", MaxStreamWindow: 1024}, "MaxStreamWindow 1024 is below"},
+		"small buffer":   {channels.Config{IID: "a", MaxSessionBuffered: 1024}, "MaxSessionBuffered 1024 is below"},
 		"negative queue": {channels.Config{IID: "a", AcceptBacklog: -1}, "AcceptBacklog -1 is negative"},
 		"sessions":       {channels.Config{IID: "a", SessionsPerPeer: 17}, "SessionsPerPeer 17 is outside [0, 16]"},
 	} {

@@ -85,6 +85,10 @@ func (n *Node) muxConfig() mux.Config {
 	return mux.Config{
 		KeepAliveInterval: n.cfg.KeepAliveInterval,
 		MaxStreamWindow:   n.cfg.MaxStreamWindow,
+		// Twice what a tcpproxy peer can send before its streams are
+		// taken by a channel: MaxPendingOpens (256) streams waiting to be
+		// accepted and maxPendingStreams being handled, 256 KiB each.
+		MaxBuffered: n.cfg.MaxSessionBuffered,
 		// Every proxied TCP connection is a stream.
 		MaxIncomingStreams: 1 << 16,
 		// Our accept loop hands streams off at once, so the session's own

@@ -40,8 +40,10 @@ type Status struct {
 type Limits struct {
 	// RefusedBacklog counts the peers' streams reset because the
 	// session's accept backlog was full; RefusedStreams those reset
-	// because the peer had too many streams open.
-	RefusedBacklog, RefusedStreams uint64
+	// because the peer had too many streams open; RefusedMemory those
+	// reset because data arrived on them while the session held
+	// Config.MaxSessionBuffered bytes that nothing had read.
+	RefusedBacklog, RefusedStreams, RefusedMemory uint64
 	// RefusalStalls counts the times a session stopped reading because
 	// its peer opened streams faster than it read their resets.
 	RefusalStalls uint64
@@ -57,6 +59,7 @@ type Limits struct {
 func addLimits(a, b mux.LimitStats) mux.LimitStats {
 	a.RefusedBacklog += b.RefusedBacklog
 	a.RefusedStreams += b.RefusedStreams
+	a.RefusedMemory += b.RefusedMemory
 	a.RefusalStalls += b.RefusalStalls
 	a.PongsDropped += b.PongsDropped
 	return a
@@ -230,6 +233,7 @@ func (n *Node) Status() Status {
 	sp := mux.SpliceStats()
 	st.Limits = Limits{
 		RefusedBacklog: limits.RefusedBacklog, RefusedStreams: limits.RefusedStreams,
+		RefusedMemory: limits.RefusedMemory,
 		RefusalStalls: limits.RefusalStalls, PongsDropped: limits.PongsDropped,
 		PipesOpen: sp.PipesOpen, PipeLimit: sp.PipeLimit, PipeShortages: sp.PipeShortages,
 	}

@@ -35,6 +35,18 @@ type Config struct {
 	// and for what the connection's send buffer holds.
 	MaxFrame uint32
 
+	// MaxBuffered bounds the received data a session holds that nothing
+	// has read yet, over all its streams (default 256 MiB, at least
+	// 1 MiB). A data frame that would take it past the bound resets its
+	// stream (LimitStats.RefusedMemory); other streams carry on. Windows
+	// stop growing while the session holds more than a quarter of it, and
+	// grow by at most a quarter of it in all, so a peer keeping to its
+	// windows reaches it only with more than about 3/4 MaxBuffered /
+	// 256 KiB streams (the protocol's initial window) that nothing reads.
+	// Keep it well above the peer's MaxPendingOpens times 256 KiB: streams
+	// not yet accepted may each hold their initial window.
+	MaxBuffered int64
+
 	// MaxIncomingStreams bounds the open streams the peer opened (default
 	// 65536); beyond it, new inbound streams are reset.
 	MaxIncomingStreams int
@@ -73,10 +85,13 @@ const (
 	DefaultMaxStreamWindow    = 16 << 20
 	DefaultMaxFrame           = 256 << 10
 	DefaultMaxIncomingStreams = 1 << 16
+	DefaultMaxBuffered        = 256 << 20
 	DefaultAcceptBacklog      = 1024
 	DefaultMaxPendingOpens    = 256
 	DefaultWriteTimeout       = 10 * time.Second
 
+	// minMaxBuffered leaves room for a few streams' initial windows.
+	minMaxBuffered = 4 * initialWindow
 	// minMaxFrame keeps the header overhead per byte small.
 	minMaxFrame = 1 << 10
 	// rttInterval is how often the round-trip time is measured when
@@ -104,6 +119,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.MaxFrame != 0 && c.MaxFrame < minMaxFrame {
 		bad("MaxFrame %d is below %d", c.MaxFrame, minMaxFrame)
 	}
+	if c.MaxBuffered != 0 && c.MaxBuffered < minMaxBuffered {
+		bad("MaxBuffered %d is below %d", c.MaxBuffered, minMaxBuffered)
+	}
 	if c.MaxIncomingStreams < 0 {
 		bad("MaxIncomingStreams %d is negative", c.MaxIncomingStreams)
 	}
@@ -124,6 +142,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.MaxFrame == 0 {
 		c.MaxFrame = DefaultMaxFrame
+	}
+	if c.MaxBuffered == 0 {
+		c.MaxBuffered = DefaultMaxBuffered
 	}
 	if c.MaxIncomingStreams == 0 {
 		c.MaxIncomingStreams = DefaultMaxIncomingStreams

@@ -11,6 +11,11 @@
 // is queued in pooled buffers that Read copies out of and WriteTo hands to
 // its writer as they are.
 //
+// A session bounds the received data it holds unread over all its streams
+// (Config.MaxBuffered): windows stop growing as it fills, and past it the
+// stream a frame is for is reset, so a peer that opens many streams that
+// nothing reads cannot make it hold each one's window.
+//
 // A stream ends with io.EOF only when the peer half-closed it and every
 // byte before was read. Any other end (a reset by either side, the session's
 // end for whatever reason) fails Read, Write and WriteTo with an error

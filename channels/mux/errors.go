@@ -43,13 +43,15 @@ var (
 // truncated stream would be forwarded as complete. The cause is in the
 // message only.
 type resetError struct {
-	remote  bool  // the peer sent RST
-	session error // non-nil: the session ended with this cause
+	remote  bool   // the peer sent RST
+	session error  // non-nil: the session ended with this cause
+	why     string // a local reset's reason, if not the application's
 }
 
 var (
 	errRemoteReset = &resetError{remote: true}
 	errLocalReset  = &resetError{}
+	errMemoryReset = &resetError{why: "the session holds its limit of unread data (MaxBuffered)"}
 )
 
 func (e *resetError) Error() string {
@@ -58,6 +60,8 @@ func (e *resetError) Error() string {
 		return "mux: stream reset: session ended: " + e.session.Error()
 	case e.remote:
 		return "mux: stream reset by peer"
+	case e.why != "":
+		return "mux: stream reset locally: " + e.why
 	default:
 		return "mux: stream reset locally"
 	}

@@ -12,6 +12,9 @@ type LimitStats struct {
 	// RefusedStreams counts the streams the peer opened that were reset
 	// because MaxIncomingStreams of its streams were open.
 	RefusedStreams uint64
+	// RefusedMemory counts the streams reset because data arrived on them
+	// while the session held MaxBuffered bytes that nothing had read.
+	RefusedMemory uint64
 	// RefusalStalls counts the times the session stopped reading from the
 	// connection because the resets refusing the peer's streams were
 	// written more slowly than the peer opened streams.
@@ -23,7 +26,7 @@ type LimitStats struct {
 
 // limitCounters are a session's LimitStats, updated as limits are hit.
 type limitCounters struct {
-	refusedBacklog, refusedStreams, refusalStalls, pongsDropped atomic.Uint64
+	refusedBacklog, refusedStreams, refusedMemory, refusalStalls, pongsDropped atomic.Uint64
 }
 
 // LimitStats returns the session's counters of refused streams and held
@@ -33,6 +36,7 @@ func (s *Session) LimitStats() LimitStats {
 	return LimitStats{
 		RefusedBacklog: c.refusedBacklog.Load(),
 		RefusedStreams: c.refusedStreams.Load(),
+		RefusedMemory:  c.refusedMemory.Load(),
 		RefusalStalls:  c.refusalStalls.Load(),
 		PongsDropped:   c.pongsDropped.Load(),
 	}

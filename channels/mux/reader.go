@@ -174,6 +174,9 @@ func (r *reader) streamFrame(h header) error {
 		return nil
 	}
 	if data && h.length > 0 {
+		if over, err := r.overBudget(st, h); over || err != nil {
+			return err // budget.go
+		}
 		if err := r.data(st, h); err != nil {
 			return err
 		}

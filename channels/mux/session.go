@@ -60,6 +60,7 @@ type Session struct {
 	// on to WriteTo's socket (deliverLocked). Tests read them.
 	directWrites, deliveries atomic.Uint64
 	limits                   limitCounters
+	mem                      memBudget // received data not yet read (budget.go)
 
 	// The send queue (writer.go).
 	sendMu     sync.Mutex
@@ -115,6 +116,7 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 
 		refusalsTaken: make(chan struct{}, 1),
 	}
+	s.mem.max = cfg.MaxBuffered
 	if client {
 		s.nextID = 1
 	}

@@ -19,9 +19,9 @@ func TestConfigValidation(t *testing.T) {
 	c1, c2 := net.Pipe()
 	defer c1.Close()
 	defer c2.Close()
-	_, err := Client(c1, Config{MaxStreamWindow: 1000, MaxFrame: 10, WriteTimeout: -1, AcceptBacklog: -1})
+	_, err := Client(c1, Config{MaxStreamWindow: 1000, MaxFrame: 10, WriteTimeout: -1, AcceptBacklog: -1, MaxBuffered: 1 << 19})
 	require.Error(t, err)
-	for _, field := range []string{"MaxStreamWindow", "MaxFrame", "WriteTimeout", "AcceptBacklog"} {
+	for _, field := range []string{"MaxStreamWindow", "MaxFrame", "WriteTimeout", "AcceptBacklog", "MaxBuffered"} {
 		require.ErrorContains(t, err, field)
 	}
 	cfg, err := Config{}.withDefaults()
@@ -29,6 +29,7 @@ func TestConfigValidation(t *testing.T) {
 	require.Equal(t, uint32(DefaultMaxStreamWindow), cfg.MaxStreamWindow)
 	require.Equal(t, uint32(DefaultMaxFrame), cfg.MaxFrame)
 	require.Equal(t, DefaultAcceptBacklog, cfg.AcceptBacklog)
+	require.Equal(t, int64(DefaultMaxBuffered), cfg.MaxBuffered)
 }
 
 // TestSessionEnd: the peer dies (its connection closes) while streams are

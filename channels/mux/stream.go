@@ -257,6 +257,7 @@ func (st *Stream) WriteTo(w io.Writer) (int64, error) {
 
 		st.mu.Lock()
 		st.wsw = nil
+		st.sess.mem.release(int(n))
 		st.creditLocked(n)
 		if err != nil && sw.cut {
 			// The write failed because the stream ended: say so.
@@ -726,6 +727,7 @@ func (st *Stream) maybeRemoveLocked() {
 		return
 	}
 	st.state |= stRemoved
+	st.forgetWindowLocked()
 	st.sess.forget(st)
 }
 
@@ -866,6 +868,7 @@ func (st *Stream) copyOutLocked(b []byte) (int, error) {
 		st.roff = 0
 	}
 	st.buffered -= uint32(n)
+	st.sess.mem.release(n)
 	if st.rhead == len(st.rbufs) {
 		st.resetBufsLocked()
 	}
@@ -887,6 +890,7 @@ func (st *Stream) failLocked() {
 func (st *Stream) appendLocked(p []byte) {
 	backlog := int(st.buffered)
 	st.buffered += uint32(len(p))
+	st.sess.mem.hold(len(p))
 	if st.rhead < len(st.rbufs) {
 		if tail := st.rbufs[len(st.rbufs)-1].b; tail != nil {
 			k := copy((*tail)[len(*tail):cap(*tail)], p)
@@ -914,6 +918,7 @@ func (st *Stream) pushLocked(g rseg) {
 func (st *Stream) appendBufsLocked(bufs []*[]byte) {
 	for _, b := range bufs {
 		st.buffered += uint32(len(*b))
+		st.sess.mem.hold(len(*b))
 		st.pushLocked(rseg{b: b})
 	}
 }
@@ -935,6 +940,7 @@ func (st *Stream) tailPipeLocked() *kpipe {
 // appendPipeLocked queues n bytes just spliced into p.
 func (st *Stream) appendPipeLocked(p *kpipe, n int) {
 	st.buffered += uint32(n)
+	st.sess.mem.hold(n)
 	if st.rhead < len(st.rbufs) {
 		if tail := &st.rbufs[len(st.rbufs)-1]; tail.p == p {
 			tail.n += n
@@ -947,8 +953,12 @@ func (st *Stream) appendPipeLocked(p *kpipe, n int) {
 }
 
 // dropBufsLocked empties the receive queue, returning the buffers to their
-// pool if release (else the caller has taken them).
+// pool if release (else the caller has taken them, and releases their bytes
+// from the session's budget when done).
 func (st *Stream) dropBufsLocked(release bool) {
+	if release {
+		st.sess.mem.release(int(st.buffered))
+	}
 	for i := st.rhead; i < len(st.rbufs); i++ {
 		if release {
 			st.rbufs[i].release()
@@ -972,7 +982,8 @@ func (st *Stream) resetBufsLocked() {
 // update once half the window is consumed: small exchanges send none. The
 // window doubles, up to MaxStreamWindow, when that half was consumed within
 // growRTTs round trips of the previous update: the reader keeps up and the
-// window, not the reader, limits the stream.
+// window, not the reader, limits the stream; and the session's budget
+// allows it (memBudget.growth).
 func (st *Stream) creditLocked(n uint32) {
 	st.consumed += n
 	if st.state&(stFinRecv|stReadReset) != 0 || st.consumed < st.recvWin/2 {
@@ -982,7 +993,7 @@ func (st *Stream) creditLocked(n uint32) {
 	delta := st.consumed
 	now := s.clock()
 	if rtt := s.rtt.Load(); st.state&stClosed == 0 && rtt > 0 && now-st.epoch < growRTTs*rtt && st.recvWin < s.cfg.MaxStreamWindow {
-		grow := min(st.recvWin, s.cfg.MaxStreamWindow-st.recvWin)
+		grow := s.mem.growth(min(st.recvWin, s.cfg.MaxStreamWindow-st.recvWin))
 		st.recvWin += grow
 		delta += grow
 	}

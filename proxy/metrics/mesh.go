@@ -42,7 +42,7 @@ func NewMesh(iid string, status func() (channels.Status, bool)) *Mesh {
 			"Members of the mesh by how this instance reaches them: self, up (a session is open), connecting, backoff (the last dials failed) or idle (no session needed yet).",
 			[]string{"state"}, labels),
 		refused: prometheus.NewDesc("tcpproxy_mux_streams_refused_total",
-			"Streams a peer opened that the multiplexer reset, by reason: backlog (the session's accept backlog was full) or streams (the peer had too many open). A tcpproxy peer waits rather than overflow the backlog.",
+			"Streams a peer opened that the multiplexer reset, by reason: backlog (the session's accept backlog was full), streams (the peer had too many open) or memory (data arrived on them while the session held its limit of unread data). A tcpproxy peer waits rather than overflow the backlog.",
 			[]string{"reason"}, labels),
 		stalls: prometheus.NewDesc("tcpproxy_mux_refusal_stalls_total",
 			"Times a session stopped reading because its peer opened streams faster than it read the resets refusing them.", nil, labels),
@@ -108,6 +108,7 @@ func (m *Mesh) Collect(ch chan<- prometheus.Metric) {
 	l := st.Limits
 	counter(m.refused, l.RefusedBacklog, "backlog")
 	counter(m.refused, l.RefusedStreams, "streams")
+	counter(m.refused, l.RefusedMemory, "memory")
 	counter(m.stalls, l.RefusalStalls)
 	counter(m.pongs, l.PongsDropped)
 	gauge(m.pipes, float64(l.PipesOpen))

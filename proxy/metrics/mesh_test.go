@@ -24,7 +24,7 @@ func TestMesh(t *testing.T) {
 			{Peer: "b", Net: "unix", RTT: 4 * time.Millisecond, Streams: 1},
 			{Peer: "d", Net: "tcp"}, // RTT not measured yet
 		},
-		Limits: channels.Limits{RefusedBacklog: 5, RefusedStreams: 1, RefusalStalls: 2, PongsDropped: 3,
+		Limits: channels.Limits{RefusedBacklog: 5, RefusedStreams: 1, RefusedMemory: 6, RefusalStalls: 2, PongsDropped: 3,
 			PipesOpen: 4, PipeLimit: 1024, PipeShortages: 7},
 	}
 	have := true
@@ -44,9 +44,10 @@ tcpproxy_mux_pongs_dropped_total{iid="a"} 3
 # HELP tcpproxy_mux_refusal_stalls_total Times a session stopped reading because its peer opened streams faster than it read the resets refusing them.
 # TYPE tcpproxy_mux_refusal_stalls_total counter
 tcpproxy_mux_refusal_stalls_total{iid="a"} 2
-# HELP tcpproxy_mux_streams_refused_total Streams a peer opened that the multiplexer reset, by reason: backlog (the session's accept backlog was full) or streams (the peer had too many open). A tcpproxy peer waits rather than overflow the backlog.
+# HELP tcpproxy_mux_streams_refused_total Streams a peer opened that the multiplexer reset, by reason: backlog (the session's accept backlog was full), streams (the peer had too many open) or memory (data arrived on them while the session held its limit of unread data). A tcpproxy peer waits rather than overflow the backlog.
 # TYPE tcpproxy_mux_streams_refused_total counter
 tcpproxy_mux_streams_refused_total{iid="a",reason="backlog"} 5
+tcpproxy_mux_streams_refused_total{iid="a",reason="memory"} 6
 tcpproxy_mux_streams_refused_total{iid="a",reason="streams"} 1
 # HELP tcpproxy_peer_rtt_seconds Round-trip time to each peer, smoothed from the sessions' keepalive pings (mean over its sessions).
 # TYPE tcpproxy_peer_rtt_seconds gauge
