@@ -42,7 +42,9 @@ func (p *Proxy) track(cs *channelState, f func(*proxiedConn), refuse func()) {
 	if n := cs.stats.active.Add(1); n > cs.cfg.maxConnections() {
 		cs.stats.active.Add(-1)
 		cs.stats.refused.Add(1)
-		p.log.Warn("channel at its connection limit; refusing", "channel", cs.name, "limit", cs.cfg.maxConnections())
+		if ok, held := cs.limitLog.allow(time.Now()); ok {
+			p.log.Warn("channel at its connection limit; refusing", "channel", cs.name, "limit", cs.cfg.maxConnections(), "suppressed", held)
+		}
 		refuse()
 		return
 	}

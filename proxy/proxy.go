@@ -116,6 +116,9 @@ type channelState struct {
 	name  string
 	cfg   ChannelConfig
 	stats channelCounters
+	// failLog and limitLog hold back repeats of the warnings about
+	// connections that failed and that the limit refused.
+	failLog, limitLog rateLog
 
 	request channels.RequestChannel
 	reply   channels.ReplyChannel
@@ -479,7 +482,9 @@ func (p *Proxy) forwardOutgoing(cs *channelState, pc *proxiedConn, legacy netcon
 	cancel()
 	if err != nil {
 		cs.stats.failed.Add(1)
-		p.log.Warn("open stream failed; resetting legacy connection", "channel", cs.name, "from", remote, "err", err)
+		if ok, held := cs.failLog.allow(time.Now()); ok {
+			p.log.Warn("open stream failed; resetting legacy connection", "channel", cs.name, "from", remote, "err", err, "suppressed", held)
+		}
 		resetLegacy(legacy)
 		return
 	}
@@ -509,14 +514,18 @@ func (p *Proxy) acceptStreams(cs *channelState, accept func(context.Context) (ch
 func (p *Proxy) forwardIncoming(cs *channelState, pc *proxiedConn, in channels.Incoming, dst netip.AddrPort) {
 	if cs.cfg.Kind == KindDuplex && !cs.cfg.binds() {
 		cs.stats.failed.Add(1)
-		p.log.Warn("stream to a connect-only duplex channel; resetting", "channel", cs.name, "caller", in.Header.SourceIID)
+		if ok, held := cs.failLog.allow(time.Now()); ok {
+			p.log.Warn("stream to a connect-only duplex channel; resetting", "channel", cs.name, "caller", in.Header.SourceIID, "suppressed", held)
+		}
 		_ = in.Stream.Reset()
 		return
 	}
 	src, err := p.alloc.Add(in.Header.SourceIID)
 	if err != nil {
 		cs.stats.failed.Add(1)
-		p.log.Warn("no address for caller; resetting stream", "channel", cs.name, "caller", in.Header.SourceIID, "err", err)
+		if ok, held := cs.failLog.allow(time.Now()); ok {
+			p.log.Warn("no address for caller; resetting stream", "channel", cs.name, "caller", in.Header.SourceIID, "err", err, "suppressed", held)
+		}
 		_ = in.Stream.Reset()
 		return
 	}
@@ -525,7 +534,9 @@ func (p *Proxy) forwardIncoming(cs *channelState, pc *proxiedConn, in channels.I
 	cancel()
 	if err != nil {
 		cs.stats.failed.Add(1)
-		p.log.Warn("connect to legacy server failed; resetting stream", "channel", cs.name, "caller", in.Header.SourceIID, "dst", dst, "err", err)
+		if ok, held := cs.failLog.allow(time.Now()); ok {
+			p.log.Warn("connect to legacy server failed; resetting stream", "channel", cs.name, "caller", in.Header.SourceIID, "dst", dst, "err", err, "suppressed", held)
+		}
 		_ = in.Stream.Reset()
 		return
 	}
