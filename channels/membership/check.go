@@ -13,8 +13,11 @@ import (
 
 // ValidateMember checks what every source requires of a member: an iid
 // and a role that fit the wire format, an addr that is host:port with a
-// port 1-65535, and channel names and ports that fit the wire format.
-func ValidateMember(m channels.Member) error {
+// port 1-65535, and channel names and ports that fit the wire format. With
+// needAddr false a member may have no addr: one that is never dialed, such
+// as an embedded client that does not listen, listed so that its sessions
+// are accepted.
+func ValidateMember(m channels.Member, needAddr bool) error {
 	at := "member"
 	if m.IID != "" {
 		at = fmt.Sprintf("member %q", m.IID)
@@ -26,13 +29,17 @@ func ValidateMember(m channels.Member) error {
 		return fmt.Errorf("%s: iid length %d exceeds %d", at, len(m.IID), maxNameLen)
 	case len(m.Role) > maxNameLen:
 		return fmt.Errorf("%s: role length %d exceeds %d", at, len(m.Role), maxNameLen)
-	case m.Addr == "":
+	case m.Addr == "" && needAddr:
 		return fmt.Errorf("%s: missing addr", at)
 	}
-	if _, port, err := net.SplitHostPort(m.Addr); err != nil {
-		return fmt.Errorf("%s: addr %q is not host:port: %w", at, m.Addr, err)
-	} else if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
-		return fmt.Errorf("%s: addr %q: port must be 1-65535", at, m.Addr)
+	if m.Addr != "" {
+		_, port, err := net.SplitHostPort(m.Addr)
+		if err != nil {
+			return fmt.Errorf("%s: addr %q is not host:port: %w", at, m.Addr, err)
+		}
+		if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
+			return fmt.Errorf("%s: addr %q: port must be 1-65535", at, m.Addr)
+		}
 	}
 	for name, port := range m.Channels {
 		switch {

@@ -207,7 +207,7 @@ func (p *dnsPoller) lookup(ctx context.Context) ([]channels.Member, []string, er
 		if m.Channels == nil {
 			m.Channels = map[string]uint16{}
 		}
-		if err := ValidateMember(m); err != nil {
+		if err := ValidateMember(m, true); err != nil {
 			warnings = append(warnings, fmt.Sprintf("skipping a record: %v", err))
 			return
 		}

@@ -116,7 +116,7 @@ func newEtcd(cfg EtcdConfig, self *channels.Member) (*etcdSource, error) {
 		if m.Channels == nil {
 			m.Channels = map[string]uint16{}
 		}
-		if err := ValidateMember(m); err != nil {
+		if err := ValidateMember(m, true); err != nil {
 			errs = append(errs, fmt.Errorf("self: %w", err))
 		}
 		val, err := json.Marshal(m)
@@ -496,7 +496,7 @@ func decodeMember(iid string, value []byte) (channels.Member, error) {
 	if m.Channels == nil {
 		m.Channels = map[string]uint16{}
 	}
-	if err := ValidateMember(m); err != nil {
+	if err := ValidateMember(m, true); err != nil {
 		return channels.Member{}, err
 	}
 	return m, nil

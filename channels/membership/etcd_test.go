@@ -349,7 +349,7 @@ func FuzzDecodeMember(f *testing.F) {
 			return
 		}
 		require.Equal(t, iid, m.IID)
-		require.NoError(t, ValidateMember(m))
+		require.NoError(t, ValidateMember(m, true))
 		require.NotNil(t, m.Channels)
 	})
 }

@@ -131,7 +131,7 @@ func parseMember(n *yaml.Node) (channels.Member, error) {
 	if err != nil {
 		return channels.Member{}, err
 	}
-	if err := ValidateMember(m); err != nil {
+	if err := ValidateMember(m, true); err != nil {
 		return channels.Member{}, fmt.Errorf("line %d: %w", n.Line, err)
 	}
 	if m.Channels == nil {

@@ -233,6 +233,23 @@ func queuedWrites(s *Session) int {
 	return n
 }
 
+// stuck reports whether st's Write is being written to the connection of
+// s and is held there (the peer does not read): what is written next
+// queues, and waits for it. A Write that the writer has not taken yet is
+// not stuck: the writer's next batch would take it with what is written
+// next.
+func stuck(s *Session, st *Stream) bool {
+	sendWin, _, _ := streamState(st)
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	for _, f := range s.queue {
+		if f.owner == st {
+			return false
+		}
+	}
+	return sendWin < initialWindow && s.owned
+}
+
 // sendAll writes data to w, then half-closes it.
 func sendAll(w interface {
 	io.Writer

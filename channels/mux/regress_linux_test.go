@@ -17,15 +17,6 @@ import (
 
 // Regression tests of the splice paths under stress.
 
-// stuck reports whether st's Write has the connection of s and is held
-// there (the peer does not read): what is written next queues.
-func stuck(s *Session, st *Stream) bool {
-	sendWin, _, _ := streamState(st)
-	s.sendMu.Lock()
-	defer s.sendMu.Unlock()
-	return sendWin < initialWindow && s.owned
-}
-
 // limitPipes lowers the process's pipe budget to n more pipes than are
 // open now, until the end of the test.
 func limitPipes(t *testing.T, n int) {

@@ -73,6 +73,7 @@ func TestParseConfigErrors(t *testing.T) {
 		{"static member without a port", "iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: b, role: r, addr: 127.0.0.1}\nchannels:\n  db: {kind: reply, port: 1}\n", `members.static[0]: member "b": addr "127.0.0.1" is not host:port`},
 		{"static member with a bad port", "iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: b, role: r, addr: \"127.0.0.1:99999\"}\nchannels:\n  db: {kind: reply, port: 1}\n", `members.static[0]: member "b": addr "127.0.0.1:99999": port must be 1-65535`},
 		{"static member with a space", "iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: x y, role: r, addr: \"127.0.0.1:2\"}\nchannels:\n  db: {kind: reply, port: 1}\n", `members.static[0]: iid "x y" contains a space`},
+		{"static member with an empty channel", "iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: b, role: r, channels: {\"\": 1}}\nchannels:\n  db: {kind: reply, port: 1}\n", `members.static[0]: member "b": empty channel name`},
 		{"static member twice", "iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: b, role: r, addr: \"127.0.0.1:2\"}\n    - {iid: b, role: r, addr: \"127.0.0.1:3\"}\nchannels:\n  db: {kind: reply, port: 1}\n", `members.static[1]: iid "b" is listed twice (first as members.static[0])`},
 		{"list for a mapping", "iid: a\nrole: r\nlisten: x:1\nchannels: [db]\n", "line 4: a list is not a mapping of names to values"},
 	} {
@@ -170,4 +171,13 @@ func TestRunRefusesPlaintextMembersFile(t *testing.T) {
 	assert.Contains(t, errOut.String(), "(member b at 10.0.0.2:7000)")
 	assert.Contains(t, errOut.String(), "tcpproxy certs")
 	assert.Contains(t, errOut.String(), "transport.insecure: true")
+}
+
+// A static member may have no address: one this proxy never dials, such
+// as a client embedded in another program that does not listen, listed so
+// that its sessions are accepted.
+func TestStaticMemberNeverDialed(t *testing.T) {
+	cfg, err := parseConfig([]byte("iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: embedded-client, role: c}\nchannels:\n  db: {kind: reply, port: 1}\n"))
+	require.NoError(t, err)
+	assert.Empty(t, cfg.Members.Static[0].Addr)
 }

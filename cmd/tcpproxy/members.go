@@ -79,13 +79,15 @@ func (m membersConfig) validate() error {
 }
 
 // validateStatic checks an inline member list as strictly as a members
-// file is checked: every member valid, no iid twice.
+// file is checked (every member valid, no iid twice), except that a member
+// may have no address: one this proxy never dials, such as a client
+// embedded in another program that does not listen.
 func validateStatic(list []channels.Member) error {
 	var errs []error
 	first := make(map[string]int)
 	for i, m := range list {
 		at := fmt.Sprintf("members.static[%d]", i)
-		if err := membership.ValidateMember(m); err != nil {
+		if err := membership.ValidateMember(m, false); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", at, err))
 			continue
 		}
