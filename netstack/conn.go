@@ -229,3 +229,23 @@ func (c *Conn) fixErr(op string, err error) error {
 func (c *Conn) opError(op string, err error) error {
 	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
 }
+
+// PeerReset reports whether the peer has reset the connection (or it
+// failed otherwise, such as by a retransmission timeout), without reading
+// it: the proxy asks while data read from the connection waits to be sent
+// on, and it does not read. A connection closed here, or ended cleanly,
+// was not reset. Once it says yes, the connection's error is consumed:
+// the caller resets the connection.
+func (c *Conn) PeerReset() bool {
+	if c.closed.Load() {
+		return false
+	}
+	switch tcp.EndpointState(c.ep.State()) {
+	case tcp.StateError:
+		return true
+	case tcp.StateClose:
+		// An RST in CLOSE-WAIT, or a clean close, which has no error.
+		return c.ep.LastError() != nil
+	}
+	return false
+}

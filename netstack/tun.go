@@ -53,3 +53,23 @@ func NewTUN(opts Options, cfg tun.Config) (*Network, error) {
 // TUN returns the device of a Network made by NewTUN, for AddLocal and
 // RemoveLocal; nil for other Networks.
 func (n *Network) TUN() *tun.Device { return n.dev }
+
+// Failed returns a channel that is closed when the link of a Network made
+// by NewTUN fails for good: its device was deleted under it, or reading it
+// failed. No packet crosses the link after that, so nothing reaches the
+// Network's listeners and its Dials fail; Err says why. It is never closed
+// for other Networks, nor by Close.
+func (n *Network) Failed() <-chan struct{} {
+	if n.dev == nil {
+		return nil
+	}
+	return n.dev.Failed()
+}
+
+// Err returns why the link failed, once Failed is closed; nil before.
+func (n *Network) Err() error {
+	if n.dev == nil {
+		return nil
+	}
+	return n.dev.Err()
+}

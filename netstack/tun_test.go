@@ -15,11 +15,16 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
 
+	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/membership"
 	"github.com/tcpproxy/tcpproxy/netstack"
+	"github.com/tcpproxy/tcpproxy/proxy"
+	"github.com/tcpproxy/tcpproxy/proxy/proxytest"
 	"github.com/tcpproxy/tcpproxy/tun"
 	"github.com/tcpproxy/tcpproxy/tun/tuntest"
 )
@@ -321,4 +326,53 @@ func TestTUNDropsCorruptPacket(t *testing.T) {
 		require.Equal(t, uint32(2001), tcp.AckNumber(), "the first SYN-ACK must answer the good SYN")
 		return
 	}
+}
+
+// TestTUNDeletedDeviceFails: a TUN device deleted under the stack (an
+// operator's `ip link del`, a CNI plugin cleaning up) makes the Network
+// report its failure, and a proxy on it an Error matching
+// proxy.ErrNetworkFailed, instead of passing for ready while nothing
+// reaches it. Close then still succeeds.
+func TestTUNDeletedDeviceFails(t *testing.T) {
+	ctx := testCtx(t)
+	ns := tuntest.New(t)
+	var n *netstack.Network
+	var err error
+	ns.Do(func() {
+		n, err = netstack.NewTUN(netstack.Options{Logger: quiet}, tun.Config{Name: "tptest0", Local: []netip.Addr{bindIP}})
+	})
+	require.NoError(t, err)
+	var _ proxy.FailingNetwork = n
+	p, err := proxy.New(proxy.Config{
+		IID: "c-1", Role: "c", Network: n,
+		Channels: map[string]proxy.ChannelConfig{"db": {Kind: proxy.KindRequest, Port: 7000}},
+		Node:     channels.Config{Members: membership.Static()},
+		Logger:   quiet,
+	})
+	require.NoError(t, err)
+	events := proxytest.Record(p.Events())
+	require.NoError(t, p.Start(ctx))
+	require.Nil(t, n.Err(), "no failure yet")
+
+	ns.Do(func() {
+		link, lerr := netlink.LinkByName("tptest0")
+		require.NoError(t, lerr)
+		require.NoError(t, netlink.LinkDel(link))
+	})
+	select {
+	case <-n.Failed():
+	case <-ctx.Done():
+		require.FailNow(t, "the Network did not report its deleted device")
+	}
+	require.Error(t, n.Err())
+	var failure proxy.Error
+	for failure.Err == nil {
+		if e, ok := events.Next(t).(proxy.Error); ok {
+			failure = e
+		}
+	}
+	require.ErrorIs(t, failure, proxy.ErrNetworkFailed)
+	require.NoError(t, p.Shutdown(ctx))
+	events.WaitClosed(t)
+	require.NoError(t, n.Close(), "closing a Network whose device is gone")
 }

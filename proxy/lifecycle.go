@@ -33,6 +33,12 @@ type proxiedConn struct {
 	bytes     atomic.Int64
 	lastBytes int64
 	idle      *time.Timer
+
+	// sends counts the relay's sends of legacy data into the stream;
+	// sendsSeen is its value at checkStalledSends' previous look (under
+	// the proxy's mu).
+	sends     sendWatch
+	sendsSeen uint32
 }
 
 // track runs f in a setup worker (runSetup), with a conn that
@@ -147,7 +153,7 @@ func (pc *proxiedConn) run(legacy netconn.Conn, stream channels.Stream) {
 	go func() {
 		defer pc.finish()
 		defer pc.stopIdle()
-		r := relay(legacy, stream, relayStats{&pc.cs.stats.bytesOut, &pc.cs.stats.bytesIn, &pc.bytes})
+		r := relay(legacy, stream, relayStats{&pc.cs.stats.bytesOut, &pc.cs.stats.bytesIn, &pc.bytes, &pc.sends})
 		if r.err() != nil {
 			pc.cs.stats.reset.Add(1)
 		}

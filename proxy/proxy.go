@@ -383,6 +383,10 @@ func (p *Proxy) Start(ctx context.Context) error {
 			p.goLoop(func() { p.watchMembers(cs, w) })
 		}
 	}
+	p.goLoop(p.watchStalledSends)
+	if n, ok := p.cfg.Network.(FailingNetwork); ok {
+		p.goLoop(func() { p.watchNetwork(n) })
+	}
 	for _, c := range changes {
 		p.emit(c)
 	}

@@ -174,7 +174,11 @@ type pipeResult struct {
 // When dst splices and src is a TCP socket, a burst's first bytes are read
 // into a small buffer, as messages are; if they fill it, the rest of the
 // burst is spliced into dst, never copied.
-func pipe(dst channels.Stream, src netconn.Conn, counter, activity *atomic.Int64) pipeResult {
+//
+// Each write or splice into dst is counted in sends while it lasts, so
+// that a reset of src that comes while it waits is seen (see
+// checkStalledSends).
+func pipe(dst channels.Stream, src netconn.Conn, counter, activity *atomic.Int64, sends *sendWatch) pipeResult {
 	var b buffer
 	defer b.release()
 	rd := newReader(src)
@@ -189,14 +193,18 @@ func pipe(dst channels.Stream, src netconn.Conn, counter, activity *atomic.Int64
 		op := "read"
 		if nr > 0 {
 			buf := *b.p
+			sends.begin()
 			nw, werr := cw.Write(buf[:nr])
+			sends.end()
 			total += int64(nw)
 			if werr != nil {
 				return pipeResult{total, werr, "write"}
 			}
 			if sp != nil && rerr == nil && nr == len(buf) {
 				var n int64
+				sends.begin()
 				n, rerr = sp.SpliceFrom(&cw)
+				sends.end()
 				total += n
 				if errors.Is(rerr, channels.ErrNoSplice) {
 					sp, rerr = nil, nil
@@ -294,6 +302,7 @@ type relayStats struct {
 	legacyToStream *atomic.Int64
 	streamToLegacy *atomic.Int64
 	both           *atomic.Int64 // this connection's bytes, either way
+	sends          *sendWatch    // the sends legacy to stream
 }
 
 // relay joins a legacy TCP connection and a stream with TCP semantics in
@@ -328,7 +337,7 @@ func relay(legacy netconn.Conn, stream channels.Stream, st relayStats) relayResu
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		up = pipe(stream, legacy, st.legacyToStream, st.both)
+		up = pipe(stream, legacy, st.legacyToStream, st.both, st.sends)
 		if up.err == nil && watch.ended(stream) {
 			if err := awaitLegacyReset(legacy); err != nil {
 				up.err, up.op = err, "read"

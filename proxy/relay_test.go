@@ -134,7 +134,7 @@ func TestPipeTCP(t *testing.T) {
 	proxyB, serverB := tcpPair(t) // proxy → server
 	var counter, activity atomic.Int64
 	res := make(chan pipeResult, 1)
-	go func() { res <- pipe(tcpStream{proxyB}, proxyA, &counter, &activity) }()
+	go func() { res <- pipe(tcpStream{proxyB}, proxyA, &counter, &activity, new(sendWatch)) }()
 
 	data := make([]byte, 3<<20+123)
 	_, _ = rand.Read(data)

@@ -37,6 +37,12 @@ type Device struct {
 	mu     sync.Mutex
 	locals map[netip.Addr]bool
 
+	// failed is closed when the device is lost under the Device (see
+	// Failed); failure says how.
+	failOnce sync.Once
+	failed   chan struct{}
+	failure  error
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -66,6 +72,7 @@ func Create(cfg Config) (_ *Device, err error) {
 		dev:     dev,
 		routing: routing{table: Table(cfg.Name)},
 		locals:  make(map[netip.Addr]bool),
+		failed:  make(chan struct{}),
 	}
 	// wireguard's monitor goroutines block on a small event channel;
 	// nobody here needs the events, so drain them until Close closes it.
@@ -141,6 +148,32 @@ func (d *Device) setup() error {
 	return d.routing.apply(link.Attrs().Index, d.lo, d.cfg.Prefixes, d.cfg.Source, d.cfg.Local)
 }
 
+// fail records that the device is lost, once.
+func (d *Device) fail(err error) {
+	d.failOnce.Do(func() {
+		d.failure = err
+		d.log.Error("tun: device lost; no packet crosses it any more", "err", err)
+		close(d.failed)
+	})
+}
+
+// Failed returns a channel that is closed when the device is lost under
+// the Device: ReadFrame failed other than after Close, as it does at once
+// when someone else deletes the device (an operator's `ip link del`, a CNI
+// plugin cleaning up). No packet crosses it after that; Err says why.
+// Close does not close it.
+func (d *Device) Failed() <-chan struct{} { return d.failed }
+
+// Err returns why the device was lost, once Failed is closed; nil before.
+func (d *Device) Err() error {
+	select {
+	case <-d.failed:
+		return d.failure
+	default:
+		return nil
+	}
+}
+
 // Name returns the device's name.
 func (d *Device) Name() string { return d.cfg.Name }
 
@@ -184,7 +217,11 @@ func (d *Device) ReadFrame(bufs [][]byte) (int, error) {
 			}
 		}
 	})
-	return n, d.ioError(err, errno)
+	err = d.ioError(err, errno)
+	if err != nil && !d.closed.Load() {
+		d.fail(err)
+	}
+	return n, err
 }
 
 // WriteFrame writes one frame, gathered from bufs as by writev(2): a
@@ -215,10 +252,12 @@ func (d *Device) ioError(err, errno error) error {
 	switch {
 	case err == nil:
 		return nil
-	case d.closed.Load() || errors.Is(err, unix.EBADFD):
-		// The poller's "use of closed file" does not match os.ErrClosed;
-		// EBADFD is a device deleted under the file.
+	case d.closed.Load():
+		// The poller's "use of closed file" does not match os.ErrClosed.
 		return fmt.Errorf("tun: %s: %w", d.cfg.Name, os.ErrClosed)
+	case errors.Is(err, unix.EBADFD):
+		// The device was deleted under the file: it is closed for good.
+		return fmt.Errorf("tun: device %s was deleted: %w", d.cfg.Name, os.ErrClosed)
 	}
 	return fmt.Errorf("tun: %s: %w", d.cfg.Name, err)
 }

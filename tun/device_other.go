@@ -32,3 +32,5 @@ func (*Device) RemoveLocal(netip.Addr) error           { return ErrUnavailable }
 func (*Device) Close() error                           { return nil }
 func (*Device) ReadFrame([][]byte) (int, error)        { return 0, ErrUnavailable }
 func (*Device) WriteFrame([][]byte) error              { return ErrUnavailable }
+func (*Device) Failed() <-chan struct{}                { return nil }
+func (*Device) Err() error                             { return nil }

@@ -207,6 +207,20 @@ func runInstance(ctx context.Context, cfg *fileConfig, command []string, log *sl
 			if _, ok := e.(proxy.Ready); ok {
 				obs.ready.Store(true)
 			}
+			if e, ok := e.(proxy.Error); ok && errors.Is(e, proxy.ErrNetworkFailed) {
+				// Nothing reaches the instance any more: exit, so that a
+				// supervisor restarts it, rather than pass for ready.
+				obs.ready.Store(false)
+				log.Error("network failed; shutting down", "err", e.Err)
+				if child != nil {
+					child.stop()
+				}
+				err := in.stop(drain)
+				for e := range events {
+					logEvent(log, e)
+				}
+				return errors.Join(e.Err, err)
+			}
 			if child == nil {
 				continue
 			}

@@ -23,19 +23,17 @@ import (
 	"github.com/tcpproxy/tcpproxy/tun/tuntest"
 )
 
-// TestTUNUnmodifiedRedisCLI: inside a network namespace made for the
-// test, a client instance runs on the tun network and an unmodified
-// redis-cli reaches a redis-server behind a reply instance through it:
-// the kernel routes 127.1.0.1 into the TUN device, the gVisor stack takes
-// the connection, and the stream goes to the other proxy.
-func TestTUNUnmodifiedRedisCLI(t *testing.T) {
+// tunNamespace makes a network namespace for the test, with its loopback
+// up, and returns what prefixes a command to run it there with `ip`. It
+// skips the test without root, /dev/net/tun, ip or the tools named.
+func tunNamespace(t *testing.T, tools ...string) (inNS func(args ...string) []string) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (CAP_NET_ADMIN) for a network namespace and a TUN device")
 	}
 	if _, err := os.Stat("/dev/net/tun"); err != nil {
 		t.Skipf("no /dev/net/tun: %v", err)
 	}
-	for _, tool := range []string{"ip", "redis-server", "redis-cli"} {
+	for _, tool := range append([]string{"ip"}, tools...) {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("%s not installed (.ci/run installs it): %v", tool, err)
 		}
@@ -46,10 +44,53 @@ func TestTUNUnmodifiedRedisCLI(t *testing.T) {
 	out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
-	inNS := func(args ...string) []string { return append([]string{"netns", "exec", ns}, args...) }
+	inNS = func(args ...string) []string { return append([]string{"netns", "exec", ns}, args...) }
 	out, err = exec.Command("ip", inNS("ip", "link", "set", "lo", "up")...).CombinedOutput()
 	require.NoError(t, err, "%s", out)
+	return inNS
+}
 
+// TestTUNDeletedDeviceExits: an instance whose TUN device is deleted
+// under it (an operator's `ip link del`, a CNI plugin cleaning up) no
+// longer reaches its legacy programs; it stops passing for ready and exits
+// with an error naming the device, so that its supervisor restarts it.
+func TestTUNDeletedDeviceExits(t *testing.T) {
+	inNS := tunNamespace(t)
+	cfg := filepath.Join(t.TempDir(), "client.yaml")
+	require.NoError(t, os.WriteFile(cfg, []byte(`iid: cli-1
+role: client
+listen: 127.0.0.1:7001
+network: tun
+tun: {name: tptun1}
+members:
+  static:
+    - {iid: srv-1, role: server, addr: "127.0.0.1:7002", channels: {cache: 16379}}
+channels:
+  cache: {kind: request, port: 16379}
+drainTimeout: 2s
+`), 0o600))
+	client := startProcWith(t, "ip", nil, inNS(tcpproxyBinary(t), "run", "-config", cfg)...)
+	require.Eventually(t, func() bool { return strings.Contains(client.out.String(), "proxy ready") }, 30*time.Second, 10*time.Millisecond, "client log:\n%s", client.out)
+
+	out, err := exec.Command("ip", inNS("ip", "link", "del", "tptun1")...).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	select {
+	case err := <-client.done:
+		require.Error(t, err, "tcpproxy exited cleanly with its device gone:\n%s", client.out)
+	case <-time.After(30 * time.Second):
+		require.FailNow(t, "tcpproxy did not exit with its device gone", client.out.String())
+	}
+	assert.Contains(t, client.out.String(), "network failed")
+	assert.Contains(t, client.out.String(), "tptun1 was deleted")
+}
+
+// TestTUNUnmodifiedRedisCLI: inside a network namespace made for the
+// test, a client instance runs on the tun network and an unmodified
+// redis-cli reaches a redis-server behind a reply instance through it:
+// the kernel routes 127.1.0.1 into the TUN device, the gVisor stack takes
+// the connection, and the stream goes to the other proxy.
+func TestTUNUnmodifiedRedisCLI(t *testing.T) {
+	inNS := tunNamespace(t, "redis-server", "redis-cli")
 	dir := t.TempDir()
 	write := func(name, body string) string {
 		p := filepath.Join(dir, name)
@@ -117,7 +158,7 @@ drainTimeout: 2s
 	log := client.stop(t)
 	assert.Contains(t, log, "event close")
 	// A clean exit removes the device and its routing.
-	out, err = exec.Command("ip", inNS("ip", "link", "show", "tptun0")...).CombinedOutput()
+	out, err := exec.Command("ip", inNS("ip", "link", "show", "tptun0")...).CombinedOutput()
 	require.Error(t, err, "device still there after exit: %s", out)
 	rules, err := exec.Command("ip", inNS("ip", "rule")...).CombinedOutput()
 	require.NoError(t, err)

@@ -37,6 +37,14 @@ type ResetAwaiter interface {
 	AwaitReset() error
 }
 
+// ResetChecker is a Conn that tells, without reading, whether its peer
+// has reset it (or it failed otherwise): the proxy asks while it does not
+// read the conn because data read from it waits to be sent on. Kernel
+// sockets need not implement it: the proxy reads their pending error.
+type ResetChecker interface {
+	PeerReset() bool
+}
+
 // TCPListener adapts a *net.TCPListener.
 type TCPListener struct{ *net.TCPListener }
 

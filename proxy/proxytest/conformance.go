@@ -38,6 +38,7 @@ func Run(t *testing.T, newInst NewInstance) {
 		{"ResetFromClient", testResetFromClient},
 		{"ResetFromServer", testResetFromServer},
 		{"ResetAfterHalfClose", testResetAfterHalfClose},
+		{"ResetWhileSending", testResetWhileSending},
 		{"NoReplyInstance", testNoReplyInstance},
 		{"BackPressure", testBackPressure},
 		{"Shutdown", testShutdown},
@@ -375,6 +376,59 @@ func testResetAfterHalfClose(t *testing.T, newInst NewInstance) {
 			// EPIPE: a kernel socket's reset after the peer's FIN (tcp_reset
 			// in CLOSE_WAIT).
 			require.True(t, errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET), "the peer saw %v, not a reset", err)
+		})
+	}
+}
+
+// testResetWhileSending: a client uploads to a server that does not read
+// until every buffer on the way is full, then resets its connection. The
+// server's connection is reset too, although it never reads or writes (a
+// read would have drained the path and let the client's proxy read the
+// reset), as a direct connection's would be; each way: client, then
+// server.
+func testResetWhileSending(t *testing.T, newInst NewInstance) {
+	for _, byServer := range []bool{false, true} {
+		name := "client resets"
+		if byServer {
+			name = "server resets"
+		}
+		t.Run(name, func(t *testing.T) {
+			c := NewCluster(t, newInst)
+			s := c.Add("server-0", "server", replyCfg())
+			accepted := make(chan net.Conn, 1)
+			s.Serve(t, replyPort, func(conn net.Conn) {
+				accepted <- conn
+				<-t.Context().Done() // neither reads nor writes
+			})
+			client := c.Add("client-0", "client", reqCfg())
+			cconn := client.Dial(t, client.RequestAddr(t, "db"))
+			var sconn net.Conn
+			select {
+			case sconn = <-accepted:
+			case <-time.After(Timeout):
+				require.FailNow(t, "the server got no connection")
+			}
+			sender, peer := cconn, sconn
+			if byServer {
+				sender, peer = sconn, cconn
+			}
+
+			chunk := make([]byte, 256<<10)
+			stalled := false
+			for range 1024 { // 256 MiB: more than every buffer on the path
+				require.NoError(t, sender.SetWriteDeadline(time.Now().Add(time.Second)))
+				if _, err := sender.Write(chunk); err != nil {
+					require.True(t, isTimeout(err), "the write should stall, not fail: %v", err)
+					stalled = true
+					break
+				}
+			}
+			require.True(t, stalled, "the path took 256 MiB from a sender whose peer does not read")
+			require.NoError(t, sender.(interface{ SetLinger(int) error }).SetLinger(0))
+			require.NoError(t, sender.Close())
+			err := awaitConnError(t, peer)
+			require.False(t, errors.Is(err, os.ErrDeadlineExceeded), "the peer saw no reset before its deadline")
+			require.True(t, errors.Is(err, syscall.ECONNRESET), "the peer saw %v, not a reset", err)
 		})
 	}
 }
