@@ -63,7 +63,7 @@ func (t tcpTransport) warn(msg string, args ...any) {
 }
 
 func (t tcpTransport) Listen(addr string) (net.Listener, error) {
-	ln, err := net.Listen("tcp", addr)
+	ln, err := net.Listen(listenNetwork(addr), addr)
 	if err != nil || !t.sameHost {
 		return ln, err
 	}
@@ -128,6 +128,19 @@ func sameHostName(ap netip.AddrPort) string {
 // connections on, under which it also listens for same-host peers: its own
 // address if that is a loopback one, 127.0.0.1 and ::1 if it listens on
 // every address, and none otherwise.
+// listenNetwork is "tcp4" for an IPv4 address, such as 0.0.0.0: Go would
+// otherwise listen on the IPv6 wildcard for it too, accepting from IPv6
+// peers the configuration did not name (and reporting [::] as the
+// address). Other addresses (host names, IPv6, an empty host) keep "tcp".
+func listenNetwork(addr string) string {
+	if host, _, err := net.SplitHostPort(addr); err == nil {
+		if ip, err := netip.ParseAddr(host); err == nil && ip.Is4() {
+			return "tcp4"
+		}
+	}
+	return "tcp"
+}
+
 func sameHostAddrs(a net.Addr) []netip.AddrPort {
 	ta, ok := a.(*net.TCPAddr)
 	if !ok {

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/tcpproxy/tcpproxy/channels"
@@ -122,4 +123,21 @@ func portOf(t *testing.T, a net.Addr) string {
 	_, port, err := net.SplitHostPort(a.String())
 	require.NoError(t, err)
 	return port
+}
+
+// TestTCPTransportListensOnTheFamilyNamed: listen: 0.0.0.0 listens on
+// IPv4 only, as it says (Go would take the IPv6 wildcard too, and report
+// [::]); an empty host keeps both.
+func TestTCPTransportListensOnTheFamilyNamed(t *testing.T) {
+	for _, tc := range []struct{ addr, want string }{
+		{"0.0.0.0:0", "0.0.0.0"},
+		{"127.0.0.1:0", "127.0.0.1"},
+	} {
+		ln, err := channels.PlainTCPTransport().Listen(tc.addr)
+		require.NoError(t, err)
+		host, _, err := net.SplitHostPort(ln.Addr().String())
+		require.NoError(t, err)
+		assert.Equal(t, tc.want, host, "listening on %s", tc.addr)
+		require.NoError(t, ln.Close())
+	}
 }
