@@ -50,6 +50,24 @@ func tunNamespace(t *testing.T, tools ...string) (inNS func(args ...string) []st
 	return inNS
 }
 
+// tunClientConfig is the configuration of a client instance "cli-1" on
+// the tun network (device dev), calling the reply channel cache (port
+// 16379) of "srv-1" at 127.0.0.1:7002.
+func tunClientConfig(dev string) string {
+	return `iid: cli-1
+role: client
+listen: 127.0.0.1:7001
+network: tun
+tun: {name: ` + dev + `}
+members:
+  static:
+    - {iid: srv-1, role: server, addr: "127.0.0.1:7002", channels: {cache: 16379}}
+channels:
+  cache: {kind: request, port: 16379}
+drainTimeout: 2s
+`
+}
+
 // TestTUNDeletedDeviceExits: an instance whose TUN device is deleted
 // under it (an operator's `ip link del`, a CNI plugin cleaning up) no
 // longer reaches its legacy programs; it stops passing for ready and exits
@@ -57,18 +75,7 @@ func tunNamespace(t *testing.T, tools ...string) (inNS func(args ...string) []st
 func TestTUNDeletedDeviceExits(t *testing.T) {
 	inNS := tunNamespace(t)
 	cfg := filepath.Join(t.TempDir(), "client.yaml")
-	require.NoError(t, os.WriteFile(cfg, []byte(`iid: cli-1
-role: client
-listen: 127.0.0.1:7001
-network: tun
-tun: {name: tptun1}
-members:
-  static:
-    - {iid: srv-1, role: server, addr: "127.0.0.1:7002", channels: {cache: 16379}}
-channels:
-  cache: {kind: request, port: 16379}
-drainTimeout: 2s
-`), 0o600))
+	require.NoError(t, os.WriteFile(cfg, []byte(tunClientConfig("tptun1")), 0o600))
 	client := startProcWith(t, "ip", nil, inNS(tcpproxyBinary(t), "run", "-config", cfg)...)
 	require.Eventually(t, func() bool { return strings.Contains(client.out.String(), "proxy ready") }, 30*time.Second, 10*time.Millisecond, "client log:\n%s", client.out)
 
@@ -110,18 +117,7 @@ channels:
   cache: {kind: reply, port: 16379}
 drainTimeout: 2s
 `)
-	clientCfg := write("client.yaml", `iid: cli-1
-role: client
-listen: 127.0.0.1:7001
-network: tun
-tun: {name: tptun0}
-members:
-  static:
-    - {iid: srv-1, role: server, addr: "127.0.0.1:7002", channels: {cache: 16379}}
-channels:
-  cache: {kind: request, port: 16379}
-drainTimeout: 2s
-`)
+	clientCfg := write("client.yaml", tunClientConfig("tptun0"))
 	bin := tcpproxyBinary(t)
 	// `ip netns exec` execs tcpproxy, so signals reach it directly.
 	server := startProcWith(t, "ip", nil, inNS(bin, "run", "-config", serverCfg, "--", "sh", "-c",

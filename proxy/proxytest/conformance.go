@@ -329,6 +329,27 @@ func testResetFromServer(t *testing.T, newInst NewInstance) {
 	require.True(t, isReset(err), "client should see a reset, got %v", err)
 }
 
+// heldConnection returns both legacy ends of a connection through a
+// client and a server instance: the client's, and the server's, which the
+// server program hands to the test and neither reads nor writes.
+func heldConnection(t *testing.T, newInst NewInstance) (cconn, sconn net.Conn) {
+	c := NewCluster(t, newInst)
+	s := c.Add("server-0", "server", replyCfg())
+	accepted := make(chan net.Conn, 1)
+	s.Serve(t, replyPort, func(conn net.Conn) {
+		accepted <- conn
+		<-t.Context().Done() // the test ends the connection
+	})
+	client := c.Add("client-0", "client", reqCfg())
+	cconn = client.Dial(t, client.RequestAddr(t, "db"))
+	select {
+	case sconn = <-accepted:
+	case <-time.After(Timeout):
+		require.FailNow(t, "the server got no connection")
+	}
+	return cconn, sconn
+}
+
 // testResetAfterHalfClose: a legacy program that half-closes and later
 // resets must reset its peer's connection too, as a direct connection
 // would, although the peer never writes (a write would have found the
@@ -342,21 +363,7 @@ func testResetAfterHalfClose(t *testing.T, newInst NewInstance) {
 			name = "server resets"
 		}
 		t.Run(name, func(t *testing.T) {
-			c := NewCluster(t, newInst)
-			s := c.Add("server-0", "server", replyCfg())
-			accepted := make(chan net.Conn, 1)
-			s.Serve(t, replyPort, func(conn net.Conn) {
-				accepted <- conn
-				<-t.Context().Done() // the test ends the connection
-			})
-			client := c.Add("client-0", "client", reqCfg())
-			cconn := client.Dial(t, client.RequestAddr(t, "db"))
-			var sconn net.Conn
-			select {
-			case sconn = <-accepted:
-			case <-time.After(Timeout):
-				require.FailNow(t, "the server got no connection")
-			}
+			cconn, sconn := heldConnection(t, newInst)
 			resetter, peer := cconn, sconn
 			if byServer {
 				resetter, peer = sconn, cconn
@@ -393,21 +400,7 @@ func testResetWhileSending(t *testing.T, newInst NewInstance) {
 			name = "server resets"
 		}
 		t.Run(name, func(t *testing.T) {
-			c := NewCluster(t, newInst)
-			s := c.Add("server-0", "server", replyCfg())
-			accepted := make(chan net.Conn, 1)
-			s.Serve(t, replyPort, func(conn net.Conn) {
-				accepted <- conn
-				<-t.Context().Done() // neither reads nor writes
-			})
-			client := c.Add("client-0", "client", reqCfg())
-			cconn := client.Dial(t, client.RequestAddr(t, "db"))
-			var sconn net.Conn
-			select {
-			case sconn = <-accepted:
-			case <-time.After(Timeout):
-				require.FailNow(t, "the server got no connection")
-			}
+			cconn, sconn := heldConnection(t, newInst)
 			sender, peer := cconn, sconn
 			if byServer {
 				sender, peer = sconn, cconn
