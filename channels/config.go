@@ -136,11 +136,11 @@ const (
 	// MaxSessionsPerPeer keeps SessionsPerPeer to what can help: each
 	// session is a connection, three goroutines and its buffers.
 	MaxSessionsPerPeer = 16
-	// minStreamWindow is the multiplexer's initial window (channels/mux); a smaller
-	// maximum is refused.
-	minStreamWindow = 256 << 10
-	// minSessionBuffered is the multiplexer's least MaxBuffered.
-	minSessionBuffered = 1 << 20
+	// MinStreamWindow is the multiplexer's initial window (channels/mux);
+	// a smaller MaxStreamWindow is refused.
+	MinStreamWindow = 256 << 10
+	// MinSessionBuffered is the least MaxSessionBuffered.
+	MinSessionBuffered = 1 << 20
 )
 
 // withDefaults validates c and fills in its defaults.
@@ -180,11 +180,11 @@ func (c Config) withDefaults() (Config, error) {
 	if c.SessionsPerPeer < 0 || c.SessionsPerPeer > MaxSessionsPerPeer {
 		bad("SessionsPerPeer %d is outside [0, %d]", c.SessionsPerPeer, MaxSessionsPerPeer)
 	}
-	if c.MaxStreamWindow != 0 && c.MaxStreamWindow < minStreamWindow {
-		bad("MaxStreamWindow %d is below the protocol minimum %d", c.MaxStreamWindow, minStreamWindow)
+	if c.MaxStreamWindow != 0 && c.MaxStreamWindow < MinStreamWindow {
+		bad("MaxStreamWindow %d is below the protocol minimum %d", c.MaxStreamWindow, MinStreamWindow)
 	}
-	if c.MaxSessionBuffered != 0 && c.MaxSessionBuffered < minSessionBuffered {
-		bad("MaxSessionBuffered %d is below %d", c.MaxSessionBuffered, minSessionBuffered)
+	if c.MaxSessionBuffered != 0 && c.MaxSessionBuffered < MinSessionBuffered {
+		bad("MaxSessionBuffered %d is below %d", c.MaxSessionBuffered, MinSessionBuffered)
 	}
 	if c.TLS != nil && c.TLS.Current() == nil {
 		bad("TLS credentials have no certificate (mutual TLS needs one on both sides)")

@@ -124,10 +124,6 @@ func sameHostName(ap netip.AddrPort) string {
 	return "@tcpproxy/session/" + ap.String()
 }
 
-// sameHostAddrs lists the loopback addresses a TCP listener at a accepts
-// connections on, under which it also listens for same-host peers: its own
-// address if that is a loopback one, 127.0.0.1 and ::1 if it listens on
-// every address, and none otherwise.
 // listenNetwork is "tcp4" for an IPv4 address, such as 0.0.0.0: Go would
 // otherwise listen on the IPv6 wildcard for it too, accepting from IPv6
 // peers the configuration did not name (and reporting [::] as the
@@ -141,6 +137,10 @@ func listenNetwork(addr string) string {
 	return "tcp"
 }
 
+// sameHostAddrs lists the loopback addresses a TCP listener at a accepts
+// connections on, under which it also listens for same-host peers: its own
+// address if that is a loopback one, 127.0.0.1 and ::1 if it listens on
+// every address, and none otherwise.
 func sameHostAddrs(a net.Addr) []netip.AddrPort {
 	ta, ok := a.(*net.TCPAddr)
 	if !ok {

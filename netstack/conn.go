@@ -92,17 +92,20 @@ func (c *Conn) AwaitReset() error {
 		}
 		if s := tcp.EndpointState(c.ep.State()); s == tcp.StateError || s == tcp.StateClose {
 			// An RST in CLOSE-WAIT ends in CLOSED, as in Linux; so does a
-			// clean close (our FIN acknowledged), which has no error.
+			// clean close (our FIN acknowledged), which has no error, or
+			// only a soft one (an ICMP error the connection outlived).
 			errno := syscall.ECONNABORTED
 			switch c.ep.LastError().(type) {
-			case nil:
-				return nil
 			case *tcpip.ErrAborted:
 				errno = syscall.EPIPE // an RST in CLOSE-WAIT, as Linux reports it
 			case *tcpip.ErrConnectionReset:
 				errno = syscall.ECONNRESET
 			case *tcpip.ErrTimeout:
 				errno = syscall.ETIMEDOUT
+			default:
+				if s == tcp.StateClose {
+					return nil
+				}
 			}
 			return c.opError("read", os.NewSyscallError("read", errno))
 		}
@@ -232,20 +235,11 @@ func (c *Conn) opError(op string, err error) error {
 
 // PeerReset reports whether the peer has reset the connection (or it
 // failed otherwise, such as by a retransmission timeout), without reading
-// it: the proxy asks while data read from the connection waits to be sent
-// on, and it does not read. A connection closed here, or ended cleanly,
-// was not reset. Once it says yes, the connection's error is consumed:
-// the caller resets the connection.
+// it and without consuming the error, which a read returns next: the proxy
+// asks while data read from the connection waits to be sent on, and it
+// does not read. An RST after the peer's FIN (in CLOSE-WAIT) leaves the
+// endpoint closed as a clean close does, and only consuming its error
+// would tell them apart: that one is seen at the next read.
 func (c *Conn) PeerReset() bool {
-	if c.closed.Load() {
-		return false
-	}
-	switch tcp.EndpointState(c.ep.State()) {
-	case tcp.StateError:
-		return true
-	case tcp.StateClose:
-		// An RST in CLOSE-WAIT, or a clean close, which has no error.
-		return c.ep.LastError() != nil
-	}
-	return false
+	return !c.closed.Load() && tcp.EndpointState(c.ep.State()) == tcp.StateError
 }

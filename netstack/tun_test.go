@@ -376,3 +376,28 @@ func TestTUNDeletedDeviceFails(t *testing.T) {
 	events.WaitClosed(t)
 	require.NoError(t, n.Close(), "closing a Network whose device is gone")
 }
+
+// TestTUNSetDownFails: a TUN device set down (`ip link set down`) loses
+// the routes into it, which setting it up again does not restore; the
+// Network reports the failure, so that its instance is restarted rather
+// than left unreachable while it looks healthy.
+func TestTUNSetDownFails(t *testing.T) {
+	ctx := testCtx(t)
+	n, ns := newTUN(t)
+	claim, l := listenClaim(ctx, t, n)
+	client, server := pair(t, l, func() (net.Conn, error) { return kernelDial(ns, claim) })
+	roundTrip(t, client, server)
+	require.Nil(t, n.Err())
+
+	ns.Do(func() {
+		link, err := netlink.LinkByName("tptest0")
+		require.NoError(t, err)
+		require.NoError(t, netlink.LinkSetDown(link))
+	})
+	select {
+	case <-n.Failed():
+	case <-ctx.Done():
+		require.FailNow(t, "the Network did not report its device set down")
+	}
+	require.ErrorContains(t, n.Err(), "tptest0 went down")
+}

@@ -22,7 +22,7 @@ import (
 //
 // So once per stallCheck the proxy looks at the connections whose send has
 // been waiting since its previous look, and resets those whose legacy
-// connection the program has reset. The look costs one getsockopt per such
+// connection the program has reset. The look costs one poll(2) per such
 // connection and nothing for the others; a reset is passed on within two
 // stallChecks.
 const stallCheck = time.Second
@@ -78,10 +78,13 @@ func (p *Proxy) checkStalledSends(stalled []*proxiedConn) []*proxiedConn {
 	return stalled[:0]
 }
 
-// peerReset reports whether c's peer has reset it, without reading it: a
-// netconn.ResetChecker says so itself; a kernel socket has a pending
-// error (SO_ERROR, which the check consumes: the connection is reset
-// next).
+// peerReset reports whether c's peer has reset it, without reading it and
+// without consuming the error: the relay, whose send may complete before
+// the connection is reset, must still read the reset, not an EOF it would
+// pass on as a clean end. A netconn.ResetChecker says so itself; a kernel
+// socket with a pending error (an RST, a retransmission timeout) polls
+// POLLERR, which leaves the error for the next read (SO_ERROR would take
+// it).
 func peerReset(c netconn.Conn) bool {
 	if r, ok := c.(netconn.ResetChecker); ok {
 		return r.PeerReset()
@@ -94,11 +97,12 @@ func peerReset(c netconn.Conn) bool {
 	if err != nil {
 		return false
 	}
-	var soErr int
-	if rc.Control(func(fd uintptr) {
-		soErr, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
-	}) != nil {
-		return false
-	}
-	return soErr != 0
+	failed := false
+	_ = rc.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd)}} // POLLERR needs no asking
+		if n, err := unix.Poll(fds, 0); err == nil && n == 1 {
+			failed = fds[0].Revents&unix.POLLERR != 0
+		}
+	})
+	return failed
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"sync"
@@ -39,9 +40,10 @@ type Device struct {
 
 	// failed is closed when the device is lost under the Device (see
 	// Failed); failure says how.
-	failOnce sync.Once
-	failed   chan struct{}
-	failure  error
+	failOnce  sync.Once
+	failed    chan struct{}
+	failure   error
+	watchLink chan int // the link's index, once it is up
 
 	closeOnce sync.Once
 	closeErr  error
@@ -74,12 +76,28 @@ func Create(cfg Config) (_ *Device, err error) {
 		locals:  make(map[netip.Addr]bool),
 		failed:  make(chan struct{}),
 	}
-	// wireguard's monitor goroutines block on a small event channel;
-	// nobody here needs the events, so drain them until Close closes it.
+	// wireguard's monitor goroutines block on a small event channel,
+	// drained until Close closes it. Its events come with every change of
+	// the link; once the link is set up (watchLink), each makes the
+	// Device look at the link, which fails it if the link went down.
 	d.events.Add(1)
+	d.watchLink = make(chan int, 1)
 	go func() {
 		defer d.events.Done()
-		for range dev.Events() {
+		index, watch := 0, d.watchLink
+		events := dev.Events()
+		for {
+			select {
+			case index = <-watch:
+				watch = nil
+			case _, ok := <-events:
+				if !ok {
+					return
+				}
+				if index != 0 && !d.closed.Load() {
+					d.checkLink(index)
+				}
+			}
 		}
 	}()
 	defer func() {
@@ -142,10 +160,26 @@ func (d *Device) setup() error {
 	if err := d.nl.LinkSetUp(link); err != nil {
 		return fmt.Errorf("tun: set link %s up: %w", d.cfg.Name, err)
 	}
+	d.watchLink <- link.Attrs().Index
 	for _, a := range d.cfg.Local {
 		d.locals[a] = true
 	}
 	return d.routing.apply(link.Attrs().Index, d.lo, d.cfg.Prefixes, d.cfg.Source, d.cfg.Local)
+}
+
+// checkLink fails the Device if its link is down or gone: the kernel
+// deletes the routes of a link that goes down, and setting it up again
+// does not restore them (an operator's `ip link set down`; a deletion goes
+// down first). A failed look is left for the next event.
+func (d *Device) checkLink(index int) {
+	link, err := d.nl.LinkByIndex(index)
+	var gone netlink.LinkNotFoundError
+	switch {
+	case errors.As(err, &gone):
+		d.fail(fmt.Errorf("tun: device %s was deleted", d.cfg.Name))
+	case err == nil && link.Attrs().Flags&net.FlagUp == 0:
+		d.fail(fmt.Errorf("tun: device %s went down, and the routes into it with it", d.cfg.Name))
+	}
 }
 
 // fail records that the device is lost, once.
@@ -158,10 +192,10 @@ func (d *Device) fail(err error) {
 }
 
 // Failed returns a channel that is closed when the device is lost under
-// the Device: ReadFrame failed other than after Close, as it does at once
-// when someone else deletes the device (an operator's `ip link del`, a CNI
-// plugin cleaning up). No packet crosses it after that; Err says why.
-// Close does not close it.
+// the Device: the link went down after it was up, taking the routes into
+// it along, or was deleted (an operator's `ip link`, a CNI plugin cleaning
+// up), or ReadFrame failed other than after Close.
+// No packet crosses it after that; Err says why. Close does not close it.
 func (d *Device) Failed() <-chan struct{} { return d.failed }
 
 // Err returns why the device was lost, once Failed is closed; nil before.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/dustin/go-humanize"
 	"gopkg.in/yaml.v3"
 
 	"github.com/tcpproxy/tcpproxy/channels"
@@ -91,6 +93,16 @@ type transportConfig struct {
 	// completes them cannot exhaust file descriptors.
 	MaxHandshakes      int `yaml:"maxHandshakes"`
 	MaxHandshakesPerIP int `yaml:"maxHandshakesPerIP"`
+	// MaxStreamWindow is the largest receive window of one stream
+	// (default 16MiB): a bulk stream moves at most this much per round
+	// trip, so a long fat link (1 Gbit/s at 200 ms holds 25 MB in
+	// flight) wants more. A stream's window also stays under a quarter of
+	// MaxSessionBuffered.
+	MaxStreamWindow byteSize `yaml:"maxStreamWindow"`
+	// MaxSessionBuffered bounds what a peer sent on one session that
+	// nothing read yet (default 256MiB); past it, the streams it sends on
+	// are reset.
+	MaxSessionBuffered byteSize `yaml:"maxSessionBuffered"`
 }
 
 // tlsConfig is the `tls:` section (mutual TLS between proxies) and
@@ -159,6 +171,26 @@ func (d *duration) UnmarshalYAML(n *yaml.Node) error {
 		return &valueError{Line: n.Line, Value: s, Want: "a duration of zero or more"}
 	}
 	*d = duration(v)
+	return nil
+}
+
+// byteSize is a size in bytes, written as a number of bytes or with a
+// unit: 16MiB, 512KiB, 20MB.
+type byteSize int64
+
+// sizeWords says what a size field expects.
+const sizeWords = "a size such as 16MiB, 512KiB or 1048576 (bytes)"
+
+func (b *byteSize) UnmarshalYAML(n *yaml.Node) error {
+	var s string
+	if err := n.Decode(&s); err != nil {
+		return &valueError{Line: n.Line, Value: n.Value, Want: sizeWords}
+	}
+	v, err := humanize.ParseBytes(s)
+	if err != nil || v > math.MaxInt64 {
+		return &valueError{Line: n.Line, Value: s, Want: sizeWords}
+	}
+	*b = byteSize(v)
 	return nil
 }
 
@@ -294,6 +326,12 @@ func (c *fileConfig) validate() error {
 		if f.v < 0 {
 			errs = append(errs, fmt.Errorf("transport.%s: %d is negative (0 means the default)", f.name, f.v))
 		}
+	}
+	if w := int64(c.Transport.MaxStreamWindow); w != 0 && (w < channels.MinStreamWindow || w > math.MaxUint32) {
+		errs = append(errs, fmt.Errorf("transport.maxStreamWindow: %s is outside 256KiB..4GiB (0 means the default, 16MiB)", humanize.IBytes(uint64(w))))
+	}
+	if b := int64(c.Transport.MaxSessionBuffered); b != 0 && b < channels.MinSessionBuffered {
+		errs = append(errs, fmt.Errorf("transport.maxSessionBuffered: %s is below 1MiB (0 means the default, 256MiB)", humanize.IBytes(uint64(b))))
 	}
 	switch c.Transport.SameHost {
 	case "", "unix", "tcp":

@@ -23,7 +23,7 @@ channels:
   api: {kind: request, port: 8080}
   peers: {kind: duplex, port: 2380, mode: both}
 legacy: {onChange: SIGHUP, stopTimeout: 2s}
-transport: {keepAlive: 5s, dialTimeout: 1s, handshakeTimeout: 2s, sessions: 2, maxHandshakes: 100, maxHandshakesPerIP: 10}
+transport: {keepAlive: 5s, dialTimeout: 1s, handshakeTimeout: 2s, sessions: 2, maxHandshakes: 100, maxHandshakesPerIP: 10, maxStreamWindow: 64MiB, maxSessionBuffered: 1073741824}
 log: {format: json, level: debug}
 drainTimeout: 3s
 `
@@ -36,6 +36,8 @@ func TestParseConfig(t *testing.T) {
 	assert.Len(t, cfg.Members.Static, 1)
 	assert.Equal(t, 100, cfg.Transport.MaxHandshakes)
 	assert.Equal(t, 10, cfg.Transport.MaxHandshakesPerIP)
+	assert.Equal(t, byteSize(64<<20), cfg.Transport.MaxStreamWindow)
+	assert.Equal(t, byteSize(1<<30), cfg.Transport.MaxSessionBuffered)
 }
 
 func TestParseConfigErrors(t *testing.T) {
@@ -70,6 +72,10 @@ func TestParseConfigErrors(t *testing.T) {
 		{"sameHost", "iid: a\nrole: r\nlisten: x:1\ntransport: {sameHost: pipe}\nchannels:\n  db: {kind: reply, port: 1}\n", `transport.sameHost: "pipe" is not unix or tcp`},
 		{"maxHandshakesPerIP", "iid: a\nrole: r\nlisten: x:1\ntransport: {maxHandshakesPerIP: -1}\nchannels:\n  db: {kind: reply, port: 1}\n", "transport.maxHandshakesPerIP: -1 is negative"},
 		{"not yaml", "{{{", "did not find expected"},
+		{"size not a size", "iid: a\nrole: r\nlisten: x:1\ntransport: {maxStreamWindow: large}\nchannels:\n  db: {kind: reply, port: 1}\n", `transport.maxStreamWindow (line 4): "large" is not a size such as 16MiB, 512KiB or 1048576 (bytes)`},
+		{"window too small", "iid: a\nrole: r\nlisten: x:1\ntransport: {maxStreamWindow: 64KiB}\nchannels:\n  db: {kind: reply, port: 1}\n", "transport.maxStreamWindow: 64 KiB is outside 256KiB..4GiB"},
+		{"window too large", "iid: a\nrole: r\nlisten: x:1\ntransport: {maxStreamWindow: 8GiB}\nchannels:\n  db: {kind: reply, port: 1}\n", "transport.maxStreamWindow: 8.0 GiB is outside 256KiB..4GiB"},
+		{"session budget too small", "iid: a\nrole: r\nlisten: x:1\ntransport: {maxSessionBuffered: 1000}\nchannels:\n  db: {kind: reply, port: 1}\n", "transport.maxSessionBuffered: 1000 B is below 1MiB"},
 		{"static member without a port", "iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: b, role: r, addr: 127.0.0.1}\nchannels:\n  db: {kind: reply, port: 1}\n", `members.static[0]: member "b": addr "127.0.0.1" is not host:port`},
 		{"static member with a bad port", "iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: b, role: r, addr: \"127.0.0.1:99999\"}\nchannels:\n  db: {kind: reply, port: 1}\n", `members.static[0]: member "b": addr "127.0.0.1:99999": port must be 1-65535`},
 		{"static member with a space", "iid: a\nrole: r\nlisten: 127.0.0.1:1\nmembers:\n  static:\n    - {iid: x y, role: r, addr: \"127.0.0.1:2\"}\nchannels:\n  db: {kind: reply, port: 1}\n", `members.static[0]: iid "x y" contains a space`},

@@ -90,6 +90,8 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 		MaxSessionAge:      time.Duration(cfg.Transport.MaxSessionAge),
 		MaxHandshakes:      cfg.Transport.MaxHandshakes,
 		MaxHandshakesPerIP: cfg.Transport.MaxHandshakesPerIP,
+		MaxStreamWindow:    uint32(cfg.Transport.MaxStreamWindow), // validated
+		MaxSessionBuffered: int64(cfg.Transport.MaxSessionBuffered),
 		OnRefused:          obs.onRefused(),
 	})
 	if err != nil {
