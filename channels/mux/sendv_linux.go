@@ -150,3 +150,24 @@ func tcpBytesAcked(rc syscall.RawConn) (uint64, bool) {
 	}
 	return info.Bytes_acked, true
 }
+
+// tcpRecovering reports whether the TCP socket rc is recovering from loss:
+// it has data in flight that the kernel retransmits (timeouts, backoff, or
+// the loss state of congestion control). A peer that merely does not read
+// acknowledges everything and closes its window: no data in flight.
+func tcpRecovering(rc syscall.RawConn) bool {
+	if rc == nil {
+		return false
+	}
+	var (
+		info *unix.TCPInfo
+		err  error
+	)
+	if cerr := rc.Control(func(fd uintptr) {
+		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+	}); cerr != nil || err != nil {
+		return false
+	}
+	const caLoss = 4 // TCP_CA_Loss
+	return info.Unacked > 0 && (info.Retransmits > 0 || info.Backoff > 0 || info.Ca_state == caLoss)
+}

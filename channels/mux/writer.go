@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -353,6 +354,10 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
 	}
 	s.bw.final = final
+	if !final {
+		s.lossWatch.start(s)
+		defer s.lossWatch.stop()
+	}
 	// Counted before the write, which hands the frames' buffers back.
 	n := dataBytes(batch)
 	err := s.bw.write(batch)
@@ -371,10 +376,81 @@ func (s *Session) writeProgress() {
 	if s.bw.final || s.closing.Load() {
 		return
 	}
+	s.lossWatch.progressed(s)
 	_ = s.conn.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
 	if s.closing.Load() {
 		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
 	}
+}
+
+// lossWatch keeps a write's deadline from ending a session whose TCP
+// connection is recovering from loss: after a link outage or a burst of
+// losses the kernel's retransmission timeout backs off (0.2s, 0.4s, ...
+// 6.4s), so a link that is back may carry nothing for longer than
+// WriteTimeout, and every stream of the session would be reset for a
+// blip. While a write waits, the watch looks every WriteTimeout/2: if the
+// kernel retransmits data in flight, it moves the deadline on, up to
+// maxLossWait since the last progress; a peer that does not read (its
+// kernel acknowledges everything, window closed) gets WriteTimeout, as
+// before. The keepalive still ends a session whose peer sends nothing
+// back.
+type lossWatch struct {
+	mu       sync.Mutex
+	timer    *time.Timer
+	writing  bool
+	progress atomic.Int64 // the session clock at the last progress
+}
+
+// maxLossWait bounds how long a write may wait on a connection recovering
+// from loss: TCP itself would retry for minutes, but a session whose link
+// carries nothing for this long has its streams better reset and redialed.
+func (s *Session) maxLossWait() time.Duration {
+	return max(6*s.cfg.WriteTimeout, s.cfg.KeepAliveInterval+s.cfg.KeepAliveTimeout)
+}
+
+func (w *lossWatch) start(s *Session) {
+	if s.tcp == nil {
+		return
+	}
+	w.progress.Store(s.clock())
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.writing = true
+	if w.timer == nil {
+		w.timer = time.AfterFunc(s.cfg.WriteTimeout/2, func() { w.check(s) })
+	} else {
+		w.timer.Reset(s.cfg.WriteTimeout / 2)
+	}
+}
+
+func (w *lossWatch) stop() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.writing = false
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+}
+
+// progress records that the write in progress moved.
+func (w *lossWatch) progressed(s *Session) { w.progress.Store(s.clock()) }
+
+// check runs every WriteTimeout/2 while a write waits.
+func (w *lossWatch) check(s *Session) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.writing || s.closing.Load() {
+		return
+	}
+	stalled := time.Duration(s.clock() - w.progress.Load())
+	if stalled < s.maxLossWait() && tcpRecovering(s.tcp) {
+		_ = s.conn.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+		if s.closing.Load() {
+			_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
+		}
+		s.lossExtensions.Add(1)
+	}
+	w.timer.Reset(s.cfg.WriteTimeout / 2)
 }
 
 // batchWriter encodes a batch of frames and writes it in as few writes as
