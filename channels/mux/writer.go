@@ -166,6 +166,7 @@ func (s *Session) writeLoop() {
 	defer s.wg.Done()
 	defer close(s.writerDone)
 	defer s.conn.Close()
+	defer s.lossWatch.end()
 	var batch []frame
 	for {
 		s.sendMu.Lock()
@@ -395,9 +396,10 @@ func (s *Session) writeProgress() {
 // before. The keepalive still ends a session whose peer sends nothing
 // back.
 type lossWatch struct {
-	mu       sync.Mutex
-	timer    *time.Timer
-	writing  bool
+	timer    *time.Timer // made by the first start, under once
+	once     sync.Once
+	armed    atomic.Bool  // the timer is set to fire
+	writing  atomic.Bool  // a write is in progress
 	progress atomic.Int64 // the session clock at the last progress
 }
 
@@ -408,38 +410,42 @@ func (s *Session) maxLossWait() time.Duration {
 	return max(6*s.cfg.WriteTimeout, s.cfg.KeepAliveInterval+s.cfg.KeepAliveTimeout)
 }
 
+// start marks a write in progress. The timer is set only when it is not
+// already: a busy session pays two atomic stores per write, and one timer
+// reset per half WriteTimeout.
 func (w *lossWatch) start(s *Session) {
 	if s.tcp == nil {
 		return
 	}
 	w.progress.Store(s.clock())
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.writing = true
-	if w.timer == nil {
-		w.timer = time.AfterFunc(s.cfg.WriteTimeout/2, func() { w.check(s) })
-	} else {
-		w.timer.Reset(s.cfg.WriteTimeout / 2)
+	w.writing.Store(true)
+	if !w.armed.Load() && w.armed.CompareAndSwap(false, true) {
+		w.once.Do(func() { w.timer = time.AfterFunc(time.Hour, func() { w.check(s) }) })
+		if w.timer != nil { // nil: the writer has ended (end)
+			w.timer.Reset(s.cfg.WriteTimeout / 2)
+		}
 	}
 }
 
-func (w *lossWatch) stop() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.writing = false
+func (w *lossWatch) stop() { w.writing.Store(false) }
+
+// end stops the timer for good: the session's writer has ended.
+func (w *lossWatch) end() {
+	w.once.Do(func() {}) // no timer made after this
 	if w.timer != nil {
 		w.timer.Stop()
 	}
 }
 
-// progress records that the write in progress moved.
+// progressed records that the write in progress moved.
 func (w *lossWatch) progressed(s *Session) { w.progress.Store(s.clock()) }
 
-// check runs every WriteTimeout/2 while a write waits.
+// check runs half a WriteTimeout after start, and again while writes go
+// on. armed is cleared before writing is read, so that a write starting
+// meanwhile finds the timer unarmed and sets it.
 func (w *lossWatch) check(s *Session) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	if !w.writing || s.closing.Load() {
+	w.armed.Store(false)
+	if !w.writing.Load() || s.closing.Load() {
 		return
 	}
 	stalled := time.Duration(s.clock() - w.progress.Load())
@@ -450,7 +456,9 @@ func (w *lossWatch) check(s *Session) {
 		}
 		s.lossExtensions.Add(1)
 	}
-	w.timer.Reset(s.cfg.WriteTimeout / 2)
+	if w.armed.CompareAndSwap(false, true) {
+		w.timer.Reset(s.cfg.WriteTimeout / 2)
+	}
 }
 
 // batchWriter encodes a batch of frames and writes it in as few writes as
