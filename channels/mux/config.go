@@ -66,12 +66,7 @@ type Config struct {
 	MaxPendingOpens int
 
 	// WriteTimeout bounds each write to the connection (default 10s): a
-	// peer that stops reading for that long ends the session. A write
-	// over TCP that waits because the kernel is retransmitting (a link
-	// that dropped packets or went down for a moment, whose
-	// retransmission timer has backed off) waits on, up to six times
-	// WriteTimeout or the keepalive's bound, whichever is longer
-	// (Stats.LossWaits counts the extensions).
+	// peer that stops reading for that long ends the session.
 	WriteTimeout time.Duration
 
 	// NoSplice turns off zero-copy splicing (see Stream.SpliceFrom and

@@ -85,10 +85,6 @@ type Session struct {
 	// broken is the first failed write: nothing more is written, and the
 	// writer ends the session with it (writeFailed).
 	broken error
-	// lossWatch moves a waiting write's deadline on while TCP recovers
-	// from loss; lossExtensions counts the moves (tests read it).
-	lossWatch      lossWatch
-	lossExtensions atomic.Uint64
 }
 
 // Client starts the dialer's side of a session over conn: its streams have

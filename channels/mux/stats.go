@@ -17,10 +17,6 @@ type Stats struct {
 	BytesSent, BytesReceived uint64
 	// Streams is NumStreams.
 	Streams int
-	// LossWaits counts the times a write waiting on the connection had
-	// its deadline moved on because TCP was recovering from loss (see
-	// Config.WriteTimeout).
-	LossWaits uint64
 }
 
 // counters are the session's traffic counters. The reader adds what it
@@ -59,6 +55,5 @@ func (s *Session) Stats() Stats {
 		BytesSent:     s.counters.sent.Load(),
 		BytesReceived: s.counters.received.Load(),
 		Streams:       s.NumStreams(),
-		LossWaits:     s.lossExtensions.Load(),
 	}
 }

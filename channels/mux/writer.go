@@ -6,7 +6,6 @@ import (
 	"net"
 	"os"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -166,7 +165,6 @@ func (s *Session) writeLoop() {
 	defer s.wg.Done()
 	defer close(s.writerDone)
 	defer s.conn.Close()
-	defer s.lossWatch.end()
 	var batch []frame
 	for {
 		s.sendMu.Lock()
@@ -355,10 +353,6 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
 	}
 	s.bw.final = final
-	if !final {
-		s.lossWatch.start(s)
-		defer s.lossWatch.stop()
-	}
 	// Counted before the write, which hands the frames' buffers back.
 	n := dataBytes(batch)
 	err := s.bw.write(batch)
@@ -377,87 +371,9 @@ func (s *Session) writeProgress() {
 	if s.bw.final || s.closing.Load() {
 		return
 	}
-	s.lossWatch.progressed(s)
 	_ = s.conn.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
 	if s.closing.Load() {
 		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
-	}
-}
-
-// lossWatch keeps a write's deadline from ending a session whose TCP
-// connection is recovering from loss: after a link outage or a burst of
-// losses the kernel's retransmission timeout backs off (0.2s, 0.4s, ...
-// 6.4s), so a link that is back may carry nothing for longer than
-// WriteTimeout, and every stream of the session would be reset for a
-// blip. While a write waits, the watch looks every WriteTimeout/2: if the
-// kernel retransmits data in flight, it moves the deadline on, up to
-// maxLossWait since the last progress; a peer that does not read (its
-// kernel acknowledges everything, window closed) gets WriteTimeout, as
-// before. The keepalive still ends a session whose peer sends nothing
-// back.
-type lossWatch struct {
-	timer    *time.Timer // made by the first start, under once
-	once     sync.Once
-	armed    atomic.Bool  // the timer is set to fire
-	writing  atomic.Bool  // a write is in progress
-	progress atomic.Int64 // the session clock at the last progress
-}
-
-// maxLossWait bounds how long a write may wait on a connection recovering
-// from loss: TCP itself would retry for minutes, but a session whose link
-// carries nothing for this long has its streams better reset and redialed.
-func (s *Session) maxLossWait() time.Duration {
-	return max(6*s.cfg.WriteTimeout, s.cfg.KeepAliveInterval+s.cfg.KeepAliveTimeout)
-}
-
-// start marks a write in progress. The timer is set only when it is not
-// already: a busy session pays two atomic stores per write, and one timer
-// reset per half WriteTimeout.
-func (w *lossWatch) start(s *Session) {
-	if s.tcp == nil {
-		return
-	}
-	w.progress.Store(s.clock())
-	w.writing.Store(true)
-	if !w.armed.Load() && w.armed.CompareAndSwap(false, true) {
-		w.once.Do(func() { w.timer = time.AfterFunc(time.Hour, func() { w.check(s) }) })
-		if w.timer != nil { // nil: the writer has ended (end)
-			w.timer.Reset(s.cfg.WriteTimeout / 2)
-		}
-	}
-}
-
-func (w *lossWatch) stop() { w.writing.Store(false) }
-
-// end stops the timer for good: the session's writer has ended.
-func (w *lossWatch) end() {
-	w.once.Do(func() {}) // no timer made after this
-	if w.timer != nil {
-		w.timer.Stop()
-	}
-}
-
-// progressed records that the write in progress moved.
-func (w *lossWatch) progressed(s *Session) { w.progress.Store(s.clock()) }
-
-// check runs half a WriteTimeout after start, and again while writes go
-// on. armed is cleared before writing is read, so that a write starting
-// meanwhile finds the timer unarmed and sets it.
-func (w *lossWatch) check(s *Session) {
-	w.armed.Store(false)
-	if !w.writing.Load() || s.closing.Load() {
-		return
-	}
-	stalled := time.Duration(s.clock() - w.progress.Load())
-	if stalled < s.maxLossWait() && tcpRecovering(s.tcp) {
-		_ = s.conn.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
-		if s.closing.Load() {
-			_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
-		}
-		s.lossExtensions.Add(1)
-	}
-	if w.armed.CompareAndSwap(false, true) {
-		w.timer.Reset(s.cfg.WriteTimeout / 2)
 	}
 }
 
