@@ -101,12 +101,24 @@ type reader interface {
 // newReader reads a legacy connection: a kernel socket through its
 // RawConn, others (gVisor connections) with Read.
 func newReader(src netconn.Conn) reader {
-	if sc, ok := src.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			return newRawReader(rc)
-		}
+	if rc := rawConn(src); rc != nil {
+		return newRawReader(rc)
 	}
 	return &plainReader{r: src}
+}
+
+// rawConn returns c's kernel socket, nil if it has none (a gVisor
+// connection).
+func rawConn(c netconn.Conn) syscall.RawConn {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return nil
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	return rc
 }
 
 // rawReader reads a kernel socket with read(2) through its RawConn: a read
@@ -405,16 +417,12 @@ func awaitLegacyReset(c netconn.Conn) error {
 	if r, ok := c.(netconn.ResetAwaiter); ok {
 		return r.AwaitReset()
 	}
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return nil
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
+	rc := rawConn(c)
+	if rc == nil {
 		return nil
 	}
 	var reset error
-	err = rc.Read(func(fd uintptr) bool {
+	err := rc.Read(func(fd uintptr) bool {
 		n, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
 		if err == nil && n != 0 {
 			reset = os.NewSyscallError("read", syscall.Errno(n))

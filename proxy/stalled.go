@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -89,12 +88,8 @@ func peerReset(c netconn.Conn) bool {
 	if r, ok := c.(netconn.ResetChecker); ok {
 		return r.PeerReset()
 	}
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return false
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
+	rc := rawConn(c)
+	if rc == nil {
 		return false
 	}
 	failed := false
