@@ -109,6 +109,10 @@ func TestRestartPeer(t *testing.T) {
 	_, err := s.Write([]byte("hello"))
 	require.NoError(t, err)
 
+	// The first open dials the second of SessionsPerPeer in the
+	// background; were it still dialing when b closes, b could accept it
+	// and a take it for a live session after the others ended.
+	sessionsUp(t, a, "b", channels.DefaultSessionsPerPeer)
 	require.NoError(t, b.Close()) // the peer dies
 	_, err = io.ReadAll(s)
 	require.Error(t, err, "an open stream fails when its peer dies")
@@ -144,8 +148,13 @@ func TestRestartPeer(t *testing.T) {
 	require.NoError(t, s2.Close())
 }
 
-// TestRestartPeerTCP does the same over real sockets, where the peer's
-// death reaches us as a closed TCP connection.
+// sessionsUp waits until n has want sessions with peer iid, so that no
+// dial of one is under way.
+func sessionsUp(t *testing.T, n *channels.Node, iid string, want int) {
+	t.Helper()
+	require.Eventually(t, func() bool { return n.NumSessions(iid) == want }, 5*time.Second, time.Millisecond)
+}
+
 // sessionsGone waits until n has seen the end of all its sessions with
 // peer iid (there are SessionsPerPeer, and each notices the end by
 // itself): until then, an Open may still pick one of them and succeed, only
@@ -167,6 +176,7 @@ func testRestartPeer(t *testing.T, tr channels.Transport) {
 	req, reply, a, b := pair(t, tr, nil)
 	s, _ := open(t, req, reply)
 	addr := b.Addr()
+	sessionsUp(t, a, "b", channels.DefaultSessionsPerPeer)
 	require.NoError(t, b.Close())
 	_, err := io.ReadAll(s)
 	require.ErrorIs(t, err, channels.ErrStreamReset, "a lost session resets its streams")
