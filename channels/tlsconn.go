@@ -97,6 +97,11 @@ func newRecordConn(c net.Conn) *recordConn {
 	return rc
 }
 
+// NetConn returns the connection under the record layer, so that the
+// session reaches the TCP socket through TLS (its keepalive and write
+// timeout read TCP_INFO).
+func (c *recordConn) NetConn() net.Conn { return c.Conn }
+
 // Read returns what is read ahead, or waits for the socket to be readable,
 // holding no buffer, and reads what it holds.
 func (c *recordConn) Read(p []byte) (int, error) {

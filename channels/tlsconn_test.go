@@ -251,3 +251,20 @@ func TestTLSSessionGathersBatch(t *testing.T) {
 	require.NoError(t, st.CloseWrite())
 	require.True(t, bytes.Equal(msg, <-got), "bytes differ")
 }
+
+// TestTLSSessionConnReachesTheSocket: through a session's TLS connection
+// and its record layer, NetConn leads to the TCP socket, whose TCP_INFO
+// the session's keepalive and write timeout read (bytes acknowledged,
+// retransmissions).
+func TestTLSSessionConnReachesTheSocket(t *testing.T) {
+	client, _ := tlsPair(t, channels.NewRecordConn)
+	var c net.Conn = channels.SessionConn(client)
+	for {
+		nc, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		c = nc.NetConn()
+	}
+	require.IsType(t, &net.TCPConn{}, c)
+}

@@ -3,6 +3,7 @@ package mux
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -349,4 +350,103 @@ func TestSmallFrameOvertakesBulk(t *testing.T) {
 	// The filler's rest and one batch of bulk data (its last frame may
 	// pass the budget), with some slack; not all eight streams' data.
 	require.Less(t, behind, uint64(size+batchBudget+size+size/2), "the message waited behind all the bulk data")
+}
+
+// TestSmallFrameOnSlowLink: on a link that carries half a megabyte a
+// second, a small message waits behind about batchTime of bulk data, not
+// behind a whole Write (256 KiB) or batch (512 KiB) of it: the writer
+// measures the link and splits large frames to its pace.
+func TestSmallFrameOnSlowLink(t *testing.T) {
+	const bulk, rate = 3, 512 << 10
+	c1, c2 := tcpConns(t)
+	smallBuffers(t, 16<<10, c1, c2)
+	cli, srv := newPair(t, c1, throttle(c2, rate, 16<<10), Config{}, Config{})
+	msg, msgPeer := openPair(t, cli, srv)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		cancel()
+		wg.Wait()
+	})
+	for range bulk {
+		st, peer := openPair(t, cli, srv)
+		wg.Go(func() {
+			buf := make([]byte, 256<<10)
+			for ctx.Err() == nil {
+				if _, err := st.Write(buf); err != nil {
+					return
+				}
+			}
+		})
+		wg.Go(func() { _, _ = io.Copy(io.Discard, peer) })
+		context.AfterFunc(ctx, func() { st.Reset() })
+	}
+	start := srv.bytesIn.Load()
+	require.Eventually(t, func() bool { return srv.bytesIn.Load()-start > 256<<10 }, 10*time.Second, time.Millisecond)
+
+	var most uint64
+	for range 5 {
+		before := srv.bytesIn.Load()
+		_, err := msg.Write([]byte("hello"))
+		require.NoError(t, err)
+		_, err = io.ReadFull(msgPeer, make([]byte, 5))
+		require.NoError(t, err)
+		most = max(most, srv.bytesIn.Load()-before)
+	}
+	t.Logf("a message came after %d KiB at most", most>>10)
+	// The socket buffers (32 KiB), the throttle's chunk and a batch or two
+	// of about 25 KiB; not a 256 KiB Write.
+	require.Less(t, most, uint64(160<<10), "the message waited behind a whole bulk Write")
+}
+
+// TestDeadlineAfterSplitHead: once the writer has sent the head of a
+// Write's frame (split on a slow link), the write deadline cannot withdraw
+// the rest: the peer has part of it, so Write must count it all. The peer
+// gets exactly the bytes that Writes report written.
+func TestDeadlineAfterSplitHead(t *testing.T) {
+	c1, c2 := tcpConns(t)
+	smallBuffers(t, 16<<10, c1, c2)
+	cli, srv := newPair(t, c1, throttle(c2, 512<<10, 16<<10), Config{}, Config{})
+	filler, fillerPeer := openPair(t, cli, srv)
+	st, peer := openPair(t, cli, srv)
+	go func() { _, _ = io.Copy(io.Discard, fillerPeer) }()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		buf := make([]byte, 256<<10)
+		for ctx.Err() == nil {
+			if _, err := filler.Write(buf); err != nil {
+				return
+			}
+		}
+	}()
+	context.AfterFunc(ctx, func() { filler.Reset() })
+	require.Eventually(t, func() bool { return cli.pace.budget() < batchBudget }, 10*time.Second, time.Millisecond,
+		"the writer measures the slow link")
+
+	data := make([]byte, 4<<20)
+	for i := range data {
+		data[i] = byte(i * 7 / 5)
+	}
+	got := make(chan []byte, 1)
+	go func() {
+		b, _ := io.ReadAll(peer)
+		got <- b
+	}()
+	sent, timedOut := 0, 0
+	for range 12 {
+		require.NoError(t, st.SetWriteDeadline(time.Now().Add(30*time.Millisecond)))
+		n, err := st.Write(data[sent : sent+128<<10])
+		sent += n
+		if err != nil {
+			require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+			timedOut++
+		}
+	}
+	require.NoError(t, st.SetWriteDeadline(time.Time{}))
+	require.NoError(t, st.CloseWrite())
+	t.Logf("%d KiB written, %d Writes timed out", sent>>10, timedOut)
+	b := <-got
+	require.Equal(t, sent, len(b), "the peer got other bytes than Writes reported")
+	require.True(t, bytes.Equal(data[:sent], b), "the peer got other bytes than written")
 }

@@ -78,10 +78,11 @@ type Session struct {
 	closing       atomic.Bool
 	// owned says that a goroutine is writing to the connection: the writer
 	// with a batch, or a Write with its own frame (writeDirect). Only the
-	// owner uses bw and direct.
+	// owner uses bw and direct, and feeds pace.
 	owned  bool
 	bw     *batchWriter
 	direct [1]frame
+	pace   pacer
 	// broken is the first failed write: nothing more is written, and the
 	// writer ends the session with it (writeFailed).
 	broken error

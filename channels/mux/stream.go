@@ -522,7 +522,7 @@ func (st *Stream) sendLocked(f frame, k int, keep bool) error {
 // caller's to queue. The stream's first frame is always queued: it carries
 // SYN or ACK, and SYNs must leave in stream ID order (pushFirst).
 func (st *Stream) writeOwnLocked(f frame, k int) (wrote bool, err error) {
-	if st.state&stFirstSent == 0 || !st.sess.claimConn() {
+	if st.state&stFirstSent == 0 || !st.sess.claimConn(k) {
 		return false, nil
 	}
 	f.id, f.owner = st.id, nil
@@ -562,7 +562,7 @@ func (st *Stream) awaitWriteLocked(k int, keep bool) bool {
 			return true
 		}
 		if !aborting && st.writeAbortLocked(keep) {
-			if st.sess.cancelWrite(st) {
+			if st.sess.cancelWrite(st, st.state&stWriteReset != 0 || st.sess.IsClosed()) {
 				st.sendWin += uint32(k)
 				return false
 			}

@@ -63,6 +63,10 @@ type frame struct {
 	// The owner keeps the pipe; the writer only drains it.
 	pipe  *kpipe
 	pipeN int
+	// started says that the writer took the head of this data frame
+	// already (takeLocked split it): what is left cannot be withdrawn but
+	// for a reset, since the peer has part of the Write.
+	started bool
 }
 
 // payload returns the bytes of a data frame whose payload is not in a
@@ -137,14 +141,19 @@ func (st *Stream) finishWrite(ok bool) {
 
 // cancelWrite withdraws st's queued data frame, if the writer has not taken
 // it yet, and reports whether it did. A frame carrying the stream's SYN or
-// ACK stays, emptied, so that the stream's opening keeps its place.
-func (s *Session) cancelWrite(st *Stream) bool {
+// ACK stays, emptied, so that the stream's opening keeps its place. The rest
+// of a frame whose head was written is withdrawn only when reset says the
+// stream is reset (the peer drops its data then).
+func (s *Session) cancelWrite(st *Stream, reset bool) bool {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()
 	for i := range s.queue {
 		f := &s.queue[i]
 		if f.owner != st {
 			continue
+		}
+		if f.started && !reset {
+			return false
 		}
 		if f.flags != 0 {
 			f.data, f.owner, f.pipe, f.pipeN = nil, nil, nil, 0
@@ -218,18 +227,21 @@ func (s *Session) writeLoop() {
 }
 
 // batchBudget is about how many bytes of large data frames one batch
-// takes (at least one frame); small and control frames need none.
+// takes (at least one frame) on a fast link; small and control frames need
+// none. On a slow link the pacer lowers it (pacer.budget).
 const batchBudget = 512 << 10
 
 // takeLocked moves the next batch's frames from the queue to batch: every
 // control frame and small data frame, and large data frames until about
-// batchBudget bytes of them are taken. The others stay queued, ahead of
-// what is queued meanwhile, with every later frame of their streams (a
+// the batch budget (pacer.budget) is taken. The others stay queued, ahead
+// of what is queued meanwhile, with every later frame of their streams (a
 // stream's frames keep their order, and so do SYNs, which the peer wants
 // in stream ID order). A small frame, such as an interactive stream's
 // message, a FIN or a window update, then waits behind one batch of bulk
-// data at most, not behind everything queued before it: on a slow link
-// that is seconds, not minutes. The session's last batch takes everything.
+// data at most, not behind everything queued before it. On a slow link a
+// large frame is split to fit the budget (the rest stays queued, started),
+// so that the batch, and the wait, stays within about batchTime of the
+// link. The session's last batch takes everything.
 func (s *Session) takeLocked(batch []frame) []frame {
 	if s.sendClosed {
 		batch = append(batch, s.queue...)
@@ -237,7 +249,8 @@ func (s *Session) takeLocked(batch []frame) []frame {
 		s.queue = s.queue[:0]
 		return batch
 	}
-	budget := batchBudget
+	budget := s.pace.budget()
+	split := budget < batchBudget
 	kept := s.queue[:0] // compacted in place: kept never passes i
 	held, synHeld := s.held[:0], false
 	for i := range s.queue {
@@ -250,6 +263,13 @@ func (s *Session) takeLocked(batch []frame) []frame {
 			hold = true
 		case n > smallWrite && budget <= 0:
 			hold = true
+		}
+		if !hold && split && n > smallWrite {
+			if k := max(budget, smallWrite); n >= k+smallWrite && f.copied == nil {
+				head, rest := f.split(k)
+				batch = append(batch, head)
+				f, budget, hold = rest, 0, true
+			}
 		}
 		if hold {
 			kept = append(kept, f)
@@ -268,6 +288,21 @@ func (s *Session) takeLocked(batch []frame) []frame {
 	return batch
 }
 
+// split cuts a data frame whose payload is not a copy after k bytes: the
+// head, whose verdict nobody waits for, and the rest, which keeps the
+// owner and loses the flags (they went with the head).
+func (f *frame) split(k int) (head, rest frame) {
+	head, rest = *f, *f
+	head.owner = nil
+	rest.flags, rest.started = 0, true
+	if f.pipe != nil {
+		head.pipeN, rest.pipeN = k, f.pipeN-k
+	} else {
+		head.data, rest.data = f.data[:k], f.data[k:]
+	}
+	return head, rest
+}
+
 // payloadLen returns the size of a data frame's payload.
 func (f *frame) payloadLen() int {
 	if f.pipe != nil {
@@ -277,14 +312,15 @@ func (f *frame) payloadLen() int {
 }
 
 // claimConn makes the caller the connection's owner if the connection is
-// idle: no write in progress, nothing queued, the session not ending. The
-// caller then writes its frame with writeDirect. This spares a frame of a
-// lone busy stream (bulk data) two goroutine hand-offs: to the writer and
-// back with its verdict.
-func (s *Session) claimConn() bool {
+// idle: no write in progress, nothing queued, the session not ending, and
+// the caller's frame of n bytes within the batch budget (a larger one goes
+// through the queue, to be split). The caller then writes its frame with
+// writeDirect. This spares a frame of a lone busy stream (bulk data) two
+// goroutine hand-offs: to the writer and back with its verdict.
+func (s *Session) claimConn(n int) bool {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()
-	if s.owned || len(s.queue) > 0 || s.sendClosed || s.broken != nil {
+	if s.owned || len(s.queue) > 0 || s.sendClosed || s.broken != nil || n > s.pace.budget() {
 		return false
 	}
 	s.owned = true
@@ -347,7 +383,8 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 	}
 	// A connection without deadlines still works, without the timeout; a
 	// closed one fails the write below.
-	_ = s.conn.SetWriteDeadline(time.Now().Add(timeout))
+	start := time.Now()
+	_ = s.conn.SetWriteDeadline(start.Add(timeout))
 	if !final && s.closing.Load() {
 		// shutdown shortened the deadline just before ours replaced it.
 		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
@@ -358,8 +395,52 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 	err := s.bw.write(batch)
 	if err == nil {
 		s.counters.sent.Add(n)
+		s.pace.observe(int(n), time.Since(start))
 	}
 	return err
+}
+
+// The pacer keeps a batch to about batchTime of the link. A batch is
+// written whole before the writer takes the next, so what is queued
+// meanwhile (an interactive stream's message, a window update, a new
+// stream's SYN) waits for all of it: 512 KiB is a millisecond on a LAN
+// but eight seconds at half a megabit. The pacer measures the rate at
+// which the connection takes data, over paceWindow of time spent
+// writing (writes that do not wait take next to none, so a fast link
+// measures fast), and sets the budget to batchTime of that rate, within
+// [minBatchBudget, batchBudget].
+const (
+	batchTime      = 50 * time.Millisecond
+	paceWindow     = 100 * time.Millisecond
+	minBatchBudget = 16 << 10
+)
+
+// pacer measures the connection's rate for takeLocked. observe belongs to
+// the connection's owner; budget may be read by anyone.
+type pacer struct {
+	busy  time.Duration // spent writing since the last measurement
+	bytes int           // data bytes written meanwhile
+	limit atomic.Int64  // the budget; 0 until the first measurement
+}
+
+// observe records a write of n data bytes that took d.
+func (p *pacer) observe(n int, d time.Duration) {
+	p.busy += d
+	p.bytes += n
+	if p.busy < paceWindow {
+		return
+	}
+	perBatch := float64(p.bytes) * float64(batchTime) / float64(p.busy)
+	p.limit.Store(int64(min(max(perBatch, minBatchBudget), batchBudget)))
+	p.busy, p.bytes = 0, 0
+}
+
+// budget returns the bytes of large frames a batch may take.
+func (p *pacer) budget() int {
+	if b := p.limit.Load(); b > 0 {
+		return int(b)
+	}
+	return batchBudget
 }
 
 // writeProgress moves the write deadline WriteTimeout on after part of a
