@@ -97,3 +97,10 @@ func RecordConnReads(tc *tls.Conn) (reads int, holding bool) {
 
 // RecordConnReadsRaw reports whether c reads through its RawConn.
 func RecordConnReadsRaw(c net.Conn) bool { return c.(*recordConn).rc != nil }
+
+// StalledSessions counts the node's live sessions with peer iid whose
+// write has waited without progress long enough for new streams to avoid
+// them.
+func (n *Node) StalledSessions(iid string) int {
+	return n.countSessions(iid, func(s *session) bool { return s.ys.Stalled() >= stallAvoid })
+}

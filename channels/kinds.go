@@ -41,7 +41,7 @@ func (r *requestChannel) Open(ctx context.Context, h Header) (Stream, Member, er
 	var errs []error
 	for len(cands) > 0 {
 		m := cands[r.pick(cands)]
-		st, err := r.n.openTo(ctx, m, h, func() { r.add(m.IID, -1) })
+		st, err := r.n.openTo(ctx, m, h, len(cands) == 1, func() { r.add(m.IID, -1) })
 		if err == nil {
 			return st, m, nil
 		}
@@ -151,7 +151,7 @@ func (d *duplexChannel) Open(ctx context.Context, iid string, h Header) (Stream,
 		return nil, fmt.Errorf("duplex channel %q: %q is not a member: %w", d.name, iid, ErrNoMembers)
 	}
 	h.Channel, h.SourceIID = d.name, d.n.cfg.IID
-	st, err := d.n.openTo(ctx, m, h, nil)
+	st, err := d.n.openTo(ctx, m, h, true, nil)
 	if err != nil {
 		return nil, fmt.Errorf("duplex channel %q: %w", d.name, err)
 	}

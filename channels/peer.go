@@ -42,27 +42,44 @@ type dialCall struct {
 	more int
 }
 
-// live returns the open, not retiring session carrying the fewest
-// streams (the newest of those tied), and how many such sessions there
-// are.
-func (p *peer) live() (best *session, open int) {
-	least := 0
+// stallAvoid is how long a session's write may wait without progress
+// (mux.Session.Stalled) before new streams avoid the session: its link
+// carries nothing for now (an outage, TCP backing off after losses), and
+// the write timeout may yet end it, so a connection opened now would wait
+// behind the stall or be reset with it. A working slow link makes
+// progress many times a second.
+const stallAvoid = 2 * time.Second
+
+// live returns the open, not retiring, not stalled session carrying the
+// fewest streams (the newest of those tied); the open, not retiring
+// session stalled the least, if any is; and how many open, not retiring
+// sessions there are, stalled or not.
+func (p *peer) live() (best, stalled *session, open int) {
+	least, leastStall := 0, time.Duration(0)
 	for i := len(p.sessions) - 1; i >= 0; i-- {
 		s := p.sessions[i]
 		if s.ys.IsClosed() || s.isRetiring() {
 			continue
 		}
 		open++
+		if w := s.ys.Stalled(); w >= stallAvoid {
+			if stalled == nil || w < leastStall {
+				stalled, leastStall = s, w
+			}
+			continue
+		}
 		if n := s.ys.NumStreams(); best == nil || n < least {
 			best, least = s, n
 		}
 	}
-	return best, open
+	return best, stalled, open
 }
 
 // openTo opens a stream to member m. release is called once the stream has
-// finished, only when openTo returned it.
-func (n *Node) openTo(ctx context.Context, m Member, h Header, release func()) (Stream, error) {
+// finished, only when openTo returned it. lastResort says that the caller
+// has no other member to try: then a stalled session is better than none
+// (see sessionTo).
+func (n *Node) openTo(ctx context.Context, m Member, h Header, lastResort bool, release func()) (Stream, error) {
 	wh := wire.StreamHeader{Channel: h.Channel, SourceIID: h.SourceIID, SourcePort: h.SourcePort, TargetPort: h.TargetPort}
 	var err error
 	// A session can die or start retiring between the lookup and the
@@ -71,7 +88,7 @@ func (n *Node) openTo(ctx context.Context, m Member, h Header, release func()) (
 	// the peer is going away.
 	for range 3 {
 		var s *session
-		if s, err = n.sessionTo(ctx, m); err != nil {
+		if s, err = n.sessionTo(ctx, m, lastResort); err != nil {
 			return nil, err
 		}
 		var st *stream
@@ -86,7 +103,12 @@ func (n *Node) openTo(ctx context.Context, m Member, h Header, release func()) (
 }
 
 // sessionTo returns a live session with m, dialing one if there is none.
-func (n *Node) sessionTo(ctx context.Context, m Member) (*session, error) {
+// Sessions that are stalled (stallAvoid) count as none: a dial gets a
+// new one beside them. If that cannot be had (the dial fails, the peer's
+// dials are backing off, or enough sessions were dialed around stalls
+// already), the caller gets the stalled session if it is its last resort,
+// and an error otherwise, to try another member.
+func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*session, error) {
 	n.mu.Lock()
 	switch {
 	case n.closed:
@@ -101,9 +123,15 @@ func (n *Node) sessionTo(ctx context.Context, m Member) (*session, error) {
 		p = &peer{}
 		n.peers[m.IID] = p
 	}
-	if s, _ := p.live(); s != nil {
+	s, stalled, open := p.live()
+	switch {
+	case s != nil:
 		n.mu.Unlock()
 		return s, nil
+	case stalled != nil && open >= 2*n.cfg.SessionsPerPeer:
+		// Enough sessions dialed around stalls already.
+		n.mu.Unlock()
+		return n.stalledOr(stalled, lastResort, m, errors.New("no session dialed: enough were dialed around stalls"))
 	}
 	call := p.dial
 	if call == nil {
@@ -112,21 +140,42 @@ func (n *Node) sessionTo(ctx context.Context, m Member) (*session, error) {
 			err := fmt.Errorf("peer %s (%s): %w after %d failed dials, next attempt in %v: %w",
 				m.IID, m.Addr, ErrBackoff, p.failures, wait.Round(time.Millisecond), p.lastErr)
 			n.mu.Unlock()
+			if stalled != nil {
+				return n.stalledOr(stalled, lastResort, m, err)
+			}
 			return nil, err
 		}
 		// The dial belongs to the node, not to this caller: a caller that
 		// gives up must not fail the dial for the others waiting on it.
-		call = &dialCall{done: make(chan struct{}), more: n.cfg.SessionsPerPeer - 1}
+		more := n.cfg.SessionsPerPeer - 1
+		if stalled != nil {
+			more = 0 // one beside the stalled ones
+		}
+		call = &dialCall{done: make(chan struct{}), more: more}
 		p.dial = call
 		n.wg.Go(func() { n.runDial(p, m, call) }) // under n.mu and not closed: see spawn
 	}
 	n.mu.Unlock()
 	select {
 	case <-call.done:
+		if call.err != nil && stalled != nil {
+			return n.stalledOr(stalled, lastResort, m, call.err)
+		}
 		return call.s, call.err
 	case <-ctx.Done():
 		return nil, fmt.Errorf("connect to %s (%s): %w", m.IID, m.Addr, ctx.Err())
 	}
+}
+
+// stalledOr returns the stalled session s to a caller for whom it is the
+// last resort (it may yet recover), and to others the reason no other
+// session could be had.
+func (n *Node) stalledOr(s *session, lastResort bool, m Member, why error) (*session, error) {
+	if lastResort && !s.ys.IsClosed() {
+		return s, nil
+	}
+	return nil, fmt.Errorf("peer %s (%s): every session's writes have waited %v or more without progress, and %w",
+		m.IID, m.Addr, stallAvoid, why)
 }
 
 // runDial dials m, records the outcome in p, and then serves the new
@@ -150,7 +199,7 @@ func (n *Node) runDial(p *peer, m Member, call *dialCall) {
 	case err == nil:
 		p.sessions = append(p.sessions, s)
 		p.failures, p.retryAt, p.lastErr = 0, time.Time{}, nil
-		if _, open := p.live(); open < n.cfg.SessionsPerPeer && call.more > 0 {
+		if _, _, open := p.live(); open < n.cfg.SessionsPerPeer && call.more > 0 {
 			// The next of SessionsPerPeer, in the background: streams go
 			// on the sessions there are meanwhile.
 			next := &dialCall{done: make(chan struct{}), more: call.more - 1}
@@ -241,7 +290,7 @@ func (n *Node) replace(s *session) {
 	if n.closed || !ok || p == nil || p.dial != nil {
 		return
 	}
-	_, open := p.live()
+	_, _, open := p.live()
 	if open >= n.cfg.SessionsPerPeer {
 		return
 	}

@@ -49,6 +49,9 @@ type Limits struct {
 	RefusalStalls uint64
 	// PongsDropped counts the peers' pings left unanswered.
 	PongsDropped uint64
+	// LossWaits counts the times a session's write deadline was moved on
+	// because TCP was retransmitting (mux.Config.WriteTimeout).
+	LossWaits uint64
 	// PipesOpen and PipeLimit are the kernel pipes for splicing open now
 	// and the most allowed; PipeShortages counts the times data was
 	// copied for want of one.
@@ -62,6 +65,7 @@ func addLimits(a, b mux.LimitStats) mux.LimitStats {
 	a.RefusedMemory += b.RefusedMemory
 	a.RefusalStalls += b.RefusalStalls
 	a.PongsDropped += b.PongsDropped
+	a.LossWaits += b.LossWaits
 	return a
 }
 
@@ -128,6 +132,10 @@ type SessionStatus struct {
 	BytesSent, BytesReceived uint64
 	// Streams is how many streams are open on the session.
 	Streams int
+	// Stalled says that a write to the session's connection has waited
+	// for seconds without progress (its link carries nothing for now, or
+	// the peer does not read): new streams go on other sessions.
+	Stalled bool
 }
 
 // ChannelStatus describes one channel registered on the node.
@@ -180,7 +188,7 @@ func (n *Node) Status() Status {
 			ms.State = MemberSelf
 		case p == nil:
 		default:
-			_, ms.Sessions = p.live()
+			_, _, ms.Sessions = p.live()
 			ms.Failures, ms.RetryAt = p.failures, p.retryAt
 			if p.lastErr != nil {
 				ms.LastError = p.lastErr.Error()
@@ -228,13 +236,14 @@ func (n *Node) Status() Status {
 			Dialed: s.info.dialed, Identity: s.info.identity, Established: s.info.established,
 			Auth: s.auth, Retiring: s.isRetiring(),
 			RTT: ms.RTT, BytesSent: ms.BytesSent, BytesReceived: ms.BytesReceived, Streams: ms.Streams,
+			Stalled: s.ys.Stalled() >= stallAvoid,
 		})
 	}
 	sp := mux.SpliceStats()
 	st.Limits = Limits{
 		RefusedBacklog: limits.RefusedBacklog, RefusedStreams: limits.RefusedStreams,
 		RefusedMemory: limits.RefusedMemory,
-		RefusalStalls: limits.RefusalStalls, PongsDropped: limits.PongsDropped,
+		RefusalStalls: limits.RefusalStalls, PongsDropped: limits.PongsDropped, LossWaits: limits.LossWaits,
 		PipesOpen: sp.PipesOpen, PipeLimit: sp.PipeLimit, PipeShortages: sp.PipeShortages,
 	}
 	slices.SortFunc(st.Members, func(a, b MemberStatus) int { return cmp.Compare(a.IID, b.IID) })

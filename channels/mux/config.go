@@ -66,7 +66,13 @@ type Config struct {
 	MaxPendingOpens int
 
 	// WriteTimeout bounds each write to the connection (default 10s): a
-	// peer that stops reading for that long ends the session.
+	// peer that stops reading for that long ends the session. A write
+	// over TCP that waits because the kernel is retransmitting (a link
+	// that dropped packets or went down for a moment, whose
+	// retransmission timer has backed off) waits on, up to twice
+	// WriteTimeout or the keepalive's bound, whichever is longer, since
+	// its last progress (LimitStats.LossWaits counts the extensions;
+	// Stalled says how long a write has waited).
 	WriteTimeout time.Duration
 
 	// NoSplice turns off zero-copy splicing (see Stream.SpliceFrom and

@@ -22,11 +22,15 @@ type LimitStats struct {
 	// PongsDropped counts the peer's pings left unanswered because too
 	// many answers were waiting to be written already.
 	PongsDropped uint64
+	// LossWaits counts the times a write waiting on the connection had
+	// its deadline moved on because TCP was retransmitting data in flight
+	// (see Config.WriteTimeout).
+	LossWaits uint64
 }
 
 // limitCounters are a session's LimitStats, updated as limits are hit.
 type limitCounters struct {
-	refusedBacklog, refusedStreams, refusedMemory, refusalStalls, pongsDropped atomic.Uint64
+	refusedBacklog, refusedStreams, refusedMemory, refusalStalls, pongsDropped, lossWaits atomic.Uint64
 }
 
 // LimitStats returns the session's counters of refused streams and held
@@ -39,6 +43,7 @@ func (s *Session) LimitStats() LimitStats {
 		RefusedMemory:  c.refusedMemory.Load(),
 		RefusalStalls:  c.refusalStalls.Load(),
 		PongsDropped:   c.pongsDropped.Load(),
+		LossWaits:      c.lossWaits.Load(),
 	}
 }
 

@@ -450,3 +450,26 @@ func TestDeadlineAfterSplitHead(t *testing.T) {
 	require.Equal(t, sent, len(b), "the peer got other bytes than Writes reported")
 	require.True(t, bytes.Equal(data[:sent], b), "the peer got other bytes than written")
 }
+
+// TestStalledWhileWriteWaits: Stalled says how long a write has waited
+// without progress (the peer stopped reading here), and drops to zero once
+// the connection takes data again.
+func TestStalledWhileWriteWaits(t *testing.T) {
+	c1, c2 := tcpConns(t)
+	smallBuffers(t, 16<<10, c1, c2)
+	g := gate(c2)
+	cli, srv := newPair(t, c1, g, Config{}, Config{})
+	st, peer := openPair(t, cli, srv)
+	require.Zero(t, cli.Stalled())
+	g.shut()
+	wrote := make(chan error, 1)
+	go func() {
+		_, err := st.Write(make([]byte, 256<<10))
+		wrote <- err
+	}()
+	require.Eventually(t, func() bool { return cli.Stalled() > 300*time.Millisecond }, 5*time.Second, time.Millisecond)
+	g.reopen()
+	go func() { _, _ = io.Copy(io.Discard, peer) }()
+	require.NoError(t, <-wrote)
+	require.Zero(t, cli.Stalled(), "no write waits")
+}

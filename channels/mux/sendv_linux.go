@@ -133,11 +133,10 @@ func tcpConn(conn net.Conn) syscall.RawConn {
 	return rawConn(conn)
 }
 
-// tcpBytesAcked returns the bytes the peer acknowledged on the TCP socket
-// rc (TCP_INFO), if it can tell.
-func tcpBytesAcked(rc syscall.RawConn) (uint64, bool) {
+// tcpInfo returns the TCP socket rc's TCP_INFO, if it can tell.
+func tcpInfo(rc syscall.RawConn) (*unix.TCPInfo, bool) {
 	if rc == nil {
-		return 0, false
+		return nil, false
 	}
 	var (
 		info *unix.TCPInfo
@@ -146,7 +145,27 @@ func tcpBytesAcked(rc syscall.RawConn) (uint64, bool) {
 	if cerr := rc.Control(func(fd uintptr) {
 		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
 	}); cerr != nil || err != nil {
+		return nil, false
+	}
+	return info, true
+}
+
+// tcpBytesAcked returns the bytes the peer acknowledged on the TCP socket
+// rc (TCP_INFO), if it can tell.
+func tcpBytesAcked(rc syscall.RawConn) (uint64, bool) {
+	info, ok := tcpInfo(rc)
+	if !ok {
 		return 0, false
 	}
 	return info.Bytes_acked, true
+}
+
+// tcpRecovering reports whether the TCP socket rc is recovering from loss:
+// it has data in flight that the kernel retransmits (timeouts, backoff, or
+// the loss state of congestion control). A peer that merely does not read
+// acknowledges everything and closes its window: no data in flight.
+func tcpRecovering(rc syscall.RawConn) bool {
+	info, ok := tcpInfo(rc)
+	const caLoss = 4 // TCP_CA_Loss
+	return ok && info.Unacked > 0 && (info.Retransmits > 0 || info.Backoff > 0 || info.Ca_state == caLoss)
 }

@@ -16,5 +16,6 @@ func newSockWriter(any, func(), *atomic.Uint64) *sockWriter { return nil }
 // Elsewhere the keepalive counts the bytes written instead.
 func tcpConn(net.Conn) syscall.RawConn             { return nil }
 func tcpBytesAcked(syscall.RawConn) (uint64, bool) { return 0, false }
+func tcpRecovering(syscall.RawConn) bool           { return false }
 
 func (*sockWriter) write([][]byte, int) error { return errNoSplice }

@@ -86,6 +86,13 @@ type Session struct {
 	// broken is the first failed write: nothing more is written, and the
 	// writer ends the session with it (writeFailed).
 	broken error
+	// writeWait is the session clock plus one when the write in
+	// progress started or last made progress; 0 when none is in progress
+	// (Stalled).
+	writeWait atomic.Int64
+	// lossWatch moves a waiting write's deadline on while TCP recovers
+	// from loss (counted in limits.lossWaits).
+	lossWatch lossWatch
 }
 
 // Client starts the dialer's side of a session over conn: its streams have

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -174,6 +175,7 @@ func (s *Session) writeLoop() {
 	defer s.wg.Done()
 	defer close(s.writerDone)
 	defer s.conn.Close()
+	defer s.lossWatch.end()
 	var batch []frame
 	for {
 		s.sendMu.Lock()
@@ -390,9 +392,14 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
 	}
 	s.bw.final = final
+	s.writeWait.Store(s.clock() + 1)
+	if !final {
+		s.lossWatch.start(s)
+	}
 	// Counted before the write, which hands the frames' buffers back.
 	n := dataBytes(batch)
 	err := s.bw.write(batch)
+	s.writeWait.Store(0)
 	if err == nil {
 		s.counters.sent.Add(n)
 		s.pace.observe(int(n), time.Since(start))
@@ -452,10 +459,99 @@ func (s *Session) writeProgress() {
 	if s.bw.final || s.closing.Load() {
 		return
 	}
+	s.writeWait.Store(s.clock() + 1)
 	_ = s.conn.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
 	if s.closing.Load() {
 		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
 	}
+}
+
+// lossWatch keeps a write's deadline from ending a session whose TCP
+// connection is recovering from loss: after a link outage or a burst of
+// losses the kernel's retransmission timeout backs off (0.2s, 0.4s, ...
+// 6.4s), so a link that is back may carry nothing for longer than
+// WriteTimeout, and every stream of the session would be reset for a
+// blip. While a write waits, the watch looks every WriteTimeout/2: if the
+// kernel retransmits data in flight, it moves the deadline on, up to
+// maxLossWait since the last progress; a peer that does not read (its
+// kernel acknowledges everything, window closed) gets WriteTimeout, as
+// before. Meanwhile the session is Stalled, and the node opens new
+// streams elsewhere.
+type lossWatch struct {
+	timer *time.Timer // made by the first start, under once
+	once  sync.Once
+	armed atomic.Bool // the timer is set to fire
+}
+
+// maxLossWait bounds how long a write may wait on a connection recovering
+// from loss: TCP itself would retry for minutes, but the streams of a
+// session whose link carries nothing for this long are better reset, so
+// that their programs can try again, and the keepalive ends such a
+// session after its bound anyway.
+func (s *Session) maxLossWait() time.Duration {
+	return max(2*s.cfg.WriteTimeout, s.cfg.KeepAliveInterval+s.cfg.KeepAliveTimeout)
+}
+
+// start arms the watch for a write that begins. The timer is set only
+// when it is not already: a busy session pays an atomic load per write,
+// and one timer reset per half WriteTimeout.
+func (w *lossWatch) start(s *Session) {
+	if s.tcp == nil {
+		return
+	}
+	if !w.armed.Load() && w.armed.CompareAndSwap(false, true) {
+		w.once.Do(func() { w.timer = time.AfterFunc(time.Hour, func() { w.check(s) }) })
+		if w.timer != nil { // nil: the writer has ended (end)
+			w.timer.Reset(s.cfg.WriteTimeout / 2)
+		}
+	}
+}
+
+// end stops the timer for good: the session's writer has ended.
+func (w *lossWatch) end() {
+	w.once.Do(func() {}) // no timer made after this
+	if w.timer != nil {
+		w.timer.Stop()
+	}
+}
+
+// check runs half a WriteTimeout after start, and again while writes go
+// on. armed is cleared before the write's state is read, so that a write
+// starting meanwhile finds the timer unarmed and sets it.
+func (w *lossWatch) check(s *Session) {
+	w.armed.Store(false)
+	since := s.writeWait.Load()
+	if since == 0 || s.closing.Load() {
+		return
+	}
+	// The deadline goes at most maxLossWait past the last progress.
+	limit := s.start.Add(time.Duration(since-1) + s.maxLossWait())
+	if time.Now().Before(limit) && tcpRecovering(s.tcp) {
+		next := time.Now().Add(s.cfg.WriteTimeout)
+		if next.After(limit) {
+			next = limit
+		}
+		_ = s.conn.SetWriteDeadline(next)
+		if s.closing.Load() {
+			_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
+		}
+		s.limits.lossWaits.Add(1)
+	}
+	if w.armed.CompareAndSwap(false, true) {
+		w.timer.Reset(s.cfg.WriteTimeout / 2)
+	}
+}
+
+// Stalled returns how long the write to the connection in progress has
+// waited without progress, or 0 when no write waits: a link that carries
+// nothing for a while (an outage, TCP backing off after losses), or a
+// peer that does not read.
+func (s *Session) Stalled() time.Duration {
+	since := s.writeWait.Load()
+	if since == 0 {
+		return 0
+	}
+	return max(time.Duration(s.clock()-(since-1)), 0)
 }
 
 // batchWriter encodes a batch of frames and writes it in as few writes as

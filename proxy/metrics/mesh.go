@@ -17,7 +17,9 @@ type Mesh struct {
 	rtt      *prometheus.Desc
 	members  *prometheus.Desc
 
-	refused, stalls, pongs, pipes, pipeLimit, shortages *prometheus.Desc
+	stalled *prometheus.Desc
+
+	refused, stalls, pongs, lossWaits, pipes, pipeLimit, shortages *prometheus.Desc
 }
 
 // memberStates are always reported, at 0 when no member is in them, so
@@ -38,6 +40,9 @@ func NewMesh(iid string, status func() (channels.Status, bool)) *Mesh {
 		rtt: prometheus.NewDesc("tcpproxy_peer_rtt_seconds",
 			"Round-trip time to each peer, smoothed from the sessions' keepalive pings (mean over its sessions).",
 			[]string{"peer"}, labels),
+		stalled: prometheus.NewDesc("tcpproxy_peer_sessions_stalled",
+			"Sessions with each peer whose writes have waited for seconds without progress (the link carries nothing for now, or the peer does not read); new streams avoid them.",
+			[]string{"peer"}, labels),
 		members: prometheus.NewDesc("tcpproxy_mesh_members",
 			"Members of the mesh by how this instance reaches them: self, up (a session is open), connecting, backoff (the last dials failed) or idle (no session needed yet).",
 			[]string{"state"}, labels),
@@ -48,6 +53,8 @@ func NewMesh(iid string, status func() (channels.Status, bool)) *Mesh {
 			"Times a session stopped reading because its peer opened streams faster than it read the resets refusing them.", nil, labels),
 		pongs: prometheus.NewDesc("tcpproxy_mux_pongs_dropped_total",
 			"Pings from peers left unanswered because too many answers waited to be written.", nil, labels),
+		lossWaits: prometheus.NewDesc("tcpproxy_mux_loss_waits_total",
+			"Times a session's write, waiting while TCP retransmitted data after losses or an outage, was given more time instead of ending the session.", nil, labels),
 		pipes: prometheus.NewDesc("tcpproxy_splice_pipes",
 			"Kernel pipes open for zero-copy splicing, idle ones included (two descriptors each).", nil, labels),
 		pipeLimit: prometheus.NewDesc("tcpproxy_splice_pipes_limit",
@@ -59,8 +66,8 @@ func NewMesh(iid string, status func() (channels.Status, bool)) *Mesh {
 
 // Describe implements prometheus.Collector.
 func (m *Mesh) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{m.sessions, m.streams, m.rtt, m.members,
-		m.refused, m.stalls, m.pongs, m.pipes, m.pipeLimit, m.shortages} {
+	for _, d := range []*prometheus.Desc{m.sessions, m.streams, m.rtt, m.stalled, m.members,
+		m.refused, m.stalls, m.pongs, m.lossWaits, m.pipes, m.pipeLimit, m.shortages} {
 		ch <- d
 	}
 }
@@ -73,11 +80,16 @@ func (m *Mesh) Collect(ch chan<- prometheus.Metric) {
 	}
 	type peerNet struct{ peer, net string }
 	sessions := make(map[peerNet]int)
-	streams := make(map[string]int)
+	streams, stalled := make(map[string]int), make(map[string]int)
 	rttSum, rttN := make(map[string]float64), make(map[string]int)
 	for _, s := range st.Sessions {
 		sessions[peerNet{s.Peer, s.Net}]++
 		streams[s.Peer] += s.Streams
+		if s.Stalled {
+			stalled[s.Peer]++
+		} else if _, ok := stalled[s.Peer]; !ok {
+			stalled[s.Peer] = 0 // the series exists while the peer has sessions
+		}
 		if s.RTT > 0 {
 			rttSum[s.Peer] += s.RTT.Seconds()
 			rttN[s.Peer]++
@@ -91,6 +103,9 @@ func (m *Mesh) Collect(ch chan<- prometheus.Metric) {
 	}
 	for peer, n := range streams {
 		gauge(m.streams, float64(n), peer)
+	}
+	for peer, n := range stalled {
+		gauge(m.stalled, float64(n), peer)
 	}
 	for peer, sum := range rttSum {
 		gauge(m.rtt, sum/float64(rttN[peer]), peer)
@@ -111,6 +126,7 @@ func (m *Mesh) Collect(ch chan<- prometheus.Metric) {
 	counter(m.refused, l.RefusedMemory, "memory")
 	counter(m.stalls, l.RefusalStalls)
 	counter(m.pongs, l.PongsDropped)
+	counter(m.lossWaits, l.LossWaits)
 	gauge(m.pipes, float64(l.PipesOpen))
 	gauge(m.pipeLimit, float64(l.PipeLimit))
 	counter(m.shortages, l.PipeShortages)

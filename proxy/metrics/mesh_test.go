@@ -21,10 +21,10 @@ func TestMesh(t *testing.T) {
 		},
 		Sessions: []channels.SessionStatus{
 			{Peer: "b", Net: "unix", RTT: 2 * time.Millisecond, Streams: 3},
-			{Peer: "b", Net: "unix", RTT: 4 * time.Millisecond, Streams: 1},
+			{Peer: "b", Net: "unix", RTT: 4 * time.Millisecond, Streams: 1, Stalled: true},
 			{Peer: "d", Net: "tcp"}, // RTT not measured yet
 		},
-		Limits: channels.Limits{RefusedBacklog: 5, RefusedStreams: 1, RefusedMemory: 6, RefusalStalls: 2, PongsDropped: 3,
+		Limits: channels.Limits{RefusedBacklog: 5, RefusedStreams: 1, RefusedMemory: 6, RefusalStalls: 2, PongsDropped: 3, LossWaits: 8,
 			PipesOpen: 4, PipeLimit: 1024, PipeShortages: 7},
 	}
 	have := true
@@ -38,6 +38,9 @@ tcpproxy_mesh_members{iid="a",state="connecting"} 0
 tcpproxy_mesh_members{iid="a",state="idle"} 0
 tcpproxy_mesh_members{iid="a",state="self"} 1
 tcpproxy_mesh_members{iid="a",state="up"} 1
+# HELP tcpproxy_mux_loss_waits_total Times a session's write, waiting while TCP retransmitted data after losses or an outage, was given more time instead of ending the session.
+# TYPE tcpproxy_mux_loss_waits_total counter
+tcpproxy_mux_loss_waits_total{iid="a"} 8
 # HELP tcpproxy_mux_pongs_dropped_total Pings from peers left unanswered because too many answers waited to be written.
 # TYPE tcpproxy_mux_pongs_dropped_total counter
 tcpproxy_mux_pongs_dropped_total{iid="a"} 3
@@ -56,6 +59,10 @@ tcpproxy_peer_rtt_seconds{iid="a",peer="b"} 0.003
 # TYPE tcpproxy_peer_sessions gauge
 tcpproxy_peer_sessions{iid="a",net="tcp",peer="d"} 1
 tcpproxy_peer_sessions{iid="a",net="unix",peer="b"} 2
+# HELP tcpproxy_peer_sessions_stalled Sessions with each peer whose writes have waited for seconds without progress (the link carries nothing for now, or the peer does not read); new streams avoid them.
+# TYPE tcpproxy_peer_sessions_stalled gauge
+tcpproxy_peer_sessions_stalled{iid="a",peer="b"} 1
+tcpproxy_peer_sessions_stalled{iid="a",peer="d"} 0
 # HELP tcpproxy_peer_streams Streams open on the sessions with each peer.
 # TYPE tcpproxy_peer_streams gauge
 tcpproxy_peer_streams{iid="a",peer="b"} 4

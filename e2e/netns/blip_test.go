@@ -1,0 +1,133 @@
+//go:build linux
+
+package netns
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/tcpproxy/tcpproxy/channels/mux"
+	"github.com/tcpproxy/tcpproxy/e2e/internal/ns"
+)
+
+// TestSessionSurvivesLinkBlip: a session between two hosts carries a bulk
+// stream while the link goes down for over 2s and comes back. TCP's
+// retransmission timeout has backed off meanwhile (0.2s, 0.4s, ... 3.2s),
+// so nothing moves for longer than the session's write timeout (1s here,
+// 10s by default, for RTTs and blips scaled alike) although the link is
+// back; the session waits for TCP to recover instead of resetting every
+// stream, and every byte arrives. (Before, the write timeout ended it.)
+func TestSessionSurvivesLinkBlip(t *testing.T) {
+	requireNamespaces(t)
+	n, err := ns.NewNet(ns.RandomPrefix(), 2, netip.MustParsePrefix("10.215.0.0/24"))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = n.Delete() })
+	a, b := n.Hosts[0], n.Hosts[1]
+	// A 50 Mbit/s uplink with 5ms of delay: the link, not the stream's
+	// window, limits the transfer, so the sender waits on its socket.
+	imp, err := a.Impair(ns.Impairment{Rate: 50e6, Delay: 5 * time.Millisecond}, n.Subnet.String())
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = imp.Stop() })
+
+	ln, err := b.Listen(netip.AddrPortFrom(b.Addr, 7000).String())
+	require.NoError(t, err)
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	c1, err := a.Dial(netip.AddrPortFrom(b.Addr, 7000).String(), 5*time.Second)
+	require.NoError(t, err)
+	c2 := <-accepted
+	require.NotNil(t, c2)
+	// Pings every second measure the RTT, which lets the stream's window
+	// grow past what the link holds; one unanswered for 20s would end
+	// the session.
+	cfg := mux.Config{WriteTimeout: time.Second, KeepAliveInterval: time.Second, KeepAliveTimeout: 20 * time.Second}
+	cli, err := mux.Client(c1, cfg)
+	require.NoError(t, err)
+	defer cli.Close()
+	srv, err := mux.Server(c2, cfg)
+	require.NoError(t, err)
+	defer srv.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	up, err := cli.OpenStream(ctx)
+	require.NoError(t, err)
+	// The sender writes until told to stop, hashing what it sent; the
+	// receiver hashes what it got.
+	stop := make(chan struct{})
+	type result struct {
+		n   int64
+		sum []byte
+		err error
+	}
+	sent := make(chan result, 1)
+	go func() {
+		h := sha256.New()
+		chunk := make([]byte, 256<<10)
+		var n int64
+		for {
+			select {
+			case <-stop:
+				sent <- result{n, h.Sum(nil), up.CloseWrite()}
+				return
+			default:
+			}
+			_, _ = rand.Read(chunk)
+			if _, err := up.Write(chunk); err != nil {
+				sent <- result{n, nil, err}
+				return
+			}
+			h.Write(chunk)
+			n += int64(len(chunk))
+		}
+	}()
+	down, err := srv.AcceptStream(ctx)
+	require.NoError(t, err)
+	received := make(chan result, 1)
+	go func() {
+		h := sha256.New()
+		n, err := io.Copy(h, down)
+		received <- result{n, h.Sum(nil), err}
+	}()
+
+	require.Eventually(t, func() bool { return cli.RTT() > 0 && cli.Stats().BytesSent > 16<<20 }, 30*time.Second, time.Millisecond, "the transfer never got going")
+	require.NoError(t, n.LinkDown(b))
+	// The outage lasts until the session's write has waited twice its
+	// timeout, which alone would have ended it.
+	require.Eventually(t, func() bool { return cli.Stalled() >= 2*time.Second || cli.IsClosed() }, 20*time.Second, time.Millisecond)
+	require.False(t, cli.IsClosed(), "session ended during the outage: %v", cli.Err())
+	require.NoError(t, n.LinkUp(b))
+	before := cli.Stats().BytesSent
+	require.Eventually(t, func() bool { return cli.Stats().BytesSent > before+4<<20 || cli.IsClosed() }, 30*time.Second, time.Millisecond)
+	close(stop)
+
+	var s, r result
+	select {
+	case s = <-sent:
+	case <-ctx.Done():
+		require.FailNow(t, "the sender did not finish")
+	}
+	require.NoError(t, s.err, "the stream failed across the blip: session %v", cli.Err())
+	select {
+	case r = <-received:
+	case <-ctx.Done():
+		require.FailNow(t, "the receiver did not finish")
+	}
+	require.NoError(t, r.err)
+	require.Equal(t, s.n, r.n)
+	require.Equal(t, s.sum, r.sum, "the data arrived altered")
+	require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
+	t.Logf("%d MiB across a link blip; the write deadline was moved on %d times while TCP recovered", s.n>>20, cli.LimitStats().LossWaits)
+}
