@@ -38,22 +38,54 @@ func (r *requestChannel) Open(ctx context.Context, h Header) (Stream, Member, er
 		return nil, Member{}, fmt.Errorf("request channel %q: no member serves %q: %w", r.name, r.target, ErrNoMembers)
 	}
 	h.Channel, h.SourceIID = r.target, r.n.cfg.IID
-	var errs []error
+	var (
+		errs    []error
+		stalled []Member // every session to them is stalled: tried last
+	)
 	for len(cands) > 0 {
 		m := cands[r.pick(cands)]
-		st, err := r.n.openTo(ctx, m, h, len(cands) == 1, func() { r.add(m.IID, -1) })
+		st, err := r.openMember(ctx, m, h, len(cands) == 1 && len(stalled) == 0)
 		if err == nil {
 			return st, m, nil
 		}
-		r.add(m.IID, -1) // release is only called for a stream we got
-		errs = append(errs, err)
-		if errors.Is(err, ErrClosed) || ctx.Err() != nil {
+		if errors.Is(err, errStalled) {
+			stalled = append(stalled, m)
+		} else {
+			errs = append(errs, err)
+		}
+		if errors.Is(err, ErrClosed) {
+			stalled = nil
+			break
+		}
+		if ctx.Err() != nil {
 			break
 		}
 		cands = removeMember(cands, m.IID)
 	}
+	// No other member could be reached: a stalled session may yet recover.
+	for _, m := range stalled {
+		if ctx.Err() != nil {
+			break
+		}
+		r.add(m.IID, 1) // as pick does
+		st, err := r.openMember(ctx, m, h, true)
+		if err == nil {
+			return st, m, nil
+		}
+		errs = append(errs, err)
+	}
 	return nil, Member{}, fmt.Errorf("request channel %q: no member serving %q could be reached: %w: %w",
 		r.name, r.target, ErrNoMembers, errors.Join(errs...))
+}
+
+// openMember opens a stream to m, which pick counted as active: the count
+// goes back down when the stream ends, or at once if there is none.
+func (r *requestChannel) openMember(ctx context.Context, m Member, h Header, lastResort bool) (Stream, error) {
+	st, err := r.n.openTo(ctx, m, h, lastResort, func() { r.add(m.IID, -1) })
+	if err != nil {
+		r.add(m.IID, -1) // release is only called for a stream we got
+	}
+	return st, err
 }
 
 // pick asks the balancer and counts the stream as active at once, so that

@@ -131,7 +131,7 @@ func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*sessi
 	case stalled != nil && open >= 2*n.cfg.SessionsPerPeer:
 		// Enough sessions dialed around stalls already.
 		n.mu.Unlock()
-		return n.stalledOr(stalled, lastResort, m, errors.New("no session dialed: enough were dialed around stalls"))
+		return n.stalledOr(stalled, lastResort, m, fmt.Errorf("%d sessions are open to %s (%s), the most while some are stalled", open, m.IID, m.Addr))
 	}
 	call := p.dial
 	if call == nil {
@@ -167,6 +167,12 @@ func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*sessi
 	}
 }
 
+// errStalled is matched by the error of an open that found every session
+// to the member stalled, no other to be had, and was not the caller's last
+// resort: the caller may try other members first and come back with
+// lastResort set.
+var errStalled = errors.New("every session to the member is stalled")
+
 // stalledOr returns the stalled session s to a caller for whom it is the
 // last resort (it may yet recover), and to others the reason no other
 // session could be had.
@@ -174,8 +180,8 @@ func (n *Node) stalledOr(s *session, lastResort bool, m Member, why error) (*ses
 	if lastResort && !s.ys.IsClosed() {
 		return s, nil
 	}
-	return nil, fmt.Errorf("peer %s (%s): every session's writes have waited %v or more without progress, and %w",
-		m.IID, m.Addr, stallAvoid, why)
+	return nil, fmt.Errorf("%w (%s at %s): their writes have waited %v or more without progress, and no other session could be had: %w",
+		errStalled, m.IID, m.Addr, stallAvoid, why)
 }
 
 // runDial dials m, records the outcome in p, and then serves the new

@@ -421,7 +421,7 @@ func TestDeadlineAfterSplitHead(t *testing.T) {
 		}
 	}()
 	context.AfterFunc(ctx, func() { filler.Reset() })
-	require.Eventually(t, func() bool { return cli.pace.budget() < batchBudget }, 10*time.Second, time.Millisecond,
+	require.Eventually(t, func() bool { return cli.pace.budget() <= 32<<10 }, 10*time.Second, time.Millisecond,
 		"the writer measures the slow link")
 
 	data := make([]byte, 4<<20)
@@ -472,4 +472,105 @@ func TestStalledWhileWriteWaits(t *testing.T) {
 	go func() { _, _ = io.Copy(io.Discard, peer) }()
 	require.NoError(t, <-wrote)
 	require.Zero(t, cli.Stalled(), "no write waits")
+}
+
+// TestSplitRestGivesWayToReset: a Write whose frame was split, its head
+// written and its deadline passed, waits for its rest to be written; a
+// Reset, or the session's end, withdraws the rest and ends the Write at
+// once (before, it waited for the writer, for ever after Close).
+func TestSplitRestGivesWayToReset(t *testing.T) {
+	for _, end := range []string{"reset", "close"} {
+		t.Run(end, func(t *testing.T) {
+			c1, c2 := tcpConns(t)
+			smallBuffers(t, 16<<10, c1, c2)
+			g := gate(c2)
+			cli, srv := newPair(t, c1, g, Config{WriteTimeout: time.Minute}, Config{})
+			st, _ := openPair(t, cli, srv)
+			cli.pace.limit.Store(minBatchBudget) // a slow link, measured
+			g.shut()
+			require.NoError(t, st.SetWriteDeadline(time.Now().Add(300*time.Millisecond)))
+			wrote := make(chan error, 1)
+			go func() {
+				_, err := st.Write(make([]byte, 200<<10))
+				wrote <- err
+			}()
+			require.Eventually(t, func() bool { return splitRestQueued(cli, st) }, 5*time.Second, time.Millisecond)
+			select {
+			case err := <-wrote:
+				require.FailNow(t, "the Write ended with its rest queued", "err: %v", err)
+			case <-time.After(500 * time.Millisecond): // past the deadline
+			}
+			if end == "reset" {
+				require.NoError(t, st.Reset())
+			} else {
+				require.NoError(t, cli.Close())
+			}
+			select {
+			case err := <-wrote:
+				require.ErrorIs(t, err, ErrStreamReset)
+			case <-time.After(5 * time.Second):
+				require.FailNow(t, "the Write still waits for its rest")
+			}
+			g.reopen()
+		})
+	}
+}
+
+// splitRestQueued reports whether the rest of a split frame of st's waits
+// in s's queue.
+func splitRestQueued(s *Session, st *Stream) bool {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	for _, f := range s.queue {
+		if f.owner == st && f.started {
+			return true
+		}
+	}
+	return false
+}
+
+// TestSlowReaderIsProgress: a peer that reads steadily but slowly, behind
+// a large send buffer, wakes our writer only now and then (the kernel
+// wakes it once a third of the buffer drained), for longer than the write
+// timeout; the bytes it acknowledges meanwhile are progress, so the
+// session neither ends nor looks stalled.
+func TestSlowReaderIsProgress(t *testing.T) {
+	c1, c2 := tcpConns(t)
+	// 1 MiB (the kernel doubles it): a third of it takes 2.7 s to drain,
+	// longer than the write timeout.
+	require.NoError(t, c1.(*net.TCPConn).SetWriteBuffer(512<<10))
+	cli, srv := newPair(t, c1, throttle(c2, 128<<10, 4<<10), Config{WriteTimeout: 2 * time.Second}, Config{})
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		cancel()
+		cli.Close()
+		srv.Close()
+		wg.Wait()
+	})
+	var streams, peers []*Stream
+	for range 8 { // more in their windows than the buffer holds
+		st, peer := openPair(t, cli, srv)
+		streams, peers = append(streams, st), append(peers, peer)
+	}
+	for i, st := range streams {
+		peer := peers[i]
+		wg.Go(func() {
+			buf := make([]byte, 256<<10)
+			for ctx.Err() == nil {
+				if _, err := st.Write(buf); err != nil {
+					return
+				}
+			}
+		})
+		wg.Go(func() { _, _ = io.Copy(io.Discard, peer) })
+	}
+	var most time.Duration
+	for end := time.Now().Add(6 * time.Second); time.Now().Before(end) && !cli.IsClosed(); {
+		most = max(most, cli.Stalled())
+		time.Sleep(10 * time.Millisecond) // sampling, not synchronisation
+	}
+	t.Logf("%d KiB read; a write waited %v at most without progress", srv.bytesIn.Load()>>10, most)
+	require.False(t, cli.IsClosed(), "the session ended: %v", cli.Err())
+	require.Less(t, most, 1500*time.Millisecond, "a steadily read session looked stalled")
 }

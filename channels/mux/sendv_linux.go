@@ -160,12 +160,16 @@ func tcpBytesAcked(rc syscall.RawConn) (uint64, bool) {
 	return info.Bytes_acked, true
 }
 
-// tcpRecovering reports whether the TCP socket rc is recovering from loss:
-// it has data in flight that the kernel retransmits (timeouts, backoff, or
+// tcpSendState returns, from the TCP socket rc's TCP_INFO, the bytes the
+// peer acknowledged, and whether the socket is recovering from loss: it
+// has data in flight that the kernel retransmits (timeouts, backoff, or
 // the loss state of congestion control). A peer that merely does not read
 // acknowledges everything and closes its window: no data in flight.
-func tcpRecovering(rc syscall.RawConn) bool {
+func tcpSendState(rc syscall.RawConn) (acked uint64, recovering, ok bool) {
 	info, ok := tcpInfo(rc)
+	if !ok {
+		return 0, false, false
+	}
 	const caLoss = 4 // TCP_CA_Loss
-	return ok && info.Unacked > 0 && (info.Retransmits > 0 || info.Backoff > 0 || info.Ca_state == caLoss)
+	return info.Bytes_acked, info.Unacked > 0 && (info.Retransmits > 0 || info.Backoff > 0 || info.Ca_state == caLoss), true
 }

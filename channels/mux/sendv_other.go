@@ -14,8 +14,8 @@ type sockWriter struct{}
 func newSockWriter(any, func(), *atomic.Uint64) *sockWriter { return nil }
 
 // Elsewhere the keepalive counts the bytes written instead.
-func tcpConn(net.Conn) syscall.RawConn             { return nil }
-func tcpBytesAcked(syscall.RawConn) (uint64, bool) { return 0, false }
-func tcpRecovering(syscall.RawConn) bool           { return false }
+func tcpConn(net.Conn) syscall.RawConn                  { return nil }
+func tcpBytesAcked(syscall.RawConn) (uint64, bool)      { return 0, false }
+func tcpSendState(syscall.RawConn) (uint64, bool, bool) { return 0, false, false }
 
 func (*sockWriter) write([][]byte, int) error { return errNoSplice }

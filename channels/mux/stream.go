@@ -550,9 +550,12 @@ func (st *Stream) writeFailedLocked() error {
 // and reports whether they were written. Waiting, it gives way to a reset,
 // the session's end or (unless keep) the deadline by withdrawing the data
 // if the writer has not taken it yet; once taken, the data is the
-// writer's until its verdict, however long (bounded by WriteTimeout).
+// writer's until its verdict, however long (bounded by WriteTimeout). The
+// rest of data whose head the writer took (a split frame) is withdrawn at
+// a reset or the session's end, not at the deadline: the peer has part of
+// it, so Write must go on to the end.
 func (st *Stream) awaitWriteLocked(k int, keep bool) bool {
-	aborting := false
+	aborting, final := false, false
 	for {
 		if r := st.wres.Load(); r != writePending {
 			if r == writeFailed {
@@ -561,8 +564,11 @@ func (st *Stream) awaitWriteLocked(k int, keep bool) bool {
 			}
 			return true
 		}
-		if !aborting && st.writeAbortLocked(keep) {
-			if st.sess.cancelWrite(st, st.state&stWriteReset != 0 || st.sess.IsClosed()) {
+		if !final && st.writeAbortLocked(keep) {
+			// final: a reset or the session's end, after which nothing of
+			// this Write may wait any more.
+			final = st.state&stWriteReset != 0 || st.sess.IsClosed()
+			if (!aborting || final) && st.sess.cancelWrite(st, final) {
 				st.sendWin += uint32(k)
 				return false
 			}
@@ -570,7 +576,7 @@ func (st *Stream) awaitWriteLocked(k int, keep bool) bool {
 		}
 		wake := st.writeWake
 		st.mu.Unlock()
-		if aborting {
+		if final {
 			<-wake
 		} else {
 			select {

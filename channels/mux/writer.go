@@ -176,6 +176,7 @@ func (s *Session) writeLoop() {
 	defer close(s.writerDone)
 	defer s.conn.Close()
 	defer s.lossWatch.end()
+	defer s.failQueued()
 	var batch []frame
 	for {
 		s.sendMu.Lock()
@@ -315,14 +316,17 @@ func (f *frame) payloadLen() int {
 
 // claimConn makes the caller the connection's owner if the connection is
 // idle: no write in progress, nothing queued, the session not ending, and
-// the caller's frame of n bytes within the batch budget (a larger one goes
-// through the queue, to be split). The caller then writes its frame with
+// the caller's frame of n bytes within the batch budget when the link is
+// slow (a larger one goes through the queue, to be split). The caller then writes its frame with
 // writeDirect. This spares a frame of a lone busy stream (bulk data) two
 // goroutine hand-offs: to the writer and back with its verdict.
 func (s *Session) claimConn(n int) bool {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()
-	if s.owned || len(s.queue) > 0 || s.sendClosed || s.broken != nil || n > s.pace.budget() {
+	if s.owned || len(s.queue) > 0 || s.sendClosed || s.broken != nil {
+		return false
+	}
+	if b := s.pace.budget(); b < batchBudget && n > b {
 		return false
 	}
 	s.owned = true
@@ -354,6 +358,26 @@ func (s *Session) release(err error) {
 	s.sendMu.Unlock()
 	if wake {
 		notify(s.sendSignal)
+	}
+}
+
+// failQueued gives the Writes whose frames are still queued when the writer
+// ends (after a failed write, or a last batch cut short) their verdict:
+// not written. Nothing is queued after the writer ends: the session is
+// closed for sending by then.
+func (s *Session) failQueued() {
+	s.sendMu.Lock()
+	s.sendClosed = true
+	left := s.queue
+	s.queue = nil
+	s.sendMu.Unlock()
+	for i := range left {
+		if o := left[i].owner; o != nil {
+			o.finishWrite(false)
+		}
+		if c := left[i].copied; c != nil {
+			putBuf(c)
+		}
 	}
 }
 
@@ -412,13 +436,17 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 // meanwhile (an interactive stream's message, a window update, a new
 // stream's SYN) waits for all of it: 512 KiB is a millisecond on a LAN
 // but eight seconds at half a megabit. The pacer measures the rate at
-// which the connection takes data, over paceWindow of time spent
-// writing (writes that do not wait take next to none, so a fast link
-// measures fast), and sets the budget to batchTime of that rate, within
-// [minBatchBudget, batchBudget].
+// which the connection takes data, over paceWindow of time spent writing
+// or paceBytes written, whichever comes first (writes that do not wait
+// take next to no time, so a fast link measures fast, and soon after a
+// stall), and sets the budget to batchTime of that rate, within
+// [minBatchBudget, batchBudget]. Until the first measurement it is
+// batchBudget: a fast link is not held back while it is measured, at the
+// cost of one unpaced batch on a slow one.
 const (
 	batchTime      = 50 * time.Millisecond
 	paceWindow     = 100 * time.Millisecond
+	paceBytes      = 4 << 20
 	minBatchBudget = 16 << 10
 )
 
@@ -434,10 +462,10 @@ type pacer struct {
 func (p *pacer) observe(n int, d time.Duration) {
 	p.busy += d
 	p.bytes += n
-	if p.busy < paceWindow {
+	if p.busy < paceWindow && p.bytes < paceBytes {
 		return
 	}
-	perBatch := float64(p.bytes) * float64(batchTime) / float64(p.busy)
+	perBatch := float64(p.bytes) * float64(batchTime) / float64(max(p.busy, time.Microsecond))
 	p.limit.Store(int64(min(max(perBatch, minBatchBudget), batchBudget)))
 	p.busy, p.bytes = 0, 0
 }
@@ -466,35 +494,50 @@ func (s *Session) writeProgress() {
 	}
 }
 
-// lossWatch keeps a write's deadline from ending a session whose TCP
-// connection is recovering from loss: after a link outage or a burst of
-// losses the kernel's retransmission timeout backs off (0.2s, 0.4s, ...
-// 6.4s), so a link that is back may carry nothing for longer than
-// WriteTimeout, and every stream of the session would be reset for a
-// blip. While a write waits, the watch looks every WriteTimeout/2: if the
-// kernel retransmits data in flight, it moves the deadline on, up to
-// maxLossWait since the last progress; a peer that does not read (its
-// kernel acknowledges everything, window closed) gets WriteTimeout, as
-// before. Meanwhile the session is Stalled, and the node opens new
-// streams elsewhere.
+// lossWatch looks at a TCP connection's TCP_INFO while a write waits on
+// it, every watchInterval, for two things the write itself cannot see.
+//
+// Progress that frees no room yet: a socket's writer wakes only once about
+// a third of its send buffer has drained, which on a slow link with an
+// autotuned buffer (megabytes) can take longer than WriteTimeout while the
+// peer takes data all along. Bytes the peer acknowledged since the last
+// look count as progress: the deadline moves on, and the session is not
+// Stalled.
+//
+// Loss recovery: after a link outage or a burst of losses the kernel's
+// retransmission timeout backs off (0.2s, 0.4s, ... 6.4s), so a link that
+// is back may carry nothing for longer than WriteTimeout, and every stream
+// of the session would be reset for a blip. While the kernel retransmits
+// data in flight, the deadline moves on, up to maxLossWait since the last
+// progress. A peer that does not read acknowledges everything and closes
+// its window: it gets WriteTimeout, as before. Either way the session is
+// Stalled meanwhile, and the node opens new streams elsewhere.
 type lossWatch struct {
 	timer *time.Timer // made by the first start, under once
 	once  sync.Once
-	armed atomic.Bool // the timer is set to fire
+	armed atomic.Bool   // the timer is set to fire
+	acked atomic.Uint64 // the peer's acknowledged bytes at the last look
 }
+
+// watchInterval is how often lossWatch looks, at most: often enough that
+// a working slow link never looks Stalled for long (stallAvoid in package
+// channels is 2s), at one getsockopt per look.
+const watchInterval = 500 * time.Millisecond
+
+func (s *Session) watchEvery() time.Duration { return min(s.cfg.WriteTimeout/2, watchInterval) }
 
 // maxLossWait bounds how long a write may wait on a connection recovering
 // from loss: TCP itself would retry for minutes, but the streams of a
 // session whose link carries nothing for this long are better reset, so
-// that their programs can try again, and the keepalive ends such a
-// session after its bound anyway.
+// that their programs can try again; the keepalive would end such a
+// session after its own bound anyway.
 func (s *Session) maxLossWait() time.Duration {
 	return max(2*s.cfg.WriteTimeout, s.cfg.KeepAliveInterval+s.cfg.KeepAliveTimeout)
 }
 
 // start arms the watch for a write that begins. The timer is set only
 // when it is not already: a busy session pays an atomic load per write,
-// and one timer reset per half WriteTimeout.
+// and one timer reset per watchInterval.
 func (w *lossWatch) start(s *Session) {
 	if s.tcp == nil {
 		return
@@ -502,7 +545,7 @@ func (w *lossWatch) start(s *Session) {
 	if !w.armed.Load() && w.armed.CompareAndSwap(false, true) {
 		w.once.Do(func() { w.timer = time.AfterFunc(time.Hour, func() { w.check(s) }) })
 		if w.timer != nil { // nil: the writer has ended (end)
-			w.timer.Reset(s.cfg.WriteTimeout / 2)
+			w.timer.Reset(s.watchEvery())
 		}
 	}
 }
@@ -515,30 +558,52 @@ func (w *lossWatch) end() {
 	}
 }
 
-// check runs half a WriteTimeout after start, and again while writes go
-// on. armed is cleared before the write's state is read, so that a write
-// starting meanwhile finds the timer unarmed and sets it.
+// check runs watchEvery after start, and again while writes wait. armed
+// is cleared before the write's state is read, so that a write starting
+// meanwhile finds the timer unarmed and sets it.
 func (w *lossWatch) check(s *Session) {
 	w.armed.Store(false)
 	since := s.writeWait.Load()
 	if since == 0 || s.closing.Load() {
 		return
 	}
-	// The deadline goes at most maxLossWait past the last progress.
-	limit := s.start.Add(time.Duration(since-1) + s.maxLossWait())
-	if time.Now().Before(limit) && tcpRecovering(s.tcp) {
-		next := time.Now().Add(s.cfg.WriteTimeout)
+	acked, recovering, ok := tcpSendState(s.tcp)
+	if !ok {
+		return
+	}
+	now := time.Now()
+	if prev := w.acked.Swap(acked); acked != prev {
+		// The peer took data since the last look. (The first look after
+		// a pause compares with an older one: it may grant the write one
+		// interval more than it earned.)
+		if cur := s.clock() + 1; s.writeWait.CompareAndSwap(since, cur) {
+			w.setDeadline(s, cur, now.Add(s.cfg.WriteTimeout))
+		}
+	} else if limit := s.start.Add(time.Duration(since-1) + s.maxLossWait()); recovering && now.Before(limit) {
+		// The deadline goes at most maxLossWait past the last progress.
+		next := now.Add(s.cfg.WriteTimeout)
 		if next.After(limit) {
 			next = limit
 		}
-		_ = s.conn.SetWriteDeadline(next)
-		if s.closing.Load() {
-			_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
-		}
+		w.setDeadline(s, since, next)
 		s.limits.lossWaits.Add(1)
 	}
 	if w.armed.CompareAndSwap(false, true) {
-		w.timer.Reset(s.cfg.WriteTimeout / 2)
+		w.timer.Reset(s.watchEvery())
+	}
+}
+
+// setDeadline moves the write deadline to t for the write whose wait
+// began, or last progressed, at since. A write that ended meanwhile, and one that began, set their
+// own deadlines, which t must not cut short; a closing session keeps its
+// short one.
+func (w *lossWatch) setDeadline(s *Session, since int64, t time.Time) {
+	_ = s.conn.SetWriteDeadline(t)
+	if cur := s.writeWait.Load(); cur != since && cur != 0 {
+		_ = s.conn.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+	}
+	if s.closing.Load() {
+		_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
 	}
 }
 
