@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tcpproxy/tcpproxy/channels"
+	"github.com/tcpproxy/tcpproxy/channels/membership"
 )
 
 // TestNewStreamAvoidsStalledSession: when the only session to a peer has
@@ -88,6 +89,58 @@ func TestStalledSessionIsLastResort(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "after", string(got))
 	require.NoError(t, <-wrote, "the stalled stream's data went through")
+}
+
+// TestStalledMemberAfterTheOthers: a request channel whose picked member
+// has only stalled sessions (and no other to be had) tries the other
+// members first; when none of them can be reached either, it comes back
+// to the stalled session rather than fail.
+func TestStalledMemberAfterTheOthers(t *testing.T) {
+	tr := &holdingTransport{MemoryTransport: channels.NewMemoryTransport()}
+	var reply channels.ReplyChannel
+	cb := baseConfig("b", tr, dialers("a"))
+	b := startNode(t, cb, func(n *channels.Node) {
+		var err error
+		reply, err = n.Reply("svc")
+		require.NoError(t, err)
+	})
+	ca := baseConfig("a", tr, membership.Static(member(b, "b", map[string]uint16{"svc": 80}),
+		channels.Member{IID: "c", Role: "test", Addr: "127.0.0.1:1", Channels: map[string]uint16{"svc": 80}}))
+	ca.ListenAddr, ca.SessionsPerPeer = "", 1
+	var req channels.RequestChannel
+	a := startNode(t, ca, func(n *channels.Node) {
+		var err error
+		req, err = n.Request("svc", "", firstOf("b"))
+		require.NoError(t, err)
+	})
+	s, in := open(t, req, reply)
+	defer s.Close()
+	go func() { _, _ = io.Copy(io.Discard, in.Stream) }()
+
+	tr.hold()
+	t.Cleanup(tr.release)
+	tr.refuse.Store(true) // no new session to b; c cannot be reached at all
+	go func() { _, _ = s.Write(make([]byte, 1<<20)) }()
+	require.Eventually(t, func() bool { return a.StalledSessions("b") == 1 }, 10*time.Second, 10*time.Millisecond)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s2, m, err := req.Open(ctx, channels.Header{SourcePort: 2})
+	require.NoError(t, err, "no member was tried again")
+	defer s2.Close()
+	require.Equal(t, "b", m.IID)
+}
+
+// firstOf is a balancer that picks member iid whenever it is a candidate.
+type firstOf string
+
+func (f firstOf) Pick(cands []channels.Candidate) int {
+	for i, c := range cands {
+		if c.Member.IID == string(f) {
+			return i
+		}
+	}
+	return 0
 }
 
 // holdingTransport is a MemoryTransport whose listeners' connections stop
