@@ -128,7 +128,7 @@ func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*sessi
 	case s != nil:
 		n.mu.Unlock()
 		return s, nil
-	case stalled != nil && open >= 2*n.cfg.SessionsPerPeer:
+	case stalled != nil && open >= min(2*n.cfg.SessionsPerPeer, MaxSessionsPerPeer):
 		// Enough sessions dialed around stalls already.
 		n.mu.Unlock()
 		return n.stalledOr(stalled, lastResort, m, fmt.Errorf("%d sessions are open to %s (%s), the most while some are stalled", open, m.IID, m.Addr))

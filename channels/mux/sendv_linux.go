@@ -8,6 +8,7 @@ import (
 	"os"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -158,6 +159,18 @@ func tcpBytesAcked(rc syscall.RawConn) (uint64, bool) {
 		return 0, false
 	}
 	return info.Bytes_acked, true
+}
+
+// tcpSilence returns how long the TCP socket rc has heard no
+// acknowledgement while it retransmits data after a timeout (0 if it does
+// not): data in flight, the retransmission timer has fired, and the peer
+// has acknowledged nothing since.
+func tcpSilence(rc syscall.RawConn) time.Duration {
+	info, ok := tcpInfo(rc)
+	if !ok || info.Unacked == 0 || info.Backoff == 0 {
+		return 0
+	}
+	return time.Duration(info.Last_ack_recv) * time.Millisecond
 }
 
 // tcpSendState returns, from the TCP socket rc's TCP_INFO, the bytes the

@@ -6,6 +6,7 @@ import (
 	"net"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // sockWriter is Linux's: elsewhere sessions write through writeFlat.
@@ -16,6 +17,7 @@ func newSockWriter(any, func(), *atomic.Uint64) *sockWriter { return nil }
 // Elsewhere the keepalive counts the bytes written instead.
 func tcpConn(net.Conn) syscall.RawConn                  { return nil }
 func tcpBytesAcked(syscall.RawConn) (uint64, bool)      { return 0, false }
+func tcpSilence(syscall.RawConn) time.Duration          { return 0 }
 func tcpSendState(syscall.RawConn) (uint64, bool, bool) { return 0, false, false }
 
 func (*sockWriter) write([][]byte, int) error { return errNoSplice }

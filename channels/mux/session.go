@@ -90,6 +90,9 @@ type Session struct {
 	// progress started or last made progress; 0 when none is in progress
 	// (Stalled).
 	writeWait atomic.Int64
+	// silence is the last tcpSilence read, at silenceAt on the session
+	// clock (Stalled).
+	silence, silenceAt atomic.Int64
 	// lossWatch moves a waiting write's deadline on while TCP recovers
 	// from loss (counted in limits.lossWaits).
 	lossWatch lossWatch

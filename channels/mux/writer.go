@@ -607,16 +607,40 @@ func (w *lossWatch) setDeadline(s *Session, since int64, t time.Time) {
 	}
 }
 
-// Stalled returns how long the write to the connection in progress has
-// waited without progress, or 0 when no write waits: a link that carries
-// nothing for a while (an outage, TCP backing off after losses), or a
-// peer that does not read.
+// Stalled returns how long the connection has carried nothing: the write
+// in progress has waited that long without progress, or, over TCP, the
+// kernel retransmits data after a timeout and has heard no acknowledgement
+// for that long (data that fit in the socket's buffer stalls too); 0 when
+// neither. Its causes: a link that carries nothing for a while (an outage,
+// TCP backing off after losses), or a peer that does not read.
 func (s *Session) Stalled() time.Duration {
-	since := s.writeWait.Load()
-	if since == 0 {
+	d := time.Duration(0)
+	if since := s.writeWait.Load(); since != 0 {
+		d = max(time.Duration(s.clock()-(since-1)), 0)
+	}
+	if s.tcp != nil {
+		d = max(d, s.tcpSilence())
+	}
+	return d
+}
+
+// silenceCache is how long a TCP_INFO reading serves Stalled: a node asks
+// for each session at every stream it opens.
+const silenceCache = 100 * time.Millisecond
+
+// tcpSilence returns tcpSilence(s.tcp), read at most every silenceCache.
+func (s *Session) tcpSilence() time.Duration {
+	now := s.clock()
+	if at := s.silenceAt.Load(); at != 0 && now-at < int64(silenceCache) {
+		if d := time.Duration(s.silence.Load()); d > 0 {
+			return d + time.Duration(now-at) // the silence went on
+		}
 		return 0
 	}
-	return max(time.Duration(s.clock()-(since-1)), 0)
+	d := tcpSilence(s.tcp)
+	s.silence.Store(int64(d))
+	s.silenceAt.Store(now)
+	return d
 }
 
 // batchWriter encodes a batch of frames and writes it in as few writes as

@@ -120,6 +120,9 @@ type sessionReport struct {
 	BytesSent     uint64    `json:"bytesSent"`
 	BytesReceived uint64    `json:"bytesReceived"`
 	Streams       int       `json:"streams"`
+	// Stalled: a write has waited 2s or more without progress; new
+	// streams go elsewhere.
+	Stalled bool `json:"stalled,omitempty"`
 }
 
 // report assembles the status of the instance the observer watches.
@@ -169,6 +172,7 @@ func (o *observer) report(now time.Time) statusReport {
 			Peer: s.Peer, Role: s.Role, Net: s.Net, Local: s.LocalAddr, Remote: s.RemoteAddr, Dialed: s.Dialed,
 			Identity: id, Established: s.Established, AgeSeconds: now.Sub(s.Established).Seconds(),
 			RTTSeconds: s.RTT.Seconds(), BytesSent: s.BytesSent, BytesReceived: s.BytesReceived, Streams: s.Streams,
+			Stalled: s.Stalled,
 		})
 	}
 	nodeChans := make(map[string]channels.ChannelStatus, len(st.Channels))

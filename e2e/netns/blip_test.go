@@ -27,38 +27,7 @@ import (
 // stream, and every byte arrives. (Before, the write timeout ended it.)
 func TestSessionSurvivesLinkBlip(t *testing.T) {
 	requireNamespaces(t)
-	n, err := ns.NewNet(ns.RandomPrefix(), 2, netip.MustParsePrefix("10.215.0.0/24"))
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = n.Delete() })
-	a, b := n.Hosts[0], n.Hosts[1]
-	// A 50 Mbit/s uplink with 5ms of delay: the link, not the stream's
-	// window, limits the transfer, so the sender waits on its socket.
-	imp, err := a.Impair(ns.Impairment{Rate: 50e6, Delay: 5 * time.Millisecond}, n.Subnet.String())
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = imp.Stop() })
-
-	ln, err := b.Listen(netip.AddrPortFrom(b.Addr, 7000).String())
-	require.NoError(t, err)
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() {
-		c, _ := ln.Accept()
-		accepted <- c
-	}()
-	c1, err := a.Dial(netip.AddrPortFrom(b.Addr, 7000).String(), 5*time.Second)
-	require.NoError(t, err)
-	c2 := <-accepted
-	require.NotNil(t, c2)
-	// Pings every second measure the RTT, which lets the stream's window
-	// grow past what the link holds; one unanswered for 20s would end
-	// the session.
-	cfg := mux.Config{WriteTimeout: time.Second, KeepAliveInterval: time.Second, KeepAliveTimeout: 20 * time.Second}
-	cli, err := mux.Client(c1, cfg)
-	require.NoError(t, err)
-	defer cli.Close()
-	srv, err := mux.Server(c2, cfg)
-	require.NoError(t, err)
-	defer srv.Close()
+	n, b, cli, srv := blipSessions(t, "10.215.0.0/24")
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -130,4 +99,72 @@ func TestSessionSurvivesLinkBlip(t *testing.T) {
 	require.Equal(t, s.sum, r.sum, "the data arrived altered")
 	require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
 	t.Logf("%d MiB across a link blip; the write deadline was moved on %d times while TCP recovered", s.n>>20, cli.LimitStats().LossWaits)
+}
+
+// TestStalledWithoutWaitingWrite: data that fit in the socket's buffer
+// stalls too when the link goes down: no write waits, but TCP retransmits
+// after a timeout and hears nothing, and the session says it is Stalled
+// (so that new streams avoid it), until the link is back.
+func TestStalledWithoutWaitingWrite(t *testing.T) {
+	requireNamespaces(t)
+	n, b, cli, srv := blipSessions(t, "10.216.0.0/24")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	st, err := cli.OpenStream(ctx)
+	require.NoError(t, err)
+	_, err = st.Write([]byte("hello"))
+	require.NoError(t, err)
+	peer, err := srv.AcceptStream(ctx)
+	require.NoError(t, err)
+	_, err = io.ReadFull(peer, make([]byte, 5))
+	require.NoError(t, err)
+
+	require.NoError(t, n.LinkDown(b))
+	_, err = st.Write(make([]byte, 4<<10)) // fits in the socket buffer
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return cli.Stalled() >= time.Second }, 20*time.Second, time.Millisecond)
+	require.NoError(t, n.LinkUp(b))
+	_, err = io.ReadFull(peer, make([]byte, 4<<10))
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return cli.Stalled() == 0 }, 20*time.Second, time.Millisecond)
+	require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
+}
+
+// blipSessions returns a mux session pair between two hosts of a new
+// network (subnet) whose first host's uplink is 50 Mbit/s with 5ms of
+// delay: the client on the first host, the server on the second (b).
+func blipSessions(t *testing.T, subnet string) (n *ns.Net, b *ns.Host, cli, srv *mux.Session) {
+	n, err := ns.NewNet(ns.RandomPrefix(), 2, netip.MustParsePrefix(subnet))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = n.Delete() })
+	a, b := n.Hosts[0], n.Hosts[1]
+	// The link, not the stream's window, limits a bulk transfer, so the
+	// sender waits on its socket.
+	imp, err := a.Impair(ns.Impairment{Rate: 50e6, Delay: 5 * time.Millisecond}, n.Subnet.String())
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = imp.Stop() })
+
+	ln, err := b.Listen(netip.AddrPortFrom(b.Addr, 7000).String())
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, _ := ln.Accept()
+		accepted <- c
+	}()
+	c1, err := a.Dial(netip.AddrPortFrom(b.Addr, 7000).String(), 5*time.Second)
+	require.NoError(t, err)
+	c2 := <-accepted
+	require.NotNil(t, c2)
+	// Pings every second measure the RTT, which lets the stream's window
+	// grow past what the link holds; one unanswered for 20s would end
+	// the session.
+	cfg := mux.Config{WriteTimeout: time.Second, KeepAliveInterval: time.Second, KeepAliveTimeout: 20 * time.Second}
+	cli, err = mux.Client(c1, cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { cli.Close() })
+	srv, err = mux.Server(c2, cfg)
+	require.NoError(t, err)
+	t.Cleanup(func() { srv.Close() })
+	return n, b, cli, srv
 }
