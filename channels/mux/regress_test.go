@@ -370,14 +370,7 @@ func TestSmallFrameOnSlowLink(t *testing.T) {
 	})
 	for range bulk {
 		st, peer := openPair(t, cli, srv)
-		wg.Go(func() {
-			buf := make([]byte, 256<<10)
-			for ctx.Err() == nil {
-				if _, err := st.Write(buf); err != nil {
-					return
-				}
-			}
-		})
+		wg.Go(func() { keepWriting(ctx, st) })
 		wg.Go(func() { _, _ = io.Copy(io.Discard, peer) })
 		context.AfterFunc(ctx, func() { st.Reset() })
 	}
@@ -412,14 +405,7 @@ func TestDeadlineAfterSplitHead(t *testing.T) {
 	go func() { _, _ = io.Copy(io.Discard, fillerPeer) }()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go func() {
-		buf := make([]byte, 256<<10)
-		for ctx.Err() == nil {
-			if _, err := filler.Write(buf); err != nil {
-				return
-			}
-		}
-	}()
+	go keepWriting(ctx, filler)
 	context.AfterFunc(ctx, func() { filler.Reset() })
 	require.Eventually(t, func() bool { return cli.pace.budget() <= 32<<10 }, 10*time.Second, time.Millisecond,
 		"the writer measures the slow link")
@@ -555,14 +541,7 @@ func TestSlowReaderIsProgress(t *testing.T) {
 	}
 	for i, st := range streams {
 		peer := peers[i]
-		wg.Go(func() {
-			buf := make([]byte, 256<<10)
-			for ctx.Err() == nil {
-				if _, err := st.Write(buf); err != nil {
-					return
-				}
-			}
-		})
+		wg.Go(func() { keepWriting(ctx, st) })
 		wg.Go(func() { _, _ = io.Copy(io.Discard, peer) })
 	}
 	var most time.Duration
@@ -573,4 +552,15 @@ func TestSlowReaderIsProgress(t *testing.T) {
 	t.Logf("%d KiB read; a write waited %v at most without progress", srv.bytesIn.Load()>>10, most)
 	require.False(t, cli.IsClosed(), "the session ended: %v", cli.Err())
 	require.Less(t, most, 1500*time.Millisecond, "a steadily read session looked stalled")
+}
+
+// keepWriting writes 256 KiB at a time on st until ctx is done or a Write
+// fails.
+func keepWriting(ctx context.Context, st *Stream) {
+	buf := make([]byte, 256<<10)
+	for ctx.Err() == nil {
+		if _, err := st.Write(buf); err != nil {
+			return
+		}
+	}
 }
