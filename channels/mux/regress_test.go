@@ -461,9 +461,10 @@ func TestStalledWhileWriteWaits(t *testing.T) {
 }
 
 // TestSplitRestGivesWayToReset: a Write whose frame was split, its head
-// written and its deadline passed, waits for its rest to be written; a
-// Reset, or the session's end, withdraws the rest and ends the Write at
-// once (before, it waited for the writer, for ever after Close).
+// taken and its deadline passed, waits for its rest to be written; a Reset
+// or the session's end drops the rest, and the Write ends as soon as the
+// writer is done with the head, which uses the Write's buffer (before, the
+// Write waited for the whole rest, and for ever after Close).
 func TestSplitRestGivesWayToReset(t *testing.T) {
 	for _, end := range []string{"reset", "close"} {
 		t.Run(end, func(t *testing.T) {
@@ -488,8 +489,14 @@ func TestSplitRestGivesWayToReset(t *testing.T) {
 			}
 			if end == "reset" {
 				require.NoError(t, st.Reset())
+				select {
+				case err := <-wrote:
+					require.FailNow(t, "the Write ended while the writer still had its head", "err: %v", err)
+				case <-time.After(300 * time.Millisecond):
+				}
+				g.reopen() // the head goes out; the rest does not
 			} else {
-				require.NoError(t, cli.Close())
+				require.NoError(t, cli.Close()) // cuts the head's write short
 			}
 			select {
 			case err := <-wrote:

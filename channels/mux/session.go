@@ -315,7 +315,19 @@ func (s *Session) shutdown(cause error, sendGoAway bool, code uint32) {
 		// still reaches the peer: all of it within goAwayWait.
 		s.queue = append(s.queue, frame{header: header{typ: typeGoAway, length: code}})
 	} else {
-		dropped, s.queue = s.queue, nil
+		// The rest of a split frame stays, dropped, until the writer has
+		// done with its head (see frame.dropped); the others go now.
+		kept := s.queue[:0]
+		for _, f := range s.queue {
+			if f.started {
+				f.drop()
+				kept = append(kept, f)
+			} else {
+				dropped = append(dropped, f)
+			}
+		}
+		clear(s.queue[len(kept):])
+		s.queue = kept
 	}
 	s.sendClosed = true
 	s.sendMu.Unlock()

@@ -16,6 +16,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // sock is a legacy TCP socket that counts the bytes spliced to or from it.
@@ -508,4 +509,56 @@ func TestSpliceDeliveryWakesWriteTo(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, bytes.Equal(data[:r.n], got))
 	require.Equal(t, spliced+r.n, down.spliced.Load())
+}
+
+// TestSplicedSplitRestReset: on a slow link the writer splits a spliced
+// frame and splices its head from the stream's pipe; a reset of the stream
+// meanwhile must not let SpliceFrom return and close the pipe while the
+// writer still splices from it (the session's write failed with "bad file
+// descriptor", ending every stream). The session lives on.
+func TestSplicedSplitRestReset(t *testing.T) {
+	c1, c2 := tcpConns(t)
+	smallBuffers(t, 16<<10, c1, c2)
+	g := gate(c2)
+	cli, srv := newPair(t, c1, g, Config{}, Config{})
+	up, legacy := legacyPair(t)
+	st, _ := openPair(t, cli, srv)
+	other, otherPeer := openPair(t, cli, srv)
+	cli.pace.limit.Store(minBatchBudget) // a slow link, measured
+
+	go func() { _, _ = legacy.Write(make([]byte, 1<<20)) }()
+	// SpliceFrom fills its pipe with what is there: let more than the
+	// budget arrive first.
+	require.Eventually(t, func() bool { return readable(t, up.TCPConn) >= 48<<10 }, 5*time.Second, time.Millisecond)
+	g.shut()
+	spliced := make(chan error, 1)
+	go func() {
+		_, err := st.SpliceFrom(up)
+		spliced <- err
+	}()
+	require.Eventually(t, func() bool { return splitRestQueued(cli, st) }, 5*time.Second, time.Millisecond)
+	require.NoError(t, st.Reset())
+	g.reopen()
+	select {
+	case err := <-spliced:
+		require.Error(t, err)
+	case <-time.After(10 * time.Second):
+		require.FailNow(t, "SpliceFrom did not end after the reset")
+	}
+	_, err := other.Write([]byte("still here"))
+	require.NoError(t, err)
+	got := make([]byte, 10)
+	_, err = io.ReadFull(otherPeer, got)
+	require.NoError(t, err, "the session ended: %v", cli.Err())
+	require.Equal(t, "still here", string(got))
+	require.False(t, cli.IsClosed(), "the session ended: %v", cli.Err())
+}
+
+// readable returns how many bytes c has received that nothing has read.
+func readable(t *testing.T, c *net.TCPConn) int {
+	rc, err := c.SyscallConn()
+	require.NoError(t, err)
+	n := 0
+	require.NoError(t, rc.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ) }))
+	return n
 }

@@ -111,6 +111,7 @@ const (
 	writePending int32 = iota
 	writeOK
 	writeFailed
+	writeWithdrawn // a reset or the session's end dropped the rest of a split frame
 )
 
 func newStream(s *Session, id uint32, state uint16) *Stream {
@@ -551,15 +552,18 @@ func (st *Stream) writeFailedLocked() error {
 // the session's end or (unless keep) the deadline by withdrawing the data
 // if the writer has not taken it yet; once taken, the data is the
 // writer's until its verdict, however long (bounded by WriteTimeout). The
-// rest of data whose head the writer took (a split frame) is withdrawn at
-// a reset or the session's end, not at the deadline: the peer has part of
-// it, so Write must go on to the end.
+// rest of data whose head the writer took (a split frame) stays at the
+// deadline, since the peer has part of it; a reset or the session's end
+// drops it, and the Write ends once the writer is done with the head.
 func (st *Stream) awaitWriteLocked(k int, keep bool) bool {
 	aborting, final := false, false
 	for {
 		if r := st.wres.Load(); r != writePending {
-			if r == writeFailed {
+			switch r {
+			case writeFailed:
 				st.sessionEndedLocked(st.sess.cause())
+				return false
+			case writeWithdrawn:
 				return false
 			}
 			return true

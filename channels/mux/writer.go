@@ -65,9 +65,30 @@ type frame struct {
 	pipe  *kpipe
 	pipeN int
 	// started says that the writer took the head of this data frame
-	// already (takeLocked split it): what is left cannot be withdrawn but
-	// for a reset, since the peer has part of the Write.
-	started bool
+	// already (takeLocked split it): what is left cannot be withdrawn,
+	// since the peer has part of the Write, and the writer may still be
+	// writing the head from the owner's buffer or pipe. A reset or the
+	// session's end drops it instead: the writer skips it and then tells
+	// the owner (writeWithdrawn), once done with the head.
+	started, dropped bool
+}
+
+// drop empties the rest of a split frame (started) for the writer to skip.
+func (f *frame) drop() {
+	f.dropped = true
+	f.data, f.pipe, f.pipeN = nil, nil, 0
+}
+
+// verdict tells f's owner, if any, how the writer's write of f went.
+func (f *frame) verdict(ok bool) {
+	switch o := f.owner; {
+	case o == nil:
+	case f.dropped:
+		o.wres.Store(writeWithdrawn)
+		notify(o.writeWake)
+	default:
+		o.finishWrite(ok)
+	}
 }
 
 // payload returns the bytes of a data frame whose payload is not in a
@@ -143,8 +164,9 @@ func (st *Stream) finishWrite(ok bool) {
 // cancelWrite withdraws st's queued data frame, if the writer has not taken
 // it yet, and reports whether it did. A frame carrying the stream's SYN or
 // ACK stays, emptied, so that the stream's opening keeps its place. The rest
-// of a frame whose head was written is withdrawn only when reset says the
-// stream is reset (the peer drops its data then).
+// of a split frame is never withdrawn; when reset says that the stream is
+// reset or the session ended, it is dropped, and the writer gives the
+// verdict (frame.started).
 func (s *Session) cancelWrite(st *Stream, reset bool) bool {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()
@@ -153,7 +175,10 @@ func (s *Session) cancelWrite(st *Stream, reset bool) bool {
 		if f.owner != st {
 			continue
 		}
-		if f.started && !reset {
+		if f.started {
+			if reset {
+				f.drop()
+			}
 			return false
 		}
 		if f.flags != 0 {
@@ -207,9 +232,7 @@ func (s *Session) writeLoop() {
 			err := s.writeBatch(batch, final)
 			s.release(err)
 			for i := range batch {
-				if o := batch[i].owner; o != nil {
-					o.finishWrite(err == nil)
-				}
+				batch[i].verdict(err == nil)
 				if c := batch[i].copied; c != nil {
 					putBuf(c)
 				}
@@ -372,9 +395,7 @@ func (s *Session) failQueued() {
 	s.queue = nil
 	s.sendMu.Unlock()
 	for i := range left {
-		if o := left[i].owner; o != nil {
-			o.finishWrite(false)
-		}
+		left[i].verdict(false)
 		if c := left[i].copied; c != nil {
 			putBuf(c)
 		}
@@ -696,6 +717,9 @@ func (w *batchWriter) write(batch []frame) error {
 	w.off, w.run = 0, false
 	for i := range batch {
 		f := &batch[i]
+		if f.dropped {
+			continue
+		}
 		if f.typ != typeData {
 			w.addHeader(f.header)
 			continue
@@ -760,6 +784,9 @@ func (w *batchWriter) splice(f *frame, more bool) error {
 
 // frames returns how many frames (headers) f is sent as.
 func (w *batchWriter) frames(f *frame) int {
+	if f.dropped {
+		return 0
+	}
 	n := len(f.payload())
 	if f.typ != typeData || n == 0 { // including pipe frames
 		return 1
