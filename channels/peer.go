@@ -42,12 +42,12 @@ type dialCall struct {
 	more int
 }
 
-// stallAvoid is how long a session's write may wait without progress
-// (mux.Session.Stalled) before new streams avoid the session: its link
-// carries nothing for now (an outage, TCP backing off after losses), and
-// the write timeout may yet end it, so a connection opened now would wait
-// behind the stall or be reset with it. A working slow link makes
-// progress many times a second.
+// stallAvoid is how long a session may carry nothing (mux.Session.Stalled:
+// a write waits without progress, or TCP retransmits and hears nothing)
+// before new streams avoid it: its link carries nothing for now (an
+// outage, TCP backing off after losses), and the write timeout may yet end
+// it, so a connection opened now would wait behind the stall or be reset
+// with it. A working slow link makes progress many times a second.
 const stallAvoid = 2 * time.Second
 
 // live returns the open, not retiring, not stalled session carrying the
@@ -131,7 +131,7 @@ func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*sessi
 	case stalled != nil && open >= min(2*n.cfg.SessionsPerPeer, MaxSessionsPerPeer):
 		// Enough sessions dialed around stalls already.
 		n.mu.Unlock()
-		return n.stalledOr(stalled, lastResort, m, fmt.Errorf("%d sessions are open to %s (%s), the most while some are stalled", open, m.IID, m.Addr))
+		return stalledOr(stalled, lastResort, m, fmt.Errorf("%d sessions are open to %s (%s), the most while some are stalled", open, m.IID, m.Addr))
 	}
 	call := p.dial
 	if call == nil {
@@ -141,7 +141,7 @@ func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*sessi
 				m.IID, m.Addr, ErrBackoff, p.failures, wait.Round(time.Millisecond), p.lastErr)
 			n.mu.Unlock()
 			if stalled != nil {
-				return n.stalledOr(stalled, lastResort, m, err)
+				return stalledOr(stalled, lastResort, m, err)
 			}
 			return nil, err
 		}
@@ -159,7 +159,7 @@ func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*sessi
 	select {
 	case <-call.done:
 		if call.err != nil && stalled != nil {
-			return n.stalledOr(stalled, lastResort, m, call.err)
+			return stalledOr(stalled, lastResort, m, call.err)
 		}
 		return call.s, call.err
 	case <-ctx.Done():
@@ -176,7 +176,7 @@ var errStalled = errors.New("every session to the member is stalled")
 // stalledOr returns the stalled session s to a caller for whom it is the
 // last resort (it may yet recover), and to others the reason no other
 // session could be had.
-func (n *Node) stalledOr(s *session, lastResort bool, m Member, why error) (*session, error) {
+func stalledOr(s *session, lastResort bool, m Member, why error) (*session, error) {
 	if lastResort && !s.ys.IsClosed() {
 		return s, nil
 	}

@@ -282,3 +282,15 @@ func startWriteTo(st *Stream, w io.Writer) <-chan writeToResult {
 	}()
 	return done
 }
+
+// gatedPair returns a session pair over TCP with 16 KiB socket buffers,
+// the client configured with ccfg, and the gate on the server's reads: a
+// peer that stops reading, and starts again.
+func gatedPair(t testing.TB, ccfg Config) (cli, srv *Session, g *gatedConn) {
+	t.Helper()
+	c1, c2 := tcpConns(t)
+	smallBuffers(t, 16<<10, c1, c2)
+	g = gate(c2)
+	cli, srv = newPair(t, c1, g, ccfg, Config{})
+	return cli, srv, g
+}

@@ -31,10 +31,7 @@ func limitPipes(t *testing.T, n int) {
 // 1 KiB frames, queued while the peer did not read) goes out in several
 // sendmsg calls instead of ending the session with EMSGSIZE.
 func TestSpliceAfterManySmallFrames(t *testing.T) {
-	c1, c2 := tcpConns(t)
-	smallBuffers(t, 16<<10, c1, c2)
-	g := gate(c2)
-	cli, srv := newPair(t, c1, g, Config{MaxFrame: minMaxFrame}, Config{})
+	cli, srv, g := gatedPair(t, Config{MaxFrame: minMaxFrame})
 	filler, fillerPeer := openPair(t, cli, srv)
 	spl, splPeer := openPair(t, cli, srv)
 	type pair struct{ a, b *Stream }
@@ -206,10 +203,7 @@ func TestWriteToInterrupted(t *testing.T) {
 // frame waits for the writer does not drop the bytes SpliceFrom took from
 // its source: they are sent, and counted.
 func TestSpliceFromDeadline(t *testing.T) {
-	c1, c2 := tcpConns(t)
-	smallBuffers(t, 16<<10, c1, c2)
-	g := gate(c2)
-	cli, srv := newPair(t, c1, g, Config{}, Config{})
+	cli, srv, g := gatedPair(t, Config{})
 	filler, fillerPeer := openPair(t, cli, srv)
 	sa, sb := openPair(t, cli, srv)
 	up, a := legacyPair(t)

@@ -441,10 +441,7 @@ func TestDeadlineAfterSplitHead(t *testing.T) {
 // without progress (the peer stopped reading here), and drops to zero once
 // the connection takes data again.
 func TestStalledWhileWriteWaits(t *testing.T) {
-	c1, c2 := tcpConns(t)
-	smallBuffers(t, 16<<10, c1, c2)
-	g := gate(c2)
-	cli, srv := newPair(t, c1, g, Config{}, Config{})
+	cli, srv, g := gatedPair(t, Config{})
 	st, peer := openPair(t, cli, srv)
 	require.Zero(t, cli.Stalled())
 	g.shut()
@@ -468,10 +465,7 @@ func TestStalledWhileWriteWaits(t *testing.T) {
 func TestSplitRestGivesWayToReset(t *testing.T) {
 	for _, end := range []string{"reset", "close"} {
 		t.Run(end, func(t *testing.T) {
-			c1, c2 := tcpConns(t)
-			smallBuffers(t, 16<<10, c1, c2)
-			g := gate(c2)
-			cli, srv := newPair(t, c1, g, Config{WriteTimeout: time.Minute}, Config{})
+			cli, srv, g := gatedPair(t, Config{WriteTimeout: time.Minute})
 			st, _ := openPair(t, cli, srv)
 			cli.pace.limit.Store(minBatchBudget) // a slow link, measured
 			g.shut()

@@ -332,9 +332,7 @@ func (s *Session) shutdown(cause error, sendGoAway bool, code uint32) {
 	s.sendClosed = true
 	s.sendMu.Unlock()
 	for i := range dropped {
-		if o := dropped[i].owner; o != nil {
-			o.finishWrite(false)
-		}
+		dropped[i].verdict(false)
 	}
 	close(s.done)
 	notify(s.sendSignal)

@@ -517,10 +517,7 @@ func TestSpliceDeliveryWakesWriteTo(t *testing.T) {
 // writer still splices from it (the session's write failed with "bad file
 // descriptor", ending every stream). The session lives on.
 func TestSplicedSplitRestReset(t *testing.T) {
-	c1, c2 := tcpConns(t)
-	smallBuffers(t, 16<<10, c1, c2)
-	g := gate(c2)
-	cli, srv := newPair(t, c1, g, Config{}, Config{})
+	cli, srv, g := gatedPair(t, Config{})
 	up, legacy := legacyPair(t)
 	st, _ := openPair(t, cli, srv)
 	other, otherPeer := openPair(t, cli, srv)

@@ -340,9 +340,10 @@ func (f *frame) payloadLen() int {
 // claimConn makes the caller the connection's owner if the connection is
 // idle: no write in progress, nothing queued, the session not ending, and
 // the caller's frame of n bytes within the batch budget when the link is
-// slow (a larger one goes through the queue, to be split). The caller then writes its frame with
-// writeDirect. This spares a frame of a lone busy stream (bulk data) two
-// goroutine hand-offs: to the writer and back with its verdict.
+// slow (a larger one goes through the queue, to be split). The caller then
+// writes its frame with writeDirect. This spares a frame of a lone busy
+// stream (bulk data) two goroutine hand-offs: to the writer and back with
+// its verdict.
 func (s *Session) claimConn(n int) bool {
 	s.sendMu.Lock()
 	defer s.sendMu.Unlock()
@@ -615,9 +616,9 @@ func (w *lossWatch) check(s *Session) {
 }
 
 // setDeadline moves the write deadline to t for the write whose wait
-// began, or last progressed, at since. A write that ended meanwhile, and one that began, set their
-// own deadlines, which t must not cut short; a closing session keeps its
-// short one.
+// began, or last progressed, at since. A write that began meanwhile set
+// its own deadline, which t must not cut short (hence the look after
+// setting t); a closing session keeps its short one.
 func (w *lossWatch) setDeadline(s *Session, since int64, t time.Time) {
 	_ = s.conn.SetWriteDeadline(t)
 	if cur := s.writeWait.Load(); cur != since && cur != 0 {
@@ -640,7 +641,7 @@ func (s *Session) Stalled() time.Duration {
 		d = max(time.Duration(s.clock()-(since-1)), 0)
 	}
 	if s.tcp != nil {
-		d = max(d, s.tcpSilence())
+		d = max(d, s.cachedSilence())
 	}
 	return d
 }
@@ -649,8 +650,9 @@ func (s *Session) Stalled() time.Duration {
 // for each session at every stream it opens.
 const silenceCache = 100 * time.Millisecond
 
-// tcpSilence returns tcpSilence(s.tcp), read at most every silenceCache.
-func (s *Session) tcpSilence() time.Duration {
+// cachedSilence returns tcpSilence(s.tcp), read at most every
+// silenceCache.
+func (s *Session) cachedSilence() time.Duration {
 	now := s.clock()
 	if at := s.silenceAt.Load(); at != 0 && now-at < int64(silenceCache) {
 		if d := time.Duration(s.silence.Load()); d > 0 {
