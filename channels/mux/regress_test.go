@@ -392,6 +392,42 @@ func TestSmallFrameOnSlowLink(t *testing.T) {
 	require.Less(t, most, uint64(160<<10), "the message waited behind a whole bulk Write")
 }
 
+// descheduledConn takes delay over each Write, as a writer's thread does
+// when a busy host deschedules it mid-write; its socket, reached through
+// NetConn, keeps up with everything.
+type descheduledConn struct {
+	net.Conn
+	delay time.Duration
+}
+
+func (c *descheduledConn) Write(b []byte) (int, error) {
+	time.Sleep(c.delay)
+	return c.Conn.Write(b)
+}
+
+func (c *descheduledConn) NetConn() net.Conn { return c.Conn }
+
+// TestPacerIgnoresBusyHost: small writes that take long while the link
+// keeps up (nothing waits in the socket) measure the host's CPU, not the
+// link: the batch budget stays whole, and bulk data is not cut into
+// small batches, which would only cost more CPU where CPU is short.
+func TestPacerIgnoresBusyHost(t *testing.T) {
+	c1, c2 := tcpConns(t)
+	cli, srv := newPair(t, &descheduledConn{Conn: c1, delay: 5 * time.Millisecond}, c2, Config{}, Config{})
+	st, peer := openPair(t, cli, srv)
+	msg, got := []byte("ping"), make([]byte, 4)
+	// Each message is a batch of its own: 5 ms for 4 bytes, a link of
+	// 800 B/s by the clock. A measurement takes 100 ms of writes.
+	for i := 0; cli.pace.limit.Load() == 0; i++ {
+		require.Less(t, i, 1000, "the pacer never measured")
+		_, err := st.Write(msg)
+		require.NoError(t, err)
+		_, err = io.ReadFull(peer, got)
+		require.NoError(t, err)
+	}
+	require.Equal(t, batchBudget, cli.pace.budget(), "a busy host's slow writes lowered the batch budget")
+}
+
 // TestDeadlineAfterSplitHead: once the writer has sent the head of a
 // Write's frame (split on a slow link), the write deadline cannot withdraw
 // the rest: the peer has part of it, so Write must count it all. The peer

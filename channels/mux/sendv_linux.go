@@ -173,6 +173,17 @@ func tcpSilence(rc syscall.RawConn) time.Duration {
 	return time.Duration(info.Last_ack_recv) * time.Millisecond
 }
 
+// tcpNotSent returns the bytes the TCP socket rc holds that it has not
+// sent yet (0 if it cannot tell): more than none means that the link, or
+// the peer's window, holds the writer back.
+func tcpNotSent(rc syscall.RawConn) uint32 {
+	info, ok := tcpInfo(rc)
+	if !ok {
+		return 0
+	}
+	return info.Notsent_bytes
+}
+
 // tcpSendState returns, from the TCP socket rc's TCP_INFO, the bytes the
 // peer acknowledged, and whether the socket is recovering from loss: it
 // has data in flight that the kernel retransmits (timeouts, backoff, or

@@ -19,5 +19,6 @@ func tcpConn(net.Conn) syscall.RawConn                  { return nil }
 func tcpBytesAcked(syscall.RawConn) (uint64, bool)      { return 0, false }
 func tcpSilence(syscall.RawConn) time.Duration          { return 0 }
 func tcpSendState(syscall.RawConn) (uint64, bool, bool) { return 0, false, false }
+func tcpNotSent(syscall.RawConn) uint32                 { return 0 }
 
 func (*sockWriter) write([][]byte, int) error { return errNoSplice }

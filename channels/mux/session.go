@@ -135,7 +135,9 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 		s.raw = rawConn(conn)
 	}
 	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame), s.writeProgress, &s.bytesOut)
-	s.tcp = tcpConn(conn)
+	if s.tcp = tcpConn(conn); s.tcp != nil {
+		s.pace.backlogged = func() bool { return tcpNotSent(s.tcp) > 0 }
+	}
 	s.idsLeft = (math.MaxUint32-s.nextID)/2 + 1
 	s.wg.Add(3)
 	go s.readLoop()

@@ -474,10 +474,19 @@ const (
 
 // pacer measures the connection's rate for takeLocked. observe belongs to
 // the connection's owner; budget may be read by anyone.
+//
+// A write's time is the link's only when the link made it wait: on a busy
+// host the writer's thread is also descheduled in the middle of writes,
+// and many small writes then look like a slow link; smaller batches would
+// only cost more CPU where CPU is short. So a measurement that would lower
+// the budget holds only if the connection is backed up (backlogged: the
+// kernel holds data it has not sent); nil backlogged (no TCP_INFO) trusts
+// the clock.
 type pacer struct {
-	busy  time.Duration // spent writing since the last measurement
-	bytes int           // data bytes written meanwhile
-	limit atomic.Int64  // the budget; 0 until the first measurement
+	busy       time.Duration // spent writing since the last measurement
+	bytes      int           // data bytes written meanwhile
+	limit      atomic.Int64  // the budget; 0 until the first measurement
+	backlogged func() bool
 }
 
 // observe records a write of n data bytes that took d.
@@ -488,6 +497,9 @@ func (p *pacer) observe(n int, d time.Duration) {
 		return
 	}
 	perBatch := float64(p.bytes) * float64(batchTime) / float64(max(p.busy, time.Microsecond))
+	if perBatch < batchBudget && p.backlogged != nil && !p.backlogged() {
+		perBatch = batchBudget // the link keeps up: the time was the CPU's
+	}
 	p.limit.Store(int64(min(max(perBatch, minBatchBudget), batchBudget)))
 	p.busy, p.bytes = 0, 0
 }
