@@ -392,6 +392,58 @@ func TestSmallFrameOnSlowLink(t *testing.T) {
 	require.Less(t, most, uint64(160<<10), "the message waited behind a whole bulk Write")
 }
 
+// TestKernelQueueOnSlowLink: on a slow link whose sender keeps the
+// kernel's autotuned send buffer, the kernel takes every stream's window
+// without the writer waiting, and a small message waited behind all of
+// it (768 KiB, 3 s at 256 KiB/s). The pacer measures the link by what the
+// peer acknowledges and holds the socket's unsent bytes to two batches:
+// the message overtakes the bulk data in the writer's queue, and the bulk
+// streams still fill the link.
+func TestKernelQueueOnSlowLink(t *testing.T) {
+	const bulk, rate = 3, 256 << 10
+	c1, c2 := tcpConns(t)
+	smallBuffers(t, 16<<10, c2) // the link's buffer; c1's is the kernel's
+	cli, srv := newPair(t, c1, throttle(c2, rate, 16<<10), Config{}, Config{})
+	msg, msgPeer := openPair(t, cli, srv)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		cancel()
+		wg.Wait()
+	})
+	for range bulk {
+		st, peer := openPair(t, cli, srv)
+		wg.Go(func() { keepWriting(ctx, st) })
+		wg.Go(func() { _, _ = io.Copy(io.Discard, peer) })
+		context.AfterFunc(ctx, func() { st.Reset() })
+	}
+	require.Eventually(t, func() bool { return cli.pace.budget() < batchBudget }, 10*time.Second, time.Millisecond,
+		"the writer measures the slow link")
+	// What the kernel took before the measurement drains.
+	require.Eventually(t, func() bool {
+		info, ok := tcpInfo(cli.tcp)
+		return ok && int(info.Notsent_bytes) <= 3*cli.pace.budget()
+	}, 10*time.Second, time.Millisecond, "the socket's queue is held to the pace")
+
+	var most uint64
+	start, begin := srv.bytesIn.Load(), time.Now()
+	for range 5 {
+		before := srv.bytesIn.Load()
+		_, err := msg.Write([]byte("hello"))
+		require.NoError(t, err)
+		_, err = io.ReadFull(msgPeer, make([]byte, 5))
+		require.NoError(t, err)
+		most = max(most, srv.bytesIn.Load()-before)
+	}
+	took := time.Since(begin)
+	carried := float64(srv.bytesIn.Load()-start) / took.Seconds()
+	t.Logf("a message came after %d KiB at most; the link carried %.0f KiB/s", most>>10, carried/1024)
+	// The peer's buffer, the throttle's chunk, the socket's unsent bytes
+	// and a batch: well under the streams' windows.
+	require.Less(t, most, uint64(256<<10), "the message waited behind the kernel's queue")
+	require.Greater(t, carried, 0.7*rate, "the bulk streams no longer fill the link")
+}
+
 // descheduledConn takes delay over each Write, as a writer's thread does
 // when a busy host deschedules it mid-write; its socket, reached through
 // NetConn, keeps up with everything.
@@ -417,15 +469,14 @@ func TestPacerIgnoresBusyHost(t *testing.T) {
 	st, peer := openPair(t, cli, srv)
 	msg, got := []byte("ping"), make([]byte, 4)
 	// Each message is a batch of its own: 5 ms for 4 bytes, a link of
-	// 800 B/s by the clock. A measurement takes 100 ms of writes.
-	for i := 0; cli.pace.limit.Load() == 0; i++ {
-		require.Less(t, i, 1000, "the pacer never measured")
+	// 800 B/s by the clock, over several of the pacer's measurements.
+	for start := time.Now(); time.Since(start) < 4*paceWindow; {
 		_, err := st.Write(msg)
 		require.NoError(t, err)
 		_, err = io.ReadFull(peer, got)
 		require.NoError(t, err)
+		require.Equal(t, batchBudget, cli.pace.budget(), "a busy host's slow writes lowered the batch budget")
 	}
-	require.Equal(t, batchBudget, cli.pace.budget(), "a busy host's slow writes lowered the batch budget")
 }
 
 // TestDeadlineAfterSplitHead: once the writer has sent the head of a

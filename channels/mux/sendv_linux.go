@@ -173,15 +173,25 @@ func tcpSilence(rc syscall.RawConn) time.Duration {
 	return time.Duration(info.Last_ack_recv) * time.Millisecond
 }
 
-// tcpNotSent returns the bytes the TCP socket rc holds that it has not
-// sent yet (0 if it cannot tell): more than none means that the link, or
-// the peer's window, holds the writer back.
-func tcpNotSent(rc syscall.RawConn) uint32 {
+// tcpPaceState returns, from the TCP socket rc's TCP_INFO, the bytes the
+// peer acknowledged and the bytes the socket holds that it has not sent
+// yet: more than none means that the link, or the peer's window, holds
+// the writer back.
+func tcpPaceState(rc syscall.RawConn) (acked uint64, notSent uint32, ok bool) {
 	info, ok := tcpInfo(rc)
 	if !ok {
-		return 0
+		return 0, 0, false
 	}
-	return info.Notsent_bytes
+	return info.Bytes_acked, info.Notsent_bytes, true
+}
+
+// setNotSentLowat limits the bytes the TCP socket rc holds unsent to
+// about n (TCP_NOTSENT_LOWAT; 0 restores the system's default). A socket
+// that refuses keeps its queue: pacing still works, with more delay.
+func setNotSentLowat(rc syscall.RawConn, n int) {
+	_ = rc.Control(func(fd uintptr) {
+		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, n)
+	})
 }
 
 // tcpSendState returns, from the TCP socket rc's TCP_INFO, the bytes the

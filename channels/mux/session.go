@@ -136,7 +136,8 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 	}
 	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame), s.writeProgress, &s.bytesOut)
 	if s.tcp = tcpConn(conn); s.tcp != nil {
-		s.pace.backlogged = func() bool { return tcpNotSent(s.tcp) > 0 }
+		s.pace.tcp = func() (uint64, uint32, bool) { return tcpPaceState(s.tcp) }
+		s.pace.limitQueue = func(n int) { setNotSentLowat(s.tcp, n) }
 	}
 	s.idsLeft = (math.MaxUint32-s.nextID)/2 + 1
 	s.wg.Add(3)

@@ -448,7 +448,8 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 	s.writeWait.Store(0)
 	if err == nil {
 		s.counters.sent.Add(n)
-		s.pace.observe(int(n), time.Since(start))
+		now := time.Now()
+		s.pace.observe(int(n), now.Sub(start), now)
 	}
 	return err
 }
@@ -457,51 +458,106 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 // written whole before the writer takes the next, so what is queued
 // meanwhile (an interactive stream's message, a window update, a new
 // stream's SYN) waits for all of it: 512 KiB is a millisecond on a LAN
-// but eight seconds at half a megabit. The pacer measures the rate at
-// which the connection takes data, over paceWindow of time spent writing
-// or paceBytes written, whichever comes first (writes that do not wait
-// take next to no time, so a fast link measures fast, and soon after a
-// stall), and sets the budget to batchTime of that rate, within
-// [minBatchBudget, batchBudget]. Until the first measurement it is
-// batchBudget: a fast link is not held back while it is measured, at the
-// cost of one unpaced batch on a slow one.
+// but eight seconds at half a megabit. The pacer sets the budget to
+// batchTime of the link's rate, within [minBatchBudget, batchBudget].
+// Until the first measurement it is batchBudget: a fast link is not held
+// back while it is measured, at the cost of one unpaced batch on a slow
+// one.
+//
+// On a TCP connection (under TLS too) the rate is the kernel's: the bytes
+// the peer acknowledged per second (TCP_INFO), sampled every paceWindow
+// while the writer writes. Timing writes would not do: the kernel's send
+// buffer, autotuned to megabytes, takes a slow link's data without
+// waiting, and on a busy host a descheduled writer makes a fast link look
+// slow. An interval in which the socket held unsent data throughout
+// measures the link (or the peer's reading); any other measures what the
+// session offered, which raises the budget but never lowers it. While the
+// budget is lowered, the socket's unsent bytes are held to two batches
+// (TCP_NOTSENT_LOWAT): otherwise what the writer orders, a small frame
+// before bulk data, would wait behind seconds of data in the kernel. A
+// fast link's queue is left to the kernel.
+//
+// Elsewhere (a Unix socket, a pipe) the rate is that of the writes: the
+// data bytes written per second spent writing, over paceWindow of it or
+// paceBytes written, whichever comes first.
 const (
 	batchTime      = 50 * time.Millisecond
 	paceWindow     = 100 * time.Millisecond
 	paceBytes      = 4 << 20
 	minBatchBudget = 16 << 10
+	// paceStale is the longest interval a TCP sample measures: over a
+	// longer one the writer may have idled, and the rate says little.
+	paceStale = 5 * time.Second
 )
 
 // pacer measures the connection's rate for takeLocked. observe belongs to
 // the connection's owner; budget may be read by anyone.
-//
-// A write's time is the link's only when the link made it wait: on a busy
-// host the writer's thread is also descheduled in the middle of writes,
-// and many small writes then look like a slow link; smaller batches would
-// only cost more CPU where CPU is short. So a measurement that would lower
-// the budget holds only if the connection is backed up (backlogged: the
-// kernel holds data it has not sent); nil backlogged (no TCP_INFO) trusts
-// the clock.
 type pacer struct {
-	busy       time.Duration // spent writing since the last measurement
-	bytes      int           // data bytes written meanwhile
-	limit      atomic.Int64  // the budget; 0 until the first measurement
-	backlogged func() bool
+	limit atomic.Int64 // the budget; 0 until the first measurement
+
+	// By the writes' time, without tcp.
+	busy  time.Duration // spent writing since the last measurement
+	bytes int           // data bytes written meanwhile
+
+	// By TCP_INFO, with tcp.
+	tcp        func() (acked uint64, notSent uint32, ok bool)
+	limitQueue func(bytes int) // TCP_NOTSENT_LOWAT; 0: the system's default
+	queued     int             // the last limitQueue
+	last       time.Time       // the last sample
+	lastAcked  uint64
+	lastBehind bool // the socket held unsent data at the last sample
 }
 
-// observe records a write of n data bytes that took d.
-func (p *pacer) observe(n int, d time.Duration) {
+// observe records a write of n data bytes that took d, ending at now.
+func (p *pacer) observe(n int, d time.Duration, now time.Time) {
+	if p.tcp != nil {
+		p.sample(now)
+		return
+	}
 	p.busy += d
 	p.bytes += n
 	if p.busy < paceWindow && p.bytes < paceBytes {
 		return
 	}
-	perBatch := float64(p.bytes) * float64(batchTime) / float64(max(p.busy, time.Microsecond))
-	if perBatch < batchBudget && p.backlogged != nil && !p.backlogged() {
-		perBatch = batchBudget // the link keeps up: the time was the CPU's
-	}
-	p.limit.Store(int64(min(max(perBatch, minBatchBudget), batchBudget)))
+	p.set(float64(p.bytes) / max(p.busy, time.Microsecond).Seconds())
 	p.busy, p.bytes = 0, 0
+}
+
+// sample measures the rate at which the peer acknowledges data.
+func (p *pacer) sample(now time.Time) {
+	elapsed := now.Sub(p.last)
+	if elapsed < paceWindow {
+		return
+	}
+	acked, notSent, ok := p.tcp()
+	if !ok {
+		return
+	}
+	behind := notSent > 0
+	if elapsed <= paceStale && acked >= p.lastAcked {
+		rate := float64(acked-p.lastAcked) / elapsed.Seconds()
+		switch {
+		case p.lastBehind && behind:
+			p.set(rate)
+		case rate*batchTime.Seconds() > float64(p.budget()):
+			p.set(rate) // the link took more than the budget assumed
+		}
+	}
+	p.last, p.lastAcked, p.lastBehind = now, acked, behind
+}
+
+// set sets the budget to batchTime of rate (bytes per second).
+func (p *pacer) set(rate float64) {
+	budget := int(min(max(rate*batchTime.Seconds(), minBatchBudget), batchBudget))
+	p.limit.Store(int64(budget))
+	queue := 0
+	if budget < batchBudget {
+		queue = 2 * budget
+	}
+	if p.limitQueue != nil && queue != p.queued {
+		p.limitQueue(queue)
+		p.queued = queue
+	}
 }
 
 // budget returns the bytes of large frames a batch may take.
