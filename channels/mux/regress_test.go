@@ -357,35 +357,11 @@ func TestSmallFrameOvertakesBulk(t *testing.T) {
 // behind a whole Write (256 KiB) or batch (512 KiB) of it: the writer
 // measures the link and splits large frames to its pace.
 func TestSmallFrameOnSlowLink(t *testing.T) {
-	const bulk, rate = 3, 512 << 10
-	c1, c2 := tcpConns(t)
-	smallBuffers(t, 16<<10, c1, c2)
-	cli, srv := newPair(t, c1, throttle(c2, rate, 16<<10), Config{}, Config{})
-	msg, msgPeer := openPair(t, cli, srv)
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		cancel()
-		wg.Wait()
-	})
-	for range bulk {
-		st, peer := openPair(t, cli, srv)
-		wg.Go(func() { keepWriting(ctx, st) })
-		wg.Go(func() { _, _ = io.Copy(io.Discard, peer) })
-		context.AfterFunc(ctx, func() { st.Reset() })
-	}
+	_, srv, msg, msgPeer, _ := slowLink(t, 512<<10, true)
 	start := srv.bytesIn.Load()
 	require.Eventually(t, func() bool { return srv.bytesIn.Load()-start > 256<<10 }, 10*time.Second, time.Millisecond)
 
-	var most uint64
-	for range 5 {
-		before := srv.bytesIn.Load()
-		_, err := msg.Write([]byte("hello"))
-		require.NoError(t, err)
-		_, err = io.ReadFull(msgPeer, make([]byte, 5))
-		require.NoError(t, err)
-		most = max(most, srv.bytesIn.Load()-before)
-	}
+	most := worstMessageWait(t, srv, msg, msgPeer)
 	t.Logf("a message came after %d KiB at most", most>>10)
 	// The socket buffers (32 KiB), the throttle's chunk and a batch or two
 	// of about 25 KiB; not a 256 KiB Write.
@@ -400,23 +376,81 @@ func TestSmallFrameOnSlowLink(t *testing.T) {
 // the message overtakes the bulk data in the writer's queue, and the bulk
 // streams still fill the link.
 func TestKernelQueueOnSlowLink(t *testing.T) {
-	const bulk, rate = 3, 256 << 10
+	const rate = 256 << 10
+	cli, srv, msg, msgPeer, _ := slowLink(t, rate, false)
+	waitPaced(t, cli)
+
+	start, begin := srv.bytesIn.Load(), time.Now()
+	most := worstMessageWait(t, srv, msg, msgPeer)
+	carried := float64(srv.bytesIn.Load()-start) / time.Since(begin).Seconds()
+	t.Logf("a message came after %d KiB at most; the link carried %.0f KiB/s", most>>10, carried/1024)
+	// The peer's buffer, the throttle's chunk, the bytes in flight, the
+	// socket's unsent bytes and a batch or two (160-220 KiB): well under
+	// the streams' windows.
+	require.Less(t, most, uint64(384<<10), "the message waited behind the kernel's queue")
+	require.Greater(t, carried, 0.5*rate, "the bulk streams no longer fill the link")
+}
+
+// TestPacerIgnoresIdleGaps: bursts of bulk data with pauses between them
+// on a fast link (8 MiB/s) leave data unsent at the end of each burst's
+// writes, but the socket runs dry in between: the pause is the session's,
+// not the link's, and the batch budget stays whole. (Measured from one
+// burst's end to the next, the link would carry 1 MiB/s.)
+func TestPacerIgnoresIdleGaps(t *testing.T) {
 	c1, c2 := tcpConns(t)
 	smallBuffers(t, 16<<10, c2) // the link's buffer; c1's is the kernel's
-	cli, srv := newPair(t, c1, throttle(c2, rate, 16<<10), Config{}, Config{})
-	msg, msgPeer := openPair(t, cli, srv)
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		cancel()
-		wg.Wait()
-	})
-	for range bulk {
-		st, peer := openPair(t, cli, srv)
-		wg.Go(func() { keepWriting(ctx, st) })
-		wg.Go(func() { _, _ = io.Copy(io.Discard, peer) })
-		context.AfterFunc(ctx, func() { st.Reset() })
+	cli, srv := newPair(t, c1, throttle(c2, 8<<20, 64<<10), Config{}, Config{})
+	st, peer := openPair(t, cli, srv)
+	go func() { _, _ = io.Copy(io.Discard, peer) }()
+	burst := make([]byte, 256<<10)
+	for range 8 {
+		_, err := st.Write(burst)
+		require.NoError(t, err)
+		require.Equal(t, batchBudget, cli.pace.budget(), "a pause between bursts lowered the batch budget")
+		time.Sleep(2 * paceWindow) // the session pauses; the link does not
 	}
+}
+
+// TestCloseOnPacedLink: a session's Close writes its GoAway within
+// goAwayWait. On a paced slow link the writer may be in the middle of a
+// batch that the socket takes at the pace only (TCP_NOTSENT_LOWAT): the
+// closing session gives the socket's queue back to the kernel, and the
+// peer sees the GoAway, not the connection's end. (The pending Write
+// fails, and the rest of its data is dropped, as on any Close.)
+func TestCloseOnPacedLink(t *testing.T) {
+	cli, srv, msg, msgPeer, stopBulk := slowLink(t, 256<<10, false)
+	waitPaced(t, cli)
+	stopBulk()
+	data := randomBytes(t, 256<<10)
+	wrote := make(chan error, 1)
+	go func() {
+		_, err := msg.Write(data)
+		wrote <- err
+	}()
+	require.Eventually(t, func() bool { return queuedBytes(cli) >= 128<<10 }, 5*time.Second, time.Millisecond,
+		"the Write waits in the writer's queue")
+	require.NoError(t, cli.Close())
+	<-wrote // an error: the stream ended with its session
+	got, _ := io.ReadAll(msgPeer)
+	<-srv.CloseChan()
+	require.ErrorIs(t, srv.Err(), ErrRemoteGoAway, "the closing session's GoAway was not written")
+	require.True(t, bytes.HasPrefix(data, got), "the %d bytes that came are not what was written", len(got))
+}
+
+// queuedBytes returns the data bytes waiting in s's send queue.
+func queuedBytes(s *Session) int {
+	s.sendMu.Lock()
+	defer s.sendMu.Unlock()
+	n := 0
+	for _, f := range s.queue {
+		n += f.payloadLen()
+	}
+	return n
+}
+
+// waitPaced waits until cli's pacer has measured a slow link and the
+// socket's queue has drained to the pace.
+func waitPaced(t *testing.T, cli *Session) {
 	require.Eventually(t, func() bool { return cli.pace.budget() < batchBudget }, 10*time.Second, time.Millisecond,
 		"the writer measures the slow link")
 	// What the kernel took before the measurement drains.
@@ -424,9 +458,42 @@ func TestKernelQueueOnSlowLink(t *testing.T) {
 		info, ok := tcpInfo(cli.tcp)
 		return ok && int(info.Notsent_bytes) <= 3*cli.pace.budget()
 	}, 10*time.Second, time.Millisecond, "the socket's queue is held to the pace")
+}
 
+// slowLink returns a session pair over a TCP link that the server reads
+// at rate bytes a second, with three bulk streams writing to it until the
+// test ends or stopBulk resets them, and a stream pair for messages. The
+// link's buffer is small; the sender's is too with smallSender, else the
+// kernel's own.
+func slowLink(t *testing.T, rate int, smallSender bool) (cli, srv *Session, msg, msgPeer *Stream, stopBulk func()) {
+	c1, c2 := tcpConns(t)
+	smallBuffers(t, 16<<10, c2)
+	if smallSender {
+		smallBuffers(t, 16<<10, c1)
+	}
+	cli, srv = newPair(t, c1, throttle(c2, rate, 16<<10), Config{}, Config{})
+	msg, msgPeer = openPair(t, cli, srv)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	stopBulk = func() {
+		cancel()
+		wg.Wait()
+	}
+	t.Cleanup(stopBulk)
+	for range 3 {
+		st, peer := openPair(t, cli, srv)
+		wg.Go(func() { keepWriting(ctx, st) })
+		wg.Go(func() { _, _ = io.Copy(io.Discard, peer) })
+		context.AfterFunc(ctx, func() { st.Reset() })
+	}
+	return cli, srv, msg, msgPeer, stopBulk
+}
+
+// worstMessageWait sends five small messages one after another and
+// returns the most bytes srv read between a message's Write and its
+// arrival.
+func worstMessageWait(t *testing.T, srv *Session, msg, msgPeer *Stream) uint64 {
 	var most uint64
-	start, begin := srv.bytesIn.Load(), time.Now()
 	for range 5 {
 		before := srv.bytesIn.Load()
 		_, err := msg.Write([]byte("hello"))
@@ -435,13 +502,7 @@ func TestKernelQueueOnSlowLink(t *testing.T) {
 		require.NoError(t, err)
 		most = max(most, srv.bytesIn.Load()-before)
 	}
-	took := time.Since(begin)
-	carried := float64(srv.bytesIn.Load()-start) / took.Seconds()
-	t.Logf("a message came after %d KiB at most; the link carried %.0f KiB/s", most>>10, carried/1024)
-	// The peer's buffer, the throttle's chunk, the socket's unsent bytes
-	// and a batch: well under the streams' windows.
-	require.Less(t, most, uint64(256<<10), "the message waited behind the kernel's queue")
-	require.Greater(t, carried, 0.7*rate, "the bulk streams no longer fill the link")
+	return most
 }
 
 // descheduledConn takes delay over each Write, as a writer's thread does

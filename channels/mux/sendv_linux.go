@@ -173,16 +173,18 @@ func tcpSilence(rc syscall.RawConn) time.Duration {
 	return time.Duration(info.Last_ack_recv) * time.Millisecond
 }
 
-// tcpPaceState returns, from the TCP socket rc's TCP_INFO, the bytes the
-// peer acknowledged and the bytes the socket holds that it has not sent
-// yet: more than none means that the link, or the peer's window, holds
-// the writer back.
-func tcpPaceState(rc syscall.RawConn) (acked uint64, notSent uint32, ok bool) {
+// tcpPaceState returns what the pacer reads from the TCP socket rc's
+// TCP_INFO.
+func tcpPaceState(rc syscall.RawConn) (tcpPace, bool) {
 	info, ok := tcpInfo(rc)
 	if !ok {
-		return 0, 0, false
+		return tcpPace{}, false
 	}
-	return info.Bytes_acked, info.Notsent_bytes, true
+	return tcpPace{
+		acked:   info.Bytes_acked,
+		sent:    info.Bytes_sent - info.Bytes_retrans,
+		notSent: info.Notsent_bytes,
+	}, true
 }
 
 // setNotSentLowat limits the bytes the TCP socket rc holds unsent to

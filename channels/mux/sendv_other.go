@@ -15,11 +15,11 @@ type sockWriter struct{}
 func newSockWriter(any, func(), *atomic.Uint64) *sockWriter { return nil }
 
 // Elsewhere the keepalive counts the bytes written instead.
-func tcpConn(net.Conn) syscall.RawConn                    { return nil }
-func tcpBytesAcked(syscall.RawConn) (uint64, bool)        { return 0, false }
-func tcpSilence(syscall.RawConn) time.Duration            { return 0 }
-func tcpSendState(syscall.RawConn) (uint64, bool, bool)   { return 0, false, false }
-func tcpPaceState(syscall.RawConn) (uint64, uint32, bool) { return 0, 0, false }
-func setNotSentLowat(syscall.RawConn, int)                {}
+func tcpConn(net.Conn) syscall.RawConn                  { return nil }
+func tcpBytesAcked(syscall.RawConn) (uint64, bool)      { return 0, false }
+func tcpSilence(syscall.RawConn) time.Duration          { return 0 }
+func tcpSendState(syscall.RawConn) (uint64, bool, bool) { return 0, false, false }
+func tcpPaceState(syscall.RawConn) (tcpPace, bool)      { return tcpPace{}, false }
+func setNotSentLowat(syscall.RawConn, int)              {}
 
 func (*sockWriter) write([][]byte, int) error { return errNoSplice }

@@ -136,7 +136,7 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 	}
 	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame), s.writeProgress, &s.bytesOut)
 	if s.tcp = tcpConn(conn); s.tcp != nil {
-		s.pace.tcp = func() (uint64, uint32, bool) { return tcpPaceState(s.tcp) }
+		s.pace.tcp = func() (tcpPace, bool) { return tcpPaceState(s.tcp) }
 		s.pace.limitQueue = func(n int) { setNotSentLowat(s.tcp, n) }
 	}
 	s.idsLeft = (math.MaxUint32-s.nextID)/2 + 1
@@ -311,6 +311,10 @@ func (s *Session) shutdown(cause error, sendGoAway bool, code uint32) {
 	// checks closing after setting its own deadline.
 	s.closing.Store(true)
 	_ = s.conn.SetWriteDeadline(time.Now().Add(goAwayWait))
+	if s.tcp != nil {
+		// The pace no longer matters: the kernel may take what is left.
+		setNotSentLowat(s.tcp, 0)
+	}
 	s.sendMu.Lock()
 	var dropped []frame
 	if sendGoAway {

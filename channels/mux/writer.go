@@ -465,17 +465,21 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 // one.
 //
 // On a TCP connection (under TLS too) the rate is the kernel's: the bytes
-// the peer acknowledged per second (TCP_INFO), sampled every paceWindow
-// while the writer writes. Timing writes would not do: the kernel's send
+// the peer acknowledged per second (TCP_INFO), sampled after a write at
+// most every paceWindow. Timing writes would not do: the kernel's send
 // buffer, autotuned to megabytes, takes a slow link's data without
 // waiting, and on a busy host a descheduled writer makes a fast link look
-// slow. An interval in which the socket held unsent data throughout
-// measures the link (or the peer's reading); any other measures what the
-// session offered, which raises the budget but never lowers it. While the
-// budget is lowered, the socket's unsent bytes are held to two batches
-// (TCP_NOTSENT_LOWAT): otherwise what the writer orders, a small frame
-// before bulk data, would wait behind seconds of data in the kernel. A
-// fast link's queue is left to the kernel.
+// slow. An interval in which the socket cannot have run out of unsent
+// data measures the link, or the peer's reading: the socket held unsent
+// data at both ends, and in between it sent less for the first time than
+// it held at the start, or the writer waited for it most of the time. Any
+// other interval may include idle time and measures what the session
+// offered, which raises the budget but never lowers it. While the budget is lowered, the socket's unsent
+// bytes are held to two batches (TCP_NOTSENT_LOWAT): otherwise what the
+// writer orders, a small frame before bulk data, would wait behind seconds
+// of data in the kernel. A fast link's queue is left to the kernel, and so
+// is a closing session's (shutdown): what it writes has goAwayWait in all. Kernels before 4.19 (no bytes_sent in TCP_INFO)
+// never lower the budget of a TCP connection.
 //
 // Elsewhere (a Unix socket, a pipe) the rate is that of the writes: the
 // data bytes written per second spent writing, over paceWindow of it or
@@ -495,26 +499,33 @@ const (
 type pacer struct {
 	limit atomic.Int64 // the budget; 0 until the first measurement
 
+	busy time.Duration // spent writing since the last measurement
+
 	// By the writes' time, without tcp.
-	busy  time.Duration // spent writing since the last measurement
-	bytes int           // data bytes written meanwhile
+	bytes int // data bytes written since the last measurement
 
 	// By TCP_INFO, with tcp.
-	tcp        func() (acked uint64, notSent uint32, ok bool)
+	tcp        func() (tcpPace, bool)
 	limitQueue func(bytes int) // TCP_NOTSENT_LOWAT; 0: the system's default
 	queued     int             // the last limitQueue
 	last       time.Time       // the last sample
-	lastAcked  uint64
-	lastBehind bool // the socket held unsent data at the last sample
+	lastTCP    tcpPace
+}
+
+// tcpPace is what the pacer reads from TCP_INFO.
+type tcpPace struct {
+	acked   uint64 // bytes the peer acknowledged
+	sent    uint64 // bytes sent for the first time
+	notSent uint32 // bytes held, not sent yet
 }
 
 // observe records a write of n data bytes that took d, ending at now.
 func (p *pacer) observe(n int, d time.Duration, now time.Time) {
+	p.busy += d
 	if p.tcp != nil {
 		p.sample(now)
 		return
 	}
-	p.busy += d
 	p.bytes += n
 	if p.busy < paceWindow && p.bytes < paceBytes {
 		return
@@ -529,21 +540,27 @@ func (p *pacer) sample(now time.Time) {
 	if elapsed < paceWindow {
 		return
 	}
-	acked, notSent, ok := p.tcp()
+	cur, ok := p.tcp()
 	if !ok {
 		return
 	}
-	behind := notSent > 0
-	if elapsed <= paceStale && acked >= p.lastAcked {
-		rate := float64(acked-p.lastAcked) / elapsed.Seconds()
-		switch {
-		case p.lastBehind && behind:
-			p.set(rate)
-		case rate*batchTime.Seconds() > float64(p.budget()):
-			p.set(rate) // the link took more than the budget assumed
-		}
+	prev, busy := p.lastTCP, p.busy
+	p.last, p.lastTCP, p.busy = now, cur, 0
+	if elapsed > paceStale || cur.acked < prev.acked || cur.sent < prev.sent {
+		return
 	}
-	p.last, p.lastAcked, p.lastBehind = now, acked, behind
+	rate := float64(cur.acked-prev.acked) / elapsed.Seconds()
+	// The socket had unsent data all along if it held some at both ends
+	// and, in between, either sent less than it held at the start, or
+	// made the writer wait most of the time (a small send buffer).
+	behind := prev.notSent > 0 && cur.notSent > 0 &&
+		(cur.sent-prev.sent < uint64(prev.notSent) || busy >= elapsed/2)
+	switch {
+	case behind:
+		p.set(rate) // the link's rate, or the peer's reading
+	case rate*batchTime.Seconds() > float64(p.budget()):
+		p.set(rate) // the link took more than the budget assumed
+	}
 }
 
 // set sets the budget to batchTime of rate (bytes per second).
