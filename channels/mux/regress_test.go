@@ -427,7 +427,7 @@ func TestCloseOnPacedLink(t *testing.T) {
 		_, err := msg.Write(data)
 		wrote <- err
 	}()
-	require.Eventually(t, func() bool { return queuedBytes(cli) >= 128<<10 }, 5*time.Second, time.Millisecond,
+	require.Eventually(t, func() bool { return queuedBytes(cli) >= 64<<10 }, 5*time.Second, time.Millisecond,
 		"the Write waits in the writer's queue")
 	require.NoError(t, cli.Close())
 	<-wrote // an error: the stream ended with its session
