@@ -137,7 +137,11 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame), s.writeProgress, &s.bytesOut)
 	if s.tcp = tcpConn(conn); s.tcp != nil {
 		s.pace.tcp = func() (tcpPace, bool) { return tcpPaceState(s.tcp) }
-		s.pace.limitQueue = func(n int) { setNotSentLowat(s.tcp, n) }
+		s.pace.limitQueue = func(n int) {
+			if !s.closing.Load() { // shutdown gave the queue back to the kernel
+				setNotSentLowat(s.tcp, n)
+			}
+		}
 	}
 	s.idsLeft = (math.MaxUint32-s.nextID)/2 + 1
 	s.wg.Add(3)
