@@ -72,6 +72,7 @@ type cluster struct {
 	net     *ns.Net
 	dir     string
 	members string
+	certs   string // the certificates' directory, with TLS sessions
 	bin     string
 	hosts   []*host
 	byIID   map[string]*host
@@ -115,8 +116,22 @@ type host struct {
 const serverBound = 90 * time.Second
 
 // newCluster creates the namespaces, starts a legacy server and a proxy
-// per host and waits until every proxy is ready.
+// per host and waits until every proxy is ready. The proxies' sessions
+// are plaintext.
 func newCluster(t *testing.T, specs []hostSpec) *cluster {
+	t.Helper()
+	return newClusterWith(t, specs, clusterOptions{})
+}
+
+// clusterOptions change how newClusterWith configures the proxies.
+type clusterOptions struct {
+	// tls: sessions with mutual TLS, certificates from one CA (made by
+	// `tcpproxy certs`), instead of plaintext.
+	tls bool
+}
+
+// newClusterWith is newCluster with opts.
+func newClusterWith(t *testing.T, specs []hostSpec, opts clusterOptions) *cluster {
 	t.Helper()
 	requireNamespaces(t)
 	c := &cluster{t: t, bin: proxybin.Path(t), byIID: make(map[string]*host),
@@ -153,6 +168,15 @@ func newCluster(t *testing.T, specs []hostSpec) *cluster {
 	}
 	c.members = filepath.Join(c.dir, "members.yaml")
 	require.NoError(t, os.WriteFile(c.members, []byte(members.String()), 0o644))
+	if opts.tls {
+		c.certs = filepath.Join(c.dir, "certs")
+		ids := make([]string, len(specs))
+		for i, s := range specs {
+			ids[i] = s.iid + ":" + s.role
+		}
+		out, err := exec.Command(c.bin, append([]string{"certs", "-dir", c.certs}, ids...)...).CombinedOutput()
+		require.NoError(t, err, "%s", out)
+	}
 
 	for i, s := range specs {
 		h := &host{Host: c.net.Hosts[i], c: c, spec: s,
@@ -204,6 +228,10 @@ func (h *host) writeConfig() {
 	if h.spec.server {
 		api = fmt.Sprintf("{kind: reply, port: %d}", apiPort)
 	}
+	transport := "transport: {insecure: true}"
+	if d := h.c.certs; d != "" {
+		transport = fmt.Sprintf("tls: {cert: %s/%s.pem, key: %s/%s-key.pem, ca: %s/ca.pem}", d, h.spec.iid, d, h.spec.iid, d)
+	}
 	cfg := fmt.Sprintf(`iid: %s
 role: %s
 listen: %s:%d
@@ -211,10 +239,10 @@ members: {file: %s}
 channels:
   api: %s
   ring: {kind: duplex, port: %d, mode: both}
-transport: {insecure: true}
+%s
 drainTimeout: 2s
 log: {level: %s}
-`, h.spec.iid, h.spec.role, h.Addr, transportPort, h.c.members, api, ringPort, proxybin.LogLevel())
+`, h.spec.iid, h.spec.role, h.Addr, transportPort, h.c.members, api, ringPort, transport, proxybin.LogLevel())
 	require.NoError(h.c.t, os.WriteFile(h.cfgPath, []byte(cfg), 0o644))
 }
 

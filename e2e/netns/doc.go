@@ -15,6 +15,7 @@
 //	TCPPROXY_SOAK_INTERACTIVE=256  long interactive soak connections at once (default 48)
 //	TCPPROXY_SOAK_SHAPE=0      soak over plain links (default: shaped, 1-100 Mbit/s, 20-200ms RTT, loss)
 //	TCPPROXY_SOAK_SEED=N       replay a soak's links and load (its log prints the seed)
+//	TCPPROXY_SOAK_TLS=1        soak with mutual TLS sessions (default: plaintext)
 //	TCPPROXY_SOAK_REPORT=FILE  also write the soak summary there
 //	TCPPROXY_E2E_RACE=0|1      build the proxies with -race (default: as the test binary)
 //	TCPPROXY_E2E_LOG=debug     the proxies' log level (default info)

@@ -45,6 +45,7 @@ type soakSettings struct {
 	workers, interactive int
 	seed                 uint64
 	shaped               bool // links with a rate, delay and loss (default)
+	tls                  bool // sessions with mutual TLS (default: plaintext)
 }
 
 func readSoakSettings(t *testing.T) soakSettings {
@@ -77,6 +78,11 @@ func readSoakSettings(t *testing.T) soakSettings {
 		require.NoError(t, err, "TCPPROXY_SOAK_SHAPE")
 		s.shaped = shaped
 	}
+	if v := os.Getenv("TCPPROXY_SOAK_TLS"); v != "" {
+		tls, err := strconv.ParseBool(v)
+		require.NoError(t, err, "TCPPROXY_SOAK_TLS")
+		s.tls = tls
+	}
 	return s
 }
 
@@ -101,8 +107,8 @@ func readSoakSettings(t *testing.T) soakSettings {
 // (logged) replays the links and the load: TCPPROXY_SOAK_SEED.
 func TestSoak(t *testing.T) {
 	set := readSoakSettings(t)
-	t.Logf("soak seed %d (TCPPROXY_SOAK_SEED replays it)", set.seed)
-	c := newCluster(t, fourHosts)
+	t.Logf("soak seed %d (TCPPROXY_SOAK_SEED replays it), TLS sessions %v (TCPPROXY_SOAK_TLS)", set.seed, set.tls)
+	c := newClusterWith(t, fourHosts, clusterOptions{tls: set.tls})
 	l := &soakLoad{c: c, links: map[*host]ns.Impairment{}}
 	if set.shaped {
 		l.shapeLinks(t, rand.New(rand.NewPCG(set.seed, 1)))
