@@ -474,12 +474,14 @@ func (s *Session) writeBatch(batch []frame, final bool) error {
 // data at both ends, and in between it sent less for the first time than
 // it held at the start, or the writer waited for it most of the time. Any
 // other interval may include idle time and measures what the session
-// offered, which raises the budget but never lowers it. While the budget is lowered, the socket's unsent
-// bytes are held to two batches (TCP_NOTSENT_LOWAT): otherwise what the
-// writer orders, a small frame before bulk data, would wait behind seconds
-// of data in the kernel. A fast link's queue is left to the kernel, and so
-// is a closing session's (shutdown): what it writes has goAwayWait in all. Kernels before 4.19 (no bytes_sent in TCP_INFO)
-// never lower the budget of a TCP connection.
+// offered, which raises the budget but never lowers it. Kernels before
+// 4.19 (no bytes_sent in TCP_INFO) never lower a TCP connection's budget.
+//
+// While the budget is lowered, the socket's unsent bytes are held to two
+// batches (TCP_NOTSENT_LOWAT): otherwise what the writer orders, a small
+// frame before bulk data, would wait behind seconds of data in the
+// kernel. A fast link's queue is left to the kernel, and so is a closing
+// session's (shutdown): what it writes has goAwayWait in all.
 //
 // Elsewhere (a Unix socket, a pipe) the rate is that of the writes: the
 // data bytes written per second spent writing, over paceWindow of it or
