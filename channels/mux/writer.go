@@ -231,12 +231,7 @@ func (s *Session) writeLoop() {
 		if len(batch) > 0 {
 			err := s.writeBatch(batch, final)
 			s.release(err)
-			for i := range batch {
-				batch[i].verdict(err == nil)
-				if c := batch[i].copied; c != nil {
-					putBuf(c)
-				}
-			}
+			settle(batch, err == nil)
 			clear(batch) // drop references to callers' buffers
 			if err != nil {
 				continue // to writeFailed
@@ -395,9 +390,15 @@ func (s *Session) failQueued() {
 	left := s.queue
 	s.queue = nil
 	s.sendMu.Unlock()
-	for i := range left {
-		left[i].verdict(false)
-		if c := left[i].copied; c != nil {
+	settle(left, false)
+}
+
+// settle gives the Writes of frames the writer took from the queue their
+// verdict, and returns the buffers of copied payloads to their pool.
+func settle(frames []frame, ok bool) {
+	for i := range frames {
+		frames[i].verdict(ok)
+		if c := frames[i].copied; c != nil {
 			putBuf(c)
 		}
 	}
