@@ -13,6 +13,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 // Regression tests of the splice paths under stress.
@@ -278,4 +279,25 @@ func TestWriteTimeoutSlowSplice(t *testing.T) {
 	require.True(t, bytes.Equal(data, got), "%d bytes of %d", len(got), len(data))
 	require.Greater(t, up.spliced.Load(), int64(len(data)/2), "bytes spliced")
 	require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
+}
+
+// TestSessionCapsRetransmitTimeout: a session over TCP caps its socket's
+// retransmission timeout, on both ends, so that TCP's exponential backoff
+// does not hold every stream for many seconds after a link is back (the
+// behaviour itself is tested across namespaces in e2e/netns).
+func TestSessionCapsRetransmitTimeout(t *testing.T) {
+	cli, srv := tcpPair(t, Config{})
+	for _, s := range []*Session{cli, srv} {
+		var (
+			ms  int
+			err error
+		)
+		require.NoError(t, s.tcp.Control(func(fd uintptr) {
+			ms, err = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS)
+		}))
+		if err != nil {
+			t.Skipf("this kernel has no TCP_RTO_MAX_MS (Linux 6.15): %v", err)
+		}
+		assert.Equal(t, int(maxRetransmitTimeout/time.Millisecond), ms)
+	}
 }

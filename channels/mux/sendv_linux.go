@@ -196,6 +196,28 @@ func setNotSentLowat(rc syscall.RawConn, n int) {
 	})
 }
 
+// maxRetransmitTimeout caps the TCP retransmission timeout of a session's
+// connection (TCP_RTO_MAX_MS, Linux 6.15 and later; older kernels keep
+// their 120s). The kernel doubles the timeout after every retransmission
+// that goes unanswered; a session's connection carries every stream
+// between two hosts, so a few losses in a row on a congested link (or a
+// blip) would hold all of them for the backed-off timeout, often longer
+// than the link stays bad: 0.5s, 1s, 2s, 4s, 8s of silence on a link that
+// works again. With the cap the connection retries at least this often.
+// It stays above the retransmission timeout the kernel computes from the
+// round trip (srtt + 4 rttvar) on any link but one with round trips of
+// seconds, where the cap's only cost is a spurious retransmission that
+// TCP's F-RTO detects and undoes.
+const maxRetransmitTimeout = 2 * time.Second
+
+// capRetransmitTimeout sets maxRetransmitTimeout on the TCP socket rc,
+// where the kernel has the option.
+func capRetransmitTimeout(rc syscall.RawConn) {
+	_ = rc.Control(func(fd uintptr) {
+		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int(maxRetransmitTimeout/time.Millisecond))
+	})
+}
+
 // tcpSendState returns, from the TCP socket rc's TCP_INFO, the bytes the
 // peer acknowledged, and whether the socket is recovering from loss: it
 // has data in flight that the kernel retransmits (timeouts, backoff, or

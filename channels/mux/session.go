@@ -136,6 +136,7 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 	}
 	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame), s.writeProgress, &s.bytesOut)
 	if s.tcp = tcpConn(conn); s.tcp != nil {
+		capRetransmitTimeout(s.tcp)
 		s.pace.tcp = func() (tcpPace, bool) { return tcpPaceState(s.tcp) }
 		s.pace.limitQueue = func(n int) {
 			if !s.closing.Load() { // shutdown gave the queue back to the kernel

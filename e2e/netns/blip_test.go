@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/tcpproxy/tcpproxy/channels/mux"
 	"github.com/tcpproxy/tcpproxy/e2e/internal/ns"
@@ -134,6 +135,14 @@ func TestStalledWithoutWaitingWrite(t *testing.T) {
 // network (subnet) whose first host's uplink is 50 Mbit/s with 5ms of
 // delay: the client on the first host, the server on the second (b).
 func blipSessions(t *testing.T, subnet string) (n *ns.Net, b *ns.Host, cli, srv *mux.Session) {
+	// Pings every second measure the RTT, which lets the stream's window
+	// grow past what the link holds; one unanswered for 20s would end
+	// the session.
+	return blipSessionsWith(t, subnet, mux.Config{WriteTimeout: time.Second, KeepAliveInterval: time.Second, KeepAliveTimeout: 20 * time.Second})
+}
+
+// blipSessionsWith is blipSessions with the sessions' configuration.
+func blipSessionsWith(t *testing.T, subnet string, cfg mux.Config) (n *ns.Net, b *ns.Host, cli, srv *mux.Session) {
 	n, err := ns.NewNet(ns.RandomPrefix(), 2, netip.MustParsePrefix(subnet))
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = n.Delete() })
@@ -156,10 +165,6 @@ func blipSessions(t *testing.T, subnet string) (n *ns.Net, b *ns.Host, cli, srv 
 	require.NoError(t, err)
 	c2 := <-accepted
 	require.NotNil(t, c2)
-	// Pings every second measure the RTT, which lets the stream's window
-	// grow past what the link holds; one unanswered for 20s would end
-	// the session.
-	cfg := mux.Config{WriteTimeout: time.Second, KeepAliveInterval: time.Second, KeepAliveTimeout: 20 * time.Second}
 	cli, err = mux.Client(c1, cfg)
 	require.NoError(t, err)
 	t.Cleanup(func() { cli.Close() })
@@ -167,4 +172,59 @@ func blipSessions(t *testing.T, subnet string) (n *ns.Net, b *ns.Host, cli, srv 
 	require.NoError(t, err)
 	t.Cleanup(func() { srv.Close() })
 	return n, b, cli, srv
+}
+
+// TestSessionResumesSoonAfterOutage: a message sent while the link is
+// down for 15s arrives within a few seconds of the link's return. Left to
+// itself, TCP doubles its retransmission timeout after every try that
+// goes unanswered (0.2s, 0.4s, ... 6.4s, 12.8s), and would send it again
+// only about 10s after the link is back, holding every stream of the
+// session meanwhile; the session caps the timeout (2s) where the kernel
+// allows it (Linux 6.15 and later).
+func TestSessionResumesSoonAfterOutage(t *testing.T) {
+	requireNamespaces(t)
+	if !canCapRetransmitTimeout(t) {
+		t.Skip("this kernel cannot cap TCP's retransmission timeout (TCP_RTO_MAX_MS needs Linux 6.15)")
+	}
+	// Keepalive off: the message is the only data in flight, and its
+	// delay TCP's alone.
+	n, b, cli, srv := blipSessionsWith(t, "10.217.0.0/24", mux.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	st, err := cli.OpenStream(ctx)
+	require.NoError(t, err)
+	_, err = st.Write([]byte("hello"))
+	require.NoError(t, err)
+	peer, err := srv.AcceptStream(ctx)
+	require.NoError(t, err)
+	_, err = io.ReadFull(peer, make([]byte, 5))
+	require.NoError(t, err)
+
+	require.NoError(t, n.LinkDown(b))
+	msg := []byte("sent during the outage")
+	_, err = st.Write(msg) // fits in the socket buffer
+	require.NoError(t, err)
+	// The retransmissions go at about 0.2s, 0.6s, 1.4s, 3s, 6.2s, 12.6s and
+	// 25.4s into the outage (RTO 0.2s on this link); the link comes back
+	// in the last gap.
+	require.Eventually(t, func() bool { return cli.Stalled() >= 15*time.Second }, 40*time.Second, 10*time.Millisecond)
+	require.NoError(t, n.LinkUp(b))
+	up := time.Now()
+	got := make([]byte, len(msg))
+	require.NoError(t, peer.SetReadDeadline(up.Add(20*time.Second)))
+	_, err = io.ReadFull(peer, got)
+	require.NoError(t, err)
+	wait := time.Since(up)
+	require.Equal(t, msg, got)
+	require.Less(t, wait, 5*time.Second, "the message arrived %v after the link came back", wait)
+	require.False(t, cli.IsClosed(), "session ended: %v", cli.Err())
+	t.Logf("the message arrived %v after the link came back", wait.Round(time.Millisecond))
+}
+
+// canCapRetransmitTimeout reports whether this kernel takes TCP_RTO_MAX_MS.
+func canCapRetransmitTimeout(t *testing.T) bool {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+	require.NoError(t, err)
+	defer unix.Close(fd)
+	return unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, 2000) == nil
 }
