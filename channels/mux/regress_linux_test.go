@@ -284,20 +284,29 @@ func TestWriteTimeoutSlowSplice(t *testing.T) {
 // TestSessionCapsRetransmitTimeout: a session over TCP caps its socket's
 // retransmission timeout, on both ends, so that TCP's exponential backoff
 // does not hold every stream for many seconds after a link is back (the
-// behaviour itself is tested across namespaces in e2e/netns).
+// behaviour itself is tested across namespaces in e2e/netns); and since
+// the cap shortens the kernel's own bound on unacknowledged data from
+// minutes to about 25s, it sets that bound past the session's (a link
+// may recover within maxLossWait).
 func TestSessionCapsRetransmitTimeout(t *testing.T) {
-	cli, srv := tcpPair(t, Config{})
+	cfg := Config{KeepAliveInterval: time.Minute, KeepAliveTimeout: 20 * time.Second}
+	cli, srv := tcpPair(t, cfg)
 	for _, s := range []*Session{cli, srv} {
-		var (
-			ms  int
-			err error
-		)
-		require.NoError(t, s.tcp.Control(func(fd uintptr) {
-			ms, err = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS)
-		}))
-		if err != nil {
-			t.Skipf("this kernel has no TCP_RTO_MAX_MS (Linux 6.15): %v", err)
+		opt := func(name int) int {
+			var (
+				v   int
+				err error
+			)
+			require.NoError(t, s.tcp.Control(func(fd uintptr) {
+				v, err = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, name)
+			}))
+			if err != nil {
+				t.Skipf("this kernel has no TCP_RTO_MAX_MS (Linux 6.15): %v", err)
+			}
+			return v
 		}
-		assert.Equal(t, int(maxRetransmitTimeout/time.Millisecond), ms)
+		assert.Equal(t, 2000, opt(unix.TCP_RTO_MAX_MS))
+		assert.Equal(t, int((80*time.Second+userTimeoutMargin)/time.Millisecond), opt(unix.TCP_USER_TIMEOUT),
+			"the kernel's bound: the keepalive's 80s, and a margin")
 	}
 }

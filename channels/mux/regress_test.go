@@ -713,3 +713,31 @@ func keepWriting(ctx context.Context, st *Stream) {
 		}
 	}
 }
+
+// TestRetransmitCapFollowsRoundTrip: the cap on a TCP connection's
+// retransmission timeout is twice the timeout the kernel computes from the
+// round trip, and at least 2s. A link whose round trip grows to seconds
+// (a deep queue) gets a higher cap, so that the cap causes no spurious
+// retransmissions there, and the cap comes down with the round trip.
+func TestRetransmitCapFollowsRoundTrip(t *testing.T) {
+	var caps []time.Duration
+	var info tcpPace
+	p := pacer{
+		tcp:    func() (tcpPace, bool) { return info, true },
+		capRTO: func(d time.Duration) { caps = append(caps, d) },
+		rtoCap: minRetransmitCap,
+	}
+	now := time.Now()
+	for _, rto := range []time.Duration{
+		300 * time.Millisecond, // a WAN link: the floor, as set at the start
+		1600 * time.Millisecond,
+		1700 * time.Millisecond, // the same whole seconds: no change
+		90 * time.Second,        // the kernel's ceiling
+		200 * time.Millisecond,
+	} {
+		info.rto = rto
+		now = now.Add(paceWindow)
+		p.sample(now)
+	}
+	assert.Equal(t, []time.Duration{4 * time.Second, 120 * time.Second, 2 * time.Second}, caps)
+}

@@ -184,6 +184,7 @@ func tcpPaceState(rc syscall.RawConn) (tcpPace, bool) {
 		acked:   info.Bytes_acked,
 		sent:    info.Bytes_sent - info.Bytes_retrans,
 		notSent: info.Notsent_bytes,
+		rto:     time.Duration(info.Rtt+4*info.Rttvar) * time.Microsecond,
 	}, true
 }
 
@@ -196,25 +197,20 @@ func setNotSentLowat(rc syscall.RawConn, n int) {
 	})
 }
 
-// maxRetransmitTimeout caps the TCP retransmission timeout of a session's
-// connection (TCP_RTO_MAX_MS, Linux 6.15 and later; older kernels keep
-// their 120s). The kernel doubles the timeout after every retransmission
-// that goes unanswered; a session's connection carries every stream
-// between two hosts, so a few losses in a row on a congested link (or a
-// blip) would hold all of them for the backed-off timeout, often longer
-// than the link stays bad: 0.5s, 1s, 2s, 4s, 8s of silence on a link that
-// works again. With the cap the connection retries at least this often.
-// It stays above the retransmission timeout the kernel computes from the
-// round trip (srtt + 4 rttvar) on any link but one with round trips of
-// seconds, where the cap's only cost is a spurious retransmission that
-// TCP's F-RTO detects and undoes.
-const maxRetransmitTimeout = 2 * time.Second
-
-// capRetransmitTimeout sets maxRetransmitTimeout on the TCP socket rc,
-// where the kernel has the option.
-func capRetransmitTimeout(rc syscall.RawConn) {
+// setRetransmitCap caps the retransmission timeout of the TCP socket rc
+// at d (TCP_RTO_MAX_MS, Linux 6.15 and later; older kernels refuse it and
+// keep their 120s).
+func setRetransmitCap(rc syscall.RawConn, d time.Duration) {
 	_ = rc.Control(func(fd uintptr) {
-		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int(maxRetransmitTimeout/time.Millisecond))
+		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int(d/time.Millisecond))
+	})
+}
+
+// setUserTimeout has the kernel close the TCP socket rc once data has gone
+// unacknowledged for d (TCP_USER_TIMEOUT).
+func setUserTimeout(rc syscall.RawConn, d time.Duration) {
+	_ = rc.Control(func(fd uintptr) {
+		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d/time.Millisecond))
 	})
 }
 

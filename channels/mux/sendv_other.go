@@ -21,6 +21,7 @@ func tcpSilence(syscall.RawConn) time.Duration          { return 0 }
 func tcpSendState(syscall.RawConn) (uint64, bool, bool) { return 0, false, false }
 func tcpPaceState(syscall.RawConn) (tcpPace, bool)      { return tcpPace{}, false }
 func setNotSentLowat(syscall.RawConn, int)              {}
-func capRetransmitTimeout(syscall.RawConn)              {}
+func setRetransmitCap(syscall.RawConn, time.Duration)   {}
+func setUserTimeout(syscall.RawConn, time.Duration)     {}
 
 func (*sockWriter) write([][]byte, int) error { return errNoSplice }

@@ -136,7 +136,10 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 	}
 	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame), s.writeProgress, &s.bytesOut)
 	if s.tcp = tcpConn(conn); s.tcp != nil {
-		capRetransmitTimeout(s.tcp)
+		setUserTimeout(s.tcp, s.maxLossWait()+userTimeoutMargin)
+		s.pace.capRTO = func(d time.Duration) { setRetransmitCap(s.tcp, d) }
+		s.pace.capRTO(minRetransmitCap)
+		s.pace.rtoCap = minRetransmitCap
 		s.pace.tcp = func() (tcpPace, bool) { return tcpPaceState(s.tcp) }
 		s.pace.limitQueue = func(n int) {
 			if !s.closing.Load() { // shutdown gave the queue back to the kernel

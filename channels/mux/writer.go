@@ -509,9 +509,11 @@ type pacer struct {
 
 	// By TCP_INFO, with tcp.
 	tcp        func() (tcpPace, bool)
-	limitQueue func(bytes int) // TCP_NOTSENT_LOWAT; 0: the system's default
-	queued     int             // the last limitQueue
-	last       time.Time       // the last sample
+	limitQueue func(bytes int)     // TCP_NOTSENT_LOWAT; 0: the system's default
+	queued     int                 // the last limitQueue
+	capRTO     func(time.Duration) // TCP_RTO_MAX_MS (retransmitCap)
+	rtoCap     time.Duration       // the last capRTO
+	last       time.Time           // the last sample
 	lastTCP    tcpPace
 }
 
@@ -520,6 +522,9 @@ type tcpPace struct {
 	acked   uint64 // bytes the peer acknowledged
 	sent    uint64 // bytes sent for the first time
 	notSent uint32 // bytes held, not sent yet
+	// rto is the retransmission timeout the kernel computes from the
+	// round trip (srtt + 4 rttvar), before any backoff.
+	rto time.Duration
 }
 
 // observe records a write of n data bytes that took d, ending at now.
@@ -549,6 +554,10 @@ func (p *pacer) sample(now time.Time) {
 	}
 	prev, busy := p.lastTCP, p.busy
 	p.last, p.lastTCP, p.busy = now, cur, 0
+	if c := retransmitCap(cur.rto); p.capRTO != nil && c != p.rtoCap {
+		p.capRTO(c)
+		p.rtoCap = c
+	}
 	if elapsed > paceStale || cur.acked < prev.acked || cur.sent < prev.sent {
 		return
 	}
@@ -586,6 +595,38 @@ func (p *pacer) budget() int {
 		return int(b)
 	}
 	return batchBudget
+}
+
+// A session caps its TCP connection's retransmission timeout. The kernel
+// doubles the timeout after every retransmission that goes unanswered,
+// and a session's connection carries every stream between two hosts: a
+// few losses in a row on a congested link, or an outage, would hold all of
+// them for the backed-off timeout, often long after the link works again
+// (after a 15s outage, the next try came 12s after the link was back).
+// With the cap the connection tries at least that often. The cap is twice
+// the timeout the kernel computes from the round trip (srtt + 4 rttvar),
+// and at least minRetransmitCap: the backoff still runs a doubling or two
+// past it, and a link whose round trip grows to seconds (a deep queue)
+// gets no spurious retransmissions from the cap. The pacer follows the
+// round trip as it samples TCP_INFO.
+//
+// The kernel gives up on a connection by a model of its backoff, which
+// the cap shortens from minutes to about 25s; the session sets its own
+// bound instead (TCP_USER_TIMEOUT): maxLossWait, within which it waits for
+// a recovering link, and userTimeoutMargin, so that a waiting write fails
+// by the session's own deadline first.
+const (
+	minRetransmitCap  = 2 * time.Second
+	maxRetransmitCap  = 120 * time.Second // the kernel's own, and most it takes
+	userTimeoutMargin = 5 * time.Second
+)
+
+// retransmitCap returns the cap on the retransmission timeout of a
+// connection whose kernel computes rto: twice that, rounded up to whole
+// seconds, within [minRetransmitCap, maxRetransmitCap].
+func retransmitCap(rto time.Duration) time.Duration {
+	c := (2*rto + time.Second - 1).Truncate(time.Second)
+	return min(max(c, minRetransmitCap), maxRetransmitCap)
 }
 
 // writeProgress moves the write deadline WriteTimeout on after part of a

@@ -175,21 +175,24 @@ func blipSessionsWith(t *testing.T, subnet string, cfg mux.Config) (n *ns.Net, b
 }
 
 // TestSessionResumesSoonAfterOutage: a message sent while the link is
-// down for 15s arrives within a few seconds of the link's return. Left to
-// itself, TCP doubles its retransmission timeout after every try that
-// goes unanswered (0.2s, 0.4s, ... 6.4s, 12.8s), and would send it again
-// only about 10s after the link is back, holding every stream of the
-// session meanwhile; the session caps the timeout (2s) where the kernel
-// allows it (Linux 6.15 and later).
+// down for 30s arrives within a few seconds of the link's return, and the
+// session lives on. Left to itself, TCP doubles its retransmission timeout
+// after every try that goes unanswered, and would send the message again
+// only about 20s after the link is back, holding every stream of the
+// session meanwhile; the session caps the timeout (2s on this link) where
+// the kernel allows it (Linux 6.15 and later). The kernel's own bound on
+// unacknowledged data follows the cap (about 27s with it), so the session
+// sets that bound to its own (45s here) lest the kernel end it first.
 func TestSessionResumesSoonAfterOutage(t *testing.T) {
 	requireNamespaces(t)
 	if !canCapRetransmitTimeout(t) {
 		t.Skip("this kernel cannot cap TCP's retransmission timeout (TCP_RTO_MAX_MS needs Linux 6.15)")
 	}
 	// Keepalive off: the message is the only data in flight, and its
-	// delay TCP's alone.
-	n, b, cli, srv := blipSessionsWith(t, "10.217.0.0/24", mux.Config{})
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	// delay TCP's alone. A write may wait 40s for a recovering link
+	// (twice WriteTimeout), the kernel 5s more.
+	n, b, cli, srv := blipSessionsWith(t, "10.217.0.0/24", mux.Config{WriteTimeout: 20 * time.Second})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	st, err := cli.OpenStream(ctx)
 	require.NoError(t, err)
@@ -204,16 +207,18 @@ func TestSessionResumesSoonAfterOutage(t *testing.T) {
 	msg := []byte("sent during the outage")
 	_, err = st.Write(msg) // fits in the socket buffer
 	require.NoError(t, err)
-	// The retransmissions go at about 0.2s, 0.6s, 1.4s, 3s, 6.2s, 12.6s and
-	// 25.4s into the outage (RTO 0.2s on this link); the link comes back
-	// in the last gap.
-	require.Eventually(t, func() bool { return cli.Stalled() >= 15*time.Second }, 40*time.Second, 10*time.Millisecond)
+	// Uncapped, the retransmissions would go at about 0.2s, 0.6s, 1.4s,
+	// 3s, 6.2s, 12.6s, 25.4s and 51s into the outage (RTO 0.2s on this
+	// link), and the link comes back in the last gap; capped, every 2s
+	// from 3s on.
+	require.Eventually(t, func() bool { return cli.Stalled() >= 30*time.Second || cli.IsClosed() }, time.Minute, 10*time.Millisecond)
+	require.False(t, cli.IsClosed(), "session ended during the outage: %v", cli.Err())
 	require.NoError(t, n.LinkUp(b))
 	up := time.Now()
 	got := make([]byte, len(msg))
-	require.NoError(t, peer.SetReadDeadline(up.Add(20*time.Second)))
+	require.NoError(t, peer.SetReadDeadline(up.Add(30*time.Second)))
 	_, err = io.ReadFull(peer, got)
-	require.NoError(t, err)
+	require.NoError(t, err, "session: %v", cli.Err())
 	wait := time.Since(up)
 	require.Equal(t, msg, got)
 	require.Less(t, wait, 5*time.Second, "the message arrived %v after the link came back", wait)

@@ -95,6 +95,12 @@ func TestCongestedUplink(t *testing.T) {
 	ring := func(from, to *host) route { return route{from: from, path: "ring", to: to} }
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
+	// The load ends before the cluster does, even when a check fails.
+	halt := sync.OnceFunc(func() {
+		close(stop)
+		wg.Wait()
+	})
+	defer halt()
 	loop := func(run func()) {
 		wg.Go(func() {
 			for n := 0; n < maxConnsPerWorker; n++ {
@@ -143,8 +149,7 @@ func TestCongestedUplink(t *testing.T) {
 		t.Logf("cycle %d: through the proxies %v, direct %v; worse link %+v", i,
 			viaProxy[i].Round(time.Millisecond), direct[i].Round(time.Millisecond), bad.Stats())
 	}
-	close(stop)
-	wg.Wait()
+	halt()
 	c.waitServersIdle(30 * time.Second)
 
 	in := c.checkIntegrity(t)
