@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -285,12 +287,10 @@ func TestWriteTimeoutSlowSplice(t *testing.T) {
 // retransmission timeout, on both ends, so that TCP's exponential backoff
 // does not hold every stream for many seconds after a link is back (the
 // behaviour itself is tested across namespaces in e2e/netns); and since
-// the cap shortens the kernel's own bound on unacknowledged data from
-// minutes to about 25s, it sets that bound past the session's (a link
-// may recover within maxLossWait).
+// the cap would shorten the time after which the kernel gives up on the
+// connection from about 15 minutes to 27s, it sets that time back.
 func TestSessionCapsRetransmitTimeout(t *testing.T) {
-	cfg := Config{KeepAliveInterval: time.Minute, KeepAliveTimeout: 20 * time.Second}
-	cli, srv := tcpPair(t, cfg)
+	cli, srv := tcpPair(t, Config{})
 	for _, s := range []*Session{cli, srv} {
 		opt := func(name int) int {
 			var (
@@ -306,7 +306,19 @@ func TestSessionCapsRetransmitTimeout(t *testing.T) {
 			return v
 		}
 		assert.Equal(t, 2000, opt(unix.TCP_RTO_MAX_MS))
-		assert.Equal(t, int((80*time.Second+userTimeoutMargin)/time.Millisecond), opt(unix.TCP_USER_TIMEOUT),
-			"the kernel's bound: the keepalive's 80s, and a margin")
+		b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_retries2")
+		require.NoError(t, err)
+		retries, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		require.NoError(t, err)
+		assert.Equal(t, int(backoffModel(retries)/time.Millisecond), opt(unix.TCP_USER_TIMEOUT))
 	}
+}
+
+// TestBackoffModel: the time the kernel retransmits before giving up, by
+// its model (tcp_model_timeout): 924.6s with the default tcp_retries2 of
+// 15, 102.2s with 8 (a common setting for fail-over).
+func TestBackoffModel(t *testing.T) {
+	assert.Equal(t, 924600*time.Millisecond, backoffModel(15))
+	assert.Equal(t, 102200*time.Millisecond, backoffModel(8))
+	assert.Equal(t, 600*time.Millisecond, backoffModel(1))
 }

@@ -4,8 +4,12 @@ package mux
 
 import (
 	"io"
+	"math/bits"
 	"net"
 	"os"
+	"strconv"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -206,12 +210,37 @@ func setRetransmitCap(rc syscall.RawConn, d time.Duration) {
 	})
 }
 
-// setUserTimeout has the kernel close the TCP socket rc once data has gone
-// unacknowledged for d (TCP_USER_TIMEOUT).
+// setUserTimeout has the kernel give up on the TCP socket rc after
+// retransmitting for d (TCP_USER_TIMEOUT).
 func setUserTimeout(rc syscall.RawConn, d time.Duration) {
 	_ = rc.Control(func(fd uintptr) {
 		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d/time.Millisecond))
 	})
+}
+
+// kernelGiveUp is how long the kernel retransmits before it gives up on a
+// connection whose retransmission timeout is not capped: its own model
+// of the backoff (tcp_model_timeout) with net.ipv4.tcp_retries2 (15 where
+// it cannot be read: about 15 minutes).
+var kernelGiveUp = sync.OnceValue(func() time.Duration {
+	retries := 15
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_retries2"); err == nil {
+		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n > 0 {
+			retries = n
+		}
+	}
+	return backoffModel(retries)
+})
+
+// backoffModel returns the time the kernel's model gives retries
+// retransmissions: timeouts from 200ms, doubling up to 120s.
+func backoffModel(retries int) time.Duration {
+	const first, most = 200 * time.Millisecond, maxRetransmitCap
+	doublings := bits.Len(uint(most/first)) - 1
+	if retries <= doublings {
+		return time.Duration(2<<retries-1) * first
+	}
+	return time.Duration(2<<doublings-1)*first + time.Duration(retries-doublings)*most
 }
 
 // tcpSendState returns, from the TCP socket rc's TCP_INFO, the bytes the

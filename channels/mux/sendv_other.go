@@ -23,5 +23,6 @@ func tcpPaceState(syscall.RawConn) (tcpPace, bool)      { return tcpPace{}, fals
 func setNotSentLowat(syscall.RawConn, int)              {}
 func setRetransmitCap(syscall.RawConn, time.Duration)   {}
 func setUserTimeout(syscall.RawConn, time.Duration)     {}
+func kernelGiveUp() time.Duration                       { return 0 }
 
 func (*sockWriter) write([][]byte, int) error { return errNoSplice }

@@ -136,7 +136,7 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 	}
 	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame), s.writeProgress, &s.bytesOut)
 	if s.tcp = tcpConn(conn); s.tcp != nil {
-		setUserTimeout(s.tcp, s.maxLossWait()+userTimeoutMargin)
+		setUserTimeout(s.tcp, kernelGiveUp())
 		s.pace.capRTO = func(d time.Duration) { setRetransmitCap(s.tcp, d) }
 		s.pace.capRTO(minRetransmitCap)
 		s.pace.rtoCap = minRetransmitCap

@@ -610,15 +610,17 @@ func (p *pacer) budget() int {
 // gets no spurious retransmissions from the cap. The pacer follows the
 // round trip as it samples TCP_INFO.
 //
-// The kernel gives up on a connection by a model of its backoff, which
-// the cap shortens from minutes to about 25s; the session sets its own
-// bound instead (TCP_USER_TIMEOUT): maxLossWait, within which it waits for
-// a recovering link, and userTimeoutMargin, so that a waiting write fails
-// by the session's own deadline first.
+// The kernel gives up on a connection after retransmitting for the time a
+// model of its uncapped backoff gives (about 15 minutes), counted from
+// the first retransmission still unacknowledged: the cap would shorten
+// that to about 27s, and on a lossy link, where one recovery follows
+// another while data flows, that start can lie far back; a soak saw
+// sessions end with streams moving. The session sets the uncapped time
+// itself (TCP_USER_TIMEOUT, kernelGiveUp). Its own deadlines, which count
+// from the last progress, end a session whose link is dead long before.
 const (
-	minRetransmitCap  = 2 * time.Second
-	maxRetransmitCap  = 120 * time.Second // the kernel's own, and most it takes
-	userTimeoutMargin = 5 * time.Second
+	minRetransmitCap = 2 * time.Second
+	maxRetransmitCap = 120 * time.Second // the kernel's own, and most it takes
 )
 
 // retransmitCap returns the cap on the retransmission timeout of a

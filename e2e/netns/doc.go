@@ -17,6 +17,8 @@
 //	TCPPROXY_SOAK_SEED=N       replay a soak's links and load (its log prints the seed)
 //	TCPPROXY_SOAK_TLS=1        soak with mutual TLS sessions (default: plaintext)
 //	TCPPROXY_SOAK_REPORT=FILE  also write the soak summary there
+//	TCPPROXY_CONGESTION=20     run TestCongestedUplink, the proxy against direct TCP on a congested link, for 20 cycles (about 9s each)
+//	TCPPROXY_CONGESTION_MODE=proxied  its load: proxied, direct, or mixed (default; the two compete on the link)
 //	TCPPROXY_E2E_RACE=0|1      build the proxies with -race (default: as the test binary)
 //	TCPPROXY_E2E_LOG=debug     the proxies' log level (default info)
 //	TCPPROXY_E2E_KEEP=1        keep configs and proxy logs (in $TMPDIR/tcpproxy-e2e-TEST-*)

@@ -174,6 +174,14 @@ func TestSoak(t *testing.T) {
 		fmt.Fprintf(&report, "  fault at %s: %v\n", f.Start.Format("15:04:05.000"), f)
 	}
 	fmt.Fprintf(&report, "  integrity: %v\n", in)
+	// Connections the hosts' kernels gave up on (TCP_USER_TIMEOUT, or
+	// tcp_retries2): a session ended by its own kernel, not by a fault.
+	for _, h := range c.hosts {
+		out, err := h.Exec("nstat", "-az", "TcpExtTCPAbortOnTimeout")
+		if fields := strings.Fields(string(out)); err == nil && len(fields) >= 3 {
+			fmt.Fprintf(&report, "  kernel: %s gave up on %s connections (TcpExtTCPAbortOnTimeout)\n", h.spec.iid, fields[len(fields)-2])
+		}
+	}
 	t.Log(report.String())
 	// The file also lists every failed connection (both sides), for study.
 	failed := 0
