@@ -188,7 +188,9 @@ func tcpPaceState(rc syscall.RawConn) (tcpPace, bool) {
 		acked:   info.Bytes_acked,
 		sent:    info.Bytes_sent - info.Bytes_retrans,
 		notSent: info.Notsent_bytes,
-		rto:     time.Duration(info.Rtt+4*info.Rttvar) * time.Microsecond,
+		// As the kernel computes it: the deviation counts for at least
+		// the minimum timeout (tcp_rto_min, 200ms).
+		rto: time.Duration(info.Rtt)*time.Microsecond + max(4*time.Duration(info.Rttvar)*time.Microsecond, 200*time.Millisecond),
 	}, true
 }
 
@@ -202,16 +204,20 @@ func setNotSentLowat(rc syscall.RawConn, n int) {
 }
 
 // setRetransmitCap caps the retransmission timeout of the TCP socket rc
-// at d (TCP_RTO_MAX_MS, Linux 6.15 and later; older kernels refuse it and
-// keep their 120s).
-func setRetransmitCap(rc syscall.RawConn, d time.Duration) {
-	_ = rc.Control(func(fd uintptr) {
-		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int(d/time.Millisecond))
-	})
+// at d (TCP_RTO_MAX_MS), and reports whether the kernel took it (Linux
+// 6.15 and later; older ones keep their 120s).
+func setRetransmitCap(rc syscall.RawConn, d time.Duration) bool {
+	var err error
+	if cerr := rc.Control(func(fd uintptr) {
+		err = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int(d/time.Millisecond))
+	}); cerr != nil {
+		return false
+	}
+	return err == nil
 }
 
 // setUserTimeout has the kernel give up on the TCP socket rc after
-// retransmitting for d (TCP_USER_TIMEOUT).
+// retransmitting for d (TCP_USER_TIMEOUT; 0 restores its own bounds).
 func setUserTimeout(rc syscall.RawConn, d time.Duration) {
 	_ = rc.Control(func(fd uintptr) {
 		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d/time.Millisecond))
@@ -225,7 +231,7 @@ func setUserTimeout(rc syscall.RawConn, d time.Duration) {
 var kernelGiveUp = sync.OnceValue(func() time.Duration {
 	retries := 15
 	if b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_retries2"); err == nil {
-		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n > 0 {
+		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n >= 0 {
 			retries = n
 		}
 	}

@@ -136,10 +136,12 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 	}
 	s.bw = newBatchWriter(conn, s.raw, int(cfg.MaxFrame), s.writeProgress, &s.bytesOut)
 	if s.tcp = tcpConn(conn); s.tcp != nil {
-		setUserTimeout(s.tcp, kernelGiveUp())
-		s.pace.capRTO = func(d time.Duration) { setRetransmitCap(s.tcp, d) }
-		s.pace.capRTO(minRetransmitCap)
-		s.pace.rtoCap = minRetransmitCap
+		if setRetransmitCap(s.tcp, minRetransmitCap) {
+			// A kernel without the cap keeps its own give-up time.
+			setUserTimeout(s.tcp, kernelGiveUp())
+			s.pace.capRTO = func(d time.Duration) { setRetransmitCap(s.tcp, d) }
+			s.pace.rtoCap = minRetransmitCap
+		}
 		s.pace.tcp = func() (tcpPace, bool) { return tcpPaceState(s.tcp) }
 		s.pace.limitQueue = func(n int) {
 			if !s.closing.Load() { // shutdown gave the queue back to the kernel
@@ -322,6 +324,10 @@ func (s *Session) shutdown(cause error, sendGoAway bool, code uint32) {
 	if s.tcp != nil {
 		// The pace no longer matters: the kernel may take what is left.
 		setNotSentLowat(s.tcp, 0)
+		// Once closed, the socket lingers with what it could not send:
+		// the kernel's own bound for a closed socket applies again
+		// (tcp_orphan_retries, seconds with the cap), not the long one.
+		setUserTimeout(s.tcp, 0)
 	}
 	s.sendMu.Lock()
 	var dropped []frame

@@ -612,12 +612,14 @@ func (p *pacer) budget() int {
 //
 // The kernel gives up on a connection after retransmitting for the time a
 // model of its uncapped backoff gives (about 15 minutes), counted from
-// the first retransmission still unacknowledged: the cap would shorten
-// that to about 27s, and on a lossy link, where one recovery follows
-// another while data flows, that start can lie far back; a soak saw
-// sessions end with streams moving. The session sets the uncapped time
-// itself (TCP_USER_TIMEOUT, kernelGiveUp). Its own deadlines, which count
-// from the last progress, end a session whose link is dead long before.
+// the original sending of the oldest segment it retransmitted: the cap
+// would shorten that to about 27s, and on a lossy link, where one
+// recovery follows another while data flows, that start can lie far
+// back; a soak saw a session end so. Where the kernel takes the cap the
+// session sets the uncapped time itself (TCP_USER_TIMEOUT, kernelGiveUp),
+// and hands the socket back to the kernel's bounds for a closed socket
+// when it ends (shutdown). Its own deadlines, which count from the last
+// progress, end a session whose link is dead long before.
 const (
 	minRetransmitCap = 2 * time.Second
 	maxRetransmitCap = 120 * time.Second // the kernel's own, and most it takes
