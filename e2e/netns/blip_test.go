@@ -111,17 +111,10 @@ func TestStalledWithoutWaitingWrite(t *testing.T) {
 	n, b, cli, srv := blipSessions(t, "10.216.0.0/24")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	st, err := cli.OpenStream(ctx)
-	require.NoError(t, err)
-	_, err = st.Write([]byte("hello"))
-	require.NoError(t, err)
-	peer, err := srv.AcceptStream(ctx)
-	require.NoError(t, err)
-	_, err = io.ReadFull(peer, make([]byte, 5))
-	require.NoError(t, err)
+	st, peer := helloStream(ctx, t, cli, srv)
 
 	require.NoError(t, n.LinkDown(b))
-	_, err = st.Write(make([]byte, 4<<10)) // fits in the socket buffer
+	_, err := st.Write(make([]byte, 4<<10)) // fits in the socket buffer
 	require.NoError(t, err)
 	require.Eventually(t, func() bool { return cli.Stalled() >= time.Second }, 20*time.Second, time.Millisecond)
 	require.NoError(t, n.LinkUp(b))
@@ -193,18 +186,11 @@ func TestSessionResumesSoonAfterOutage(t *testing.T) {
 	n, b, cli, srv := blipSessionsWith(t, "10.217.0.0/24", mux.Config{})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	st, err := cli.OpenStream(ctx)
-	require.NoError(t, err)
-	_, err = st.Write([]byte("hello"))
-	require.NoError(t, err)
-	peer, err := srv.AcceptStream(ctx)
-	require.NoError(t, err)
-	_, err = io.ReadFull(peer, make([]byte, 5))
-	require.NoError(t, err)
+	st, peer := helloStream(ctx, t, cli, srv)
 
 	require.NoError(t, n.LinkDown(b))
 	msg := []byte("sent during the outage")
-	_, err = st.Write(msg) // fits in the socket buffer
+	_, err := st.Write(msg) // fits in the socket buffer
 	require.NoError(t, err)
 	// Uncapped, the retransmissions would go at about 0.2s, 0.6s, 1.4s,
 	// 3s, 6.2s, 12.6s, 25.4s and 51s into the outage (RTO 0.2s on this
@@ -231,4 +217,19 @@ func canCapRetransmitTimeout(t *testing.T) bool {
 	require.NoError(t, err)
 	defer unix.Close(fd)
 	return unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, 2000) == nil
+}
+
+// helloStream opens a stream from cli to srv and sees its first bytes
+// arrive.
+func helloStream(ctx context.Context, t *testing.T, cli, srv *mux.Session) (st, peer *mux.Stream) {
+	t.Helper()
+	st, err := cli.OpenStream(ctx)
+	require.NoError(t, err)
+	_, err = st.Write([]byte("hello"))
+	require.NoError(t, err)
+	peer, err = srv.AcceptStream(ctx)
+	require.NoError(t, err)
+	_, err = io.ReadFull(peer, make([]byte, 5))
+	require.NoError(t, err)
+	return st, peer
 }
