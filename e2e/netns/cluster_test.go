@@ -79,6 +79,7 @@ type cluster struct {
 	servers *legacy.Collector // every server side
 	clients *legacy.Collector // every client side
 	nextID  atomic.Uint64
+	dumps   atomic.Int64 // files written by dumpSockets
 	// done is closed when the cluster shuts down: load loops stop.
 	done     chan struct{}
 	doneOnce sync.Once
@@ -411,7 +412,9 @@ func (c *cluster) run(r route, spec legacy.ClientSpec) legacy.Record {
 	if err != nil {
 		rec = legacy.ClientFailed(spec, start, err)
 	} else {
+		slow := time.AfterFunc(slowConn, func() { c.dumpSockets(spec.ID, r) })
 		rec = legacy.RunClient(conn, spec)
+		slow.Stop()
 	}
 	if rec.Peer == "" && r.to != nil {
 		rec.Peer = r.to.spec.iid
@@ -421,6 +424,41 @@ func (c *cluster) run(r route, spec legacy.ClientSpec) legacy.Record {
 	}
 	c.clients.Add(rec)
 	return rec
+}
+
+// slowConn is how long a connection runs before the sockets of the hosts
+// on its way are recorded (dumpSockets): far longer than any connection
+// the soak sizes for its links, short of its bound.
+const slowConn = 30 * time.Second
+
+// maxSocketDumps bounds the files dumpSockets writes per cluster.
+const maxSocketDumps = 100
+
+// dumpSockets records, for a connection that runs long, the TCP sockets
+// (ss -tiem) of the hosts it may cross, in the cluster's directory
+// (slow-ID.txt; kept with TCPPROXY_E2E_KEEP): the session connections'
+// queues, windows and retransmission state say where it stalls.
+func (c *cluster) dumpSockets(id uint64, r route) {
+	if c.dumps.Add(1) > maxSocketDumps || c.closing() {
+		return
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "connection #%d along %v, running for %v at %s\n", id, r, slowConn, time.Now().Format("15:04:05.000"))
+	hosts := []*host{r.from}
+	if r.to != nil {
+		hosts = append(hosts, r.to)
+	} else {
+		for _, h := range c.hosts {
+			if h.spec.server {
+				hosts = append(hosts, h)
+			}
+		}
+	}
+	for _, h := range hosts {
+		out, err := h.Exec("ss", "-tiemn")
+		fmt.Fprintf(&b, "=== %s (err %v)\n%s", h.spec.iid, err, out)
+	}
+	_ = os.WriteFile(filepath.Join(c.dir, fmt.Sprintf("slow-%d.txt", id)), []byte(b.String()), 0o644)
 }
 
 // quick runs a small echo connection along r.

@@ -183,12 +183,27 @@ func TestSoak(t *testing.T) {
 		}
 	}
 	t.Log(report.String())
-	// The file also lists every failed connection (both sides), for study.
+	// The file also lists failed connections (both sides), for study:
+	// both sides of every hang first, then other failures up to 1000.
+	// Connections that ran past slowConn left their hosts' sockets in
+	// slow-ID.txt beside the proxies' logs.
+	all := append(c.clients.Records(), c.servers.Records()...)
+	hung := map[uint64]bool{}
+	for _, r := range all {
+		if r.Outcome == legacy.Timeout {
+			hung[r.ID] = true
+		}
+	}
 	failed := 0
-	for _, r := range append(c.clients.Records(), c.servers.Records()...) {
-		if r.Outcome != legacy.OK && failed < 1000 {
-			failed++
-			report.WriteString("  failed: " + r.String() + "\n")
+	for _, first := range []bool{true, false} {
+		for _, r := range all {
+			switch {
+			case first && hung[r.ID]:
+				report.WriteString("  hung: " + r.String() + "\n")
+			case !first && !hung[r.ID] && r.Outcome != legacy.OK && failed < 1000:
+				failed++
+				report.WriteString("  failed: " + r.String() + "\n")
+			}
 		}
 	}
 	path := os.Getenv("TCPPROXY_SOAK_REPORT")
