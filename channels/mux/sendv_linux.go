@@ -194,34 +194,35 @@ func tcpPaceState(rc syscall.RawConn) (tcpPace, bool) {
 	}, true
 }
 
+// setTCPOption sets the TCP-level socket option name of the socket rc to v.
+func setTCPOption(rc syscall.RawConn, name, v int) error {
+	var err error
+	if cerr := rc.Control(func(fd uintptr) {
+		err = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, name, v)
+	}); cerr != nil {
+		return cerr
+	}
+	return err
+}
+
 // setNotSentLowat limits the bytes the TCP socket rc holds unsent to
 // about n (TCP_NOTSENT_LOWAT; 0 restores the system's default). A socket
 // that refuses keeps its queue: pacing still works, with more delay.
 func setNotSentLowat(rc syscall.RawConn, n int) {
-	_ = rc.Control(func(fd uintptr) {
-		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT, n)
-	})
+	_ = setTCPOption(rc, unix.TCP_NOTSENT_LOWAT, n)
 }
 
 // setRetransmitCap caps the retransmission timeout of the TCP socket rc
 // at d (TCP_RTO_MAX_MS), and reports whether the kernel took it (Linux
 // 6.15 and later; older ones keep their 120s).
 func setRetransmitCap(rc syscall.RawConn, d time.Duration) bool {
-	var err error
-	if cerr := rc.Control(func(fd uintptr) {
-		err = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_RTO_MAX_MS, int(d/time.Millisecond))
-	}); cerr != nil {
-		return false
-	}
-	return err == nil
+	return setTCPOption(rc, unix.TCP_RTO_MAX_MS, int(d/time.Millisecond)) == nil
 }
 
 // setUserTimeout has the kernel give up on the TCP socket rc after
 // retransmitting for d (TCP_USER_TIMEOUT; 0 restores its own bounds).
 func setUserTimeout(rc syscall.RawConn, d time.Duration) {
-	_ = rc.Control(func(fd uintptr) {
-		_ = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d/time.Millisecond))
-	})
+	_ = setTCPOption(rc, unix.TCP_USER_TIMEOUT, int(d/time.Millisecond))
 }
 
 // kernelGiveUp is how long the kernel retransmits before it gives up on a

@@ -523,7 +523,8 @@ type tcpPace struct {
 	sent    uint64 // bytes sent for the first time
 	notSent uint32 // bytes held, not sent yet
 	// rto is the retransmission timeout the kernel computes from the
-	// round trip (srtt + 4 rttvar), before any backoff.
+	// round trip (srtt + 4 rttvar, the deviation's part at least 200ms),
+	// before any backoff.
 	rto time.Duration
 }
 
