@@ -360,10 +360,14 @@ func (r route) String() string {
 	return r.from.spec.iid + " -" + r.path + "-> " + r.to.spec.iid
 }
 
-// target is the address the legacy client connects to.
+// target is the address the legacy client connects to: the proxy's, or
+// on the "direct" path the legacy server's own, bypassing the proxies.
 func (r route) target() string {
-	if r.path == "api" {
+	switch r.path {
+	case "api":
 		return fmt.Sprintf("%s:%d", requestIP, apiPort)
+	case "direct":
+		return netip.AddrPortFrom(r.to.Addr, directPort).String()
 	}
 	ip, ok := r.from.view.Lookup(r.to.spec.iid)
 	if !ok {
@@ -444,21 +448,25 @@ func (c *cluster) dumpSockets(id uint64, r route) {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "connection #%d along %v, running for %v at %s\n", id, r, slowConn, time.Now().Format("15:04:05.000"))
-	hosts := []*host{r.from}
-	if r.to != nil {
-		hosts = append(hosts, r.to)
-	} else {
-		for _, h := range c.hosts {
-			if h.spec.server {
-				hosts = append(hosts, h)
-			}
-		}
-	}
-	for _, h := range hosts {
+	for _, h := range append([]*host{r.from}, c.serverHosts(r)...) {
 		out, err := h.Exec("ss", "-tiemn")
 		fmt.Fprintf(&b, "=== %s (err %v)\n%s", h.spec.iid, err, out)
 	}
 	_ = os.WriteFile(filepath.Join(c.dir, fmt.Sprintf("slow-%d.txt", id)), []byte(b.String()), 0o644)
+}
+
+// serverHosts returns the hosts a connection along r may end at.
+func (c *cluster) serverHosts(r route) []*host {
+	if r.to != nil {
+		return []*host{r.to}
+	}
+	var hs []*host
+	for _, h := range c.hosts {
+		if h.spec.server {
+			hs = append(hs, h)
+		}
+	}
+	return hs
 }
 
 // quick runs a small echo connection along r.

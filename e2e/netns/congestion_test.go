@@ -20,27 +20,9 @@ import (
 )
 
 // directPort is where every host's legacy server also listens on its
-// bridge address, for connections that bypass the proxies.
+// bridge address, for connections that bypass the proxies (the "direct"
+// route).
 const directPort = 9300
-
-// runDirect runs spec from from's namespace straight to to's legacy
-// server, without the proxies, recording the client's outcome.
-func (c *cluster) runDirect(from, to *host, spec legacy.ClientSpec) legacy.Record {
-	spec.ID = c.nextID.Add(1)
-	spec.Host, spec.Path = from.spec.iid, "direct"
-	spec.Seed = spec.ID * 0x9e3779b97f4a7c15
-	start := time.Now()
-	var rec legacy.Record
-	conn, err := from.Dial(netip.AddrPortFrom(to.Addr, directPort).String(), 5*time.Second)
-	if err != nil {
-		rec = legacy.ClientFailed(spec, start, err)
-	} else {
-		rec = legacy.RunClient(conn, spec)
-	}
-	rec.Peer = to.spec.iid
-	c.clients.Add(rec)
-	return rec
-}
 
 // TestCongestedUplink compares the proxy with direct TCP on a congested
 // link: srv-2's uplink is 1 Mbit/s with 65ms of delay and 0.4% loss, kept
@@ -93,6 +75,7 @@ func TestCongestedUplink(t *testing.T) {
 	defer func() { _ = imp2.Stop() }()
 
 	ring := func(from, to *host) route { return route{from: from, path: "ring", to: to} }
+	direct := func(from, to *host) route { return route{from: from, path: "direct", to: to} }
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	// The load ends before the cluster does, even when a check fails.
@@ -121,13 +104,13 @@ func TestCongestedUplink(t *testing.T) {
 			if proxied {
 				loop(func() { c.run(ring(srv2, srv1), spec) })
 			} else {
-				loop(func() { c.runDirect(srv2, srv1, spec) })
+				loop(func() { c.run(direct(srv2, srv1), spec) })
 			}
 		}
 	}
 
 	probe := legacy.ClientSpec{Mode: legacy.Echo, Frames: 20, MinSize: 1, MaxSize: 4096, Bound: soakConnBound}
-	var viaProxy, direct []time.Duration
+	var viaProxy, straight []time.Duration
 	for i := range cycles {
 		time.Sleep(3 * time.Second)
 		require.NoError(t, imp2.Stop())
@@ -141,13 +124,13 @@ func TestCongestedUplink(t *testing.T) {
 		var p, d legacy.Record
 		var probes sync.WaitGroup
 		probes.Go(func() { p = c.run(ring(srv1, srv2), probe) })
-		probes.Go(func() { d = c.runDirect(srv1, srv2, probe) })
+		probes.Go(func() { d = c.run(direct(srv1, srv2), probe) })
 		probes.Wait()
-		viaProxy, direct = append(viaProxy, p.End.Sub(p.Start)), append(direct, d.End.Sub(d.Start))
+		viaProxy, straight = append(viaProxy, p.End.Sub(p.Start)), append(straight, d.End.Sub(d.Start))
 		assert.Equal(t, legacy.OK, p.Outcome, "probe through the proxies: %v", p)
 		assert.Equal(t, legacy.OK, d.Outcome, "direct probe: %v", d)
 		t.Logf("cycle %d: through the proxies %v, direct %v; worse link %+v", i,
-			viaProxy[i].Round(time.Millisecond), direct[i].Round(time.Millisecond), bad.Stats())
+			viaProxy[i].Round(time.Millisecond), straight[i].Round(time.Millisecond), bad.Stats())
 	}
 	halt()
 	c.waitServersIdle(30 * time.Second)
@@ -156,7 +139,7 @@ func TestCongestedUplink(t *testing.T) {
 	all := in.Clients
 	assert.Equal(t, all.Conns, all.OK, "every connection verifies: %s", failures(all))
 	t.Logf("load %s, %d cycles; probe times through the proxies: %s; direct: %s; %v",
-		mode, cycles, quantiles(viaProxy), quantiles(direct), all)
+		mode, cycles, quantiles(viaProxy), quantiles(straight), all)
 }
 
 // quantiles describes ds by its median, 90th percentile and maximum.

@@ -264,7 +264,7 @@ func drawLink(rng *rand.Rand) ns.Impairment {
 // shares such a connection (two, in fact), so sizes follow it.
 func (l *soakLoad) rate(r route) float64 {
 	slowest := 1e9 / 8.0 // plain links: as fast as the machine goes
-	for _, to := range l.servers(r) {
+	for _, to := range l.c.serverHosts(r) {
 		a, ok1 := l.links[r.from]
 		b, ok2 := l.links[to]
 		if !ok1 || !ok2 {
@@ -276,20 +276,6 @@ func (l *soakLoad) rate(r route) float64 {
 		slowest = min(slowest, float64(min(a.Rate, b.Rate))/8, tcp)
 	}
 	return slowest
-}
-
-// servers returns the hosts a connection along r may end at.
-func (l *soakLoad) servers(r route) []*host {
-	if r.to != nil {
-		return []*host{r.to}
-	}
-	var hs []*host
-	for _, h := range l.c.hosts {
-		if h.spec.server {
-			hs = append(hs, h)
-		}
-	}
-	return hs
 }
 
 // randomRoute picks a ring route, or one time in three an api one.
