@@ -386,9 +386,13 @@ func (n *Node) Close() error {
 			err = fmt.Errorf("close listener: %w", cerr)
 		}
 	}
+	// Together: each waits, over TCP, for its peer to take its GoAway
+	// (mux.Session.Close), which would add up one after the other.
+	var closing sync.WaitGroup
 	for _, s := range sessions {
-		s.ys.Close()
+		closing.Go(func() { s.ys.Close() })
 	}
+	closing.Wait()
 	n.wg.Wait()
 	for _, q := range n.queues {
 		drain(q)

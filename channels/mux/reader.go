@@ -53,6 +53,7 @@ func (h *headerReader) Read(p []byte) (int, error) {
 // the protocol, and then ends the session.
 func (s *Session) readLoop() {
 	defer s.wg.Done()
+	defer close(s.readerDone)
 	r := &reader{s: s, lim: &headerReader{conn: s.conn, in: &s.bytesIn}}
 	r.br = bufio.NewReaderSize(r.lim, readBufSize)
 	err := r.run()

@@ -329,3 +329,25 @@ func TestBackoffModel(t *testing.T) {
 	assert.Equal(t, 102200*time.Millisecond, backoffModel(8))
 	assert.Equal(t, 600*time.Millisecond, backoffModel(1))
 }
+
+// TestCloseLingersBriefly: over TCP, a closed session shuts its sending
+// side after the GoAway and keeps the connection for the peer to close
+// its own (Session.linger); a peer that neither reads nor closes holds it
+// goAwayWait without progress, not maxLinger. It then gets the GoAway and
+// a clean end, not a reset.
+func TestCloseLingersBriefly(t *testing.T) {
+	c1, c2 := tcpConns(t)
+	defer c2.Close()
+	cli, err := Client(c1, quiet(Config{}))
+	require.NoError(t, err)
+	start := time.Now()
+	require.NoError(t, cli.Close())
+	assert.Less(t, time.Since(start), maxLinger, "Close waited for a peer that does not read")
+
+	got, err := io.ReadAll(c2)
+	require.NoError(t, err, "the peer saw a reset, not the end")
+	require.GreaterOrEqual(t, len(got), headerSize)
+	last := decodeHeader(got[len(got)-headerSize:])
+	assert.Equal(t, typeGoAway, last.typ, "the last frame is not the GoAway")
+	assert.Equal(t, uint32(goAwayNormal), last.length)
+}

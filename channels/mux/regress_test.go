@@ -417,10 +417,23 @@ func TestPacerIgnoresIdleGaps(t *testing.T) {
 // closing session gives the socket's queue back to the kernel, and the
 // peer sees the GoAway, not the connection's end. (The pending Write
 // fails, and the rest of its data is dropped, as on any Close.)
+//
+// The peer keeps sending meanwhile, as a busy peer does: the GoAway, still
+// in the closing socket's queue when the session closes, must not be
+// discarded by a reset that the peer's data would provoke at a socket
+// closed with data unsent (see Session.linger).
 func TestCloseOnPacedLink(t *testing.T) {
 	cli, srv, msg, msgPeer, stopBulk := slowLink(t, 256<<10, false)
 	waitPaced(t, cli)
 	stopBulk()
+	talk, talkPeer := openPair(t, srv, cli)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	wg.Go(func() { keepWriting(ctx, talk) })
+	wg.Go(func() { _, _ = io.Copy(io.Discard, talkPeer) })
+	context.AfterFunc(ctx, func() { talk.Reset() })
 	data := randomBytes(t, 256<<10)
 	wrote := make(chan error, 1)
 	go func() {
@@ -433,7 +446,7 @@ func TestCloseOnPacedLink(t *testing.T) {
 	<-wrote // an error: the stream ended with its session
 	got, _ := io.ReadAll(msgPeer)
 	<-srv.CloseChan()
-	require.ErrorIs(t, srv.Err(), ErrRemoteGoAway, "the closing session's GoAway was not written")
+	require.ErrorIs(t, srv.Err(), ErrRemoteGoAway, "the closing session's GoAway was not written (the client: %v)", cli.Err())
 	require.True(t, bytes.HasPrefix(data, got), "the %d bytes that came are not what was written", len(got))
 }
 

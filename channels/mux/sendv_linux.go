@@ -205,6 +205,16 @@ func setTCPOption(rc syscall.RawConn, name, v int) error {
 	return err
 }
 
+// shutdownWrite shuts the sending side of the TCP socket rc (the kernel
+// sends a FIN after what is queued), and reports whether it did.
+func shutdownWrite(rc syscall.RawConn) bool {
+	var err error
+	if cerr := rc.Control(func(fd uintptr) { err = unix.Shutdown(int(fd), unix.SHUT_WR) }); cerr != nil {
+		return false
+	}
+	return err == nil
+}
+
 // setNotSentLowat limits the bytes the TCP socket rc holds unsent to
 // about n (TCP_NOTSENT_LOWAT; 0 restores the system's default). A socket
 // that refuses keeps its queue: pacing still works, with more delay.

@@ -24,5 +24,6 @@ func setNotSentLowat(syscall.RawConn, int)                 {}
 func setRetransmitCap(syscall.RawConn, time.Duration) bool { return false }
 func setUserTimeout(syscall.RawConn, time.Duration)        {}
 func kernelGiveUp() time.Duration                          { return 0 }
+func shutdownWrite(syscall.RawConn) bool                   { return false }
 
 func (*sockWriter) write([][]byte, int) error { return errNoSplice }

@@ -23,6 +23,7 @@ type Session struct {
 
 	done       chan struct{} // closed when the session ends
 	writerDone chan struct{} // closed when the writer goroutine returns
+	readerDone chan struct{} // closed when the reader goroutine returns
 	wg         sync.WaitGroup
 
 	mu          sync.Mutex
@@ -119,6 +120,7 @@ func newSession(conn net.Conn, cfg Config, client bool) (*Session, error) {
 		start:      time.Now(),
 		done:       make(chan struct{}),
 		writerDone: make(chan struct{}),
+		readerDone: make(chan struct{}),
 		streams:    make(map[uint32]*Stream),
 		nextID:     2,
 		acceptCh:   make(chan *Stream, cfg.AcceptBacklog),
@@ -219,13 +221,15 @@ func (s *Session) AcceptStream(ctx context.Context) (*Stream, error) {
 
 // Close ends the session: it resets every stream, writes what was queued
 // (such as a FIN from CloseWrite) and GoAway, best effort within 100ms,
-// and closes the connection. It returns once the session's goroutines have
+// and closes the connection. Over TCP it first waits, while the peer takes
+// what is left, for the peer to close its side: 100ms without progress, 2s
+// at most (see linger). It returns once the session's goroutines have
 // ended, and always nil.
 func (s *Session) Close() error {
 	s.shutdown(ErrSessionClosed, true, goAwayNormal)
-	// The writer closes the connection after the GoAway, within
-	// goAwayWait unless the connection ignores write deadlines.
-	t := time.NewTimer(2 * goAwayWait)
+	// The writer closes the connection after the GoAway and the linger,
+	// unless the connection ignores write deadlines.
+	t := time.NewTimer(2*goAwayWait + maxLinger)
 	select {
 	case <-s.writerDone:
 	case <-t.C:

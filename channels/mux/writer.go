@@ -238,6 +238,7 @@ func (s *Session) writeLoop() {
 			}
 		}
 		if final {
+			s.linger()
 			return
 		}
 		select {
@@ -400,6 +401,48 @@ func settle(frames []frame, ok bool) {
 		frames[i].verdict(ok)
 		if c := frames[i].copied; c != nil {
 			putBuf(c)
+		}
+	}
+}
+
+// maxLinger bounds how long a closed session keeps its TCP connection
+// open after its last write (linger).
+const maxLinger = 2 * time.Second
+
+// linger keeps a TCP connection open after the session's last write, with
+// its sending side shut (a FIN after the GoAway), until the peer closes
+// its side or stops taking what is left: meanwhile the reader reads, and
+// drops, whatever the peer still sends. Closing at once would not do: the
+// kernel resets a socket closed with data unsent as soon as the peer sends
+// anything more (a window update, a stream's data), or at once if data it
+// sent was left unread, and the reset discards what was unsent. The
+// peer's session would then fail with a reset, not end with the GoAway,
+// whenever the GoAway waits in the socket's queue: on a slow link, or
+// behind the last batch. The wait goes on goAwayWait at a time while the
+// peer acknowledges data, maxLinger in all: a peer that is gone, or does
+// not read, costs goAwayWait.
+func (s *Session) linger() {
+	if s.tcp == nil || !shutdownWrite(s.tcp) {
+		return
+	}
+	acked, _, ok := tcpSendState(s.tcp)
+	if !ok {
+		return
+	}
+	limit := time.Now().Add(maxLinger)
+	t := time.NewTimer(goAwayWait)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.readerDone:
+			return
+		case now := <-t.C:
+			cur, _, ok := tcpSendState(s.tcp)
+			if !ok || cur == acked || !now.Before(limit) {
+				return
+			}
+			acked = cur
+			t.Reset(min(goAwayWait, limit.Sub(now)))
 		}
 	}
 }
