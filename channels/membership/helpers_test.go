@@ -43,12 +43,13 @@ func startEtcd(t *testing.T) *etcdServer {
 	if err != nil {
 		t.Skip("etcd is not installed (Debian: apt-get install etcd-server); skipping the test against a real etcd")
 	}
+	addrs := freeAddrs(t, 2)
 	e := &etcdServer{
 		t:         t,
 		bin:       bin,
 		dir:       t.TempDir(),
-		clientURL: "http://" + freeAddr(t),
-		peerURL:   "http://" + freeAddr(t),
+		clientURL: "http://" + addrs[0],
+		peerURL:   "http://" + addrs[1],
 	}
 	t.Cleanup(func() {
 		e.kill()
@@ -67,10 +68,22 @@ func startEtcd(t *testing.T) *etcdServer {
 
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().String()
+	return freeAddrs(t, 1)[0]
+}
+
+// freeAddrs returns n distinct free 127.0.0.1 addresses: each listener
+// stays open until all are picked, or the kernel may hand out a port
+// twice (etcd then fails with "address already in use").
+func freeAddrs(t *testing.T, n int) []string {
+	t.Helper()
+	addrs := make([]string, n)
+	for i := range addrs {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		defer l.Close()
+		addrs[i] = l.Addr().String()
+	}
+	return addrs
 }
 
 // start runs etcd (again, on the same data directory and ports) and waits

@@ -162,15 +162,16 @@ func socatPath(e *env) *path {
 		key: "socat", name: "socat relay",
 		memoryNote: "n/a (a process per connection)",
 		setup: func(ctx context.Context, p *path) error {
-			for _, t := range []struct {
+			ports, err := freePorts(2)
+			if err != nil {
+				return err
+			}
+			for i, t := range []struct {
 				name string
 				port int
 				addr *string
 			}{{"echo", e.srv.echoPort, &p.echo}, {"sink", e.srv.sinkPort, &p.sink}} {
-				lp, err := freePort()
-				if err != nil {
-					return err
-				}
+				lp := ports[i]
 				c, err := e.kids.start(fmt.Sprintf("socat-%s-%d", t.name, e.rep), e.dir, "socat",
 					fmt.Sprintf("TCP-LISTEN:%d,fork,reuseaddr,bind=127.0.0.1", lp),
 					fmt.Sprintf("TCP:127.0.0.1:%d", t.port))
@@ -213,14 +214,11 @@ func haproxyPath(e *env) *path {
 	return &path{
 		key: "haproxy", name: "haproxy (TCP mode, 2 threads)", memory: true, maxIdle: maxconn - 500,
 		setup: func(ctx context.Context, p *path) error {
-			ep, err := freePort()
+			ports, err := freePorts(2)
 			if err != nil {
 				return err
 			}
-			sp, err := freePort()
-			if err != nil {
-				return err
-			}
+			ep, sp := ports[0], ports[1]
 			cfg := filepath.Join(e.dir, fmt.Sprintf("haproxy-%d.cfg", e.rep))
 			body := fmt.Sprintf(haproxyConfig, ep, e.srv.echoPort, sp, e.srv.sinkPort, maxconn)
 			if err := os.WriteFile(cfg, []byte(body), 0o600); err != nil {
@@ -285,18 +283,6 @@ func (e *env) startTCPProxies(p *path, insts []*tcpproxyInstance) error {
 		p.admins = append(p.admins, fmt.Sprintf("127.0.0.1:%d", in.admin))
 	}
 	return nil
-}
-
-func freePorts(n int) ([]int, error) {
-	out := make([]int, n)
-	for i := range out {
-		p, err := freePort()
-		if err != nil {
-			return nil, err
-		}
-		out[i] = p
-	}
-	return out, nil
 }
 
 // tcpproxyPath is the request→reply path: a client instance with request

@@ -199,14 +199,20 @@ func adminQuery(ctx context.Context, hc *http.Client, addr string, memstats bool
 	return v, nil
 }
 
-// freePort returns a TCP port that is free on 127.0.0.1 right now.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
+// freePorts returns n distinct TCP ports free on 127.0.0.1 right now:
+// each listener stays open until all are picked, or the kernel may hand
+// out a port twice.
+func freePorts(n int) ([]int, error) {
+	out := make([]int, n)
+	for i := range out {
+		ln, err := net.Listen("tcp4", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		defer ln.Close()
+		out[i] = ln.Addr().(*net.TCPAddr).Port
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
+	return out, nil
 }
 
 // ensureTools installs socat, haproxy and stunnel4 (Debian's package and
