@@ -332,9 +332,9 @@ func TestBackoffModel(t *testing.T) {
 
 // TestCloseLingersBriefly: over TCP, a closed session shuts its sending
 // side after the GoAway and keeps the connection for the peer to close
-// its own (Session.linger); a peer that neither reads nor closes holds it
-// goAwayWait without progress, not maxLinger. It then gets the GoAway and
-// a clean end, not a reset.
+// its own (Session.linger); a peer whose kernel took everything, but that
+// neither reads nor closes, holds it about goAwayWait, not maxLinger. It
+// then gets the GoAway and a clean end, not a reset.
 func TestCloseLingersBriefly(t *testing.T) {
 	c1, c2 := tcpConns(t)
 	defer c2.Close()

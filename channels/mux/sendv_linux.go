@@ -215,6 +215,17 @@ func shutdownWrite(rc syscall.RawConn) bool {
 	return err == nil
 }
 
+// tcpAllAcked reports whether the peer acknowledged everything the TCP
+// socket rc sent, FIN included, with nothing left unsent; ok is false when
+// it cannot tell.
+func tcpAllAcked(rc syscall.RawConn) (done, ok bool) {
+	info, ok := tcpInfo(rc)
+	if !ok {
+		return false, false
+	}
+	return info.Unacked == 0 && info.Notsent_bytes == 0, true
+}
+
 // setNotSentLowat limits the bytes the TCP socket rc holds unsent to
 // about n (TCP_NOTSENT_LOWAT; 0 restores the system's default). A socket
 // that refuses keeps its queue: pacing still works, with more delay.

@@ -25,5 +25,6 @@ func setRetransmitCap(syscall.RawConn, time.Duration) bool { return false }
 func setUserTimeout(syscall.RawConn, time.Duration)        {}
 func kernelGiveUp() time.Duration                          { return 0 }
 func shutdownWrite(syscall.RawConn) bool                   { return false }
+func tcpAllAcked(syscall.RawConn) (bool, bool)             { return false, false }
 
 func (*sockWriter) write([][]byte, int) error { return errNoSplice }

@@ -221,9 +221,8 @@ func (s *Session) AcceptStream(ctx context.Context) (*Stream, error) {
 
 // Close ends the session: it resets every stream, writes what was queued
 // (such as a FIN from CloseWrite) and GoAway, best effort within 100ms,
-// and closes the connection. Over TCP it first waits, while the peer takes
-// what is left, for the peer to close its side: 100ms without progress, 2s
-// at most (see linger). It returns once the session's goroutines have
+// and closes the connection. Over TCP it first waits for the peer to close
+// its side, or to acknowledge all that was sent: 2s at most (see linger). It returns once the session's goroutines have
 // ended, and always nil.
 func (s *Session) Close() error {
 	s.shutdown(ErrSessionClosed, true, goAwayNormal)

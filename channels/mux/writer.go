@@ -411,22 +411,19 @@ const maxLinger = 2 * time.Second
 
 // linger keeps a TCP connection open after the session's last write, with
 // its sending side shut (a FIN after the GoAway), until the peer closes
-// its side or stops taking what is left: meanwhile the reader reads, and
-// drops, whatever the peer still sends. Closing at once would not do: the
-// kernel resets a socket closed with data unsent as soon as the peer sends
-// anything more (a window update, a stream's data), or at once if data it
-// sent was left unread, and the reset discards what was unsent. The
-// peer's session would then fail with a reset, not end with the GoAway,
-// whenever the GoAway waits in the socket's queue: on a slow link, or
-// behind the last batch. The wait goes on goAwayWait at a time while the
-// peer acknowledges data, maxLinger in all: a peer that is gone, or does
-// not read, costs goAwayWait.
+// its side or its kernel has acknowledged everything: meanwhile the reader
+// reads, and drops, whatever the peer still sends. Closing at once would
+// not do: the kernel resets a socket closed with data unsent as soon as
+// the peer sends anything more (a window update, a stream's data), or at
+// once if data it sent was left unread, and the reset discards what was
+// unsent. The peer's session would then fail with a reset, not end with
+// the GoAway, whenever the GoAway waits in the socket's queue: on a slow
+// link, or behind the last batch. Once acknowledged, the GoAway is in the
+// peer's receive queue, which a reset does not take back. A peer that
+// does not take what is left holds the connection maxLinger; one that
+// takes it and does not close, goAwayWait at most.
 func (s *Session) linger() {
 	if s.tcp == nil || !shutdownWrite(s.tcp) {
-		return
-	}
-	acked, _, ok := tcpSendState(s.tcp)
-	if !ok {
 		return
 	}
 	limit := time.Now().Add(maxLinger)
@@ -437,11 +434,9 @@ func (s *Session) linger() {
 		case <-s.readerDone:
 			return
 		case now := <-t.C:
-			cur, _, ok := tcpSendState(s.tcp)
-			if !ok || cur == acked || !now.Before(limit) {
+			if delivered, ok := tcpAllAcked(s.tcp); delivered || !ok || !now.Before(limit) {
 				return
 			}
-			acked = cur
 			t.Reset(min(goAwayWait, limit.Sub(now)))
 		}
 	}
