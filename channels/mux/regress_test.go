@@ -450,6 +450,46 @@ func TestCloseOnPacedLink(t *testing.T) {
 	require.True(t, bytes.HasPrefix(data, got), "the %d bytes that came are not what was written", len(got))
 }
 
+// TestCloseDropsUnfinishedData: a session's Close does not write what is
+// queued for a stream with no FIN queued (the peer would drop it on the
+// GoAway, which would wait behind it on a slow link); a stream whose FIN is
+// queued keeps its data and FIN, and control frames stay. The writer is
+// held (as by a Write that owns the connection) while the queue is made.
+func TestCloseDropsUnfinishedData(t *testing.T) {
+	cli, srv := tcpPair(t, Config{})
+	data := func(id uint32, flags uint16, n int) frame {
+		return frame{header: header{typ: typeData, id: id, flags: flags}, data: make([]byte, n)}
+	}
+	cli.sendMu.Lock()
+	cli.owned = true
+	cli.queue = append(cli.queue,
+		data(101, 0, 64<<10), // unfinished
+		data(103, 0, 1000),   // finished: its data and FIN go
+		frame{header: header{typ: typeWindowUpdate, id: 105, length: 1 << 20}},
+		data(101, 0, 64<<10),
+		data(103, flagFIN, 10),
+	)
+	cli.sendMu.Unlock()
+
+	cli.shutdown(ErrSessionClosed, true, goAwayNormal)
+	cli.sendMu.Lock()
+	var left []header
+	for _, f := range cli.queue {
+		left = append(left, f.header)
+	}
+	cli.sendMu.Unlock()
+	assert.Equal(t, []header{
+		{typ: typeData, id: 103},
+		{typ: typeWindowUpdate, id: 105, length: 1 << 20},
+		{typ: typeData, id: 103, flags: flagFIN},
+		{typ: typeGoAway, length: goAwayNormal},
+	}, left)
+
+	cli.release(nil) // the writer writes what is left
+	<-srv.CloseChan()
+	require.ErrorIs(t, srv.Err(), ErrRemoteGoAway)
+}
+
 // queuedBytes returns the data bytes waiting in s's send queue.
 func queuedBytes(s *Session) int {
 	s.sendMu.Lock()

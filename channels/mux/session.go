@@ -222,13 +222,19 @@ func (s *Session) AcceptStream(ctx context.Context) (*Stream, error) {
 // Close ends the session: it resets every stream, writes what was queued
 // (such as a FIN from CloseWrite) and GoAway, best effort within 100ms,
 // and closes the connection. Over TCP it first waits for the peer to close
-// its side, or to acknowledge all that was sent: 2s at most (see linger). It returns once the session's goroutines have
+// its side, or to acknowledge all that was sent: 2s at most (see linger).
+// What was queued for a stream with no FIN queued is not written: the
+// peer would drop it. It returns once the session's goroutines have
 // ended, and always nil.
 func (s *Session) Close() error {
 	s.shutdown(ErrSessionClosed, true, goAwayNormal)
-	// The writer closes the connection after the GoAway and the linger,
-	// unless the connection ignores write deadlines.
-	t := time.NewTimer(2*goAwayWait + maxLinger)
+	// The writer closes the connection after the GoAway (and, over TCP,
+	// the linger), unless the connection ignores write deadlines.
+	wait := 2 * goAwayWait
+	if s.tcp != nil {
+		wait += maxLinger
+	}
+	t := time.NewTimer(wait)
 	select {
 	case <-s.writerDone:
 	case <-t.C:
@@ -336,22 +342,23 @@ func (s *Session) shutdown(cause error, sendGoAway bool, code uint32) {
 	var dropped []frame
 	if sendGoAway {
 		// What is queued goes first, so that a FIN queued before Close
-		// still reaches the peer: all of it within goAwayWait.
-		s.queue = append(s.queue, frame{header: header{typ: typeGoAway, length: code}})
-	} else {
-		// The rest of a split frame stays, dropped, until the writer has
-		// done with its head (see frame.dropped); the others go now.
-		kept := s.queue[:0]
-		for _, f := range s.queue {
-			if f.started {
-				f.drop()
-				kept = append(kept, f)
-			} else {
-				dropped = append(dropped, f)
+		// still reaches the peer: all of it within goAwayWait. The data
+		// of streams with no FIN queued does not: the GoAway resets the
+		// peer's streams, which drop it, and on a slow link it would hold
+		// the GoAway back for seconds.
+		var ending map[uint32]bool
+		for i := range s.queue {
+			if s.queue[i].flags&flagFIN != 0 {
+				if ending == nil {
+					ending = make(map[uint32]bool)
+				}
+				ending[s.queue[i].id] = true
 			}
 		}
-		clear(s.queue[len(kept):])
-		s.queue = kept
+		dropped = s.dropQueuedLocked(func(f *frame) bool { return f.typ == typeData && !ending[f.id] })
+		s.queue = append(s.queue, frame{header: header{typ: typeGoAway, length: code}})
+	} else {
+		dropped = s.dropQueuedLocked(func(*frame) bool { return true })
 	}
 	s.sendClosed = true
 	s.sendMu.Unlock()
@@ -365,6 +372,28 @@ func (s *Session) shutdown(cause error, sendGoAway bool, code uint32) {
 		st.sessionEndedLocked(cause)
 		st.mu.Unlock()
 	}
+}
+
+// dropQueuedLocked removes the queued frames that drop selects, and
+// returns those whose Writes fail now. The rest of a split frame stays,
+// dropped, until the writer has done with its head (see frame.dropped).
+// s.sendMu is held.
+func (s *Session) dropQueuedLocked(drop func(*frame) bool) (dropped []frame) {
+	kept := s.queue[:0]
+	for _, f := range s.queue {
+		switch {
+		case !drop(&f):
+			kept = append(kept, f)
+		case f.started:
+			f.drop()
+			kept = append(kept, f)
+		default:
+			dropped = append(dropped, f)
+		}
+	}
+	clear(s.queue[len(kept):])
+	s.queue = kept
+	return dropped
 }
 
 // forget removes st from the session's accounting once it is finished.

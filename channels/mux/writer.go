@@ -228,6 +228,9 @@ func (s *Session) writeLoop() {
 		s.owned = len(batch) > 0
 		s.sendMu.Unlock()
 
+		// Only a session that says goodbye lingers: one that ends for
+		// any other reason has a peer that is gone or broke the protocol.
+		lingers := final && len(batch) > 0 && batch[len(batch)-1].typ == typeGoAway
 		if len(batch) > 0 {
 			err := s.writeBatch(batch, final)
 			s.release(err)
@@ -238,7 +241,9 @@ func (s *Session) writeLoop() {
 			}
 		}
 		if final {
-			s.linger()
+			if lingers {
+				s.linger()
+			}
 			return
 		}
 		select {
