@@ -467,7 +467,7 @@ func TestCloseDropsUnfinishedData(t *testing.T) {
 		data(103, 0, 1000),   // finished: its data and FIN go
 		frame{header: header{typ: typeWindowUpdate, id: 105, length: 1 << 20}},
 		data(101, 0, 64<<10),
-		data(103, flagFIN, 10),
+		frame{header: header{typ: typeWindowUpdate, id: 103, flags: flagFIN}}, // as CloseWrite queues it
 	)
 	cli.sendMu.Unlock()
 
@@ -481,7 +481,7 @@ func TestCloseDropsUnfinishedData(t *testing.T) {
 	assert.Equal(t, []header{
 		{typ: typeData, id: 103},
 		{typ: typeWindowUpdate, id: 105, length: 1 << 20},
-		{typ: typeData, id: 103, flags: flagFIN},
+		{typ: typeWindowUpdate, id: 103, flags: flagFIN},
 		{typ: typeGoAway, length: goAwayNormal},
 	}, left)
 

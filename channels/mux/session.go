@@ -362,9 +362,7 @@ func (s *Session) shutdown(cause error, sendGoAway bool, code uint32) {
 	}
 	s.sendClosed = true
 	s.sendMu.Unlock()
-	for i := range dropped {
-		dropped[i].verdict(false)
-	}
+	settle(dropped, false)
 	close(s.done)
 	notify(s.sendSignal)
 	for _, st := range streams {

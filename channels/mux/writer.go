@@ -229,7 +229,9 @@ func (s *Session) writeLoop() {
 		s.sendMu.Unlock()
 
 		// Only a session that says goodbye lingers: one that ends for
-		// any other reason has a peer that is gone or broke the protocol.
+		// any other reason has a peer that is gone. (A GoAway for a
+		// protocol error lingers only until the reader, which stopped at
+		// the bad frame, is done: at once.)
 		lingers := final && len(batch) > 0 && batch[len(batch)-1].typ == typeGoAway
 		if len(batch) > 0 {
 			err := s.writeBatch(batch, final)
