@@ -416,7 +416,14 @@ func (c *cluster) run(r route, spec legacy.ClientSpec) legacy.Record {
 	if err != nil {
 		rec = legacy.ClientFailed(spec, start, err)
 	} else {
-		slow := time.AfterFunc(slowConn, func() { c.dumpSockets(spec.ID, r) })
+		after := slowConn
+		if spec.Bound > 0 {
+			after = min(after, 2*spec.Bound/3)
+		}
+		title := fmt.Sprintf("connection #%d along %v from %v, running for %v", spec.ID, r, conn.LocalAddr(), after)
+		slow := time.AfterFunc(after, func() {
+			c.dumpSockets(fmt.Sprint(spec.ID), title, append([]*host{r.from}, c.serverHosts(r)...))
+		})
 		rec = legacy.RunClient(conn, spec)
 		slow.Stop()
 	}
@@ -431,28 +438,35 @@ func (c *cluster) run(r route, spec legacy.ClientSpec) legacy.Record {
 }
 
 // slowConn is how long a connection runs before the sockets of the hosts
-// on its way are recorded (dumpSockets): far longer than any connection
-// the soak sizes for its links, short of its bound.
+// on its way are recorded (dumpSockets), or two thirds of its bound if
+// that is less: far longer than any connection the soak sizes for its
+// links, short of its bound.
 const slowConn = 30 * time.Second
 
 // maxSocketDumps bounds the files dumpSockets writes per cluster.
 const maxSocketDumps = 100
 
-// dumpSockets records, for a connection that runs long, the TCP sockets
-// (ss -tiem) of the hosts it may cross, in the cluster's directory
-// (slow-ID.txt; kept with TCPPROXY_E2E_KEEP): the session connections'
-// queues, windows and retransmission state say where it stalls.
-func (c *cluster) dumpSockets(id uint64, r route) {
+// dumpSockets records the TCP sockets (ss -tiem) of hosts, for a
+// connection that runs long or a fault its hosts do not recover from, in
+// the cluster's directory (slow-NAME.txt; kept with TCPPROXY_E2E_KEEP):
+// the session connections' queues, windows and retransmission state say
+// where it stalls.
+func (c *cluster) dumpSockets(name, title string, hosts []*host) {
 	if c.dumps.Add(1) > maxSocketDumps || c.closing() {
 		return
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "connection #%d along %v, running for %v at %s\n", id, r, slowConn, time.Now().Format("15:04:05.000"))
-	for _, h := range append([]*host{r.from}, c.serverHosts(r)...) {
+	fmt.Fprintf(&b, "%s, at %s\n", title, time.Now().Format("15:04:05.000"))
+	for _, h := range hosts {
 		out, err := h.Exec("ss", "-tiemn")
-		fmt.Fprintf(&b, "=== %s (err %v)\n%s", h.spec.iid, err, out)
+		fmt.Fprintf(&b, "=== %s (err %v)\n", h.spec.iid, err)
+		for line := range strings.Lines(string(out)) {
+			if !strings.Contains(line, "cgroup2 mount") { // ss's complaint, once per socket
+				b.WriteString(line)
+			}
+		}
 	}
-	_ = os.WriteFile(filepath.Join(c.dir, fmt.Sprintf("slow-%d.txt", id)), []byte(b.String()), 0o644)
+	_ = os.WriteFile(filepath.Join(c.dir, "slow-"+name+".txt"), []byte(b.String()), 0o644)
 }
 
 // serverHosts returns the hosts a connection along r may end at.

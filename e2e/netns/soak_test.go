@@ -518,18 +518,21 @@ func (l *soakLoad) impair(t *testing.T, h *host) string {
 
 // recovered reports whether new connections to and from h verify within d.
 func (c *cluster) recovered(h *host, d time.Duration) bool {
+	other := c.hosts[0]
+	if other == h {
+		other = c.hosts[1]
+	}
 	deadline := time.Now().Add(d)
 	for time.Now().Before(deadline) {
-		other := c.hosts[0]
-		if other == h {
-			other = c.hosts[1]
-		}
 		if c.quick(route{from: other, path: "ring", to: h}).Outcome == legacy.OK &&
 			c.quick(route{from: h, path: "ring", to: other}).Outcome == legacy.OK {
 			return true
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	c.dumpSockets(fmt.Sprintf("fault-%s-%s", h.spec.iid, time.Now().Format("150405")),
+		fmt.Sprintf("%s not recovered after %v (probes between %s and %s)", h.spec.iid, d, h.spec.iid, other.spec.iid),
+		[]*host{h, other})
 	return false
 }
 
