@@ -79,7 +79,7 @@ type cluster struct {
 	servers *legacy.Collector // every server side
 	clients *legacy.Collector // every client side
 	nextID  atomic.Uint64
-	dumps   atomic.Int64 // files written by dumpSockets
+	dumps   atomic.Int64 // slow connections' files written by dumpSockets
 	// done is closed when the cluster shuts down: load loops stop.
 	done     chan struct{}
 	doneOnce sync.Once
@@ -422,7 +422,9 @@ func (c *cluster) run(r route, spec legacy.ClientSpec) legacy.Record {
 		}
 		title := fmt.Sprintf("connection #%d along %v from %v, running for %v", spec.ID, r, conn.LocalAddr(), after)
 		slow := time.AfterFunc(after, func() {
-			c.dumpSockets(fmt.Sprint(spec.ID), title, append([]*host{r.from}, c.serverHosts(r)...))
+			if c.dumps.Add(1) <= maxSocketDumps {
+				c.dumpSockets(fmt.Sprint(spec.ID), title, append([]*host{r.from}, c.serverHosts(r)...))
+			}
 		})
 		rec = legacy.RunClient(conn, spec)
 		slow.Stop()
@@ -443,7 +445,8 @@ func (c *cluster) run(r route, spec legacy.ClientSpec) legacy.Record {
 // links, short of its bound.
 const slowConn = 30 * time.Second
 
-// maxSocketDumps bounds the files dumpSockets writes per cluster.
+// maxSocketDumps bounds the files dumpSockets writes per cluster for slow
+// connections; faults not recovered from are few, and always dumped.
 const maxSocketDumps = 100
 
 // dumpSockets records the TCP sockets (ss -tiem) of hosts, for a
@@ -452,7 +455,7 @@ const maxSocketDumps = 100
 // the session connections' queues, windows and retransmission state say
 // where it stalls.
 func (c *cluster) dumpSockets(name, title string, hosts []*host) {
-	if c.dumps.Add(1) > maxSocketDumps || c.closing() {
+	if c.closing() {
 		return
 	}
 	var b strings.Builder
