@@ -536,7 +536,7 @@ const (
 	batchTime      = 50 * time.Millisecond
 	paceWindow     = 100 * time.Millisecond
 	paceBytes      = 4 << 20
-	minBatchBudget = 16 << 10
+	minBatchBudget = 4 << 10
 	// paceStale is the longest interval a TCP sample measures: over a
 	// longer one the writer may have idled, and the rate says little.
 	paceStale = 5 * time.Second
