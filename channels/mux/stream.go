@@ -618,6 +618,7 @@ func (st *Stream) CloseWrite() error {
 	}
 	st.state |= stFinSent
 	notify(st.writeWake)
+	notify(st.readWake) // an AwaitReset that waits returns
 	st.maybeRemoveLocked()
 	return nil
 }

@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -518,6 +520,9 @@ func TestAwaitReset(t *testing.T) {
 	t.Run("own FIN", func(t *testing.T) {
 		_, _, _, sb := halfClosed(t)
 		ch := await(sb)
+		// The FIN comes while AwaitReset waits, as in a relay whose other
+		// direction ends later.
+		require.Eventually(t, func() bool { return waitingIn("(*Stream).AwaitReset") }, 5*time.Second, time.Millisecond)
 		require.NoError(t, sb.CloseWrite())
 		require.NoError(t, result(t, ch))
 	})
@@ -527,4 +532,17 @@ func TestAwaitReset(t *testing.T) {
 		require.NoError(t, sb.Close())
 		require.NoError(t, result(t, ch))
 	})
+}
+
+// waitingIn reports whether a goroutine waits (Stream.waitLocked) inside
+// the function fn.
+func waitingIn(fn string) bool {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	for g := range strings.SplitSeq(string(buf), "\n\n") {
+		if strings.Contains(g, fn) && strings.Contains(g, "(*Stream).waitLocked") {
+			return true
+		}
+	}
+	return false
 }
