@@ -143,16 +143,24 @@ func tcpInfo(rc syscall.RawConn) (*unix.TCPInfo, bool) {
 	if rc == nil {
 		return nil, false
 	}
-	var (
-		info *unix.TCPInfo
-		err  error
-	)
-	if cerr := rc.Control(func(fd uintptr) {
-		info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-	}); cerr != nil || err != nil {
+	var info *unix.TCPInfo
+	if err := onSocket(rc, func(fd int) (err error) {
+		info, err = unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		return err
+	}); err != nil {
 		return nil, false
 	}
 	return info, true
+}
+
+// onSocket runs f on the descriptor of the socket rc, and returns the
+// error of either.
+func onSocket(rc syscall.RawConn, f func(fd int) error) error {
+	var err error
+	if cerr := rc.Control(func(fd uintptr) { err = f(int(fd)) }); cerr != nil {
+		return cerr
+	}
+	return err
 }
 
 // tcpBytesAcked returns the bytes the peer acknowledged on the TCP socket
@@ -196,23 +204,13 @@ func tcpPaceState(rc syscall.RawConn) (tcpPace, bool) {
 
 // setTCPOption sets the TCP-level socket option name of the socket rc to v.
 func setTCPOption(rc syscall.RawConn, name, v int) error {
-	var err error
-	if cerr := rc.Control(func(fd uintptr) {
-		err = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, name, v)
-	}); cerr != nil {
-		return cerr
-	}
-	return err
+	return onSocket(rc, func(fd int) error { return unix.SetsockoptInt(fd, unix.IPPROTO_TCP, name, v) })
 }
 
 // shutdownWrite shuts the sending side of the TCP socket rc (the kernel
 // sends a FIN after what is queued), and reports whether it did.
 func shutdownWrite(rc syscall.RawConn) bool {
-	var err error
-	if cerr := rc.Control(func(fd uintptr) { err = unix.Shutdown(int(fd), unix.SHUT_WR) }); cerr != nil {
-		return false
-	}
-	return err == nil
+	return onSocket(rc, func(fd int) error { return unix.Shutdown(fd, unix.SHUT_WR) }) == nil
 }
 
 // tcpAllAcked reports whether the peer acknowledged everything the TCP
