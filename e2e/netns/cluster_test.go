@@ -420,10 +420,11 @@ func (c *cluster) run(r route, spec legacy.ClientSpec) legacy.Record {
 		if spec.Bound > 0 {
 			after = min(after, 2*spec.Bound/3)
 		}
-		title := fmt.Sprintf("connection #%d along %v from %v, running for %v", spec.ID, r, conn.LocalAddr(), after)
 		slow := time.AfterFunc(after, func() {
 			if c.dumps.Add(1) <= maxSocketDumps {
-				c.dumpSockets(fmt.Sprint(spec.ID), title, append([]*host{r.from}, c.serverHosts(r)...))
+				c.dumpSockets(fmt.Sprint(spec.ID),
+					fmt.Sprintf("connection #%d along %v from %v, running for %v", spec.ID, r, conn.LocalAddr(), after),
+					append([]*host{r.from}, c.serverHosts(r)...))
 			}
 		})
 		rec = legacy.RunClient(conn, spec)
