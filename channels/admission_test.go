@@ -98,6 +98,7 @@ func TestHandshakeFloodBounded(t *testing.T) {
 		c := baseConfig(iid, fromIP{ip}, membership.Static(member(b, "b", map[string]uint16{"svc": 80})))
 		c.ListenAddr = ""
 		c.SessionsPerPeer = 1
+		c.BackoffMin, c.BackoffMax = 2*time.Second, 2*time.Second
 		var req channels.RequestChannel
 		startNode(t, c, func(n *channels.Node) {
 			var err error
@@ -116,7 +117,11 @@ func TestHandshakeFloodBounded(t *testing.T) {
 	seen.wait(t, map[string]int{channels.RefusedOverload: 38})
 	assert.Equal(t, 1, closedAtOnce(t, more, reset+reset4))
 	req := client("c", "127.0.0.5")
-	_, _, err := req.Open(context.Background(), channels.Header{})
+	// An overloaded peer may take the next dial: the Open would dial
+	// again until its deadline, which comes before the backoff ends.
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	_, _, err := req.Open(ctx, channels.Header{})
 	require.Error(t, err)
 	seen.wait(t, map[string]int{channels.RefusedOverload: 39}) // the member's dial
 

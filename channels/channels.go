@@ -118,7 +118,11 @@ type RequestChannel interface {
 	Name() string
 	// Open opens a stream to one of the current reply instances, chosen by
 	// the channel's Balancer. When the chosen member cannot be reached, the
-	// others are tried before an error is returned.
+	// others are tried before an error is returned. When none can, the
+	// last one tried is dialed again as its backoff allows, until ctx's
+	// deadline (Config.DialTimeout if ctx has none), if its dials failed
+	// in a way that may pass: nothing listening, a lost connection, a
+	// handshake timeout. A refusal fails at once.
 	Open(ctx context.Context, h Header) (Stream, Member, error)
 }
 
@@ -136,7 +140,9 @@ type DuplexChannel interface {
 	// sorted by IID, at once and then after every change, until ctx ends.
 	// A slow receiver may miss intermediate states but always gets the latest.
 	Watch(ctx context.Context) <-chan []Member
-	// Open opens a stream to the member with the given instance id.
+	// Open opens a stream to the member with the given instance id. A
+	// member whose dials fail in a way that may pass (see
+	// RequestChannel.Open) is dialed again until ctx's deadline.
 	Open(ctx context.Context, iid string, h Header) (Stream, error)
 	// Accept waits for the next stream opened by a member.
 	Accept(ctx context.Context) (Incoming, error)

@@ -97,6 +97,8 @@ func TestRestartPeer(t *testing.T) {
 	b, reply := startB("127.0.0.1:0")
 	addr := b.Addr()
 	cfg := baseConfig("a", tr, membership.Static(channels.Member{IID: "b", Addr: addr, Channels: map[string]uint16{"svc": 80}}))
+	// The first retry comes 100-200ms after a failed dial: later than the
+	// quick Opens' deadline.
 	cfg.BackoffMin, cfg.BackoffMax = 200*time.Millisecond, 400*time.Millisecond
 	var req channels.RequestChannel
 	a := startNode(t, cfg, func(n *channels.Node) {
@@ -122,20 +124,23 @@ func TestRestartPeer(t *testing.T) {
 	require.Eventually(t, func() bool { return len(channels.ActiveStreams(req)) == 0 },
 		5*time.Second, 5*time.Millisecond)
 
+	// An Open with no time to wait for the next dial fails at once.
 	ctx := context.Background()
-	_, _, err = req.Open(ctx, channels.Header{})
+	quick, cancel := context.WithTimeout(ctx, 50*time.Millisecond) // before any retry is due
+	defer cancel()
+	_, _, err = req.Open(quick, channels.Header{})
 	require.Error(t, err, "peer is down")
 	require.ErrorIs(t, err, channels.ErrNoMembers)
-	_, _, err = req.Open(ctx, channels.Header{})
+	require.ErrorIs(t, err, syscall.ECONNREFUSED)
+	_, _, err = req.Open(quick, channels.Header{})
 	require.ErrorIs(t, err, channels.ErrBackoff, "a second Open right away fails fast")
 
 	b, reply = startB(addr) // the peer comes back at the same address
 	defer b.Close()
-	var s2 channels.Stream
-	require.Eventually(t, func() bool {
-		s2, _, err = req.Open(ctx, channels.Header{SourcePort: 2})
-		return err == nil
-	}, 5*time.Second, 10*time.Millisecond, "reconnects after backoff")
+	patient, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	s2, _, err := req.Open(patient, channels.Header{SourcePort: 2})
+	require.NoError(t, err, "an Open with time to wait reconnects after the backoff")
 	_, err = s2.Write([]byte("again"))
 	require.NoError(t, err)
 	require.NoError(t, s2.CloseWrite())
@@ -146,6 +151,77 @@ func TestRestartPeer(t *testing.T) {
 	require.Equal(t, "again", string(got))
 	require.NoError(t, in2.Stream.Close())
 	require.NoError(t, s2.Close())
+}
+
+// TestOpenWaitsForRestartingPeer opens a stream to the only member while
+// its node is down, as a legacy connection arrives while the peer's proxy
+// restarts: the Open dials again as the backoff allows and gets its stream
+// once the peer is back, instead of failing with the first dial.
+func TestOpenWaitsForRestartingPeer(t *testing.T) {
+	tr := channels.NewMemoryTransport()
+	ln, err := tr.Listen("127.0.0.1:0")
+	require.NoError(t, err)
+	addr := ln.Addr().String()
+	require.NoError(t, ln.Close()) // nothing listens there until b starts
+
+	failed := make(chan error, 100)
+	cfg := baseConfig("a", tr, membership.Static(channels.Member{IID: "b", Addr: addr, Channels: map[string]uint16{"svc": 80}}))
+	cfg.OnHandshake = func(peer string, dialed bool, _ time.Duration, err error) {
+		if dialed && err != nil {
+			select {
+			case failed <- err:
+			default:
+			}
+		}
+	}
+	var req channels.RequestChannel
+	startNode(t, cfg, func(n *channels.Node) {
+		req, err = n.Request("svc", "", channels.LeastStreams())
+		require.NoError(t, err)
+	})
+
+	type opened struct {
+		s   channels.Stream
+		err error
+	}
+	done := make(chan opened, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	go func() {
+		s, _, err := req.Open(ctx, channels.Header{SourcePort: 7, TargetPort: 80})
+		done <- opened{s, err}
+	}()
+	select {
+	case err := <-failed:
+		require.ErrorIs(t, err, syscall.ECONNREFUSED, "the first dial finds nothing listening")
+	case o := <-done:
+		require.Failf(t, "Open returned before its first dial failed", "err: %v", o.err)
+	}
+
+	bcfg := baseConfig("b", tr, dialers("a"))
+	bcfg.ListenAddr = addr
+	var reply channels.ReplyChannel
+	startNode(t, bcfg, func(n *channels.Node) {
+		reply, err = n.Reply("svc")
+		require.NoError(t, err)
+	})
+	var o opened
+	select {
+	case o = <-done:
+	case <-ctx.Done():
+		require.FailNow(t, "Open did not return")
+	}
+	require.NoError(t, o.err, "the Open waited for the peer to come back")
+	defer o.s.Close()
+	_, err = o.s.Write([]byte("after the restart"))
+	require.NoError(t, err)
+	require.NoError(t, o.s.CloseWrite())
+	in, err := reply.Accept(ctx)
+	require.NoError(t, err)
+	defer in.Stream.Close()
+	got, err := io.ReadAll(in.Stream)
+	require.NoError(t, err)
+	require.Equal(t, "after the restart", string(got))
 }
 
 // sessionsUp waits until n has want sessions with peer iid, so that no
@@ -462,7 +538,8 @@ func TestTLSRejectsUnknownCA(t *testing.T) {
 
 // TestConcurrentOpensDuringBackoff: many opens to a peer that cannot be
 // reached, while dials fail and back off, race on nothing (run with -race)
-// and all fail with errors, never hang.
+// and all fail with errors by their deadline, never hang. (Each waits
+// for redials until its deadline: the peer may come back.)
 func TestConcurrentOpensDuringBackoff(t *testing.T) {
 	cfg := baseConfig("a", channels.NewMemoryTransport(), membership.Static(channels.Member{IID: "b", Addr: "nobody-listens", Channels: map[string]uint16{"svc": 80}}))
 	cfg.BackoffMin, cfg.BackoffMax = time.Microsecond, 50*time.Microsecond
@@ -475,8 +552,8 @@ func TestConcurrentOpensDuringBackoff(t *testing.T) {
 	var wg sync.WaitGroup
 	for range 4 {
 		wg.Go(func() {
-			for range 200 {
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			for range 100 {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
 				_, _, err := req.Open(ctx, channels.Header{})
 				cancel()
 				assert.ErrorIs(t, err, channels.ErrNoMembers)

@@ -4,7 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net"
+	"os"
+	"syscall"
 	"time"
 
 	"github.com/tcpproxy/tcpproxy/channels/wire"
@@ -12,8 +16,9 @@ import (
 
 // ErrBackoff is matched (errors.Is) by the error of an Open to a peer whose
 // last dials failed and whose next attempt is not due yet. Such an Open
-// fails at once, so a RequestChannel moves on to another member instead of
-// waiting.
+// fails at once when the channel has another member to try, so that a
+// RequestChannel moves on instead of waiting; for its last member it
+// waits for the next attempt if that comes before its deadline.
 var ErrBackoff = errors.New("peer unreachable, backing off")
 
 // peer is the node's state for one remote instance, guarded by Node.mu.
@@ -34,6 +39,9 @@ type dialCall struct {
 	done chan struct{}
 	s    *session // set before done is closed
 	err  error
+	// retryAt is when the peer may be dialed again after a transient
+	// failure, zero otherwise; set with err.
+	retryAt time.Time
 	// more is how many more sessions to dial, one after the other, once
 	// this one is up, as long as fewer than SessionsPerPeer are open.
 	// It is counted down rather than open sessions counted up alone, so
@@ -108,15 +116,55 @@ func (n *Node) openTo(ctx context.Context, m Member, h Header, lastResort bool, 
 // dials are backing off, or enough sessions were dialed around stalls
 // already), the caller gets the stalled session if it is its last resort,
 // and an error otherwise, to try another member.
+//
+// A last resort with no stalled session to fall back on waits through
+// dials that failed in passing (see transient): once the backoff allows,
+// it dials again, as a TCP connect sends its SYN again, until ctx's
+// deadline, or Config.DialTimeout if ctx has none. A peer whose proxy
+// restarts, or whose handshake timed out on a congested link, then costs
+// the connections waiting for it a delay rather than a reset. The wait
+// ends at once when the next attempt would come after the deadline.
 func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*session, error) {
+	giveUp, ok := ctx.Deadline()
+	if !ok {
+		giveUp = time.Now().Add(n.cfg.DialTimeout)
+	}
+	for {
+		s, retryAt, err := n.sessionOnce(ctx, m, lastResort)
+		if err == nil || !lastResort || retryAt.IsZero() || retryAt.After(giveUp) {
+			return s, err
+		}
+		wait := time.NewTimer(time.Until(retryAt))
+		select {
+		case <-wait.C:
+		case <-ctx.Done():
+			wait.Stop()
+			return nil, fmt.Errorf("connect to %s (%s): %w, waiting to dial again after: %w", m.IID, m.Addr, ctx.Err(), err)
+		case <-n.ctx.Done():
+			wait.Stop()
+			return nil, fmt.Errorf("%w (%w)", ErrClosed, err)
+		}
+		n.mu.Lock()
+		cur, member := n.members.byIID[m.IID]
+		n.mu.Unlock()
+		if !member || cur.Addr != m.Addr || cur.Role != m.Role {
+			return nil, fmt.Errorf("connect to %s (%s): the member changed or left while its dials failed: %w", m.IID, m.Addr, err)
+		}
+	}
+}
+
+// sessionOnce is one round of sessionTo. With its error it returns when
+// the peer may be dialed again if that might succeed (the failures so far
+// were transient), and the zero time otherwise.
+func (n *Node) sessionOnce(ctx context.Context, m Member, lastResort bool) (_ *session, retryAt time.Time, _ error) {
 	n.mu.Lock()
 	switch {
 	case n.closed:
 		n.mu.Unlock()
-		return nil, ErrClosed
+		return nil, time.Time{}, ErrClosed
 	case !n.started:
 		n.mu.Unlock()
-		return nil, errors.New("node not started")
+		return nil, time.Time{}, errors.New("node not started")
 	}
 	p := n.peers[m.IID]
 	if p == nil {
@@ -127,11 +175,12 @@ func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*sessi
 	switch {
 	case s != nil:
 		n.mu.Unlock()
-		return s, nil
+		return s, time.Time{}, nil
 	case stalled != nil && open >= min(2*n.cfg.SessionsPerPeer, MaxSessionsPerPeer):
 		// Enough sessions dialed around stalls already.
 		n.mu.Unlock()
-		return stalledOr(stalled, lastResort, m, fmt.Errorf("%d sessions are open to %s (%s), the most while some are stalled", open, m.IID, m.Addr))
+		s, err := stalledOr(stalled, lastResort, m, fmt.Errorf("%d sessions are open to %s (%s), the most while some are stalled", open, m.IID, m.Addr))
+		return s, time.Time{}, err
 	}
 	call := p.dial
 	if call == nil {
@@ -139,11 +188,15 @@ func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*sessi
 			// p's fields belong to n.mu: read them before unlocking.
 			err := fmt.Errorf("peer %s (%s): %w after %d failed dials, next attempt in %v: %w",
 				m.IID, m.Addr, ErrBackoff, p.failures, wait.Round(time.Millisecond), p.lastErr)
+			if transient(p.lastErr) {
+				retryAt = p.retryAt
+			}
 			n.mu.Unlock()
 			if stalled != nil {
-				return stalledOr(stalled, lastResort, m, err)
+				s, err := stalledOr(stalled, lastResort, m, err)
+				return s, time.Time{}, err
 			}
-			return nil, err
+			return nil, retryAt, err
 		}
 		// The dial belongs to the node, not to this caller: a caller that
 		// gives up must not fail the dial for the others waiting on it.
@@ -159,12 +212,32 @@ func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*sessi
 	select {
 	case <-call.done:
 		if call.err != nil && stalled != nil {
-			return stalledOr(stalled, lastResort, m, call.err)
+			s, err := stalledOr(stalled, lastResort, m, call.err)
+			return s, time.Time{}, err
 		}
-		return call.s, call.err
+		return call.s, call.retryAt, call.err
 	case <-ctx.Done():
-		return nil, fmt.Errorf("connect to %s (%s): %w", m.IID, m.Addr, ctx.Err())
+		return nil, time.Time{}, fmt.Errorf("connect to %s (%s): %w", m.IID, m.Addr, ctx.Err())
 	}
+}
+
+// transient reports whether a dial failed in a way that may pass by
+// itself: nothing listened, the connection was lost, or the handshake
+// timed out (a peer restarting, overloaded, or behind a congested link).
+// A refusal, or a TLS handshake that failed verification, is an answer
+// that dialing again would only repeat.
+func transient(err error) bool {
+	var re *refusalError
+	if err == nil || errors.As(err, &re) {
+		return false
+	}
+	var ne net.Error
+	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) ||
+		(errors.As(err, &ne) && ne.Timeout())
 }
 
 // errStalled is matched by the error of an open that found every session
@@ -218,6 +291,9 @@ func (n *Node) runDial(p *peer, m Member, call *dialCall) {
 		p.failures++
 		delay := n.backoff(p.failures)
 		p.retryAt, p.lastErr = time.Now().Add(delay), err
+		if transient(err) {
+			call.retryAt = p.retryAt
+		}
 		n.log.Warn("dial failed", "peer", m.IID, "addr", m.Addr, "err", err, "failures", p.failures, "retry_in", delay)
 	}
 	n.mu.Unlock()
