@@ -186,6 +186,11 @@ func newClusterWith(t *testing.T, specs []hostSpec, opts clusterOptions) *cluste
 			logPath: filepath.Join(c.dir, s.iid+".log"),
 		}
 		h.proc = proxybin.NewProcess(s.iid, h.logPath)
+		if cc := os.Getenv("TCPPROXY_E2E_CC"); cc != "" {
+			// New namespaces take the machine's default; deployments
+			// differ (Linux's is cubic), and slow links show it.
+			require.NoError(t, h.Sysctl("net.ipv4.tcp_congestion_control", cc), "TCPPROXY_E2E_CC")
+		}
 		_, err := h.view.Add(s.iid)
 		require.NoError(t, err)
 		_, err = h.view.Ensure(iids...)
