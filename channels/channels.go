@@ -118,11 +118,13 @@ type RequestChannel interface {
 	Name() string
 	// Open opens a stream to one of the current reply instances, chosen by
 	// the channel's Balancer. When the chosen member cannot be reached, the
-	// others are tried before an error is returned. When none can, the
-	// last one tried is dialed again as its backoff allows, until ctx's
-	// deadline (Config.DialTimeout if ctx has none), if its dials failed
-	// in a way that may pass: nothing listening, a lost connection, a
-	// handshake timeout. A refusal fails at once.
+	// others are tried before an error is returned. When none can, but
+	// some failed in a way that may pass (nothing listening, a lost
+	// connection, a handshake timeout: a peer restarting, a congested
+	// link), Open tries again as soon as one of them may be dialed again
+	// or a session comes up, until ctx's deadline (Config.DialTimeout if
+	// ctx has none). Refusals and failed certificate checks do not pass:
+	// with nothing else to try, Open then fails at once.
 	Open(ctx context.Context, h Header) (Stream, Member, error)
 }
 
@@ -142,7 +144,8 @@ type DuplexChannel interface {
 	Watch(ctx context.Context) <-chan []Member
 	// Open opens a stream to the member with the given instance id. A
 	// member whose dials fail in a way that may pass (see
-	// RequestChannel.Open) is dialed again until ctx's deadline.
+	// RequestChannel.Open) is dialed again until ctx's deadline, as long
+	// as it stays a member.
 	Open(ctx context.Context, iid string, h Header) (Stream, error)
 	// Accept waits for the next stream opened by a member.
 	Accept(ctx context.Context) (Incoming, error)

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 )
 
 // requestChannel implements RequestChannel.
@@ -26,7 +27,20 @@ func (r *requestChannel) Name() string { return r.name }
 
 // Open opens a stream to a member serving r.target. The header's Channel
 // and SourceIID are filled in by the node; the ports are the caller's.
-func (r *requestChannel) Open(ctx context.Context, h Header) (Stream, Member, error) {
+// When no member can be reached but some failed in passing, it tries
+// them all again as their backoff allows (openRetrying).
+func (r *requestChannel) Open(ctx context.Context, h Header) (st Stream, m Member, err error) {
+	err = r.n.openRetrying(ctx, func() error {
+		st, m, err = r.openOnce(ctx, h)
+		return err
+	})
+	return st, m, err
+}
+
+// openOnce tries every member serving r.target once, those whose sessions
+// are all stalled last. Its error says when the soonest of the members
+// that failed in passing may be dialed again (retryAt).
+func (r *requestChannel) openOnce(ctx context.Context, h Header) (Stream, Member, error) {
 	r.n.mu.Lock()
 	if r.n.closed {
 		r.n.mu.Unlock()
@@ -74,8 +88,18 @@ func (r *requestChannel) Open(ctx context.Context, h Header) (Stream, Member, er
 		}
 		errs = append(errs, err)
 	}
-	return nil, Member{}, fmt.Errorf("request channel %q: no member serving %q could be reached: %w: %w",
+	err := fmt.Errorf("request channel %q: no member serving %q could be reached: %w: %w",
 		r.name, r.target, ErrNoMembers, errors.Join(errs...))
+	var soonest time.Time
+	for _, e := range errs {
+		if at := retryAt(e); !at.IsZero() && (soonest.IsZero() || at.Before(soonest)) {
+			soonest = at
+		}
+	}
+	if !soonest.IsZero() {
+		return nil, Member{}, &retryable{at: soonest, err: err}
+	}
+	return nil, Member{}, err
 }
 
 // openMember opens a stream to m, which pick counted as active: the count
@@ -174,16 +198,23 @@ func (d *duplexChannel) Accept(ctx context.Context) (Incoming, error) {
 
 // Open opens a stream to the member iid. The header's Channel and SourceIID
 // are filled in by the node; the ports are the caller's.
+// A member whose dials fail in passing is dialed again as the backoff
+// allows (openRetrying), as long as it stays a member.
 func (d *duplexChannel) Open(ctx context.Context, iid string, h Header) (Stream, error) {
-	m, ok := d.n.member(iid)
-	switch {
-	case iid == d.n.cfg.IID:
+	if iid == d.n.cfg.IID {
 		return nil, fmt.Errorf("duplex channel %q: %q is this node", d.name, iid)
-	case !ok || !m.Serves(d.name):
-		return nil, fmt.Errorf("duplex channel %q: %q is not a member: %w", d.name, iid, ErrNoMembers)
 	}
 	h.Channel, h.SourceIID = d.name, d.n.cfg.IID
-	st, err := d.n.openTo(ctx, m, h, true, nil)
+	var st Stream
+	err := d.n.openRetrying(ctx, func() error {
+		m, ok := d.n.member(iid)
+		if !ok || !m.Serves(d.name) {
+			return fmt.Errorf("%q is not a member: %w", iid, ErrNoMembers)
+		}
+		var err error
+		st, err = d.n.openTo(ctx, m, h, true, nil)
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("duplex channel %q: %w", d.name, err)
 	}

@@ -50,13 +50,16 @@ type Node struct {
 	mu sync.Mutex
 	// ended sums the limit counters of the sessions removed from peers
 	// (Limits).
-	ended    mux.LimitStats
-	started  bool
-	closed   bool
-	peers    map[string]*peer
-	members  memberState
-	requests []*requestChannel
-	duplexes []*duplexChannel
+	ended   mux.LimitStats
+	started bool
+	closed  bool
+	peers   map[string]*peer
+	members memberState
+	// sessionUp is closed, and replaced, when a session comes up: Opens
+	// waiting to dial again (waitRetry) look again at once.
+	sessionUp chan struct{}
+	requests  []*requestChannel
+	duplexes  []*duplexChannel
 }
 
 // NewNode validates cfg and returns a node that is not yet started.
@@ -88,6 +91,7 @@ func NewNode(cfg Config) (*Node, error) {
 		queues:      make(map[string]chan Incoming),
 		names:       make(map[string]bool),
 		peers:       make(map[string]*peer),
+		sessionUp:   make(chan struct{}),
 	}, nil
 }
 

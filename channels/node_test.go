@@ -6,6 +6,7 @@ import (
 	"io"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -126,14 +127,17 @@ func TestRestartPeer(t *testing.T) {
 
 	// An Open with no time to wait for the next dial fails at once.
 	ctx := context.Background()
-	quick, cancel := context.WithTimeout(ctx, 50*time.Millisecond) // before any retry is due
-	defer cancel()
-	_, _, err = req.Open(quick, channels.Header{})
+	quick := func() error {
+		ctx, cancel := context.WithTimeout(ctx, 50*time.Millisecond) // before any retry is due
+		defer cancel()
+		_, _, err := req.Open(ctx, channels.Header{})
+		return err
+	}
+	err = quick()
 	require.Error(t, err, "peer is down")
 	require.ErrorIs(t, err, channels.ErrNoMembers)
 	require.ErrorIs(t, err, syscall.ECONNREFUSED)
-	_, _, err = req.Open(quick, channels.Header{})
-	require.ErrorIs(t, err, channels.ErrBackoff, "a second Open right away fails fast")
+	require.ErrorIs(t, quick(), channels.ErrBackoff, "a second Open right away fails fast")
 
 	b, reply = startB(addr) // the peer comes back at the same address
 	defer b.Close()
@@ -222,6 +226,202 @@ func TestOpenWaitsForRestartingPeer(t *testing.T) {
 	got, err := io.ReadAll(in.Stream)
 	require.NoError(t, err)
 	require.Equal(t, "after the restart", string(got))
+}
+
+// TestOpenWaitsForAnyMember: with two members down, an Open waits for
+// whichever comes back first, not for the one it happened to try last.
+func TestOpenWaitsForAnyMember(t *testing.T) {
+	tr := channels.NewMemoryTransport()
+	addrs := map[string]string{}
+	for _, iid := range []string{"b", "c"} {
+		ln, err := tr.Listen("127.0.0.1:0")
+		require.NoError(t, err)
+		addrs[iid] = ln.Addr().String()
+		require.NoError(t, ln.Close())
+	}
+	failed := make(chan string, 100)
+	cfg := baseConfig("a", tr, membership.Static(
+		channels.Member{IID: "b", Addr: addrs["b"], Channels: map[string]uint16{"svc": 80}},
+		channels.Member{IID: "c", Addr: addrs["c"], Channels: map[string]uint16{"svc": 80}}))
+	cfg.OnHandshake = func(peer string, dialed bool, _ time.Duration, err error) {
+		if dialed && err != nil {
+			select {
+			case failed <- peer:
+			default:
+			}
+		}
+	}
+	var req channels.RequestChannel
+	startNode(t, cfg, func(n *channels.Node) {
+		var err error
+		req, err = n.Request("svc", "", channels.LeastStreams())
+		require.NoError(t, err)
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	type opened struct {
+		s   channels.Stream
+		m   channels.Member
+		err error
+	}
+	done := make(chan opened, 1)
+	go func() {
+		s, m, err := req.Open(ctx, channels.Header{})
+		done <- opened{s, m, err}
+	}()
+	down := map[string]bool{}
+	for len(down) < 2 {
+		select {
+		case iid := <-failed:
+			down[iid] = true
+		case o := <-done:
+			require.Failf(t, "Open returned before both members failed", "err: %v", o.err)
+		}
+	}
+	// Whichever the Open tried last, b is the one that comes back.
+	bcfg := baseConfig("b", tr, dialers("a"))
+	bcfg.ListenAddr = addrs["b"]
+	startNode(t, bcfg, func(n *channels.Node) {
+		_, err := n.Reply("svc")
+		require.NoError(t, err)
+	})
+	o := <-done
+	require.NoError(t, o.err)
+	defer o.s.Close()
+	require.Equal(t, "b", o.m.IID)
+}
+
+// TestOpenWakesWhenPeerDialsIn: a duplex member that this node cannot
+// dial (its address here is stale) but that dials in when it comes back
+// carries the waiting Open's stream on its session, before the Open's
+// next dial would have failed again.
+func TestOpenWakesWhenPeerDialsIn(t *testing.T) {
+	tr := channels.NewMemoryTransport()
+	peers := map[string]uint16{"peers": 2380}
+	failed := make(chan error, 1)
+	acfg := baseConfig("a", tr, membership.Static(channels.Member{IID: "b", Role: "test", Addr: "stale-address", Channels: peers}))
+	// The next dial is due 10-20s after the first fails, within the
+	// Open's 30s, so the Open waits; the wake-up must come from b's
+	// session, long before.
+	acfg.BackoffMin, acfg.BackoffMax = 20*time.Second, 20*time.Second
+	acfg.OnHandshake = func(_ string, dialed bool, _ time.Duration, err error) {
+		if dialed && err != nil {
+			select {
+			case failed <- err:
+			default:
+			}
+		}
+	}
+	var da channels.DuplexChannel
+	a := startNode(t, acfg, func(n *channels.Node) {
+		var err error
+		da, err = n.Duplex("peers")
+		require.NoError(t, err)
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	type opened struct {
+		s   channels.Stream
+		err error
+	}
+	done := make(chan opened, 1)
+	go func() {
+		s, err := da.Open(ctx, "b", channels.Header{SourcePort: 9})
+		done <- opened{s, err}
+	}()
+	require.ErrorIs(t, <-failed, syscall.ECONNREFUSED)
+
+	bcfg := baseConfig("b", tr, membership.Static(member(a, "a", peers)))
+	var db channels.DuplexChannel
+	startNode(t, bcfg, func(n *channels.Node) {
+		var err error
+		db, err = n.Duplex("peers")
+		require.NoError(t, err)
+	})
+	sb, err := db.Open(ctx, "a", channels.Header{}) // b dials a
+	require.NoError(t, err)
+	defer sb.Close()
+	var o opened
+	select {
+	case o = <-done:
+	case <-time.After(8 * time.Second):
+		require.FailNow(t, "the Open slept on after b's session came up")
+	}
+	require.NoError(t, o.err, "the Open took the session b dialed")
+	defer o.s.Close()
+	_, err = o.s.Write([]byte("over b's session"))
+	require.NoError(t, err)
+	require.NoError(t, o.s.CloseWrite())
+	in, err := db.Accept(ctx)
+	require.NoError(t, err)
+	defer in.Stream.Close()
+	require.Equal(t, uint16(9), in.Header.SourcePort)
+	got, err := io.ReadAll(in.Stream)
+	require.NoError(t, err)
+	require.Equal(t, "over b's session", string(got))
+}
+
+// TestRefusedOpenFailsAtOnce: a refusal does not pass by itself, so an
+// Open with nothing else to try fails with it at once, after one dial,
+// however long its deadline.
+func TestRefusedOpenFailsAtOnce(t *testing.T) {
+	tr := channels.NewMemoryTransport()
+	c := startNode(t, baseConfig("c", tr, dialers("a")), func(n *channels.Node) {
+		_, err := n.Reply("svc")
+		require.NoError(t, err)
+	})
+	var dials atomic.Int64
+	cfg := baseConfig("a", tr, membership.Static(channels.Member{IID: "b", Addr: c.Addr(), Channels: map[string]uint16{"svc": 80}}))
+	cfg.OnHandshake = func(_ string, dialed bool, _ time.Duration, _ error) {
+		if dialed {
+			dials.Add(1)
+		}
+	}
+	var req channels.RequestChannel
+	startNode(t, cfg, func(n *channels.Node) {
+		var err error
+		req, err = n.Request("svc", "", nil)
+		require.NoError(t, err)
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	_, _, err := req.Open(ctx, channels.Header{})
+	require.ErrorContains(t, err, `expected instance "b"`)
+	require.NoError(t, ctx.Err(), "the Open failed before its deadline")
+	require.Equal(t, int64(1), dials.Load())
+}
+
+// TestCloseWakesWaitingOpen: closing the node ends an Open that waits to
+// dial again.
+func TestCloseWakesWaitingOpen(t *testing.T) {
+	failed := make(chan struct{}, 1)
+	cfg := baseConfig("a", channels.NewMemoryTransport(), membership.Static(channels.Member{IID: "b", Addr: "nobody-listens", Channels: map[string]uint16{"svc": 80}}))
+	cfg.BackoffMin, cfg.BackoffMax = 10*time.Second, 10*time.Second
+	cfg.OnHandshake = func(_ string, dialed bool, _ time.Duration, err error) {
+		if dialed && err != nil {
+			select {
+			case failed <- struct{}{}:
+			default:
+			}
+		}
+	}
+	n, err := channels.NewNode(cfg)
+	require.NoError(t, err)
+	req, err := n.Request("svc", "", nil)
+	require.NoError(t, err)
+	require.NoError(t, n.Start(context.Background()))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		_, _, err := req.Open(ctx, channels.Header{})
+		done <- err
+	}()
+	<-failed
+	require.NoError(t, n.Close())
+	err = <-done
+	require.ErrorIs(t, err, channels.ErrClosed)
+	require.NoError(t, ctx.Err(), "Close ended the Open, not its deadline")
 }
 
 // sessionsUp waits until n has want sessions with peer iid, so that no
@@ -537,12 +737,18 @@ func TestTLSRejectsUnknownCA(t *testing.T) {
 }
 
 // TestConcurrentOpensDuringBackoff: many opens to a peer that cannot be
-// reached, while dials fail and back off, race on nothing (run with -race)
-// and all fail with errors by their deadline, never hang. (Each waits
-// for redials until its deadline: the peer may come back.)
+// reached, each waiting for the next dials until its deadline, share the
+// node's dials (one per backoff step, not one per Open), race on nothing
+// (run with -race), and all fail with errors by their deadline, never hang.
 func TestConcurrentOpensDuringBackoff(t *testing.T) {
 	cfg := baseConfig("a", channels.NewMemoryTransport(), membership.Static(channels.Member{IID: "b", Addr: "nobody-listens", Channels: map[string]uint16{"svc": 80}}))
-	cfg.BackoffMin, cfg.BackoffMax = time.Microsecond, 50*time.Microsecond
+	cfg.BackoffMin, cfg.BackoffMax = 50*time.Millisecond, 5*time.Second
+	var dials atomic.Int64
+	cfg.OnHandshake = func(_ string, dialed bool, _ time.Duration, _ error) {
+		if dialed {
+			dials.Add(1)
+		}
+	}
 	var req channels.RequestChannel
 	startNode(t, cfg, func(n *channels.Node) {
 		var err error
@@ -550,17 +756,19 @@ func TestConcurrentOpensDuringBackoff(t *testing.T) {
 		require.NoError(t, err)
 	})
 	var wg sync.WaitGroup
-	for range 4 {
+	for range 200 {
 		wg.Go(func() {
-			for range 100 {
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
-				_, _, err := req.Open(ctx, channels.Header{})
-				cancel()
-				assert.ErrorIs(t, err, channels.ErrNoMembers)
-			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			_, _, err := req.Open(ctx, channels.Header{})
+			assert.ErrorIs(t, err, channels.ErrNoMembers)
 		})
 	}
 	wg.Wait()
+	// Backoff steps of at least 25, 50, 100, 200 and 400ms: within the
+	// Opens' second, the first dial and at most six more.
+	assert.LessOrEqual(t, dials.Load(), int64(7), "dials for 200 Opens waiting a second each")
+	assert.GreaterOrEqual(t, dials.Load(), int64(2), "the Opens dialed again while they waited")
 }
 
 // With SessionsPerPeer 2, the first session is followed by a second, and new

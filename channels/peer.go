@@ -15,10 +15,11 @@ import (
 )
 
 // ErrBackoff is matched (errors.Is) by the error of an Open to a peer whose
-// last dials failed and whose next attempt is not due yet. Such an Open
-// fails at once when the channel has another member to try, so that a
-// RequestChannel moves on instead of waiting; for its last member it
-// waits for the next attempt if that comes before its deadline.
+// last dials failed and whose next attempt is not due yet. The peer is not
+// waited for while other members can be tried: a RequestChannel moves on.
+// When none can, the Open waits for the next attempt if the last dial
+// failed in passing and the attempt is due before the Open's deadline,
+// and fails at once otherwise.
 var ErrBackoff = errors.New("peer unreachable, backing off")
 
 // peer is the node's state for one remote instance, guarded by Node.mu.
@@ -115,56 +116,18 @@ func (n *Node) openTo(ctx context.Context, m Member, h Header, lastResort bool, 
 // new one beside them. If that cannot be had (the dial fails, the peer's
 // dials are backing off, or enough sessions were dialed around stalls
 // already), the caller gets the stalled session if it is its last resort,
-// and an error otherwise, to try another member.
-//
-// A last resort with no stalled session to fall back on waits through
-// dials that failed in passing (see transient): once the backoff allows,
-// it dials again, as a TCP connect sends its SYN again, until ctx's
-// deadline, or Config.DialTimeout if ctx has none. A peer whose proxy
-// restarts, or whose handshake timed out on a congested link, then costs
-// the connections waiting for it a delay rather than a reset. The wait
-// ends at once when the next attempt would come after the deadline.
+// and an error otherwise, to try another member. The error of a dial that
+// failed in passing (transient), or of the backoff after one, says when
+// the peer may be dialed again (retryAt), for openRetrying.
 func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*session, error) {
-	giveUp, ok := ctx.Deadline()
-	if !ok {
-		giveUp = time.Now().Add(n.cfg.DialTimeout)
-	}
-	for {
-		s, retryAt, err := n.sessionOnce(ctx, m, lastResort)
-		if err == nil || !lastResort || retryAt.IsZero() || retryAt.After(giveUp) {
-			return s, err
-		}
-		wait := time.NewTimer(time.Until(retryAt))
-		select {
-		case <-wait.C:
-		case <-ctx.Done():
-			wait.Stop()
-			return nil, fmt.Errorf("connect to %s (%s): %w, waiting to dial again after: %w", m.IID, m.Addr, ctx.Err(), err)
-		case <-n.ctx.Done():
-			wait.Stop()
-			return nil, fmt.Errorf("%w (%w)", ErrClosed, err)
-		}
-		n.mu.Lock()
-		cur, member := n.members.byIID[m.IID]
-		n.mu.Unlock()
-		if !member || cur.Addr != m.Addr || cur.Role != m.Role {
-			return nil, fmt.Errorf("connect to %s (%s): the member changed or left while its dials failed: %w", m.IID, m.Addr, err)
-		}
-	}
-}
-
-// sessionOnce is one round of sessionTo. With its error it returns when
-// the peer may be dialed again if that might succeed (the failures so far
-// were transient), and the zero time otherwise.
-func (n *Node) sessionOnce(ctx context.Context, m Member, lastResort bool) (_ *session, retryAt time.Time, _ error) {
 	n.mu.Lock()
 	switch {
 	case n.closed:
 		n.mu.Unlock()
-		return nil, time.Time{}, ErrClosed
+		return nil, ErrClosed
 	case !n.started:
 		n.mu.Unlock()
-		return nil, time.Time{}, errors.New("node not started")
+		return nil, errors.New("node not started")
 	}
 	p := n.peers[m.IID]
 	if p == nil {
@@ -175,12 +138,11 @@ func (n *Node) sessionOnce(ctx context.Context, m Member, lastResort bool) (_ *s
 	switch {
 	case s != nil:
 		n.mu.Unlock()
-		return s, time.Time{}, nil
+		return s, nil
 	case stalled != nil && open >= min(2*n.cfg.SessionsPerPeer, MaxSessionsPerPeer):
 		// Enough sessions dialed around stalls already.
 		n.mu.Unlock()
-		s, err := stalledOr(stalled, lastResort, m, fmt.Errorf("%d sessions are open to %s (%s), the most while some are stalled", open, m.IID, m.Addr))
-		return s, time.Time{}, err
+		return stalledOr(stalled, lastResort, m, fmt.Errorf("%d sessions are open to %s (%s), the most while some are stalled", open, m.IID, m.Addr))
 	}
 	call := p.dial
 	if call == nil {
@@ -189,14 +151,13 @@ func (n *Node) sessionOnce(ctx context.Context, m Member, lastResort bool) (_ *s
 			err := fmt.Errorf("peer %s (%s): %w after %d failed dials, next attempt in %v: %w",
 				m.IID, m.Addr, ErrBackoff, p.failures, wait.Round(time.Millisecond), p.lastErr)
 			if transient(p.lastErr) {
-				retryAt = p.retryAt
+				err = &retryable{at: p.retryAt, err: err}
 			}
 			n.mu.Unlock()
 			if stalled != nil {
-				s, err := stalledOr(stalled, lastResort, m, err)
-				return s, time.Time{}, err
+				return stalledOr(stalled, lastResort, m, err)
 			}
-			return nil, retryAt, err
+			return nil, err
 		}
 		// The dial belongs to the node, not to this caller: a caller that
 		// gives up must not fail the dial for the others waiting on it.
@@ -212,32 +173,109 @@ func (n *Node) sessionOnce(ctx context.Context, m Member, lastResort bool) (_ *s
 	select {
 	case <-call.done:
 		if call.err != nil && stalled != nil {
-			s, err := stalledOr(stalled, lastResort, m, call.err)
-			return s, time.Time{}, err
+			return stalledOr(stalled, lastResort, m, call.err)
 		}
-		return call.s, call.retryAt, call.err
+		if !call.retryAt.IsZero() {
+			return nil, &retryable{at: call.retryAt, err: call.err}
+		}
+		return call.s, call.err
 	case <-ctx.Done():
-		return nil, time.Time{}, fmt.Errorf("connect to %s (%s): %w", m.IID, m.Addr, ctx.Err())
+		return nil, fmt.Errorf("connect to %s (%s): %w", m.IID, m.Addr, ctx.Err())
 	}
 }
 
 // transient reports whether a dial failed in a way that may pass by
-// itself: nothing listened, the connection was lost, or the handshake
-// timed out (a peer restarting, overloaded, or behind a congested link).
-// A refusal, or a TLS handshake that failed verification, is an answer
-// that dialing again would only repeat.
+// itself: nothing listened, the connection was lost, the network or the
+// name was not there, or the handshake timed out (a peer restarting,
+// overloaded, or behind a congested link). A refusal, or a TLS handshake
+// that failed verification, is an answer that dialing again would only
+// repeat.
 func transient(err error) bool {
 	var re *refusalError
 	if err == nil || errors.As(err, &re) {
 		return false
 	}
 	var ne net.Error
+	var dns *net.DNSError
 	return errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
 		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.EPIPE) ||
 		errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH) ||
+		errors.Is(err, syscall.EHOSTDOWN) || errors.Is(err, syscall.ENETDOWN) ||
+		errors.Is(err, syscall.EADDRNOTAVAIL) ||
 		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
 		errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) ||
-		(errors.As(err, &ne) && ne.Timeout())
+		(errors.As(err, &ne) && ne.Timeout()) ||
+		(errors.As(err, &dns) && (dns.IsNotFound || dns.IsTemporary || dns.IsTimeout))
+}
+
+// retryable is the error of an open whose dial failed in passing
+// (transient), with when the peer may be dialed again.
+type retryable struct {
+	at  time.Time
+	err error
+}
+
+func (e *retryable) Error() string { return e.err.Error() }
+func (e *retryable) Unwrap() error { return e.err }
+
+// retryAt returns when the open that failed with err may be tried again,
+// and the zero time if trying again would fail the same way.
+func retryAt(err error) time.Time {
+	var r *retryable
+	if errors.As(err, &r) {
+		return r.at
+	}
+	return time.Time{}
+}
+
+// openRetrying runs open, the caller's last resort, and runs it again
+// while it fails in passing: when the failed dial's backoff ends, or
+// sooner if a session comes up or the membership changes. As a TCP
+// connect sends its SYN again, this goes on until ctx's deadline, or
+// Config.DialTimeout from now if ctx has none, and stops at once when
+// the next try would come after it. A peer whose proxy restarts then
+// costs the connections opened meanwhile a delay rather than a reset.
+func (n *Node) openRetrying(ctx context.Context, open func() error) error {
+	giveUp, ok := ctx.Deadline()
+	if !ok {
+		giveUp = time.Now().Add(n.cfg.DialTimeout)
+	}
+	for {
+		err := open()
+		at := retryAt(err)
+		if err == nil || at.IsZero() || at.After(giveUp) {
+			return err
+		}
+		if werr := n.waitRetry(ctx, at); werr != nil {
+			return fmt.Errorf("%w, while waiting to dial again after: %w", werr, err)
+		}
+	}
+}
+
+// waitRetry waits until at, or until a session comes up or the membership
+// changes, whichever is first; it fails when ctx ends or the node closes.
+func (n *Node) waitRetry(ctx context.Context, at time.Time) error {
+	n.mu.Lock()
+	up, members := n.sessionUp, n.members.changed
+	n.mu.Unlock()
+	t := time.NewTimer(time.Until(at))
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-up:
+	case <-members:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-n.ctx.Done():
+		return ErrClosed
+	}
+	return nil
+}
+
+// sessionUpLocked wakes the Opens waiting in waitRetry: a session came up.
+func (n *Node) sessionUpLocked() {
+	close(n.sessionUp)
+	n.sessionUp = make(chan struct{})
 }
 
 // errStalled is matched by the error of an open that found every session
@@ -278,6 +316,7 @@ func (n *Node) runDial(p *peer, m Member, call *dialCall) {
 	case err == nil:
 		p.sessions = append(p.sessions, s)
 		p.failures, p.retryAt, p.lastErr = 0, time.Time{}, nil
+		n.sessionUpLocked()
 		if _, _, open := p.live(); open < n.cfg.SessionsPerPeer && call.more > 0 {
 			// The next of SessionsPerPeer, in the background: streams go
 			// on the sessions there are meanwhile.
@@ -347,6 +386,7 @@ func (n *Node) addSession(s *session) error {
 	// The peer just reached us, so it is up: dial it again at once if
 	// needed rather than wait out an old backoff.
 	p.failures, p.retryAt, p.lastErr = 0, time.Time{}, nil
+	n.sessionUpLocked()
 	return nil
 }
 
