@@ -35,6 +35,10 @@ func (n *Node) dial(m Member) (s *session, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("dial %s (%s): %w", m.IID, m.Addr, err)
 	}
+	if err := setCongestion(raw, n.cfg.CongestionControl); err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("dial %s (%s): %w", m.IID, m.Addr, err)
+	}
 	if !sameNamespace(raw) && n.plaintextLocalOnly() {
 		// A host name that resolved to another host's address.
 		raw.Close()
@@ -133,6 +137,10 @@ func (n *Node) serveConn(raw net.Conn) {
 // returns the session registered, or nil.
 func (n *Node) acceptSession(raw net.Conn) *session {
 	start := time.Now()
+	if err := setCongestion(raw, n.cfg.CongestionControl); err != nil {
+		// Checked when the node was made: the host changed since.
+		n.log.Warn("session keeps the host's congestion control", "remote", raw.RemoteAddr(), "err", err)
+	}
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.HandshakeTimeout)
 	conn := raw
 	var (
@@ -195,6 +203,10 @@ func (n *Node) acceptSession(raw net.Conn) *session {
 		if !errors.Is(err, ErrClosed) {
 			n.refuse(raw.RemoteAddr(), Refusal{Reason: refusalReason(err, stage), Claimed: hello.IID, Err: err})
 		}
+		return nil
+	}
+	if !n.spawn(s.awaitHeard) {
+		s.ys.Close()
 		return nil
 	}
 	if n.sessions.allow(s.hello.IID, true) {

@@ -55,11 +55,12 @@ type Node struct {
 	closed  bool
 	peers   map[string]*peer
 	members memberState
-	// sessionUp is closed, and replaced, when a session comes up: Opens
-	// waiting to dial again (waitRetry) look again at once.
-	sessionUp chan struct{}
-	requests  []*requestChannel
-	duplexes  []*duplexChannel
+	// sessionsChanged is closed, and replaced, when a session comes up
+	// (for a session the peer dialed: once the peer answered on it) or
+	// ends: Opens waiting for a session look again at once.
+	sessionsChanged chan struct{}
+	requests        []*requestChannel
+	duplexes        []*duplexChannel
 }
 
 // NewNode validates cfg and returns a node that is not yet started.
@@ -78,20 +79,20 @@ func NewNode(cfg Config) (*Node, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Node{
-		cfg:         cfg,
-		log:         log,
-		tls:         newTLSState(cfg.TLS),
-		refusals:    newRefusalLog(log),
-		sessions:    newSessionLog(log),
-		admission:   newAdmission(cfg.MaxHandshakes, cfg.MaxHandshakesPerIP),
-		memberGrace: memberGrace,
-		ctx:         ctx,
-		cancel:      cancel,
-		done:        make(chan struct{}),
-		queues:      make(map[string]chan Incoming),
-		names:       make(map[string]bool),
-		peers:       make(map[string]*peer),
-		sessionUp:   make(chan struct{}),
+		cfg:             cfg,
+		log:             log,
+		tls:             newTLSState(cfg.TLS),
+		refusals:        newRefusalLog(log),
+		sessions:        newSessionLog(log),
+		admission:       newAdmission(cfg.MaxHandshakes, cfg.MaxHandshakesPerIP),
+		memberGrace:     memberGrace,
+		ctx:             ctx,
+		cancel:          cancel,
+		done:            make(chan struct{}),
+		queues:          make(map[string]chan Incoming),
+		names:           make(map[string]bool),
+		peers:           make(map[string]*peer),
+		sessionsChanged: make(chan struct{}),
 	}, nil
 }
 

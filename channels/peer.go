@@ -62,7 +62,9 @@ const stallAvoid = 2 * time.Second
 // live returns the open, not retiring, not stalled session carrying the
 // fewest streams (the newest of those tied); the open, not retiring
 // session stalled the least, if any is; and how many open, not retiring
-// sessions there are, stalled or not.
+// sessions there are, stalled or not. Sessions the peer dialed count as
+// open but carry no new streams until the peer has answered on them
+// (session.heard).
 func (p *peer) live() (best, stalled *session, open int) {
 	least, leastStall := 0, time.Duration(0)
 	for i := len(p.sessions) - 1; i >= 0; i-- {
@@ -71,6 +73,9 @@ func (p *peer) live() (best, stalled *session, open int) {
 			continue
 		}
 		open++
+		if !s.isHeard() {
+			continue
+		}
 		if w := s.ys.Stalled(); w >= stallAvoid {
 			if stalled == nil || w < leastStall {
 				stalled, leastStall = s, w
@@ -82,6 +87,23 @@ func (p *peer) live() (best, stalled *session, open int) {
 		}
 	}
 	return best, stalled, open
+}
+
+// answerDue returns when the last of the open sessions the peer dialed
+// and has not answered on yet must have been answered, if that is still to
+// come: the dialer gives up its handshake by then (HandshakeTimeout). The
+// zero time if there is none.
+func (p *peer) answerDue(timeout time.Duration) time.Time {
+	var due time.Time
+	for _, s := range p.sessions {
+		if s.ys.IsClosed() || s.isHeard() {
+			continue
+		}
+		if t := s.info.established.Add(timeout); t.After(due) && time.Until(t) > 0 {
+			due = t
+		}
+	}
+	return due
 }
 
 // openTo opens a stream to member m. release is called once the stream has
@@ -120,67 +142,84 @@ func (n *Node) openTo(ctx context.Context, m Member, h Header, lastResort bool, 
 // failed in passing (transient), or of the backoff after one, says when
 // the peer may be dialed again (retryAt), for openRetrying.
 func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*session, error) {
-	n.mu.Lock()
-	switch {
-	case n.closed:
-		n.mu.Unlock()
-		return nil, ErrClosed
-	case !n.started:
-		n.mu.Unlock()
-		return nil, errors.New("node not started")
-	}
-	p := n.peers[m.IID]
-	if p == nil {
-		p = &peer{}
-		n.peers[m.IID] = p
-	}
-	s, stalled, open := p.live()
-	switch {
-	case s != nil:
-		n.mu.Unlock()
-		return s, nil
-	case stalled != nil && open >= min(2*n.cfg.SessionsPerPeer, MaxSessionsPerPeer):
-		// Enough sessions dialed around stalls already.
-		n.mu.Unlock()
-		return stalledOr(stalled, lastResort, m, fmt.Errorf("%d sessions are open to %s (%s), the most while some are stalled", open, m.IID, m.Addr))
-	}
-	call := p.dial
-	if call == nil {
-		if wait := time.Until(p.retryAt); wait > 0 {
-			// p's fields belong to n.mu: read them before unlocking.
-			err := fmt.Errorf("peer %s (%s): %w after %d failed dials, next attempt in %v: %w",
-				m.IID, m.Addr, ErrBackoff, p.failures, wait.Round(time.Millisecond), p.lastErr)
-			if transient(p.lastErr) {
-				err = &retryable{at: p.retryAt, err: err}
-			}
+	for {
+		n.mu.Lock()
+		switch {
+		case n.closed:
 			n.mu.Unlock()
-			if stalled != nil {
-				return stalledOr(stalled, lastResort, m, err)
+			return nil, ErrClosed
+		case !n.started:
+			n.mu.Unlock()
+			return nil, errors.New("node not started")
+		}
+		p := n.peers[m.IID]
+		if p == nil {
+			p = &peer{}
+			n.peers[m.IID] = p
+		}
+		s, stalled, open := p.live()
+		switch {
+		case s != nil:
+			n.mu.Unlock()
+			return s, nil
+		case stalled != nil && open >= min(2*n.cfg.SessionsPerPeer, MaxSessionsPerPeer):
+			// Enough sessions dialed around stalls already.
+			n.mu.Unlock()
+			return stalledOr(stalled, lastResort, m, fmt.Errorf("%d sessions are open to %s (%s), the most while some are stalled", open, m.IID, m.Addr))
+		}
+		call := p.dial
+		if call == nil && stalled == nil {
+			if due := p.answerDue(n.cfg.HandshakeTimeout); !due.IsZero() {
+				// The peer dialed a session that it has not answered on
+				// yet: it will, within a round trip, unless its handshake
+				// is timing out. Wait for that (sessionsChanged) rather
+				// than dial one more.
+				n.mu.Unlock()
+				return nil, &retryable{at: due, err: fmt.Errorf("peer %s (%s) dialed a session and has not answered on it yet", m.IID, m.Addr)}
 			}
-			return nil, err
 		}
-		// The dial belongs to the node, not to this caller: a caller that
-		// gives up must not fail the dial for the others waiting on it.
-		more := n.cfg.SessionsPerPeer - 1
-		if stalled != nil {
-			more = 0 // one beside the stalled ones
+		if call == nil {
+			if wait := time.Until(p.retryAt); wait > 0 {
+				// p's fields belong to n.mu: read them before unlocking.
+				err := fmt.Errorf("peer %s (%s): %w after %d failed dials, next attempt in %v: %w",
+					m.IID, m.Addr, ErrBackoff, p.failures, wait.Round(time.Millisecond), p.lastErr)
+				if transient(p.lastErr) {
+					err = &retryable{at: p.retryAt, err: err}
+				}
+				n.mu.Unlock()
+				if stalled != nil {
+					return stalledOr(stalled, lastResort, m, err)
+				}
+				return nil, err
+			}
+			// The dial belongs to the node, not to this caller: a caller
+			// that gives up must not fail the dial for the others waiting
+			// on it.
+			more := n.cfg.SessionsPerPeer - 1
+			if stalled != nil {
+				more = 0 // one beside the stalled ones
+			}
+			call = &dialCall{done: make(chan struct{}), more: more}
+			p.dial = call
+			n.wg.Go(func() { n.runDial(p, m, call) }) // under n.mu and not closed: see spawn
 		}
-		call = &dialCall{done: make(chan struct{}), more: more}
-		p.dial = call
-		n.wg.Go(func() { n.runDial(p, m, call) }) // under n.mu and not closed: see spawn
-	}
-	n.mu.Unlock()
-	select {
-	case <-call.done:
-		if call.err != nil && stalled != nil {
-			return stalledOr(stalled, lastResort, m, call.err)
+		changed := n.sessionsChanged
+		n.mu.Unlock()
+		select {
+		case <-call.done:
+			if call.err != nil && stalled != nil {
+				return stalledOr(stalled, lastResort, m, call.err)
+			}
+			if !call.retryAt.IsZero() {
+				return nil, &retryable{at: call.retryAt, err: call.err}
+			}
+			return call.s, call.err
+		case <-changed:
+			// A session came up (the peer dialed in) while the dial is
+			// under way, or one ended: look again.
+		case <-ctx.Done():
+			return nil, fmt.Errorf("connect to %s (%s): %w", m.IID, m.Addr, ctx.Err())
 		}
-		if !call.retryAt.IsZero() {
-			return nil, &retryable{at: call.retryAt, err: call.err}
-		}
-		return call.s, call.err
-	case <-ctx.Done():
-		return nil, fmt.Errorf("connect to %s (%s): %w", m.IID, m.Addr, ctx.Err())
 	}
 }
 
@@ -252,11 +291,12 @@ func (n *Node) openRetrying(ctx context.Context, open func() error) error {
 	}
 }
 
-// waitRetry waits until at, or until a session comes up or the membership
-// changes, whichever is first; it fails when ctx ends or the node closes.
+// waitRetry waits until at, or until a session comes up or ends or the
+// membership changes, whichever is first; it fails when ctx ends or the
+// node closes.
 func (n *Node) waitRetry(ctx context.Context, at time.Time) error {
 	n.mu.Lock()
-	up, members := n.sessionUp, n.members.changed
+	up, members := n.sessionsChanged, n.members.changed
 	n.mu.Unlock()
 	t := time.NewTimer(time.Until(at))
 	defer t.Stop()
@@ -272,10 +312,11 @@ func (n *Node) waitRetry(ctx context.Context, at time.Time) error {
 	return nil
 }
 
-// sessionUpLocked wakes the Opens waiting in waitRetry: a session came up.
-func (n *Node) sessionUpLocked() {
-	close(n.sessionUp)
-	n.sessionUp = make(chan struct{})
+// sessionsChangedLocked wakes the Opens waiting for a session (waitRetry,
+// sessionTo): one came up, or ended.
+func (n *Node) sessionsChangedLocked() {
+	close(n.sessionsChanged)
+	n.sessionsChanged = make(chan struct{})
 }
 
 // errStalled is matched by the error of an open that found every session
@@ -316,7 +357,7 @@ func (n *Node) runDial(p *peer, m Member, call *dialCall) {
 	case err == nil:
 		p.sessions = append(p.sessions, s)
 		p.failures, p.retryAt, p.lastErr = 0, time.Time{}, nil
-		n.sessionUpLocked()
+		n.sessionsChangedLocked()
 		if _, _, open := p.live(); open < n.cfg.SessionsPerPeer && call.more > 0 {
 			// The next of SessionsPerPeer, in the background: streams go
 			// on the sessions there are meanwhile.
@@ -386,7 +427,6 @@ func (n *Node) addSession(s *session) error {
 	// The peer just reached us, so it is up: dial it again at once if
 	// needed rather than wait out an old backoff.
 	p.failures, p.retryAt, p.lastErr = 0, time.Time{}, nil
-	n.sessionUpLocked()
 	return nil
 }
 
@@ -433,6 +473,7 @@ func (n *Node) removeSession(s *session) {
 		if x == s {
 			p.sessions = append(p.sessions[:i], p.sessions[i+1:]...)
 			n.ended = addLimits(n.ended, s.ys.LimitStats())
+			n.sessionsChangedLocked()
 			break
 		}
 	}

@@ -29,6 +29,12 @@ type session struct {
 	member Member
 	auth   string
 
+	// heard is closed once the peer is known to read the session: at once
+	// for a session this node dialed (the peer's reply came), and for one
+	// the peer dialed when the peer answers its first ping (awaitHeard).
+	// Until then this node opens no streams on it.
+	heard chan struct{}
+
 	// pendingSlots holds a token for each incoming stream being handled:
 	// its header being read, or waiting for room in its channel's queue
 	// (see maxPendingStreams).
@@ -75,9 +81,37 @@ func (n *Node) newSession(conn net.Conn, h wire.Hello, dialed bool) (*session, e
 		streams: make(map[*stream]struct{}),
 
 		pendingSlots: make(chan struct{}, maxPendingStreams),
+		heard:        make(chan struct{}),
+	}
+	if dialed {
+		close(s.heard)
 	}
 	s.openDone = sync.NewCond(&s.mu)
 	return s, nil
+}
+
+func (s *session) isHeard() bool {
+	select {
+	case <-s.heard:
+		return true
+	default:
+		return false
+	}
+}
+
+// awaitHeard pings the peer that dialed s, once: the answer shows that the
+// peer read this node's handshake reply and reads the session. Streams
+// opened on s before that are lost if the reply comes too late for the
+// peer, which then gives up its handshake and closes the connection: on a
+// congested link, a reply 5s late reset every stream opened on it.
+func (s *session) awaitHeard() {
+	if _, err := s.ys.Ping(s.n.ctx); err != nil {
+		return // the session or the node ended first
+	}
+	close(s.heard)
+	s.n.mu.Lock()
+	s.n.sessionsChangedLocked()
+	s.n.mu.Unlock()
 }
 
 // muxConfig returns the multiplexer settings for a new session.
