@@ -91,6 +91,11 @@ type Config struct {
 	// before it, so a peer running tcpproxy reaches it only with hundreds
 	// of streams whose legacy side reads nothing at all.
 	MaxSessionBuffered int64
+	// CongestionControl is the TCP congestion control algorithm of the
+	// sessions' TCP connections, dialed and accepted (TCP_CONGESTION, on
+	// Linux): "cubic", "bbr", ... Empty keeps the host's default
+	// (net.ipv4.tcp_congestion_control). See CheckCongestionControl.
+	CongestionControl string
 	// SessionsPerPeer is how many sessions (TCP connections) this node
 	// dials to each peer it opens streams to (default 2, at most 16). New
 	// streams go to the session carrying the fewest. More than one spreads
@@ -185,6 +190,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.MaxSessionBuffered != 0 && c.MaxSessionBuffered < MinSessionBuffered {
 		bad("MaxSessionBuffered %d is below %d", c.MaxSessionBuffered, MinSessionBuffered)
+	}
+	if err := CheckCongestionControl(c.CongestionControl); err != nil {
+		bad("CongestionControl: %v", err)
 	}
 	if c.TLS != nil && c.TLS.Current() == nil {
 		bad("TLS credentials have no certificate (mutual TLS needs one on both sides)")

@@ -103,6 +103,10 @@ type transportConfig struct {
 	// nothing read yet (default 256MiB); past it, the streams it sends on
 	// are reset.
 	MaxSessionBuffered byteSize `yaml:"maxSessionBuffered"`
+	// CongestionControl is the TCP congestion control algorithm of the
+	// sessions' connections (Linux): "cubic", "bbr", ... Empty (the
+	// default) keeps the host's (net.ipv4.tcp_congestion_control).
+	CongestionControl string `yaml:"congestionControl"`
 }
 
 // tlsConfig is the `tls:` section (mutual TLS between proxies) and
@@ -326,6 +330,9 @@ func (c *fileConfig) validate() error {
 		if f.v < 0 {
 			errs = append(errs, fmt.Errorf("transport.%s: %d is negative (0 means the default)", f.name, f.v))
 		}
+	}
+	if err := channels.CheckCongestionControl(c.Transport.CongestionControl); err != nil {
+		errs = append(errs, fmt.Errorf("transport.congestionControl: %w", err))
 	}
 	if w := int64(c.Transport.MaxStreamWindow); w != 0 && (w < channels.MinStreamWindow || w > math.MaxUint32) {
 		errs = append(errs, fmt.Errorf("transport.maxStreamWindow: %s is outside 256KiB..4GiB (0 means the default, 16MiB)", humanize.IBytes(uint64(w))))

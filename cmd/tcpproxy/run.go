@@ -92,6 +92,7 @@ func startInstanceWith(ctx context.Context, cfg *fileConfig, network proxy.Netwo
 		MaxHandshakesPerIP: cfg.Transport.MaxHandshakesPerIP,
 		MaxStreamWindow:    uint32(cfg.Transport.MaxStreamWindow), // validated
 		MaxSessionBuffered: int64(cfg.Transport.MaxSessionBuffered),
+		CongestionControl:  cfg.Transport.CongestionControl,
 		OnRefused:          obs.onRefused(),
 	})
 	if err != nil {

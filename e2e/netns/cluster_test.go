@@ -186,11 +186,6 @@ func newClusterWith(t *testing.T, specs []hostSpec, opts clusterOptions) *cluste
 			logPath: filepath.Join(c.dir, s.iid+".log"),
 		}
 		h.proc = proxybin.NewProcess(s.iid, h.logPath)
-		if cc := os.Getenv("TCPPROXY_E2E_CC"); cc != "" {
-			// New namespaces take the machine's default; deployments
-			// differ (Linux's is cubic), and slow links show it.
-			require.NoError(t, h.Sysctl("net.ipv4.tcp_congestion_control", cc), "TCPPROXY_E2E_CC")
-		}
 		_, err := h.view.Add(s.iid)
 		require.NoError(t, err)
 		_, err = h.view.Ensure(iids...)
@@ -234,9 +229,12 @@ func (h *host) writeConfig() {
 	if h.spec.server {
 		api = fmt.Sprintf("{kind: reply, port: %d}", apiPort)
 	}
-	transport := "transport: {insecure: true}"
+	// The sessions' congestion control: the host's default (new
+	// namespaces take the machine's), or TCPPROXY_E2E_SESSION_CC's.
+	cc := os.Getenv("TCPPROXY_E2E_SESSION_CC")
+	transport := fmt.Sprintf("transport: {insecure: true, congestionControl: %q}", cc)
 	if d := h.c.certs; d != "" {
-		transport = fmt.Sprintf("tls: {cert: %s/%s.pem, key: %s/%s-key.pem, ca: %s/ca.pem}", d, h.spec.iid, d, h.spec.iid, d)
+		transport = fmt.Sprintf("transport: {congestionControl: %q}\ntls: {cert: %s/%s.pem, key: %s/%s-key.pem, ca: %s/ca.pem}", cc, d, h.spec.iid, d, h.spec.iid, d)
 	}
 	cfg := fmt.Sprintf(`iid: %s
 role: %s

@@ -21,6 +21,6 @@
 //	TCPPROXY_CONGESTION_MODE=proxied  its load: proxied, direct, or mixed (default; the two compete on the link)
 //	TCPPROXY_E2E_RACE=0|1      build the proxies with -race (default: as the test binary)
 //	TCPPROXY_E2E_LOG=debug     the proxies' log level (default info)
-//	TCPPROXY_E2E_CC=cubic      the hosts' TCP congestion control (default: the machine's, which new namespaces inherit)
+//	TCPPROXY_E2E_SESSION_CC=cubic  the proxies' transport.congestionControl (default: the host's, which new namespaces take from the machine)
 //	TCPPROXY_E2E_KEEP=1        keep configs, proxy logs and slow-ID.txt (the hosts' sockets, ss -tiem, when connection ID ran 30s or two thirds of its bound; slow-fault-HOST-TIME.txt when a host did not recover from a fault) in $TMPDIR/tcpproxy-e2e-TEST-*
 package netns
