@@ -40,7 +40,8 @@ func congestionError(name string, err error) error {
 	avail := procList("/proc/sys/net/ipv4/tcp_available_congestion_control")
 	switch {
 	case err == unix.ENOENT || (avail != nil && !slices.Contains(avail, name)):
-		return fmt.Errorf("congestion control %q is not available on this host (available: %s)", name, strings.Join(avail, " "))
+		return fmt.Errorf("congestion control %q is not available on this host (available: %s; one built as a module is loaded by modprobe tcp_%s)",
+			name, strings.Join(avail, " "), name)
 	case err == unix.EPERM:
 		return fmt.Errorf("congestion control %q is not allowed for this process (allowed without CAP_NET_ADMIN: %s)", name,
 			strings.Join(procList("/proc/sys/net/ipv4/tcp_allowed_congestion_control"), " "))
@@ -58,9 +59,17 @@ func procList(path string) []string {
 	return strings.Fields(string(b))
 }
 
-// setCongestion gives c, if it is a TCP connection, the congestion control
-// algorithm name (empty: leave the host's default).
+// setCongestion gives c, if it is a TCP connection (under the record
+// batching of TLS sessions, say), the congestion control algorithm name
+// (empty: leave the host's default).
 func setCongestion(c net.Conn, name string) error {
+	for {
+		w, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			break
+		}
+		c = w.NetConn()
+	}
 	tc, ok := c.(*net.TCPConn)
 	if name == "" || !ok {
 		return nil

@@ -3,6 +3,8 @@ package channels_test
 import (
 	"context"
 	"net"
+	"os"
+	"strings"
 	"sync"
 	"testing"
 
@@ -66,9 +68,27 @@ func congestionOf(t *testing.T, c net.Conn) string {
 	return name
 }
 
+// otherCongestion returns an algorithm this host offers that is not its
+// default, so that finding it on a socket shows it was set.
+func otherCongestion(t *testing.T) string {
+	t.Helper()
+	def, err := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control")
+	require.NoError(t, err)
+	avail, err := os.ReadFile("/proc/sys/net/ipv4/tcp_available_congestion_control")
+	require.NoError(t, err)
+	for _, name := range strings.Fields(string(avail)) {
+		if name != strings.TrimSpace(string(def)) && channels.CheckCongestionControl(name) == nil {
+			return name
+		}
+	}
+	t.Skipf("this host offers no congestion control but its default (%s)", avail)
+	return ""
+}
+
 // TestSessionCongestionControl: CongestionControl is set on the sessions'
-// TCP connections at both ends, and a name the kernel does not have is
-// refused when the node is made, naming what it has.
+// TCP connections at both ends, with and without TLS, and a name the
+// kernel does not have is refused when the node is made, naming what it
+// has.
 func TestSessionCongestionControl(t *testing.T) {
 	_, err := channels.NewNode(func() channels.Config {
 		c := baseConfig("a", channels.PlainTCPTransport(), membership.Static())
@@ -77,18 +97,37 @@ func TestSessionCongestionControl(t *testing.T) {
 	}())
 	require.ErrorContains(t, err, `congestion control "no-such-algorithm" is not available on this host (available: `)
 
-	// reno is always built in, and allowed without privileges.
-	rec := &recordingTransport{Transport: channels.PlainTCPTransport()}
-	tune := func(c *channels.Config) { c.CongestionControl = "reno" }
-	req, reply, _, _ := pair(t, rec, tune)
-	s, in := open(t, req, reply)
-	defer s.Close()
-	defer in.Stream.Close()
-	rec.mu.Lock()
-	conns := append([]net.Conn(nil), rec.conns...)
-	rec.mu.Unlock()
-	require.GreaterOrEqual(t, len(conns), 2, "a dialed and an accepted connection")
-	for _, c := range conns {
-		require.Equal(t, "reno", congestionOf(t, c), "%s -> %s", c.LocalAddr(), c.RemoteAddr())
+	algo := otherCongestion(t)
+	ca, files := writeCerts(t, t.TempDir(), "a", "b")
+	for _, tc := range []struct {
+		name string
+		tls  bool
+	}{{"plain", false}, {"tls", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			rec := &recordingTransport{Transport: channels.PlainTCPTransport()}
+			req, reply, a, b := pair(t, rec, func(c *channels.Config) {
+				c.CongestionControl = algo
+				if tc.tls {
+					f := files[c.IID]
+					cfg, err := channels.TLSConfigFromFiles(f[0], f[1], ca)
+					require.NoError(t, err)
+					c.TLS = cfg
+				}
+			})
+			s, in := open(t, req, reply)
+			defer s.Close()
+			defer in.Stream.Close()
+			// Every session handshaken at both ends: each connection had
+			// its algorithm set before.
+			sessionsUp(t, a, "b", channels.DefaultSessionsPerPeer)
+			sessionsUp(t, b, "a", channels.DefaultSessionsPerPeer)
+			rec.mu.Lock()
+			conns := append([]net.Conn(nil), rec.conns...)
+			rec.mu.Unlock()
+			require.GreaterOrEqual(t, len(conns), 2, "a dialed and an accepted connection")
+			for _, c := range conns {
+				require.Equal(t, algo, congestionOf(t, c), "%s -> %s", c.LocalAddr(), c.RemoteAddr())
+			}
+		})
 	}
 }

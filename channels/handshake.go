@@ -35,10 +35,7 @@ func (n *Node) dial(m Member) (s *session, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("dial %s (%s): %w", m.IID, m.Addr, err)
 	}
-	if err := setCongestion(raw, n.cfg.CongestionControl); err != nil {
-		raw.Close()
-		return nil, fmt.Errorf("dial %s (%s): %w", m.IID, m.Addr, err)
-	}
+	n.setCongestion(raw)
 	if !sameNamespace(raw) && n.plaintextLocalOnly() {
 		// A host name that resolved to another host's address.
 		raw.Close()
@@ -137,10 +134,7 @@ func (n *Node) serveConn(raw net.Conn) {
 // returns the session registered, or nil.
 func (n *Node) acceptSession(raw net.Conn) *session {
 	start := time.Now()
-	if err := setCongestion(raw, n.cfg.CongestionControl); err != nil {
-		// Checked when the node was made: the host changed since.
-		n.log.Warn("session keeps the host's congestion control", "remote", raw.RemoteAddr(), "err", err)
-	}
+	n.setCongestion(raw)
 	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.HandshakeTimeout)
 	conn := raw
 	var (
@@ -213,6 +207,18 @@ func (n *Node) acceptSession(raw net.Conn) *session {
 		s.log.Info("session up", "dialed", false, "auth", auth)
 	}
 	return s
+}
+
+// setCongestion gives a session's connection Config.CongestionControl.
+// It was checked when the node was made, so a failure means the host
+// changed since (a module unloaded): the session keeps the host's
+// algorithm, and the node says so once.
+func (n *Node) setCongestion(c net.Conn) {
+	if err := setCongestion(c, n.cfg.CongestionControl); err != nil {
+		n.congestionWarn.Do(func() {
+			n.log.Warn("sessions keep the host's congestion control", "err", err)
+		})
+	}
 }
 
 // refusalReason classifies a failed handshake: by the reason it was

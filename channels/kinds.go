@@ -90,14 +90,19 @@ func (r *requestChannel) openOnce(ctx context.Context, h Header) (Stream, Member
 	}
 	err := fmt.Errorf("request channel %q: no member serving %q could be reached: %w: %w",
 		r.name, r.target, ErrNoMembers, errors.Join(errs...))
-	var soonest time.Time
+	var (
+		soonest time.Time
+		soon    bool
+	)
 	for _, e := range errs {
-		if at := retryAt(e); !at.IsZero() && (soonest.IsZero() || at.Before(soonest)) {
+		at, s := retryAt(e)
+		if !at.IsZero() && (soonest.IsZero() || at.Before(soonest)) {
 			soonest = at
 		}
+		soon = soon || s
 	}
 	if !soonest.IsZero() {
-		return nil, Member{}, &retryable{at: soonest, err: err}
+		return nil, Member{}, &retryable{at: soonest, soon: soon, err: err}
 	}
 	return nil, Member{}, err
 }

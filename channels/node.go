@@ -47,6 +47,10 @@ type Node struct {
 	queues map[string]chan Incoming
 	names  map[string]bool
 
+	// congestionWarn says once that Config.CongestionControl could not
+	// be set.
+	congestionWarn sync.Once
+
 	mu sync.Mutex
 	// ended sums the limit counters of the sessions removed from peers
 	// (Limits).

@@ -175,7 +175,7 @@ func (n *Node) sessionTo(ctx context.Context, m Member, lastResort bool) (*sessi
 				// is timing out. Wait for that (sessionsChanged) rather
 				// than dial one more.
 				n.mu.Unlock()
-				return nil, &retryable{at: due, err: fmt.Errorf("peer %s (%s) dialed a session and has not answered on it yet", m.IID, m.Addr)}
+				return nil, &retryable{at: due, soon: true, err: fmt.Errorf("peer %s (%s) dialed a session and has not answered on it yet", m.IID, m.Addr)}
 			}
 		}
 		if call == nil {
@@ -248,61 +248,75 @@ func transient(err error) bool {
 }
 
 // retryable is the error of an open whose dial failed in passing
-// (transient), with when the peer may be dialed again.
+// (transient), with when the peer may be dialed again; or of an open that
+// found only a session the peer dialed and has not answered on yet, with
+// when the answer is due at the latest (soon: it should come within a
+// round trip, and wakes the waiting Opens).
 type retryable struct {
-	at  time.Time
-	err error
+	at   time.Time
+	soon bool
+	err  error
 }
 
 func (e *retryable) Error() string { return e.err.Error() }
 func (e *retryable) Unwrap() error { return e.err }
 
 // retryAt returns when the open that failed with err may be tried again,
-// and the zero time if trying again would fail the same way.
-func retryAt(err error) time.Time {
+// and the zero time if trying again would fail the same way; soon says
+// that something expected sooner (a peer's answer) may let it succeed.
+func retryAt(err error) (at time.Time, soon bool) {
 	var r *retryable
 	if errors.As(err, &r) {
-		return r.at
+		return r.at, r.soon
 	}
-	return time.Time{}
+	return time.Time{}, false
 }
 
 // openRetrying runs open, the caller's last resort, and runs it again
 // while it fails in passing: when the failed dial's backoff ends, or
-// sooner if a session comes up or the membership changes. As a TCP
-// connect sends its SYN again, this goes on until ctx's deadline, or
-// Config.DialTimeout from now if ctx has none, and stops at once when
-// the next try would come after it. A peer whose proxy restarts then
-// costs the connections opened meanwhile a delay rather than a reset.
+// sooner if a session comes up or ends or the membership changes. As a
+// TCP connect sends its SYN again, this goes on until ctx's deadline, or
+// Config.DialTimeout from now if ctx has none, and stops at once when the
+// next try would come after it, unless an answer the peer owes may come
+// sooner.
 func (n *Node) openRetrying(ctx context.Context, open func() error) error {
 	giveUp, ok := ctx.Deadline()
 	if !ok {
 		giveUp = time.Now().Add(n.cfg.DialTimeout)
 	}
 	for {
+		// Taken before open looks, so that a change after it looks
+		// wakes the wait below.
+		n.mu.Lock()
+		sessions, members := n.sessionsChanged, n.members.changed
+		n.mu.Unlock()
 		err := open()
-		at := retryAt(err)
-		if err == nil || at.IsZero() || at.After(giveUp) {
+		at, soon := retryAt(err)
+		if err == nil || at.IsZero() || at.After(giveUp) && !soon {
 			return err
 		}
-		if werr := n.waitRetry(ctx, at); werr != nil {
+		if at.After(giveUp) {
+			at = giveUp
+		}
+		werr := n.waitRetry(ctx, at, sessions, members)
+		if werr == nil && !time.Now().Before(giveUp) {
+			werr = context.DeadlineExceeded
+		}
+		if werr != nil {
 			return fmt.Errorf("%w, while waiting to dial again after: %w", werr, err)
 		}
 	}
 }
 
-// waitRetry waits until at, or until a session comes up or ends or the
-// membership changes, whichever is first; it fails when ctx ends or the
-// node closes.
-func (n *Node) waitRetry(ctx context.Context, at time.Time) error {
-	n.mu.Lock()
-	up, members := n.sessionsChanged, n.members.changed
-	n.mu.Unlock()
+// waitRetry waits until at, or until sessions or members is closed (a
+// session came up or ended, the membership changed), whichever is first;
+// it fails when ctx ends or the node closes.
+func (n *Node) waitRetry(ctx context.Context, at time.Time, sessions, members <-chan struct{}) error {
 	t := time.NewTimer(time.Until(at))
 	defer t.Stop()
 	select {
 	case <-t.C:
-	case <-up:
+	case <-sessions:
 	case <-members:
 	case <-ctx.Done():
 		return ctx.Err()
