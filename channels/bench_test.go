@@ -78,12 +78,7 @@ func BenchmarkStreamThroughputTCP(b *testing.B) {
 // BenchmarkStreamThroughputTLS is BenchmarkStreamThroughput over mutual TLS.
 func BenchmarkStreamThroughputTLS(b *testing.B) {
 	ca, files := writeCerts(b, b.TempDir(), "a", "b")
-	req, reply, _, _ := pair(b, channels.PlainTCPTransport(), func(c *channels.Config) {
-		f := files[c.IID]
-		cfg, err := channels.TLSConfigFromFiles(f[0], f[1], ca)
-		require.NoError(b, err)
-		c.TLS = cfg
-	})
+	req, reply, _, _ := pair(b, channels.PlainTCPTransport(), useCerts(b, ca, files))
 	s, in := open(b, req, reply)
 	defer s.Close()
 	defer in.Stream.Close()

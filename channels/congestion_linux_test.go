@@ -108,10 +108,7 @@ func TestSessionCongestionControl(t *testing.T) {
 			req, reply, a, b := pair(t, rec, func(c *channels.Config) {
 				c.CongestionControl = algo
 				if tc.tls {
-					f := files[c.IID]
-					cfg, err := channels.TLSConfigFromFiles(f[0], f[1], ca)
-					require.NoError(t, err)
-					c.TLS = cfg
+					useCerts(t, ca, files)(c)
 				}
 			})
 			s, in := open(t, req, reply)

@@ -117,6 +117,17 @@ func open(t testing.TB, req channels.RequestChannel, reply channels.ReplyChannel
 	return s, in
 }
 
+// useCerts returns a config tweak that gives each node the mutual TLS
+// credentials writeCerts wrote for its IID.
+func useCerts(t testing.TB, ca string, files map[string][2]string) func(*channels.Config) {
+	return func(c *channels.Config) {
+		f := files[c.IID]
+		cr, err := channels.TLSConfigFromFiles(f[0], f[1], ca)
+		require.NoError(t, err)
+		c.TLS = cr
+	}
+}
+
 // writeCerts creates a throwaway CA and an instance certificate per name
 // (identity: that iid with role "test", as baseConfig uses) in dir. It
 // returns the CA file and, per name, the cert and key files.

@@ -161,12 +161,7 @@ func TestMemoryTransportDeadlineMoved(t *testing.T) {
 // done.
 func TestMemoryTransportTLS(t *testing.T) {
 	ca, files := writeCerts(t, t.TempDir(), "a", "b")
-	req, reply, a, b := pair(t, channels.NewMemoryTransport(), func(c *channels.Config) {
-		f := files[c.IID]
-		cr, err := channels.TLSConfigFromFiles(f[0], f[1], ca)
-		require.NoError(t, err)
-		c.TLS = cr
-	})
+	req, reply, a, b := pair(t, channels.NewMemoryTransport(), useCerts(t, ca, files))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	s, m, err := req.Open(ctx, channels.Header{SourcePort: 7, TargetPort: 80})

@@ -115,12 +115,7 @@ func TestRoundTripTCP(t *testing.T) {
 
 func TestRoundTripTLS(t *testing.T) {
 	ca, files := writeCerts(t, t.TempDir(), "a", "b")
-	roundTrip(t, nil, func(c *channels.Config) {
-		f := files[c.IID]
-		cfg, err := channels.TLSConfigFromFiles(f[0], f[1], ca)
-		require.NoError(t, err)
-		c.TLS = cfg
-	})
+	roundTrip(t, nil, useCerts(t, ca, files))
 }
 
 func TestRoundTripMemory(t *testing.T) {

@@ -186,12 +186,7 @@ func TestTLSRotationUnderTraffic(t *testing.T) {
 // reached b).
 func TestTLSResumption(t *testing.T) {
 	ca, files := writeCerts(t, t.TempDir(), "a", "b")
-	req, reply, a, b := pair(t, channels.PlainTCPTransport(), func(c *channels.Config) {
-		f := files[c.IID]
-		cr, err := channels.TLSConfigFromFiles(f[0], f[1], ca)
-		require.NoError(t, err)
-		c.TLS = cr
-	})
+	req, reply, a, b := pair(t, channels.PlainTCPTransport(), useCerts(t, ca, files))
 	s, in := open(t, req, reply)
 	require.NoError(t, s.Close())
 	require.NoError(t, in.Stream.Close())
