@@ -361,11 +361,29 @@ func TestSmallFrameOnSlowLink(t *testing.T) {
 	start := srv.bytesIn.Load()
 	require.Eventually(t, func() bool { return srv.bytesIn.Load()-start > 256<<10 }, 10*time.Second, time.Millisecond)
 
-	most := worstMessageWait(t, srv, msg, msgPeer)
+	most := worstMessageWait(t, srv, msg, msgPeer, 5)
 	t.Logf("a message came after %d KiB at most", most>>10)
 	// The socket buffers (32 KiB), the throttle's chunk and a batch or two
 	// of about 25 KiB; not a 256 KiB Write.
 	require.Less(t, most, uint64(160<<10), "the message waited behind a whole bulk Write")
+}
+
+// TestLargerMessageOnSlowLink: a message too large to be a small frame
+// (16 KiB, a page of a query's result) does not wait for the bulk
+// streams' Writes queued before it (three of 256 KiB, 1.5 s at half a
+// megabyte a second): each batch serves the streams that were served the
+// least, so the message's stream, idle until then, goes in the next one.
+func TestLargerMessageOnSlowLink(t *testing.T) {
+	const size = 16 << 10
+	_, srv, msg, msgPeer, _ := slowLink(t, 512<<10, true)
+	start := srv.bytesIn.Load()
+	require.Eventually(t, func() bool { return srv.bytesIn.Load()-start > 256<<10 }, 10*time.Second, time.Millisecond)
+
+	most := worstMessageWait(t, srv, msg, msgPeer, size)
+	t.Logf("a message of %d KiB came after %d KiB at most", size>>10, most>>10)
+	// As for a small message, plus the message itself and a batch for
+	// each bulk stream; not the bulk Writes queued before it.
+	require.Less(t, most, uint64(160<<10+size+3*32<<10), "the message waited behind the bulk Writes queued before it")
 }
 
 // TestKernelQueueOnSlowLink: on a slow link whose sender keeps the
@@ -381,7 +399,7 @@ func TestKernelQueueOnSlowLink(t *testing.T) {
 	waitPaced(t, cli)
 
 	start, begin := srv.bytesIn.Load(), time.Now()
-	most := worstMessageWait(t, srv, msg, msgPeer)
+	most := worstMessageWait(t, srv, msg, msgPeer, 5)
 	carried := float64(srv.bytesIn.Load()-start) / time.Since(begin).Seconds()
 	t.Logf("a message came after %d KiB at most; the link carried %.0f KiB/s", most>>10, carried/1024)
 	// The peer's buffer, the throttle's chunk, the bytes in flight, the
@@ -542,17 +560,20 @@ func slowLink(t *testing.T, rate int, smallSender bool) (cli, srv *Session, msg,
 	return cli, srv, msg, msgPeer, stopBulk
 }
 
-// worstMessageWait sends five small messages one after another and
-// returns the most bytes srv read between a message's Write and its
+// worstMessageWait sends five messages of size bytes one after another
+// and returns the most bytes srv read between a message's Write and its
 // arrival.
-func worstMessageWait(t *testing.T, srv *Session, msg, msgPeer *Stream) uint64 {
+func worstMessageWait(t *testing.T, srv *Session, msg, msgPeer *Stream, size int) uint64 {
 	var most uint64
-	for range 5 {
+	got := make([]byte, size)
+	for i := range 5 {
+		sent := bytes.Repeat([]byte{byte('a' + i)}, size)
 		before := srv.bytesIn.Load()
-		_, err := msg.Write([]byte("hello"))
+		_, err := msg.Write(sent)
 		require.NoError(t, err)
-		_, err = io.ReadFull(msgPeer, make([]byte, 5))
+		_, err = io.ReadFull(msgPeer, got)
 		require.NoError(t, err)
+		require.Equal(t, sent, got)
 		most = max(most, srv.bytesIn.Load()-before)
 	}
 	return most

@@ -64,13 +64,19 @@ type Session struct {
 	mem                      memBudget // received data not yet read (budget.go)
 
 	// The send queue (writer.go).
-	sendMu     sync.Mutex
-	queue      []frame
-	queueGen   uint64   // counts the writer's takings of queue
-	held       []uint32 // takeLocked's scratch: streams with frames held back
-	sendClosed bool     // the session ended: no more frames are queued
-	pongs      int      // pongs in queue
-	refusals   int      // resets refusing inbound streams in queue
+	sendMu   sync.Mutex
+	queue    []frame
+	queueGen uint64   // counts the writer's takings of queue
+	held     []uint32 // takeLocked's scratch: streams with frames held back
+	// fairClock is the fair queue's virtual clock: the start of the last
+	// share of large frames taken (takeLocked). picks and cuts are
+	// takeLocked's scratch.
+	fairClock  uint64
+	picks      []fairPick
+	cuts       []int
+	sendClosed bool // the session ended: no more frames are queued
+	pongs      int  // pongs in queue
+	refusals   int  // resets refusing inbound streams in queue
 	sendSignal chan struct{}
 	// refusalsTaken wakes the reader waiting for the writer to take
 	// maxQueuedRefusals refusals (refuse).

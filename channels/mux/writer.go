@@ -1,6 +1,7 @@
 package mux
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -271,6 +272,11 @@ const batchBudget = 512 << 10
 // large frame is split to fit the budget (the rest stays queued, started),
 // so that the batch, and the wait, stays within about batchTime of the
 // link. The session's last batch takes everything.
+//
+// When the large frames queued exceed the budget, the streams share it
+// fairly (chooseLocked): a stream's message of a few pages does not wait
+// for every bulk Write queued before it, which on a slow link is seconds
+// per stream.
 func (s *Session) takeLocked(batch []frame) []frame {
 	if s.sendClosed {
 		batch = append(batch, s.queue...)
@@ -279,26 +285,30 @@ func (s *Session) takeLocked(batch []frame) []frame {
 		return batch
 	}
 	budget := s.pace.budget()
-	split := budget < batchBudget
-	kept := s.queue[:0] // compacted in place: kept never passes i
+	cuts := s.chooseLocked(budget)
+	clock := s.fairClock // the tags chooseLocked saw
+	kept := s.queue[:0]  // compacted in place: kept never passes i
 	held, synHeld := s.held[:0], false
 	for i := range s.queue {
 		f := s.queue[i]
 		n := f.payloadLen()
+		cut := cutWhole
+		if cuts != nil && n > smallWrite {
+			cut = cuts[i]
+		}
 		hold := false
 		switch {
 		case f.id == 0: // ping, GoAway
 		case f.flags&flagSYN != 0 && synHeld, slices.Contains(held, f.id):
 			hold = true
-		case n > smallWrite && budget <= 0:
+		case cut == cutHold:
 			hold = true
 		}
-		if !hold && split && n > smallWrite {
-			if k := max(budget, smallWrite); n >= k+smallWrite && f.copied == nil {
-				head, rest := f.split(k)
-				batch = append(batch, head)
-				f, budget, hold = rest, 0, true
-			}
+		if !hold && cut > 0 {
+			head, rest := f.split(cut)
+			s.charge(&rest, cut, clock)
+			batch = append(batch, head)
+			f, hold = rest, true
 		}
 		if hold {
 			kept = append(kept, f)
@@ -307,7 +317,7 @@ func (s *Session) takeLocked(batch []frame) []frame {
 			continue
 		}
 		if n > smallWrite {
-			budget -= n
+			s.charge(&f, n, clock)
 		}
 		batch = append(batch, f)
 	}
@@ -315,6 +325,96 @@ func (s *Session) takeLocked(batch []frame) []frame {
 	s.queue = kept
 	s.held = held
 	return batch
+}
+
+// What takeLocked does with a large frame (chooseLocked): take it whole,
+// hold it, or, if positive, split it after that many bytes.
+const (
+	cutWhole = 0
+	cutHold  = -1
+)
+
+// fairPick is a large frame that chooseLocked may take: the queue index
+// and the fair queue's tag.
+type fairPick struct {
+	tag uint64
+	i   int
+}
+
+// chooseLocked decides which large frames the next batch takes, when
+// together they exceed budget: nil if it takes them all, else what
+// takeLocked does with the large frame at each queue index.
+//
+// The streams share the budget by fair queuing: a large frame's tag is the
+// fair clock its stream was served up to (Stream.served, but not behind
+// the session's fairClock: an idle stream banks no credit) plus the share
+// it asks for (its size, at most the budget), and the batch takes the
+// frames of the lowest tags. A stream idle until now is served in the next
+// batch; busy streams take turns, each served as many bytes over time. A
+// frame's stream keeps its one large frame at a time (a Write waits for
+// its verdict), so the order is among streams. The last frame that does
+// not fit is split to the budget's rest on a slow link, as takeLocked
+// splits it; on a fast one it is taken whole if the budget is not spent.
+func (s *Session) chooseLocked(budget int) []int {
+	total := 0
+	picks := s.picks[:0]
+	for i := range s.queue {
+		f := &s.queue[i]
+		if n := f.payloadLen(); n > smallWrite {
+			total += n
+			picks = append(picks, fairPick{tag: startTag(f, s.fairClock) + uint64(min(n, budget)), i: i})
+		}
+	}
+	s.picks = picks
+	if total <= budget {
+		return nil
+	}
+	slices.SortFunc(picks, func(a, b fairPick) int {
+		if c := cmp.Compare(a.tag, b.tag); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.i, b.i)
+	})
+	cuts := slices.Grow(s.cuts[:0], len(s.queue))[:len(s.queue)]
+	split := budget < batchBudget
+	for _, p := range picks {
+		f := &s.queue[p.i]
+		n := f.payloadLen()
+		switch k := max(budget, smallWrite); {
+		case budget <= 0:
+			cuts[p.i] = cutHold
+		case split && n >= k+smallWrite && f.copied == nil:
+			cuts[p.i] = k
+			budget = 0
+		default:
+			cuts[p.i] = cutWhole
+			budget -= n
+		}
+	}
+	s.cuts = cuts
+	return cuts
+}
+
+// startTag returns where f's stream starts its next share in the fair
+// queue whose clock is at clock: where it was last served, or the clock if
+// it fell behind (it was idle, or had only small frames).
+func startTag(f *frame, clock uint64) uint64 {
+	if f.owner == nil {
+		return clock
+	}
+	return max(f.owner.served, clock)
+}
+
+// charge records that the batch takes n bytes of f, a large frame, with
+// the fair queue's clock at clock when the batch began: its stream was
+// served that much more, and the clock moves on to where that share
+// started, if that is later.
+func (s *Session) charge(f *frame, n int, clock uint64) {
+	start := startTag(f, clock)
+	s.fairClock = max(s.fairClock, start)
+	if f.owner != nil {
+		f.owner.served = start + uint64(n)
+	}
 }
 
 // split cuts a data frame whose payload is not a copy after k bytes: the
