@@ -30,9 +30,11 @@ type Config struct {
 	// larger frames cost fewer headers and system calls. It does not bound
 	// how long one stream's data holds up another's: a small message (or
 	// a FIN, a window update) goes out with the writer's next batch, ahead
-	// of large frames queued before it, but waits for the batch being
-	// written, which holds about 512 KiB of large frames (at least one),
-	// and for what the connection's send buffer holds.
+	// of large frames queued before it, and a larger one with one of the
+	// next, as the busy streams take turns; but each waits for the batch
+	// being written, which holds about 512 KiB of large frames (at least
+	// one; 50 ms of a slower link's rate), and for what the connection's
+	// send buffer holds.
 	MaxFrame uint32
 
 	// MaxBuffered bounds the received data a session holds that nothing

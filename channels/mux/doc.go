@@ -6,11 +6,11 @@
 // Write hands its buffer to the session's writer goroutine without copying
 // it and waits until it is written; the writer writes what is queued, from
 // all streams, with one writev (every small frame queued, and about 512 KiB
-// of bulk data at a time, or 50 ms of a slower link's rate, so that a
-// message does not wait behind every busy stream's data); a stream's SYN
-// rides on its first frame; received data
-// is queued in pooled buffers that Read copies out of and WriteTo hands to
-// its writer as they are.
+// of bulk data at a time, or 50 ms of a slower link's rate, shared fairly
+// among the busy streams, so that a message does not wait behind every
+// busy stream's data); a stream's SYN rides on its first frame; received
+// data is queued in pooled buffers that Read copies out of and WriteTo
+// hands to its writer as they are.
 //
 // A session bounds the received data it holds unread over all its streams
 // (Config.MaxBuffered): windows stop growing as it fills, and past it the

@@ -68,11 +68,12 @@ type Session struct {
 	queue    []frame
 	queueGen uint64   // counts the writer's takings of queue
 	held     []uint32 // takeLocked's scratch: streams with frames held back
-	// fairClock is the fair queue's virtual clock: the start of the last
-	// share of large frames taken (takeLocked). picks and cuts are
-	// takeLocked's scratch.
+	// fairClock is the fair queue's virtual clock: where the latest share
+	// of large frames taken ends (chooseLocked). picks, floors and cuts
+	// are its scratch.
 	fairClock  uint64
 	picks      []fairPick
+	floors     map[uint32]uint64
 	cuts       []int
 	sendClosed bool // the session ended: no more frames are queued
 	pongs      int  // pongs in queue

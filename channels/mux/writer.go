@@ -72,6 +72,10 @@ type frame struct {
 	// session's end drops it instead: the writer skips it and then tells
 	// the owner (writeWithdrawn), once done with the head.
 	started, dropped bool
+	// fair is where this large frame's share starts in the fair queue,
+	// plus one; 0 until chooseLocked first sees it. It stays while the
+	// frame waits, so that waiting gains it priority.
+	fair uint64
 }
 
 // drop empties the rest of a split frame (started) for the writer to skip.
@@ -286,8 +290,7 @@ func (s *Session) takeLocked(batch []frame) []frame {
 	}
 	budget := s.pace.budget()
 	cuts := s.chooseLocked(budget)
-	clock := s.fairClock // the tags chooseLocked saw
-	kept := s.queue[:0]  // compacted in place: kept never passes i
+	kept := s.queue[:0] // compacted in place: kept never passes i
 	held, synHeld := s.held[:0], false
 	for i := range s.queue {
 		f := s.queue[i]
@@ -306,7 +309,8 @@ func (s *Session) takeLocked(batch []frame) []frame {
 		}
 		if !hold && cut > 0 {
 			head, rest := f.split(cut)
-			s.charge(&rest, cut, clock)
+			s.charge(&rest, cut)
+			rest.fair = 0 // the rest's share starts where the head's ended
 			batch = append(batch, head)
 			f, hold = rest, true
 		}
@@ -317,7 +321,7 @@ func (s *Session) takeLocked(batch []frame) []frame {
 			continue
 		}
 		if n > smallWrite {
-			s.charge(&f, n, clock)
+			s.charge(&f, n)
 		}
 		batch = append(batch, f)
 	}
@@ -345,25 +349,67 @@ type fairPick struct {
 // together they exceed budget: nil if it takes them all, else what
 // takeLocked does with the large frame at each queue index.
 //
-// The streams share the budget by fair queuing: a large frame's tag is the
-// fair clock its stream was served up to (Stream.served, but not behind
-// the session's fairClock: an idle stream banks no credit) plus the share
-// it asks for (its size, at most the budget), and the batch takes the
-// frames of the lowest tags. A stream idle until now is served in the next
-// batch; busy streams take turns, each served as many bytes over time. A
-// frame's stream keeps its one large frame at a time (a Write waits for
-// its verdict), so the order is among streams. The last frame that does
-// not fit is split to the budget's rest on a slow link, as takeLocked
-// splits it; on a fast one it is taken whole if the budget is not spent.
+// The streams share the budget by fair queuing (self-clocked): a large
+// frame's share starts where its stream was last served (Stream.served),
+// or at the session's fairClock if that is later (an idle stream banks no
+// credit), fixed when the frame is first seen; its tag is that start plus
+// the share it asks for (its size, at most the budget). The batch takes
+// the frames of the lowest tags, and the clock moves to where the shares
+// taken end. A stream that was idle goes ahead of streams that were just
+// served; busy streams take turns, each served about as many bytes; a
+// frame that waits keeps its tag while the clock passes it, so newer
+// streams cannot keep it waiting. Each stream has one large frame queued
+// at a time (a Write waits for its verdict). The last frame that does not
+// fit is split to the budget's rest on a slow link, as takeLocked splits
+// it; on a fast one it is taken whole if the budget is not spent.
+//
+// The order must not contradict what takeLocked holds back: SYNs leave in
+// stream ID order, and a stream's frames in its order. So a large frame
+// queued after a large SYN frame, as a SYN or on a stream whose SYN is,
+// gets at least that SYN frame's tag (ties go in queue order): the frames
+// taken are then never ones that takeLocked would hold, and the first
+// pick always goes.
 func (s *Session) chooseLocked(budget int) []int {
 	total := 0
 	picks := s.picks[:0]
+	// synFloor is the highest tag of a large SYN frame so far; floors,
+	// the least tag of the large frames of streams whose SYN came after
+	// one (a stream's large frame follows its small SYN frame, as the
+	// first Write of a proxied connection, a small header, precedes its
+	// data). Only large first Writes make them: a stream's large frame,
+	// SYN or not, is its last frame that needs one.
+	var synFloor uint64
+	floors := s.floors
+	clear(floors)
 	for i := range s.queue {
 		f := &s.queue[i]
-		if n := f.payloadLen(); n > smallWrite {
-			total += n
-			picks = append(picks, fairPick{tag: startTag(f, s.fairClock) + uint64(min(n, budget)), i: i})
+		n := f.payloadLen()
+		syn := f.flags&flagSYN != 0
+		var floor uint64
+		if syn {
+			floor = synFloor
+		} else if len(floors) > 0 {
+			floor = floors[f.id]
 		}
+		if n <= smallWrite {
+			if syn && floor > 0 {
+				if floors == nil {
+					floors = make(map[uint32]uint64)
+					s.floors = floors
+				}
+				floors[f.id] = floor
+			}
+			continue
+		}
+		if f.fair == 0 {
+			f.fair = startTag(f, s.fairClock) + 1
+		}
+		tag := max(f.fair-1+uint64(min(n, budget)), floor)
+		if syn {
+			synFloor = tag
+		}
+		total += n
+		picks = append(picks, fairPick{tag: tag, i: i})
 	}
 	s.picks = picks
 	if total <= budget {
@@ -395,9 +441,9 @@ func (s *Session) chooseLocked(budget int) []int {
 	return cuts
 }
 
-// startTag returns where f's stream starts its next share in the fair
-// queue whose clock is at clock: where it was last served, or the clock if
-// it fell behind (it was idle, or had only small frames).
+// startTag returns where the share of f, a large frame, starts in the fair
+// queue whose clock is at clock: where its stream was last served, or the
+// clock if it fell behind (it was idle, or had only small frames).
 func startTag(f *frame, clock uint64) uint64 {
 	if f.owner == nil {
 		return clock
@@ -405,15 +451,14 @@ func startTag(f *frame, clock uint64) uint64 {
 	return max(f.owner.served, clock)
 }
 
-// charge records that the batch takes n bytes of f, a large frame, with
-// the fair queue's clock at clock when the batch began: its stream was
-// served that much more, and the clock moves on to where that share
-// started, if that is later.
-func (s *Session) charge(f *frame, n int, clock uint64) {
-	start := startTag(f, clock)
-	s.fairClock = max(s.fairClock, start)
+// charge records that the batch takes n bytes of f, a large frame that
+// chooseLocked saw: its stream was served up to where that share ends, and
+// the clock moves there if that is later.
+func (s *Session) charge(f *frame, n int) {
+	end := f.fair - 1 + uint64(n)
+	s.fairClock = max(s.fairClock, end)
 	if f.owner != nil {
-		f.owner.served = start + uint64(n)
+		f.owner.served = end
 	}
 }
 

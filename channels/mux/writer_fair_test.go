@@ -1,7 +1,10 @@
 package mux
 
 import (
+	"fmt"
+	"io"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -76,4 +79,136 @@ func TestFairSharesFastLink(t *testing.T) {
 	assert.Equal(t, []uint32{3, 5, 7}, ids)
 	require.Len(t, s.queue, 1)
 	assert.Equal(t, uint32(1), s.queue[0].id)
+}
+
+// TestFairSharesKeepSynOrder: new streams whose first Writes are large
+// (their frames carry SYN) go in stream ID order, whatever their sizes. A
+// smaller later SYN frame that took the budget held the earlier one, and
+// with it every later SYN (SYNs leave in ID order): every batch then took
+// no large frame, and decided the same again.
+func TestFairSharesKeepSynOrder(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		budget int64 // 0: a fast link's
+		sizes  []int
+	}{
+		{"fast", 0, []int{256 << 10, 200 << 10, 200 << 10, 200 << 10}},
+		{"slow", 32 << 10, []int{30 << 10, 17 << 10, 17 << 10}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := &Session{}
+			s.pace.limit.Store(tc.budget)
+			for i, n := range tc.sizes {
+				st := &Stream{id: uint32(2*i + 1)}
+				s.queue = append(s.queue, frame{header: header{typ: typeData, id: st.id, flags: flagSYN}, data: make([]byte, n), owner: st})
+			}
+			var syns []uint32
+			for b := 0; len(s.queue) > 0; b++ {
+				require.Less(t, b, 100, "the SYN frames are stuck")
+				took := s.takeLocked(nil)
+				require.NotEmpty(t, took, "batch %d took nothing", b)
+				for _, f := range took {
+					if f.flags&flagSYN != 0 {
+						syns = append(syns, f.id)
+					}
+				}
+			}
+			assert.Equal(t, []uint32{1, 3, 5, 7}[:len(tc.sizes)], syns, "the SYNs left out of order")
+		})
+	}
+}
+
+// TestFairSharesSynOrderOnSession: four new streams' first Writes, large
+// and queued together, all complete.
+func TestFairSharesSynOrderOnSession(t *testing.T) {
+	cli, srv := unixPair(t, Config{})
+	cli.sendMu.Lock()
+	cli.owned = true // a write in progress: the Writes queue
+	cli.sendMu.Unlock()
+	ctx := testCtx(t)
+	sizes := []int{256 << 10, 200 << 10, 200 << 10, 200 << 10}
+	done := make(chan error, len(sizes))
+	for i, n := range sizes {
+		st, err := cli.OpenStream(ctx)
+		require.NoError(t, err)
+		go func() {
+			_, err := st.Write(make([]byte, n))
+			if err == nil {
+				err = st.CloseWrite()
+			}
+			done <- err
+		}()
+		require.Eventually(t, func() bool { return queuedWrites(cli) == i+1 }, 5*time.Second, time.Millisecond)
+	}
+	got := make(chan int, len(sizes))
+	go func() {
+		for range sizes {
+			st, err := srv.AcceptStream(ctx)
+			if err != nil {
+				return
+			}
+			go func() {
+				n, err := io.Copy(io.Discard, st)
+				assert.NoError(t, err)
+				got <- int(n)
+			}()
+		}
+	}()
+	cli.release(nil)
+	for range sizes {
+		select {
+		case err := <-done:
+			require.NoError(t, err)
+		case <-ctx.Done():
+			t.Fatalf("Writes stuck; %d still queued", queuedWrites(cli))
+		}
+	}
+	var total int
+	for range sizes {
+		total += <-got
+	}
+	assert.Equal(t, 856<<10, total)
+}
+
+// TestFairSharesNoStarvation: a bulk stream's frame is served while new
+// streams keep coming, each with a frame smaller than the bulk stream's
+// share: its tag is fixed when it is first seen and the clock moves on with
+// what is served, so the newcomers' tags pass it. Newcomers that fill the
+// link (two a batch) leave it a share that shrinks as their backlog grows,
+// one per stream, but never none; newcomers that leave half the link to it
+// (one a batch) leave it that half.
+func TestFairSharesNoStarvation(t *testing.T) {
+	const budget = 32 << 10
+	for _, tc := range []struct {
+		perBatch   int
+		mostOthers int // bytes the others may take before the bulk stream is done
+	}{
+		{2, 1000 * 2 * 16 << 10},
+		{1, 2 * 256 << 10},
+	} {
+		t.Run(fmt.Sprint(tc.perBatch), func(t *testing.T) {
+			s := &Session{}
+			s.pace.limit.Store(budget)
+			bulk := &Stream{id: 1}
+			s.queue = append(s.queue, frame{header: header{typ: typeData, id: bulk.id}, data: make([]byte, 256<<10), owner: bulk})
+			id, served, others := uint32(3), 0, 0
+			for b := 0; b < 1000 && served < 256<<10; b++ {
+				for range tc.perBatch { // new streams, 16 KiB each
+					st := &Stream{id: id}
+					id += 2
+					s.queue = append(s.queue, frame{header: header{typ: typeData, id: st.id}, data: make([]byte, 16<<10), owner: st})
+				}
+				for _, f := range s.takeLocked(nil) {
+					if f.id == bulk.id {
+						served += f.payloadLen()
+					} else {
+						others += f.payloadLen()
+					}
+				}
+			}
+			t.Logf("the bulk stream's 256 KiB went while the others took %d KiB", others>>10)
+			require.Equal(t, 256<<10, served, "the bulk stream starved while others got %d KiB", others>>10)
+			assert.LessOrEqual(t, others, tc.mostOthers, "the bulk stream got less than its share")
+		})
+	}
 }
