@@ -68,9 +68,9 @@ type Session struct {
 	queue    []frame
 	queueGen uint64   // counts the writer's takings of queue
 	held     []uint32 // takeLocked's scratch: streams with frames held back
-	// fairClock is the fair queue's virtual clock: where the latest share
-	// of large frames taken ends (chooseLocked). picks, floors and cuts
-	// are its scratch.
+	// fairClock is the fair queue's virtual clock: the furthest end of a
+	// share of large frames taken (charge). picks, floors and cuts are
+	// chooseLocked's scratch.
 	fairClock  uint64
 	picks      []fairPick
 	floors     map[uint32]uint64

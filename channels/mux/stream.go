@@ -86,11 +86,6 @@ type Stream struct {
 	tail    *[]byte
 	tailGen uint64
 
-	// served is the session's fair-queue clock (Session.fairClock) up to
-	// which the writer served the stream's large frames: guarded by
-	// sess.sendMu, like the queue (takeLocked).
-	served uint64
-
 	rbuf0 [1]rseg // rbufs' first backing array
 }
 

@@ -74,7 +74,7 @@ type frame struct {
 	started, dropped bool
 	// fair is where this large frame's share starts in the fair queue,
 	// plus one; 0 until chooseLocked first sees it. It stays while the
-	// frame waits, so that waiting gains it priority.
+	// frame waits: the clock, and newer frames' shares, move past it.
 	fair uint64
 }
 
@@ -310,7 +310,7 @@ func (s *Session) takeLocked(batch []frame) []frame {
 		if !hold && cut > 0 {
 			head, rest := f.split(cut)
 			s.charge(&rest, cut)
-			rest.fair = 0 // the rest's share starts where the head's ended
+			rest.fair = 0 // a share of its own, tagged at the next batch's clock
 			batch = append(batch, head)
 			f, hold = rest, true
 		}
@@ -350,16 +350,17 @@ type fairPick struct {
 // takeLocked does with the large frame at each queue index.
 //
 // The streams share the budget by fair queuing (self-clocked): a large
-// frame's share starts where its stream was last served (Stream.served),
-// or at the session's fairClock if that is later (an idle stream banks no
-// credit), fixed when the frame is first seen; its tag is that start plus
-// the share it asks for (its size, at most the budget). The batch takes
-// the frames of the lowest tags, and the clock moves to where the shares
-// taken end. A stream that was idle goes ahead of streams that were just
-// served; busy streams take turns, each served about as many bytes; a
-// frame that waits keeps its tag while the clock passes it, so newer
-// streams cannot keep it waiting. Each stream has one large frame queued
-// at a time (a Write waits for its verdict). The last frame that does not
+// frame's share starts at the session's fairClock when the frame is first
+// seen, and its tag is that start plus the share it asks for (its size, at
+// most the budget); the batch takes the frames of the lowest tags, and the
+// clock moves to the end of the shares taken. A frame keeps its tag while
+// it waits, and the rest of a split frame is tagged anew at the next
+// batch, behind the frames that waited: busy streams take turns, a newly
+// busy stream goes after those already waiting but ahead of the bulk data
+// they will queue next, a smaller share goes ahead of a larger one queued
+// at the same time, and newer streams cannot keep a frame waiting, since
+// their shares start ever later. Each stream has one large frame queued at
+// a time (a Write waits for its verdict). The last frame that does not
 // fit is split to the budget's rest on a slow link, as takeLocked splits
 // it; on a fast one it is taken whole if the budget is not spent.
 //
@@ -372,17 +373,20 @@ type fairPick struct {
 func (s *Session) chooseLocked(budget int) []int {
 	total := 0
 	picks := s.picks[:0]
-	// synFloor is the highest tag of a large SYN frame so far; floors,
-	// the least tag of the large frames of streams whose SYN came after
-	// one (a stream's large frame follows its small SYN frame, as the
-	// first Write of a proxied connection, a small header, precedes its
-	// data). Only large first Writes make them: a stream's large frame,
-	// SYN or not, is its last frame that needs one.
+	// synFloor is the highest tag of a large SYN frame so far. floors
+	// holds, for each stream whose small SYN frame came after one, the
+	// synFloor its SYN frame had: its large frame, which follows the SYN
+	// (as a proxied connection's data follows its header), must not sort
+	// before that. Only streams whose first Write is large, which
+	// proxied connections' are not, set a floor.
 	var synFloor uint64
 	floors := s.floors
 	clear(floors)
 	for i := range s.queue {
 		f := &s.queue[i]
+		if f.id == 0 {
+			continue // ping, GoAway
+		}
 		n := f.payloadLen()
 		syn := f.flags&flagSYN != 0
 		var floor uint64
@@ -402,7 +406,7 @@ func (s *Session) chooseLocked(budget int) []int {
 			continue
 		}
 		if f.fair == 0 {
-			f.fair = startTag(f, s.fairClock) + 1
+			f.fair = s.fairClock + 1
 		}
 		tag := max(f.fair-1+uint64(min(n, budget)), floor)
 		if syn {
@@ -441,25 +445,11 @@ func (s *Session) chooseLocked(budget int) []int {
 	return cuts
 }
 
-// startTag returns where the share of f, a large frame, starts in the fair
-// queue whose clock is at clock: where its stream was last served, or the
-// clock if it fell behind (it was idle, or had only small frames).
-func startTag(f *frame, clock uint64) uint64 {
-	if f.owner == nil {
-		return clock
-	}
-	return max(f.owner.served, clock)
-}
-
 // charge records that the batch takes n bytes of f, a large frame that
-// chooseLocked saw: its stream was served up to where that share ends, and
-// the clock moves there if that is later.
+// chooseLocked tagged: the clock moves to where that share ends, if that
+// is later.
 func (s *Session) charge(f *frame, n int) {
-	end := f.fair - 1 + uint64(n)
-	s.fairClock = max(s.fairClock, end)
-	if f.owner != nil {
-		f.owner.served = end
-	}
+	s.fairClock = max(s.fairClock, f.fair-1+uint64(n))
 }
 
 // split cuts a data frame whose payload is not a copy after k bytes: the

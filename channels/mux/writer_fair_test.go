@@ -63,20 +63,21 @@ func TestFairShares(t *testing.T) {
 }
 
 // TestFairSharesFastLink: on a fast link the batch takes large frames
-// whole, the least served streams' first, until the budget is spent.
+// whole, smaller shares first, until the budget is spent: replies of
+// 100 KiB queued together with a Write of 500 KiB do not wait for it.
 func TestFairSharesFastLink(t *testing.T) {
 	s := &Session{}
-	streams := []*Stream{{id: 1, served: 1 << 20}, {id: 3}, {id: 5}, {id: 7}}
-	for _, st := range streams {
-		s.queue = append(s.queue, frame{header: header{typ: typeData, id: st.id}, data: make([]byte, 200<<10), owner: st})
+	sizes := []int{500 << 10, 100 << 10, 100 << 10, 100 << 10, 100 << 10, 100 << 10, 100 << 10}
+	for i, n := range sizes {
+		st := &Stream{id: uint32(2*i + 1)}
+		s.queue = append(s.queue, frame{header: header{typ: typeData, id: st.id}, data: make([]byte, n), owner: st})
 	}
 	var ids []uint32
 	for _, f := range s.takeLocked(nil) {
 		ids = append(ids, f.id)
 	}
-	// Three frames pass the budget (512 KiB); the stream served the most
-	// waits for the next batch, though it wrote first.
-	assert.Equal(t, []uint32{3, 5, 7}, ids)
+	// Six replies pass the budget (512 KiB), the last taken whole.
+	assert.Equal(t, []uint32{3, 5, 7, 9, 11, 13}, ids)
 	require.Len(t, s.queue, 1)
 	assert.Equal(t, uint32(1), s.queue[0].id)
 }
