@@ -375,9 +375,8 @@ func TestSmallFrameOnSlowLink(t *testing.T) {
 // least, so the message's stream, idle until then, goes in the next one.
 func TestLargerMessageOnSlowLink(t *testing.T) {
 	const size = 16 << 10
-	_, srv, msg, msgPeer, _ := slowLink(t, 512<<10, true)
-	start := srv.bytesIn.Load()
-	require.Eventually(t, func() bool { return srv.bytesIn.Load()-start > 256<<10 }, 10*time.Second, time.Millisecond)
+	cli, srv, msg, msgPeer, _ := slowLink(t, 512<<10, true)
+	waitPaced(t, cli)
 
 	most := worstMessageWait(t, srv, msg, msgPeer, size)
 	t.Logf("a message of %d KiB came after %d KiB at most", size>>10, most>>10)
