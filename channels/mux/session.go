@@ -66,8 +66,8 @@ type Session struct {
 	// The send queue (writer.go).
 	sendMu   sync.Mutex
 	queue    []frame
-	queueGen uint64   // counts the writer's takings of queue
-	held     []uint32 // takeLocked's scratch: streams with frames held back
+	queueGen uint64      // counts the writer's takings of queue
+	held     heldStreams // takeLocked's scratch: streams with frames held back
 	// fairClock is the fair queue's virtual clock: the furthest end of a
 	// share of large frames taken (charge). picks, floors and cuts are
 	// chooseLocked's scratch.

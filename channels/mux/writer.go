@@ -291,7 +291,8 @@ func (s *Session) takeLocked(batch []frame) []frame {
 	budget := s.pace.budget()
 	cuts := s.chooseLocked(budget)
 	kept := s.queue[:0] // compacted in place: kept never passes i
-	held, synHeld := s.held[:0], false
+	held, synHeld := &s.held, false
+	held.reset()
 	for i := range s.queue {
 		f := s.queue[i]
 		n := f.payloadLen()
@@ -302,7 +303,7 @@ func (s *Session) takeLocked(batch []frame) []frame {
 		hold := false
 		switch {
 		case f.id == 0: // ping, GoAway
-		case f.flags&flagSYN != 0 && synHeld, slices.Contains(held, f.id):
+		case f.flags&flagSYN != 0 && synHeld, held.has(f.id):
 			hold = true
 		case cut == cutHold:
 			hold = true
@@ -316,7 +317,7 @@ func (s *Session) takeLocked(batch []frame) []frame {
 		}
 		if hold {
 			kept = append(kept, f)
-			held = append(held, f.id)
+			held.add(f.id)
 			synHeld = synHeld || f.flags&flagSYN != 0
 			continue
 		}
@@ -327,8 +328,41 @@ func (s *Session) takeLocked(batch []frame) []frame {
 	}
 	clear(s.queue[len(kept):])
 	s.queue = kept
-	s.held = held
 	return batch
+}
+
+// heldStreams is takeLocked's set of the streams with a frame held back:
+// a slice while small, and a map past heldScan streams, so that a queue of
+// thousands of busy streams costs a lookup per frame, not a scan.
+type heldStreams struct {
+	ids []uint32
+	set map[uint32]struct{}
+}
+
+const heldScan = 32
+
+func (h *heldStreams) reset() {
+	h.ids = h.ids[:0]
+	clear(h.set)
+}
+
+func (h *heldStreams) add(id uint32) {
+	if len(h.ids) < heldScan {
+		h.ids = append(h.ids, id)
+		return
+	}
+	if h.set == nil {
+		h.set = make(map[uint32]struct{})
+	}
+	h.set[id] = struct{}{}
+}
+
+func (h *heldStreams) has(id uint32) bool {
+	if slices.Contains(h.ids, id) {
+		return true
+	}
+	_, ok := h.set[id]
+	return ok
 }
 
 // What takeLocked does with a large frame (chooseLocked): take it whole,
