@@ -357,9 +357,8 @@ func TestSmallFrameOvertakesBulk(t *testing.T) {
 // behind a whole Write (256 KiB) or batch (512 KiB) of it: the writer
 // measures the link and splits large frames to its pace.
 func TestSmallFrameOnSlowLink(t *testing.T) {
-	_, srv, msg, msgPeer, _ := slowLink(t, 512<<10, true)
-	start := srv.bytesIn.Load()
-	require.Eventually(t, func() bool { return srv.bytesIn.Load()-start > 256<<10 }, 10*time.Second, time.Millisecond)
+	cli, srv, msg, msgPeer, _ := slowLink(t, 512<<10, true)
+	waitPaced(t, cli) // until then, one batch is a whole budget
 
 	most := worstMessageWait(t, srv, msg, msgPeer, 5)
 	t.Logf("a message came after %d KiB at most", most>>10)
