@@ -123,9 +123,17 @@ func TestFairSharesKeepSynOrder(t *testing.T) {
 // and queued together, all complete.
 func TestFairSharesSynOrderOnSession(t *testing.T) {
 	cli, srv := unixPair(t, Config{})
-	cli.sendMu.Lock()
-	cli.owned = true // a write in progress: the Writes queue
-	cli.sendMu.Unlock()
+	// A write in progress, so that the Writes queue: taken once the
+	// writer is idle, or its release would end it.
+	require.Eventually(t, func() bool {
+		cli.sendMu.Lock()
+		defer cli.sendMu.Unlock()
+		if cli.owned || len(cli.queue) > 0 {
+			return false
+		}
+		cli.owned = true
+		return true
+	}, 5*time.Second, time.Millisecond)
 	ctx := testCtx(t)
 	sizes := []int{256 << 10, 200 << 10, 200 << 10, 200 << 10}
 	done := make(chan error, len(sizes))
