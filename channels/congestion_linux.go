@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tcpproxy/tcpproxy/internal/sockopt"
 )
 
 // CheckCongestionControl reports whether this process can give its
@@ -63,15 +65,8 @@ func procList(path string) []string {
 // batching of TLS sessions, say), the congestion control algorithm name
 // (empty: leave the host's default).
 func setCongestion(c net.Conn, name string) error {
-	for {
-		w, ok := c.(interface{ NetConn() net.Conn })
-		if !ok {
-			break
-		}
-		c = w.NetConn()
-	}
-	tc, ok := c.(*net.TCPConn)
-	if name == "" || !ok {
+	tc := sockopt.TCPConn(c)
+	if name == "" || tc == nil {
 		return nil
 	}
 	rc, err := tc.SyscallConn()
@@ -79,8 +74,9 @@ func setCongestion(c net.Conn, name string) error {
 		return err
 	}
 	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION, name)
+	if err := sockopt.Control(rc, func(fd int) error {
+		serr = unix.SetsockoptString(fd, unix.IPPROTO_TCP, unix.TCP_CONGESTION, name)
+		return nil
 	}); err != nil {
 		return err
 	}

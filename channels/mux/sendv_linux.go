@@ -16,6 +16,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tcpproxy/tcpproxy/internal/sockopt"
 )
 
 // maxIOV is the most pieces one sendmsg(2) takes (the kernel's UIO_MAXIOV);
@@ -125,17 +127,11 @@ func (w *sockWriter) sendmsg(fd uintptr) bool {
 // tcpConn returns the TCP socket under conn, under TLS too, for
 // tcpBytesAcked; nil if there is none.
 func tcpConn(conn net.Conn) syscall.RawConn {
-	for {
-		nc, ok := conn.(interface{ NetConn() net.Conn })
-		if !ok {
-			break
-		}
-		conn = nc.NetConn()
-	}
-	if _, ok := conn.(*net.TCPConn); !ok {
+	tc := sockopt.TCPConn(conn)
+	if tc == nil {
 		return nil
 	}
-	return rawConn(conn)
+	return rawConn(tc)
 }
 
 // tcpInfo returns the TCP socket rc's TCP_INFO, if it can tell.
@@ -144,23 +140,13 @@ func tcpInfo(rc syscall.RawConn) (*unix.TCPInfo, bool) {
 		return nil, false
 	}
 	var info *unix.TCPInfo
-	if err := onSocket(rc, func(fd int) (err error) {
+	if err := sockopt.Control(rc, func(fd int) (err error) {
 		info, err = unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
 		return err
 	}); err != nil {
 		return nil, false
 	}
 	return info, true
-}
-
-// onSocket runs f on the descriptor of the socket rc, and returns the
-// error of either.
-func onSocket(rc syscall.RawConn, f func(fd int) error) error {
-	var err error
-	if cerr := rc.Control(func(fd uintptr) { err = f(int(fd)) }); cerr != nil {
-		return cerr
-	}
-	return err
 }
 
 // tcpBytesAcked returns the bytes the peer acknowledged on the TCP socket
@@ -204,13 +190,13 @@ func tcpPaceState(rc syscall.RawConn) (tcpPace, bool) {
 
 // setTCPOption sets the TCP-level socket option name of the socket rc to v.
 func setTCPOption(rc syscall.RawConn, name, v int) error {
-	return onSocket(rc, func(fd int) error { return unix.SetsockoptInt(fd, unix.IPPROTO_TCP, name, v) })
+	return sockopt.Control(rc, func(fd int) error { return unix.SetsockoptInt(fd, unix.IPPROTO_TCP, name, v) })
 }
 
 // shutdownWrite shuts the sending side of the TCP socket rc (the kernel
 // sends a FIN after what is queued), and reports whether it did.
 func shutdownWrite(rc syscall.RawConn) bool {
-	return onSocket(rc, func(fd int) error { return unix.Shutdown(fd, unix.SHUT_WR) }) == nil
+	return sockopt.Control(rc, func(fd int) error { return unix.Shutdown(fd, unix.SHUT_WR) }) == nil
 }
 
 // tcpAllAcked reports whether the peer acknowledged everything the TCP
